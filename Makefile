@@ -1,0 +1,45 @@
+# udpreach: `make demo` and `make test` each set themselves up from a clean clone.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: demo test lint bench clean system-deps
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Root (as in CI) gets the real-firewall lab: install nftables and iproute2 when missing.
+system-deps:
+	@if [ "$$(id -u)" = "0" ]; then \
+	  missing=""; \
+	  command -v nft >/dev/null 2>&1 || missing="$$missing nftables"; \
+	  command -v ip  >/dev/null 2>&1 || missing="$$missing iproute2"; \
+	  if [ -n "$(EXTRA_APT)" ]; then for p in $(EXTRA_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; fi; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	      || echo "warning: could not install$$missing; root-only tests will skip"; \
+	  fi; \
+	else echo "not root: the real-firewall lab tests will be skipped"; fi
+
+demo: $(STAMP) system-deps
+	$(BIN)/udpreach demo
+
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check udpreach agent probe tests
+	$(BIN)/ruff format --check udpreach agent probe tests
+	$(BIN)/mypy
+
+bench: $(STAMP) system-deps
+	$(BIN)/python -m udpreach.bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

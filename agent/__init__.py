@@ -1,0 +1,1 @@
+"""Client side: listens on UDP ports, registers its callback address, reports receipts."""

@@ -1,0 +1,302 @@
+"""The agent's trio shell: UDP listeners and the control connection to the coordinator.
+
+The agent binds its UDP ports first (as a mail client does at start-up), then logs on to the
+coordinator, registers its callback address and stays connected, reconnecting with
+exponential backoff. Listeners drain their socket without awaiting between datagrams (read
+until it would block, then wait for readability) and hand every datagram to the sync core;
+receipts go to the coordinator in batches, on a short timer or when asked to flush. The agent
+never sends UDP: its sockets are only ever read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import secrets
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from agent.core import AgentCore
+from udpreach.channel import Channel, connect
+from udpreach.control import Message
+from udpreach.errors import AuthError, ConfigError, ProtocolError, UnreachableError
+from udpreach.token import MAX_SIZE, MIN_SIZE, TokenCodec, derive_run_key
+
+log = logging.getLogger("udpreach.agent")
+
+RCVBUF_WANTED = 16 * 1024 * 1024
+FLUSH_INTERVAL = 0.01
+DRAIN_MAX = 4096  # datagrams per drain pass before yielding to other tasks
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
+@dataclass
+class AgentConfig:
+    host: str
+    port: int
+    secret: bytes
+    ports: tuple[int, ...]
+    name: str
+    listen: str | None = None
+    connect_timeout: float = 5.0
+    backoff_max: float = 10.0
+    once: bool = False  # tests: give up instead of reconnecting
+
+
+def normalize_addr(addr: str) -> str:
+    """'::ffff:198.18.2.2' -> '198.18.2.2'; strips IPv6 scope ids."""
+    addr = addr.split("%", 1)[0]
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return addr
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+@dataclass
+class Listener:
+    sock: socket.socket
+    port: int
+    rcvbuf: int
+
+
+def open_listeners(ports: Sequence[int], listen: str) -> list[Listener]:
+    """Bind one UDP socket per port with a large receive buffer.
+
+    Raises:
+        ConfigError: a port cannot be bound (in use, not permitted).
+    """
+    family = socket.AF_INET6 if ":" in listen else socket.AF_INET
+    out: list[Listener] = []
+    try:
+        for p in ports:
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            out.append(Listener(s, p, 0))
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, opt, RCVBUF_WANTED)
+                    break
+                except OSError:
+                    continue
+            try:
+                s.bind((listen, p))
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on UDP {listen}:{p}: {exc.strerror or exc}"
+                ) from None
+            s.setblocking(False)
+            out[-1].port = s.getsockname()[1]
+            # The kernel reports twice what it books; report what was granted.
+            out[-1].rcvbuf = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+    except BaseException:
+        for li in out:
+            li.sock.close()
+        raise
+    return out
+
+
+@dataclass
+class AgentState:
+    core: AgentCore = field(default_factory=AgentCore)
+    listeners: list[Listener] = field(default_factory=list)
+    chan: Channel | None = None
+    connected_since: float | None = None
+    registrations: int = 0
+
+
+def drain(state: AgentState, listener: Listener, limit: int = DRAIN_MAX) -> int:
+    """Read datagrams until the socket would block (or *limit*); returns how many."""
+    core = state.core
+    sock = listener.sock
+    n = 0
+    while n < limit:
+        try:
+            data, addr = sock.recvfrom(MAX_SIZE + 1)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            break  # e.g. a queued ICMP error on the socket; nothing to credit
+        n += 1
+        core.on_datagram(data, normalize_addr(addr[0]), addr[1])
+    return n
+
+
+def drain_all(state: AgentState) -> None:
+    for li in state.listeners:
+        while drain(state, li) == DRAIN_MAX:
+            pass
+
+
+async def _receive_loop(state: AgentState, listener: Listener, wake: list[trio.Event]) -> None:
+    while True:
+        await trio.lowlevel.wait_readable(listener.sock)
+        drain(state, listener)
+        run = state.core.current
+        if run is not None and run.needs_flush():
+            wake[0].set()
+
+
+async def _send_batches(state: AgentState, chan: Channel) -> None:
+    run = state.core.current
+    if run is None:
+        return
+    for payload in run.take_batches():
+        await chan.send_receipts(payload)
+
+
+async def _flusher(state: AgentState, chan: Channel, wake_box: list[trio.Event]) -> None:
+    while True:
+        with trio.move_on_after(FLUSH_INTERVAL):
+            await wake_box[0].wait()
+        wake_box[0] = trio.Event()
+        await _send_batches(state, chan)
+
+
+async def _handle(state: AgentState, cfg: AgentConfig, chan: Channel, msg: Message) -> None:
+    body = msg.body
+    mtype = msg.type
+    core = state.core
+    if mtype == "run_start":
+        run_id = str(body.get("run_id", ""))[:64]
+        try:
+            nonce_c = bytes.fromhex(str(body.get("nonce", "")))
+            size = int(body.get("size", MIN_SIZE))
+        except ValueError:
+            raise ProtocolError("malformed run_start") from None
+        if len(nonce_c) != 16 or not run_id or not MIN_SIZE <= size <= MAX_SIZE:
+            raise ProtocolError("malformed run_start")
+        drain_all(state)
+        await _send_batches(state, chan)
+        nonce_a = secrets.token_bytes(16)
+        codec = TokenCodec(derive_run_key(cfg.secret, run_id, nonce_c, nonce_a), size)
+        core.start_run(run_id, codec)
+        log.info("run %s started by the coordinator (%d-byte datagrams)", run_id, size)
+        await chan.send({"type": "run_ready", "run_id": run_id, "nonce": nonce_a.hex()})
+    elif mtype == "flush":
+        drain_all(state)
+        await _send_batches(state, chan)
+        run = core.current
+        await chan.send(
+            {"type": "flushed", "seq": body.get("seq"), "stats": run.stats() if run else None}
+        )
+    elif mtype == "run_end":
+        drain_all(state)
+        await _send_batches(state, chan)
+        run = core.end_run()
+        stats: dict[str, Any] = run.stats() if run else {}
+        if run is not None:
+            log.info(
+                "run %s ended: %d accepted, rejected %s",
+                run.run_id,
+                run.accepted,
+                dict(run.rejected) or "none",
+            )
+        await chan.send({"type": "run_done", "run_id": body.get("run_id"), "stats": stats})
+    elif mtype == "ping":
+        await chan.send({"type": "pong", "seq": body.get("seq")})
+    elif mtype == "error":
+        raise ProtocolError(f"coordinator: {str(body.get('message', 'error'))[:200]}")
+    else:
+        log.debug("ignoring control message %r", mtype)
+
+
+async def _session(state: AgentState, cfg: AgentConfig) -> None:
+    chan = await connect(cfg.host, cfg.port, cfg.secret, "agent", cfg.connect_timeout)
+    try:
+        sockname = chan.stream.socket.getsockname()  # type: ignore[attr-defined]
+        local = normalize_addr(sockname[0])
+        await chan.send(
+            {
+                "type": "register",
+                "name": cfg.name,
+                "address": local,
+                "ports": [li.port for li in state.listeners],
+                "rcvbuf": min(li.rcvbuf for li in state.listeners),
+            }
+        )
+        with trio.fail_after(cfg.connect_timeout):
+            reply = await chan.next_message()
+        if reply.type != "registered":
+            raise ProtocolError(f"registration refused: {reply.body.get('message', reply.type)}")
+        observed = str(reply.body.get("observed", "?"))
+        state.chan = chan
+        state.connected_since = trio.current_time()
+        state.registrations += 1
+        log.info(
+            "registered as %r: callback %s ports %s (coordinator sees us as %s)",
+            cfg.name,
+            local,
+            ",".join(str(li.port) for li in state.listeners),
+            observed,
+        )
+        if observed != local:
+            log.warning(
+                "the coordinator sees this agent as %s, not %s: a NAT sits in between, "
+                "so a mail server would send its notifications to the wrong address",
+                observed,
+                local,
+            )
+        wake_box = [trio.Event()]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_flusher, state, chan, wake_box)
+            for li in state.listeners:
+                nursery.start_soon(_receive_loop, state, li, wake_box)
+            while True:
+                msg = await chan.next_message()
+                await _handle(state, cfg, chan, msg)
+    finally:
+        state.chan = None
+        state.core.end_run()
+        await chan.aclose()
+
+
+async def run_agent(
+    cfg: AgentConfig, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Listen, log on, serve runs; reconnect with backoff until cancelled.
+
+    Raises:
+        ConfigError: the ports cannot be bound.
+        AuthError: the coordinator refused our secret (retrying would not help).
+    """
+    listen = cfg.listen or ("::" if ":" in cfg.host else "0.0.0.0")
+    state = AgentState()
+    state.listeners = open_listeners(cfg.ports, listen)
+    try:
+        granted = min(li.rcvbuf for li in state.listeners)
+        if granted < 8 * 1024 * 1024:
+            log.warning(
+                "receive buffer is %d KiB (asked for %d MiB): fast sweeps may lose datagrams; "
+                "raise net.core.rmem_max or run as root",
+                granted // 1024,
+                RCVBUF_WANTED // (1024 * 1024),
+            )
+        task_status.started([li.port for li in state.listeners])
+        backoff = 0.25
+        while True:
+            started = trio.current_time()
+            try:
+                await _session(state, cfg)
+            except AuthError:
+                raise
+            except (UnreachableError, ProtocolError, trio.TooSlowError, OSError) as exc:
+                if cfg.once:
+                    raise
+                if trio.current_time() - started > 30:
+                    backoff = 0.25
+                delay = backoff * (0.5 + random.random())
+                log.warning("%s; reconnecting in %.1fs", exc, delay)
+                await trio.sleep(delay)
+                backoff = min(cfg.backoff_max, backoff * 2)
+    finally:
+        for li in state.listeners:
+            li.sock.close()

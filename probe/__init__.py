@@ -1,0 +1,1 @@
+"""Server side: sends notification-shaped datagrams from chosen source ports."""

@@ -1,0 +1,167 @@
+"""Sending from chosen source ports: the synchronous socket work of the probe.
+
+Theory of operation: in *bind* mode (no privilege needed) the probe opens one UDP socket per
+source port, binds it to (source address, port), sends that port's datagrams to every
+destination port, and keeps the socket open for a short linger so that an ICMP error the
+path sends back (a firewall's reject) is queued on it (IP_RECVERR); when the linger is over
+the error queue is drained and the socket closed. A port that cannot be bound (in use on
+this host, or privileged) makes its cells ``untested``, never ``blocked``.
+
+All methods are synchronous and do a bounded amount of work; the trio shell calls them in
+batches between checkpoints and paces them.
+"""
+
+from __future__ import annotations
+
+import errno
+import resource
+import socket
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from probe.icmp import IcmpError, LocalError, drain_error_queue, enable_recverr
+
+_RETRYABLE_SEND = {
+    errno.ECONNREFUSED,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.EHOSTDOWN,
+    errno.EACCES,
+    errno.EPROTO,
+}
+
+
+@dataclass(frozen=True)
+class IcmpEvent:
+    """An ICMP error that quoted one of our datagrams."""
+
+    dst_port: int
+    src_port: int
+    type: int
+    code: int
+    sender: str
+
+
+@dataclass
+class GroupResult:
+    """What happened to one source port's datagrams."""
+
+    sent: list[int]  # destination ports actually sent to
+    untested: str | None = None  # why the port could not be used at all
+    backpressure: bool = False  # the kernel ran out of buffer: retry the rest later
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise the soft open-files limit towards *wanted*; return the usable limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return int(soft)
+
+
+def route_source(target: str, port: int = 9) -> str:
+    """The local address the kernel would use to reach *target* (sends nothing)."""
+    family = socket.AF_INET6 if ":" in target else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((target, port))
+        return str(s.getsockname()[0])
+
+
+class BindSender:
+    """Bind-per-source-port sender with ICMP error capture."""
+
+    mode = "bind"
+
+    def __init__(self, source: str, target: str, *, linger: float = 0.05) -> None:
+        self.source = source
+        self.target = target
+        self.family = socket.AF_INET6 if ":" in target else socket.AF_INET
+        self.linger = linger
+        limit = raise_fd_limit(65536 + 1024)
+        self.max_open = max(64, min(60000, limit - 512))
+        self._open: deque[tuple[float, int, socket.socket]] = deque()
+        self.icmp_seen = 0
+
+    def free_slots(self) -> int:
+        """How many more source ports may be opened before the oldest must be reaped."""
+        return self.max_open - len(self._open)
+
+    def oldest_age(self, now: float) -> float:
+        return now - self._open[0][0] if self._open else 0.0
+
+    def send_group(self, src: int, items: Sequence[tuple[int, bytes]], now: float) -> GroupResult:
+        """Send one source port's datagrams: ``items`` are (dst port, payload)."""
+        s = socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            s.setblocking(False)
+            enable_recverr(s)
+            s.bind((self.source, src))
+        except OSError as exc:
+            s.close()
+            if exc.errno == errno.EADDRINUSE:
+                return GroupResult([], "source port in use on the probe host")
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                return GroupResult([], "binding this source port is not permitted here")
+            return GroupResult([], f"cannot bind source port: {exc.strerror or exc}")
+        sent: list[int] = []
+        result = GroupResult(sent)
+        target = self.target
+        for dst, payload in items:
+            for _ in range(3):
+                try:
+                    s.sendto(payload, (target, dst))
+                    sent.append(dst)
+                    break
+                except OSError as exc:
+                    if exc.errno in _RETRYABLE_SEND:
+                        continue  # an earlier datagram's queued error surfaced here: retry
+                    if exc.errno in (errno.ENOBUFS, errno.EAGAIN):
+                        result.backpressure = True
+                        break
+                    if exc.errno == errno.EPERM:
+                        result.untested = "sending refused on the probe host (local firewall)"
+                        break
+                    result.untested = f"send failed: {exc.strerror or exc}"
+                    break
+            if result.backpressure or result.untested:
+                break
+        self._open.append((now, src, s))
+        return result
+
+    def _drain(self, src: int, s: socket.socket) -> list[IcmpEvent]:
+        out: list[IcmpEvent] = []
+        try:
+            messages = drain_error_queue(s)
+        except OSError:
+            return out
+        for m in messages:
+            err = m.error
+            if isinstance(err, IcmpError):
+                dst = m.destination[1]
+                if len(m.payload) >= 8:
+                    dst = int.from_bytes(m.payload[3:5], "big")
+                out.append(IcmpEvent(dst, src, err.type, err.code, err.offender or "?"))
+            elif isinstance(err, LocalError):
+                continue  # never left this host; the cell stays pending and is retried
+        self.icmp_seen += len(out)
+        return out
+
+    def reap(self, now: float, *, everything: bool = False) -> list[IcmpEvent]:
+        """Close sockets older than the linger (or all), collecting their ICMP errors."""
+        events: list[IcmpEvent] = []
+        q = self._open
+        while q and (everything or now - q[0][0] >= self.linger):
+            _, src, s = q.popleft()
+            events.extend(self._drain(src, s))
+            s.close()
+        return events
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popleft()[2].close()

@@ -1,0 +1,3 @@
+from udpreach.cli import main
+
+main()

@@ -1,0 +1,539 @@
+"""The command line: thin commands, one call into the library, one render.
+
+Results go to stdout; progress, warnings and errors to stderr. Every ``UdpreachError``
+becomes one line on stderr and its exit code (0 done, 1 deviations, 2 bad usage or
+configuration, 3 could not complete); no traceback ever reaches the user.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+from udpreach.errors import ConfigError, UdpreachError
+
+app = typer.Typer(
+    name="udpreach",
+    help="Measure which UDP source-port ranges and destination ports get through a path "
+    "(mail push-notification reachability: agent, probe, coordinator).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+secret_app = typer.Typer(name="secret", help="Create shared secrets.", no_args_is_help=True)
+app.add_typer(secret_app)
+
+T = TypeVar("T")
+
+SecretOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--secret-file",
+        help="File holding the shared secret (mode 0600); or set UDPREACH_SECRET_FILE.",
+        show_default=False,
+    ),
+]
+LogLevelOpt = Annotated[
+    str, typer.Option("--log-level", help="debug, info, warning or error.", show_default=True)
+]
+LogJsonOpt = Annotated[bool, typer.Option("--log-json", help="Log JSON lines on stderr.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")]
+
+
+def _err_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """One line on stderr, then exit with *code*."""
+    _err_console().print(f"[bold red]udpreach:[/] {message}", markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn: Callable[[], T]) -> T:
+    """Run *fn*, mapping domain errors to a one-line message and their exit code."""
+    try:
+        return fn()
+    except UdpreachError as exc:
+        fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted", 3)
+
+
+def parse_endpoint(text: str, what: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[V6]:PORT' -> (host, port). Raises ConfigError."""
+    host, sep, port_s = text.rpartition(":")
+    if not sep or not host or not port_s.isdigit():
+        raise ConfigError(f"{what} must be HOST:PORT, got {text!r}")
+    port = int(port_s)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{what}: port {port} out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
+
+
+def _check_log_level(level: str) -> str:
+    from udpreach.logs import LEVELS
+
+    if level.lower() not in LEVELS:
+        raise ConfigError(f"--log-level must be one of {', '.join(LEVELS)}")
+    return level.lower()
+
+
+def _run_service(main: Callable[[], Any]) -> None:
+    """Run a trio service until SIGINT/SIGTERM, then exit 0 cleanly."""
+    import trio
+
+    async def wrapper() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def signals() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+                    async for _ in sigs:
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(signals)
+            await main()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(wrapper)
+    except* UdpreachError as group:
+        exc = group.exceptions[0]
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+        assert isinstance(exc, UdpreachError)
+        fail(str(exc), exc.exit_code)
+
+
+@app.command()
+def probe(
+    control: Annotated[
+        str, typer.Option("--control", help="HOST:PORT of the TCP control endpoint to listen on.")
+    ],
+    secret_file: SecretOpt = None,
+    db: Annotated[
+        Path | None, typer.Option("--db", help="Run history database (SQLite).")
+    ] = None,
+    source: Annotated[
+        str | None,
+        typer.Option("--source", help="Local address to send from (default: the routed one)."),
+    ] = None,
+    allow_target: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-target",
+            help="CIDR an agent's registered address may be in when it differs from the "
+            "address its connection came from (repeatable).",
+        ),
+    ] = None,
+    max_rate: Annotated[
+        int, typer.Option("--max-rate", help="Global ceiling, datagrams per second.")
+    ] = 1_000_000,
+    max_datagrams: Annotated[
+        int, typer.Option("--max-datagrams", help="Ceiling on datagrams sent in one run.")
+    ] = 50_000_000,
+    ready_file: Annotated[
+        Path | None, typer.Option("--ready-file", hidden=True, help="Write the bound address.")
+    ] = None,
+    log_level: LogLevelOpt = "info",
+    log_json: LogJsonOpt = False,
+) -> None:
+    """Server side: host the coordinator and the UDP probe until SIGINT/SIGTERM."""
+    import ipaddress
+
+    from udpreach.logs import setup_logging
+    from udpreach.secret import load_secret
+
+    def setup() -> Any:
+        setup_logging(_check_log_level(log_level), log_json)
+        host, port = parse_endpoint(control, "--control")
+        secret = load_secret(secret_file)
+        nets = []
+        for cidr in allow_target or []:
+            try:
+                nets.append(ipaddress.ip_network(cidr, strict=False))
+            except ValueError:
+                raise ConfigError(f"--allow-target: not a CIDR: {cidr!r}") from None
+        if max_rate <= 0 or max_datagrams <= 0:
+            raise ConfigError("--max-rate and --max-datagrams must be positive")
+        if source is not None:
+            try:
+                ipaddress.ip_address(source)
+            except ValueError:
+                raise ConfigError(f"--source: not an IP address: {source!r}") from None
+        return host, port, secret, nets
+
+    host, port, secret, nets = guarded(setup)
+
+    from udpreach.coordinator import Coordinator, ProbeConfig
+
+    cfg = ProbeConfig(
+        host=host,
+        port=port,
+        secret=secret,
+        db=str(db) if db else None,
+        source=source,
+        max_rate=max_rate,
+        max_datagrams=max_datagrams,
+        allow_targets=nets,
+    )
+    store = guarded(lambda: _open_store(db))
+
+    async def main() -> None:
+        import trio
+
+        coord = Coordinator(cfg, store=store)
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(coord.serve)
+            if ready_file is not None:
+                ready_file.write_text(json.dumps({"host": bound[0], "port": bound[1]}))
+
+    try:
+        _run_service(main)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _open_store(db: Path | None) -> Any:
+    from udpreach.store import RunStore
+
+    return RunStore.open(db)
+
+
+@app.command()
+def agent(
+    coordinator: Annotated[
+        str, typer.Option("--coordinator", help="HOST:PORT of the coordinator.")
+    ],
+    port: Annotated[
+        str,
+        typer.Option(
+            "--port", help="UDP port(s) to listen on: 5000, 5000,5001,6000-6002, or 0 (ephemeral)."
+        ),
+    ],
+    secret_file: SecretOpt = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Agent name (default: the host name).")
+    ] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option("--listen", help="Local address to listen on (default: all addresses)."),
+    ] = None,
+    log_level: LogLevelOpt = "info",
+    log_json: LogJsonOpt = False,
+) -> None:
+    """Client side: listen on UDP port(s), register with the coordinator, report receipts."""
+    from agent.service import AgentConfig, run_agent
+    from udpreach.coordinator import NAME_RE
+    from udpreach.logs import setup_logging
+    from udpreach.portspec import parse_ports
+    from udpreach.secret import load_secret
+
+    def setup() -> AgentConfig:
+        setup_logging(_check_log_level(log_level), log_json)
+        host, cport = parse_endpoint(coordinator, "--coordinator")
+        ports = parse_ports(port, allow_zero=True)
+        if len(ports) > 1024:
+            raise ConfigError("an agent listens on at most 1024 ports")
+        agent_name = name or socket.gethostname().split(".")[0]
+        if not NAME_RE.match(agent_name):
+            raise ConfigError(f"--name {agent_name!r}: use letters, digits, '.', '_' or '-'")
+        return AgentConfig(
+            host=host,
+            port=cport,
+            secret=load_secret(secret_file),
+            ports=ports,
+            name=agent_name,
+            listen=listen,
+        )
+
+    cfg = guarded(setup)
+
+    async def main() -> None:
+        await run_agent(cfg)
+
+    _run_service(main)
+
+
+@app.command()
+def run(
+    coordinator: Annotated[
+        str, typer.Option("--coordinator", help="HOST:PORT of the coordinator.")
+    ],
+    agent: Annotated[str, typer.Option("--agent", help="Name of the agent to test.")],
+    secret_file: SecretOpt = None,
+    src_ports: Annotated[
+        str,
+        typer.Option("--src-ports", help="Source ports: 1024-65535, a list, or random:N."),
+    ] = "1024-65535",
+    dst_ports: Annotated[
+        str | None,
+        typer.Option("--dst-ports", help="Destination ports (default: all of the agent's)."),
+    ] = None,
+    copies: Annotated[
+        int | None,
+        typer.Option(
+            "--copies",
+            help="Most datagrams per cell (default: as many as the measured loss needs, <= 16).",
+        ),
+    ] = None,
+    rate: Annotated[int, typer.Option("--rate", help="Pacing ceiling, datagrams/s.")] = 100_000,
+    size: Annotated[int, typer.Option("--size", help="Payload bytes (16-65507).")] = 16,
+    wait: Annotated[
+        float, typer.Option("--wait", help="Seconds to wait for the agent to register.")
+    ] = 0.0,
+    as_json: JsonOpt = False,
+    expect: Annotated[
+        Path | None, typer.Option("--expect", help="Judge the result against this TOML file.")
+    ] = None,
+    junit: Annotated[Path | None, typer.Option("--junit", help="Write a JUnit XML report.")] = None,
+    markdown: Annotated[
+        Path | None, typer.Option("--markdown", help="Write a Markdown summary.")
+    ] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the ranges as CSV.")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML page.")] = None,
+) -> None:
+    """Test the path from the probe to an agent and print the pass/fail matrix."""
+    from udpreach.portspec import format_ports, parse_ports
+    from udpreach.secret import load_secret
+    from udpreach.token import MAX_SIZE, MIN_SIZE
+
+    def setup() -> tuple[str, int, bytes, dict[str, Any], list[Any]]:
+        host, port = parse_endpoint(coordinator, "--coordinator")
+        src = parse_ports(src_ports, allow_random=True)
+        dst = format_ports(parse_ports(dst_ports)) if dst_ports is not None else None
+        if copies is not None and not 1 <= copies <= 255:
+            raise ConfigError(f"--copies must be 1-255, got {copies}")
+        if rate <= 0:
+            raise ConfigError(f"--rate must be positive, got {rate}")
+        if not MIN_SIZE <= size <= MAX_SIZE:
+            raise ConfigError(f"--size must be {MIN_SIZE}-{MAX_SIZE} bytes, got {size}")
+        if wait < 0:
+            raise ConfigError("--wait must not be negative")
+        entries: list[Any] = []
+        if expect is not None:
+            from udpreach.expect import parse_expect
+
+            try:
+                text = expect.read_text()
+            except OSError as exc:
+                raise ConfigError(f"cannot read {expect}: {exc.strerror}") from None
+            entries = parse_expect(text, str(expect))
+        plan = {
+            "src_ports": format_ports(src),
+            "dst_ports": dst,
+            "copies": copies,
+            "rate": rate,
+            "size": size,
+        }
+        return host, port, load_secret(secret_file), plan, entries
+
+    host, port, secret, plan, entries = guarded(setup)
+    doc = guarded(lambda: _do_run(host, port, secret, agent, plan, wait, entries, as_json))
+    _emit_run(doc, entries, as_json, junit, markdown, csv_out, html)
+
+
+def _do_run(
+    host: str,
+    port: int,
+    secret: bytes,
+    agent: str,
+    plan: dict[str, Any],
+    wait: float,
+    entries: list[Any],
+    quiet: bool,
+) -> dict[str, Any]:
+    import trio
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from udpreach.client import request_run
+
+    console = _err_console()
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,} cells settled"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    task = progress.add_task("sweep", total=None, info="")
+
+    def on_progress(p: dict[str, Any]) -> None:
+        progress.update(
+            task,
+            total=p.get("cells"),
+            completed=p.get("settled", 0),
+            description=f"round {p.get('round')}",
+            info=f"{p.get('sent', 0):,} sent, {p.get('open', 0):,} open, {p.get('rate', 0):,}/s",
+        )
+
+    async def main() -> dict[str, Any]:
+        with progress:
+            return await request_run(
+                host,
+                port,
+                secret,
+                agent=agent,
+                plan=plan,
+                wait=wait,
+                expect=[e.to_json() for e in entries],
+                on_progress=on_progress,
+            )
+
+    try:
+        return trio.run(main)
+    except* UdpreachError as group:
+        exc = group.exceptions[0]
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+        raise exc from None
+
+
+def _emit_run(
+    doc: dict[str, Any],
+    entries: list[Any],
+    as_json: bool,
+    junit: Path | None,
+    markdown: Path | None,
+    csv_out: Path | None,
+    html: Path | None,
+) -> None:
+    """Print a run document, write the requested files, and exit with the run's status."""
+    from rich.console import Console
+
+    from udpreach.report import render_run
+
+    if as_json:
+        sys.stdout.write(json.dumps(doc) + "\n")
+        sys.stdout.flush()
+    else:
+        render_run(doc, Console(highlight=False))
+    guarded(lambda: write_reports(doc, entries, junit, markdown, csv_out, html))
+    if not doc.get("complete"):
+        fail("the run ended before every cell was settled (unsettled cells are 'unknown')", 3)
+    if doc.get("deviations"):
+        raise typer.Exit(1)
+
+
+def write_reports(
+    doc: dict[str, Any],
+    entries: list[Any],
+    junit: Path | None,
+    markdown: Path | None,
+    csv_out: Path | None,
+    html: Path | None,
+) -> None:
+    """Write the file reports a command asked for (ConfigError when a file cannot be written)."""
+    if not any((junit, markdown, csv_out, html)):
+        return
+    from udpreach import exports
+
+    try:
+        if junit:
+            exports.write_junit(doc, entries, junit)
+        if markdown:
+            exports.write_markdown(doc, markdown)
+        if csv_out:
+            exports.write_csv(doc, csv_out)
+        if html:
+            exports.write_html(doc, html)
+    except OSError as exc:
+        raise ConfigError(f"cannot write report: {exc}") from None
+
+
+@app.command()
+def agents(
+    coordinator: Annotated[
+        str, typer.Option("--coordinator", help="HOST:PORT of the coordinator.")
+    ],
+    secret_file: SecretOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the agents registered with the coordinator."""
+    import trio
+    from rich.console import Console
+
+    from udpreach.client import list_agents
+    from udpreach.report import render_agents
+    from udpreach.secret import load_secret
+
+    def go() -> list[dict[str, Any]]:
+        host, port = parse_endpoint(coordinator, "--coordinator")
+        secret = load_secret(secret_file)
+        try:
+            return trio.run(list_agents, host, port, secret)
+        except* UdpreachError as group:
+            exc = group.exceptions[0]
+            raise exc from None
+
+    found = guarded(go)
+    if as_json:
+        sys.stdout.write(json.dumps({"agents": found}) + "\n")
+    else:
+        render_agents(found, Console(highlight=False))
+
+
+@secret_app.command("new")
+def secret_new(
+    path: Annotated[Path, typer.Argument(help="File to create (mode 0600).")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a fresh random secret to FILE with mode 0600."""
+    from udpreach.secret import new_secret
+
+    made = guarded(lambda: new_secret(path, force=force))
+    _err_console().print(f"wrote a new secret to {made} (mode 0600); copy it to the other side")
+
+
+@app.command()
+def demo(
+    loopback: Annotated[
+        bool, typer.Option("--loopback", help="Use loopback even when the lab is available.")
+    ] = False,
+    keep: Annotated[bool, typer.Option("--keep", hidden=True)] = False,
+) -> None:
+    """Start a probe and an agent, run a full sweep, print the matrix."""
+    from udpreach.demo import run_demo
+
+    code = guarded(lambda: run_demo(loopback=loopback))
+    raise typer.Exit(code)
+
+
+def _register_extras() -> None:
+    from udpreach.cli_lab import lab_app
+
+    app.add_typer(lab_app)
+    try:  # TODO(lead): drop the guard once cli_history lands
+        from udpreach.cli_history import register
+    except ModuleNotFoundError:
+        return
+    register(app)
+
+
+_register_extras()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        _err_console().print("udpreach: interrupted")
+        sys.exit(130)

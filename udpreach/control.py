@@ -1,0 +1,384 @@
+"""The control channel: length-prefixed frames, a mutual challenge-response, MACed messages.
+
+Theory of operation: agents (and the ``run``/``agents`` commands) dial the coordinator over
+TCP, as a mail client logs on to its server. Everything here is sans-IO: bytes in through
+``receive_data``, events out, bytes to write from ``data_to_send``; it never touches a socket
+or a clock, so the trio shell and the tests drive it the same way.
+
+Frames are ``u32 length | body``. Before authentication a body is ``b"J" + JSON`` and at most
+``MAX_PREAUTH`` bytes, so a stranger can make us hold very little. The handshake::
+
+    client -> hello     {purpose, nonce_c}
+    server -> challenge {nonce_s, proof_s = HMAC(secret, "server", purpose, nonce_c, nonce_s)}
+    client -> auth      {proof_c = HMAC(secret, "client", purpose, nonce_c, nonce_s)}
+    server -> welcome   (the first MACed frame)
+
+The client checks the server's proof before revealing its own, both checks are
+constant-time, and the secret never crosses the wire. After it, each frame body is
+``kind | payload | MAC16`` where the MAC (BLAKE2b under a per-direction session key derived
+from both nonces) also covers a frame sequence number, so frames cannot be forged, replayed,
+reordered or moved between connections by anyone on the path. ``kind`` is ``J`` (a JSON
+object with a ``type``) or ``R`` (a binary batch of datagram receipts, see ``encode_receipts``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from udpreach.errors import AuthError, ProtocolError
+
+PROTO = "udpreach/1"
+MAX_PREAUTH = 512
+MAX_FRAME = 8 * 1024 * 1024
+NONCE_LEN = 16
+MAC_LEN = 16
+PURPOSES = ("agent", "control")
+_LEN = struct.Struct(">I")
+_SEQ = struct.Struct(">Q")
+
+
+class Phase(Enum):
+    START = "start"
+    HELLO_SENT = "hello_sent"  # client
+    AUTH_SENT = "auth_sent"  # client
+    CHALLENGE_SENT = "challenge_sent"  # server
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+# (role, phase, incoming message type) -> next phase. Anything else is a protocol error.
+_TRANSITIONS: dict[tuple[str, Phase, str], Phase] = {
+    ("server", Phase.START, "hello"): Phase.CHALLENGE_SENT,
+    ("server", Phase.CHALLENGE_SENT, "auth"): Phase.OPEN,
+    ("client", Phase.HELLO_SENT, "challenge"): Phase.AUTH_SENT,
+}
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """The handshake finished; ``purpose`` is what the client came for."""
+
+    purpose: str
+
+
+@dataclass(frozen=True)
+class Message:
+    """A JSON control message (a dict with a ``type``)."""
+
+    body: dict[str, Any]
+
+    @property
+    def type(self) -> str:
+        return str(self.body.get("type", ""))
+
+
+@dataclass(frozen=True)
+class Receipts:
+    """A binary batch of datagram receipts (decode with ``decode_receipts``)."""
+
+    payload: bytes
+
+
+Event = Authenticated | Message | Receipts
+
+
+def _proof(secret: bytes, label: bytes, purpose: str, nc: bytes, ns: bytes) -> bytes:
+    msg = b"udpreach/1 " + label + b"\0" + purpose.encode() + b"\0" + nc + ns
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def _frame(body: bytes) -> bytes:
+    return _LEN.pack(len(body)) + body
+
+
+def _json(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("malformed control message (not JSON)") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+        raise ProtocolError("malformed control message (no type)")
+    return obj
+
+
+class ControlConnection:
+    """One end of a control connection, without I/O.
+
+    Args:
+        role: ``"client"`` (dials) or ``"server"`` (the coordinator).
+        secret: the shared secret.
+        purpose: for a client, ``"agent"`` or ``"control"``.
+        nonce: a source of fresh random bytes (tests may pin it).
+    """
+
+    def __init__(
+        self,
+        role: str,
+        secret: bytes,
+        *,
+        purpose: str = "control",
+        nonce: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        if role not in ("client", "server"):
+            raise ValueError(role)
+        if purpose not in PURPOSES:
+            raise ValueError(purpose)
+        self.role = role
+        self.purpose = purpose
+        self.phase = Phase.START
+        self._secret = secret
+        self._nonce = nonce
+        self._nc = b""
+        self._ns = b""
+        self._inbuf = bytearray()
+        self._out = bytearray()
+        self._send_key = b""
+        self._recv_key = b""
+        self._send_seq = 0
+        self._recv_seq = 0
+
+    # -- output -------------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        """Bytes the shell should write to the peer now."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def initiate(self) -> None:
+        """Client: queue the hello."""
+        if self.role != "client" or self.phase is not Phase.START:
+            raise ProtocolError("initiate() is for a fresh client connection")
+        self._nc = self._nonce(NONCE_LEN)
+        hello = {"type": "hello", "proto": PROTO, "purpose": self.purpose, "nonce": self._nc.hex()}
+        self._out += _frame(b"J" + _json(hello))
+        self.phase = Phase.HELLO_SENT
+
+    def send(self, body: dict[str, Any]) -> None:
+        """Queue an authenticated JSON message."""
+        self._send_frame(b"J", _json(body))
+
+    def send_receipts(self, payload: bytes) -> None:
+        """Queue an authenticated binary receipt batch."""
+        self._send_frame(b"R", payload)
+
+    def refuse(self, message: str) -> None:
+        """Server: queue a plain error before authentication and close."""
+        self._out += _frame(b"J" + _json({"type": "error", "code": "auth", "message": message}))
+        self.phase = Phase.CLOSED
+
+    def _send_frame(self, kind: bytes, payload: bytes) -> None:
+        if self.phase is not Phase.OPEN:
+            raise ProtocolError(f"cannot send before the handshake is done ({self.phase.value})")
+        mac = self._mac(self._send_key, self._send_seq, kind, payload)
+        self._send_seq += 1
+        body = kind + payload + mac
+        if len(body) > MAX_FRAME:
+            raise ProtocolError(f"control message too large ({len(body)} bytes)")
+        self._out += _frame(body)
+
+    @staticmethod
+    def _mac(key: bytes, seq: int, kind: bytes, payload: bytes) -> bytes:
+        m = hashlib.blake2b(key=key, digest_size=MAC_LEN)
+        m.update(_SEQ.pack(seq))
+        m.update(kind)
+        m.update(payload)
+        return m.digest()
+
+    # -- input --------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the peer; return the complete events they hold.
+
+        Raises:
+            ProtocolError: bad framing, oversize frame, unexpected message.
+            AuthError: the peer failed to prove the secret, or refused ours.
+        """
+        if self.phase is Phase.CLOSED:
+            raise ProtocolError("connection is closed")
+        self._inbuf += data
+        events: list[Event] = []
+        while len(self._inbuf) >= 4:
+            (n,) = _LEN.unpack_from(self._inbuf)
+            cap = MAX_FRAME if self.phase is Phase.OPEN else MAX_PREAUTH
+            if n > cap or n == 0:
+                self.phase = Phase.CLOSED
+                raise ProtocolError(f"control frame of {n} bytes refused (limit {cap})")
+            if len(self._inbuf) < 4 + n:
+                break
+            body = bytes(self._inbuf[4 : 4 + n])
+            del self._inbuf[: 4 + n]
+            try:
+                ev = self._handle(body)
+            except (ProtocolError, AuthError):
+                self.phase = Phase.CLOSED
+                raise
+            if ev is not None:
+                events.append(ev)
+        return events
+
+    def _handle(self, body: bytes) -> Event | None:
+        if self.phase is Phase.OPEN:
+            return self._handle_open(body)
+        if self.phase is Phase.AUTH_SENT:
+            return self._client_expect_welcome(body)
+        if body[:1] != b"J":
+            raise ProtocolError("unexpected binary frame during the handshake")
+        msg = _parse_json(body[1:])
+        mtype = msg["type"]
+        if mtype == "error":
+            raise AuthError(str(msg.get("message", "refused by peer"))[:200])
+        if (self.role, self.phase, mtype) not in _TRANSITIONS:
+            raise ProtocolError(f"unexpected {mtype!r} message in phase {self.phase.value}")
+        if self.role == "server":
+            return self._server_step(mtype, msg)
+        return self._client_step(mtype, msg)
+
+    def _hex_field(self, msg: dict[str, Any], key: str, length: int) -> bytes:
+        value = msg.get(key)
+        try:
+            raw = bytes.fromhex(value) if isinstance(value, str) else b""
+        except ValueError:
+            raw = b""
+        if len(raw) != length:
+            raise ProtocolError(f"handshake field {key!r} malformed")
+        return raw
+
+    def _server_step(self, mtype: str, msg: dict[str, Any]) -> Event | None:
+        if mtype == "hello":
+            if msg.get("proto") != PROTO:
+                raise ProtocolError(f"unsupported protocol {str(msg.get('proto'))[:40]!r}")
+            purpose = msg.get("purpose")
+            if purpose not in PURPOSES:
+                raise ProtocolError("unknown purpose in hello")
+            self.purpose = str(purpose)
+            self._nc = self._hex_field(msg, "nonce", NONCE_LEN)
+            self._ns = self._nonce(NONCE_LEN)
+            proof = _proof(self._secret, b"server", self.purpose, self._nc, self._ns)
+            reply = {"type": "challenge", "nonce": self._ns.hex(), "proof": proof.hex()}
+            self._out += _frame(b"J" + _json(reply))
+            self.phase = Phase.CHALLENGE_SENT
+            return None
+        # auth
+        got = self._hex_field(msg, "proof", 32)
+        want = _proof(self._secret, b"client", self.purpose, self._nc, self._ns)
+        if not hmac.compare_digest(got, want):
+            self.refuse("authentication refused")
+            raise AuthError("client failed to prove the shared secret")
+        self._derive_session_keys()
+        self.phase = Phase.OPEN
+        self.send({"type": "welcome"})
+        return Authenticated(self.purpose)
+
+    def _client_step(self, mtype: str, msg: dict[str, Any]) -> Event | None:
+        if mtype == "challenge":
+            self._ns = self._hex_field(msg, "nonce", NONCE_LEN)
+            got = self._hex_field(msg, "proof", 32)
+            want = _proof(self._secret, b"server", self.purpose, self._nc, self._ns)
+            if not hmac.compare_digest(got, want):
+                raise AuthError(
+                    "the coordinator does not know our secret (wrong --secret-file on one side?)"
+                )
+            proof = _proof(self._secret, b"client", self.purpose, self._nc, self._ns)
+            self._out += _frame(b"J" + _json({"type": "auth", "proof": proof.hex()}))
+            self._derive_session_keys()
+            self.phase = Phase.AUTH_SENT
+            return None
+        raise ProtocolError(f"unexpected {mtype!r} message")
+
+    def _client_expect_welcome(self, body: bytes) -> Event:
+        """Client: the welcome is the first MACed frame; a plain error means refusal."""
+        if len(body) > 1 + MAC_LEN:
+            kind, payload, mac = body[:1], body[1:-MAC_LEN], body[-MAC_LEN:]
+            want = self._mac(self._recv_key, self._recv_seq, kind, payload)
+            if hmac.compare_digest(mac, want):
+                self._recv_seq += 1
+                msg = _parse_json(payload) if kind == b"J" else {}
+                if msg.get("type") != "welcome":
+                    raise ProtocolError("expected a welcome after authentication")
+                self.phase = Phase.OPEN
+                return Authenticated(self.purpose)
+        if body[:1] == b"J":
+            try:
+                msg = json.loads(body[1:])
+            except (UnicodeDecodeError, ValueError):
+                msg = None
+            if isinstance(msg, dict) and msg.get("type") == "error":
+                raise AuthError(str(msg.get("message", "refused"))[:200])
+        raise ProtocolError("the coordinator's welcome failed authentication")
+
+    def _derive_session_keys(self) -> None:
+        base = _proof(self._secret, b"session", self.purpose, self._nc, self._ns)
+        c2s = hashlib.blake2b(b"c2s", key=base, digest_size=32).digest()
+        s2c = hashlib.blake2b(b"s2c", key=base, digest_size=32).digest()
+        self._send_key, self._recv_key = (s2c, c2s) if self.role == "server" else (c2s, s2c)
+
+    def _handle_open(self, body: bytes) -> Event:
+        if len(body) < 1 + MAC_LEN:
+            raise ProtocolError("control frame too short")
+        kind, payload, mac = body[:1], body[1:-MAC_LEN], body[-MAC_LEN:]
+        want = self._mac(self._recv_key, self._recv_seq, kind, payload)
+        if not hmac.compare_digest(mac, want):
+            raise ProtocolError("control frame failed authentication (tampered or out of order)")
+        self._recv_seq += 1
+        if kind == b"R":
+            return Receipts(payload)
+        if kind != b"J":
+            raise ProtocolError("unknown control frame kind")
+        return Message(_parse_json(payload))
+
+    @property
+    def is_open(self) -> bool:
+        return self.phase is Phase.OPEN
+
+
+RECEIPT = struct.Struct(">BHHBH")  # addr index, dst port, sent src port, attempt, observed port
+
+
+def encode_receipts(run_id: str, addrs: list[str], records: bytes) -> bytes:
+    """A receipt batch: the run, the observed source addresses, then 8-byte records.
+
+    Each record is ``addr_index u8 | dst u16 | src_sent u16 | attempt u8 | observed_port u16``
+    (the middle five bytes are copied straight out of the verified datagram).
+    """
+    if len(addrs) > 255:
+        raise ValueError("at most 255 observed addresses per batch")
+    rid = run_id.encode()
+    out = bytearray(struct.pack(">H", len(rid)) + rid + bytes([len(addrs)]))
+    for a in addrs:
+        ab = a.encode()
+        out += bytes([len(ab)]) + ab
+    out += records
+    return bytes(out)
+
+
+def decode_receipts(payload: bytes) -> tuple[str, list[str], memoryview]:
+    """Inverse of ``encode_receipts``. Raises ProtocolError on malformed input."""
+    try:
+        (n,) = struct.unpack_from(">H", payload, 0)
+        pos = 2 + n
+        run_id = payload[2:pos].decode()
+        count = payload[pos]
+        pos += 1
+        addrs = []
+        for _ in range(count):
+            ln = payload[pos]
+            addrs.append(payload[pos + 1 : pos + 1 + ln].decode())
+            pos += 1 + ln
+    except (IndexError, struct.error, UnicodeDecodeError):
+        raise ProtocolError("malformed receipt batch") from None
+    if pos > len(payload) or (len(payload) - pos) % RECEIPT.size:
+        raise ProtocolError("malformed receipt batch (partial record)")
+    return run_id, addrs, memoryview(payload)[pos:]

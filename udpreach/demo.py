@@ -1,0 +1,167 @@
+"""``udpreach demo``: the main job in one command on one machine.
+
+With root and nftables it builds the real-firewall lab (agent, router with a sample policy,
+probe in three network namespaces), runs the real ``udpreach probe`` and ``udpreach agent``
+processes inside it, sweeps every high source port, and prints the policy beside the
+matrix. Otherwise it does the same over loopback and says so. Everything it starts is
+stopped, and the lab is torn down, however the demo ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from udpreach.errors import UnreachableError
+
+READY_TIMEOUT = 20.0
+
+
+def cli_argv(*args: str) -> list[str]:
+    """How to run this very udpreach as a subprocess."""
+    return [sys.executable, "-m", "udpreach", *args]
+
+
+@contextlib.contextmanager
+def background(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a service in the background; SIGTERM (then SIGKILL) it on the way out."""
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+def wait_ready(path: Path, proc: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
+    """Wait for a probe's ready file (its bound control address)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_size:
+            data = json.loads(path.read_text())
+            if isinstance(data, dict):
+                return data
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:]
+            raise UnreachableError(f"probe exited early: {' '.join(tail)}")
+        time.sleep(0.05)
+    raise UnreachableError("probe did not start listening in time")
+
+
+def run_demo(*, loopback: bool = False) -> int:
+    """Run the demo; returns the exit code of the sweep."""
+    from udpreach.lab import lab_available
+
+    reason = "--loopback given" if loopback else lab_available()
+    if reason is None:
+        return _lab_demo()
+    print(
+        f"udpreach demo: over loopback ({reason}); run as root with nftables for the "
+        "real-firewall lab",
+        file=sys.stderr,
+    )
+    return _loopback_demo()
+
+
+def _loopback_demo() -> int:
+    from udpreach.secret import new_secret
+
+    with tempfile.TemporaryDirectory(prefix="udpreach-demo-") as tmp:
+        d = Path(tmp)
+        secret = new_secret(d / "secret")
+        ready = d / "ready.json"
+        probe_log, agent_log = d / "probe.log", d / "agent.log"
+        probe_argv = cli_argv(
+            "probe", "--control", "127.0.0.1:0", "--secret-file", str(secret),
+            "--db", str(d / "runs.sqlite3"), "--source", "127.0.0.2",
+            "--ready-file", str(ready), "--log-level", "warning",
+        )  # fmt: skip
+        with background(probe_argv, probe_log) as probe:
+            addr = wait_ready(ready, probe, probe_log)
+            endpoint = f"{addr['host']}:{addr['port']}"
+            agent_argv = cli_argv(
+                "agent", "--coordinator", endpoint, "--secret-file", str(secret),
+                "--port", "0", "--listen", "127.0.0.1", "--name", "demo-agent",
+                "--log-level", "warning",
+            )  # fmt: skip
+            with background(agent_argv, agent_log):
+                print(
+                    "udpreach demo: probe (127.0.0.2) and agent (127.0.0.1) running; "
+                    "sweeping source ports 1024-65535",
+                    file=sys.stderr,
+                )
+                run_argv = cli_argv(
+                    "run", "--coordinator", endpoint, "--secret-file", str(secret),
+                    "--agent", "demo-agent", "--wait", "15",
+                )  # fmt: skip
+                return subprocess.run(run_argv, timeout=600, check=False).returncode
+
+
+def _lab_demo() -> int:
+    from rich.console import Console
+    from rich.syntax import Syntax
+
+    from udpreach.lab import Lab, bundled_policy
+    from udpreach.secret import new_secret
+
+    policy = bundled_policy("demo")
+    console = Console(highlight=False)
+    with tempfile.TemporaryDirectory(prefix="udpreach-demo-") as tmp:
+        d = Path(tmp)
+        os.chmod(d, 0o700)
+        secret = new_secret(d / "secret")
+        ready = d / "ready.json"
+        probe_log, agent_log = d / "probe.log", d / "agent.log"
+        with Lab.create(policy) as lab:
+            info = lab.info
+            print(
+                f"udpreach demo: lab {info.name}: agent {info.agent_addr} <-> router "
+                f"(nftables policy below) <-> probe {info.probe_addr}",
+                file=sys.stderr,
+            )
+            control = f"{info.probe_addr}:7870"
+            probe_argv = lab.ns_argv(
+                "probe",
+                cli_argv(
+                    "probe", "--control", control, "--secret-file", str(secret),
+                    "--db", str(d / "runs.sqlite3"), "--ready-file", str(ready),
+                    "--log-level", "warning",
+                ),
+            )  # fmt: skip
+            with background(probe_argv, probe_log) as probe:
+                wait_ready(ready, probe, probe_log)
+                agent_argv = lab.ns_argv(
+                    "agent",
+                    cli_argv(
+                        "agent", "--coordinator", control, "--secret-file", str(secret),
+                        "--port", "5000,5001", "--name", "demo-agent", "--log-level", "warning",
+                    ),
+                )  # fmt: skip
+                with background(agent_argv, agent_log):
+                    console.rule("[bold]nftables policy on the router")
+                    console.print(Syntax(policy, "bash", theme="ansi_dark", word_wrap=True))
+                    console.rule("[bold]what udpreach measured")
+                    sys.stdout.flush()
+                    run_argv = lab.ns_argv(
+                        "probe",
+                        cli_argv(
+                            "run", "--coordinator", control, "--secret-file", str(secret),
+                            "--agent", "demo-agent", "--wait", "15",
+                        ),
+                    )  # fmt: skip
+                    return subprocess.run(run_argv, timeout=600, check=False).returncode

@@ -1,0 +1,43 @@
+"""One error hierarchy for the whole tool; the CLI maps each family to an exit code.
+
+Exit codes (contract): 0 done, 1 done but different from --expect, 2 bad usage or
+configuration, 3 could not complete.
+"""
+
+from __future__ import annotations
+
+
+class UdpreachError(Exception):
+    """Base class: every error the CLI turns into a one-line message."""
+
+    exit_code = 3
+
+
+class ConfigError(UdpreachError):
+    """Bad usage or configuration: a malformed spec, a loose secret file, a bad policy."""
+
+    exit_code = 2
+
+
+class PortSpecError(ConfigError):
+    """A port SPEC that cannot be parsed or is out of range."""
+
+
+class ProtocolError(UdpreachError):
+    """The peer broke the control protocol (bad framing, unexpected message)."""
+
+
+class AuthError(UdpreachError):
+    """Authentication refused: the peer does not know the secret."""
+
+
+class UnreachableError(UdpreachError):
+    """The coordinator could not be reached or stopped answering."""
+
+
+class AgentUnavailableError(UdpreachError):
+    """The named agent is not registered, or was lost during the run."""
+
+
+class RunIncompleteError(UdpreachError):
+    """The run ended before every cell was settled (the report is still printed)."""

@@ -1,0 +1,153 @@
+"""The plan of a run, and the run's life cycle as a table of states.
+
+Theory of operation: a run request (from ``udpreach run``) is validated here against the
+agent's registration and the probe's limits before anything is sent; what comes out is an
+immutable ``Plan``. A run then moves through the phases below and nowhere else; an illegal
+move is a bug and raises.
+
+    planned --send--> sending --settle--> settling --send--> sending ...
+    settling --finish--> complete
+    planned/sending/settling --abort--> incomplete
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from udpreach.errors import ConfigError
+from udpreach.portspec import HIGH_FIRST, PORT_LAST, format_ports, parse_ports
+from udpreach.token import MAX_SIZE, MIN_SIZE
+
+DEFAULT_SRC = f"{HIGH_FIRST}-{PORT_LAST}"
+DEFAULT_RATE = 100_000
+AUTO_COPIES_CEILING = 16
+MAX_COPIES = 255
+MAX_CELLS = 64 * 64512  # 64 destination ports x every high source port
+DEFAULT_CONFIDENCE = 0.01
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will test and how."""
+
+    src_ports: tuple[int, ...]
+    dst_ports: tuple[int, ...]
+    copies: int  # the most datagrams sent for one cell
+    auto_copies: bool  # True: stop earlier once the loss estimate allows
+    rate: int  # pacing ceiling, datagrams per second
+    size: int  # payload bytes
+    confidence: float = DEFAULT_CONFIDENCE  # target chance of any false "blocked"
+
+    @property
+    def cells(self) -> int:
+        return len(self.src_ports) * len(self.dst_ports)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "src_ports": format_ports(self.src_ports),
+            "dst_ports": list(self.dst_ports),
+            "copies": self.copies,
+            "rate": self.rate,
+            "size": self.size,
+            "copies_mode": "auto" if self.auto_copies else "fixed",
+        }
+
+
+def plan_from_request(
+    req: dict[str, Any],
+    agent_ports: tuple[int, ...],
+    *,
+    max_rate: int,
+    max_datagrams: int,
+) -> tuple[Plan, list[str]]:
+    """Validate a run request; return the plan and warnings (e.g. a clamped rate).
+
+    Raises:
+        ConfigError: a malformed or impossible request.
+    """
+    warnings: list[str] = []
+    try:
+        src = parse_ports(str(req.get("src_ports") or DEFAULT_SRC), allow_random=True)
+        dst_spec = req.get("dst_ports")
+        dst = parse_ports(str(dst_spec)) if dst_spec else tuple(agent_ports)
+        copies_raw = req.get("copies")
+        rate = int(req.get("rate") or DEFAULT_RATE)
+        size = int(req.get("size") or MIN_SIZE)
+        confidence = float(req.get("confidence") or DEFAULT_CONFIDENCE)
+    except (TypeError, ValueError):
+        raise ConfigError("malformed run request") from None
+    missing = sorted(set(dst) - set(agent_ports))
+    if missing:
+        raise ConfigError(
+            f"destination port(s) {format_ports(missing)} are not among the agent's ports "
+            f"({format_ports(agent_ports)})"
+        )
+    if not dst:
+        raise ConfigError("no destination ports to test")
+    if copies_raw is None:
+        copies, auto = AUTO_COPIES_CEILING, True
+    else:
+        try:
+            copies, auto = int(copies_raw), False
+        except (TypeError, ValueError):
+            raise ConfigError("--copies must be a number") from None
+        if not 1 <= copies <= MAX_COPIES:
+            raise ConfigError(f"--copies must be 1-{MAX_COPIES}, got {copies}")
+    if rate <= 0:
+        raise ConfigError(f"--rate must be positive, got {rate}")
+    if rate > max_rate:
+        warnings.append(f"rate {rate}/s clamped to the probe's ceiling {max_rate}/s")
+        rate = max_rate
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ConfigError(f"--size must be {MIN_SIZE}-{MAX_SIZE} bytes, got {size}")
+    if not 0 < confidence < 1:
+        raise ConfigError("confidence must be between 0 and 1")
+    plan = Plan(src, dst, copies, auto, rate, size, confidence)
+    if plan.cells > MAX_CELLS:
+        raise ConfigError(f"plan has {plan.cells} cells; the most a run may have is {MAX_CELLS}")
+    if plan.cells * plan.copies > max_datagrams and not auto:
+        raise ConfigError(
+            f"plan could send {plan.cells * plan.copies} datagrams; the probe allows "
+            f"{max_datagrams} per run (--max-datagrams)"
+        )
+    return plan, warnings
+
+
+class RunPhase(Enum):
+    PLANNED = "planned"
+    SENDING = "sending"
+    SETTLING = "settling"
+    COMPLETE = "complete"
+    INCOMPLETE = "incomplete"
+
+
+_P = RunPhase
+RUN_TRANSITIONS: dict[tuple[RunPhase, str], RunPhase] = {
+    (_P.PLANNED, "send"): _P.SENDING,
+    (_P.SENDING, "settle"): _P.SETTLING,
+    (_P.SETTLING, "send"): _P.SENDING,
+    (_P.SETTLING, "finish"): _P.COMPLETE,
+    (_P.PLANNED, "abort"): _P.INCOMPLETE,
+    (_P.SENDING, "abort"): _P.INCOMPLETE,
+    (_P.SETTLING, "abort"): _P.INCOMPLETE,
+}
+
+
+class RunLifecycle:
+    """The phase of one run; moves only along ``RUN_TRANSITIONS``."""
+
+    def __init__(self) -> None:
+        self.phase = RunPhase.PLANNED
+
+    def move(self, event: str) -> RunPhase:
+        nxt = RUN_TRANSITIONS.get((self.phase, event))
+        if nxt is None:
+            raise RuntimeError(f"illegal run transition {self.phase.value} --{event}-->")
+        self.phase = nxt
+        return nxt
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in (RunPhase.COMPLETE, RunPhase.INCOMPLETE)

@@ -1,0 +1,465 @@
+"""One run, driven from the coordinator: plan -> rounds of sending -> settle -> verdicts.
+
+The trio shell around the sync core: it asks the ledger what is still unresolved, asks the
+codec for datagrams, hands them to the sender in batches (never an ``await`` per datagram),
+paces with the ``Pacer``, and after each round waits for the path to drain and for the agent
+to flush its receipts (a round trip on the ordered control channel, so every receipt the
+agent holds is in the ledger before the round is judged). Rounds stop when nothing is
+unresolved or the loss estimate says further copies cannot change a verdict.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import time
+from array import array
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from probe.sender import BindSender, IcmpEvent
+from udpreach.control import RECEIPT, decode_receipts
+from udpreach.document import build_document
+from udpreach.errors import AgentUnavailableError, ProtocolError
+from udpreach.ledger import IcmpInfo, Ledger
+from udpreach.loss import LossEstimate, attempts_needed, estimate_loss
+from udpreach.pacing import PILOT_CELLS, Pacer
+from udpreach.plan import Plan, RunLifecycle
+from udpreach.token import TokenCodec, derive_run_key
+
+if TYPE_CHECKING:
+    from udpreach.coordinator import AgentSession
+
+log = logging.getLogger("udpreach.coordinator")
+
+Progress = Callable[[dict[str, Any]], Awaitable[None]]
+BATCH_SECONDS = 0.004  # send about this much per batch before a checkpoint
+MAX_BATCH_GROUPS = 512
+REPLY_TIMEOUT = 10.0
+PROGRESS_EVERY = 0.1
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+@dataclass
+class _Window:
+    rate: float
+    sent: int = 0
+    delivered: int = 0
+    end: float = 0.0
+
+
+@dataclass
+class RunFacts:
+    """What the runner learnt, beyond the ledger."""
+
+    rounds: int = 0
+    max_attempt: int = 0
+    loss: LossEstimate | None = None
+    stale_receipts: int = 0
+    malformed_batches: int = 0
+    icmp_errors: int = 0
+    agent_stats: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+class RunExecution:
+    """Executes one plan against one registered agent."""
+
+    def __init__(
+        self,
+        *,
+        session: AgentSession,
+        plan: Plan,
+        secret: bytes,
+        source: str,
+        target: str,
+        progress: Progress,
+        store: Any = None,
+        warnings: list[str] | None = None,
+        rng: random.Random | None = None,
+        sender_factory: Callable[[str, str, float], Any] | None = None,
+    ) -> None:
+        self.session = session
+        self.plan = plan
+        self.secret = secret
+        self.source = source
+        self.target = target
+        self.progress = progress
+        self.store = store
+        self.run_id = new_run_id()
+        self.ledger = Ledger(plan.dst_ports, plan.src_ports)
+        self.lifecycle = RunLifecycle()
+        self.facts = RunFacts(warnings=list(warnings or []))
+        self.pacer = Pacer(ceiling=float(plan.rate))
+        self.rng = rng or random.Random(secrets.randbits(64))
+        self._sender_factory = sender_factory or (
+            lambda src, dst, linger: BindSender(src, dst, linger=linger)
+        )
+        self._codec: TokenCodec | None = None
+        self._round = 0
+        self._win_of_src = array("i", [-1]) * 65536
+        self._windows: list[_Window] = []
+        self._next_progress = 0.0
+        self._flush_seq = 0
+        self.rtt = 0.005
+        self.started = time.time()
+
+    # -- receipts (called synchronously by the session's reader task) --------------------
+
+    def on_receipts(self, payload: bytes) -> None:
+        try:
+            run_id, addrs, recs = decode_receipts(payload)
+        except ProtocolError:
+            self.facts.malformed_batches += 1
+            return
+        if run_id != self.run_id:
+            self.facts.stale_receipts += len(recs) // RECEIPT.size
+            return
+        ledger = self.ledger
+        rnd = self._round
+        wins = self._windows
+        win_of = self._win_of_src
+        naddr = len(addrs)
+        for ai, dst, src, attempt, port in RECEIPT.iter_unpack(recs):
+            addr = addrs[ai] if ai < naddr else "?"
+            if ledger.note_receipt(dst, src, attempt, addr, port) and attempt == rnd:
+                w = win_of[src]
+                if 0 <= w < len(wins):
+                    wins[w].delivered += 1
+
+    # -- control-channel helpers ----------------------------------------------------------
+
+    async def _flush(self) -> None:
+        self._flush_seq += 1
+        seq = self._flush_seq
+        await self.session.send({"type": "flush", "seq": seq})
+        body = await self.session.expect("flushed", REPLY_TIMEOUT, lambda b: b.get("seq") == seq)
+        stats = body.get("stats")
+        if isinstance(stats, dict):
+            self.facts.agent_stats = stats
+
+    async def _report(self, force: bool = False) -> None:
+        now = trio.current_time()
+        if not force and now < self._next_progress:
+            return
+        self._next_progress = now + PROGRESS_EVERY
+        led = self.ledger
+        await self.progress(
+            {
+                "type": "progress",
+                "run_id": self.run_id,
+                "round": self._round,
+                "cells": led.cells,
+                "settled": led.settled,
+                "open": led.open,
+                "sent": led.sent_total,
+                "rate": round(self.pacer.rate),
+            }
+        )
+
+    # -- the run ----------------------------------------------------------------------------
+
+    async def execute(self) -> dict[str, Any]:
+        """Run the plan; returns the run document (complete or not).
+
+        Raises only for cancellation; a lost agent gives an incomplete document.
+        """
+        complete = False
+        sender = None
+        try:
+            if self.store is not None:
+                self.store.begin(
+                    self.run_id,
+                    started=self.started,
+                    plan=self.plan.to_json(),
+                    agent=self._agent_json(),
+                    probe=self._probe_json("bind"),
+                )
+            await self._start()
+            linger = max(0.05, 4 * self.rtt)
+            sender = self._sender_factory(self.source, self.target, linger)
+            await self._rounds(sender)
+            complete = True
+        except AgentUnavailableError as exc:
+            self.facts.warnings.append(str(exc))
+            log.warning("run %s: %s", self.run_id, exc)
+        finally:
+            with trio.move_on_after(3, shield=True) as scope:
+                scope.shield = True
+                if sender is not None:
+                    self._apply_icmp(sender.reap(0.0, everything=True))
+                    sender.close()
+                self.session.sink = None
+                if not self.session.lost.is_set():
+                    try:
+                        await self.session.send({"type": "run_end", "run_id": self.run_id})
+                        body = await self.session.expect(
+                            "run_done", 2.5, lambda b: b.get("run_id") == self.run_id
+                        )
+                        if isinstance(body.get("stats"), dict):
+                            self.facts.agent_stats = body["stats"]
+                    except (AgentUnavailableError, trio.TooSlowError):
+                        pass
+            if not self.lifecycle.finished:
+                self.lifecycle.move("finish" if complete else "abort")
+            self.ledger.finish(complete=complete)
+            doc = self.document(complete)
+            if self.store is not None:
+                with trio.CancelScope(shield=True):
+                    self.store.finish(self.run_id, doc)
+        return doc
+
+    def _agent_json(self) -> dict[str, Any]:
+        s = self.session
+        return {
+            "name": s.name,
+            "registered": s.registered,
+            "observed": s.observed,
+            "ports": list(s.ports),
+        }
+
+    def _probe_json(self, mode: str) -> dict[str, Any]:
+        return {"address": self.source, "target": self.target, "send_mode": mode}
+
+    async def _start(self) -> None:
+        nonce_c = secrets.token_bytes(16)
+        t0 = trio.current_time()
+        self.session.sink = self.on_receipts
+        await self.session.send(
+            {
+                "type": "run_start",
+                "run_id": self.run_id,
+                "nonce": nonce_c.hex(),
+                "size": self.plan.size,
+                "dst_ports": list(self.plan.dst_ports),
+            }
+        )
+        body = await self.session.expect(
+            "run_ready", REPLY_TIMEOUT, lambda b: b.get("run_id") == self.run_id
+        )
+        self.rtt = max(0.0005, trio.current_time() - t0)
+        try:
+            nonce_a = bytes.fromhex(str(body.get("nonce", "")))
+        except ValueError:
+            nonce_a = b""
+        if len(nonce_a) != 16:
+            raise AgentUnavailableError("agent sent a malformed run_ready")
+        key = derive_run_key(self.secret, self.run_id, nonce_c, nonce_a)
+        self._codec = TokenCodec(key, self.plan.size)
+        log.info(
+            "run %s: %d cells to %s (%s) from %s",
+            self.run_id,
+            self.plan.cells,
+            self.session.name,
+            self.target,
+            self.source,
+        )
+
+    def _cells_by_src(self, attempt: int) -> dict[int, list[int]]:
+        led = self.ledger
+        out: dict[int, list[int]] = {}
+        for dst, src in led.unresolved():
+            if led.attempts(dst, src) < attempt:
+                out.setdefault(src, []).append(dst)
+        return out
+
+    async def _rounds(self, sender: Any) -> None:
+        plan = self.plan
+        led = self.ledger
+        self.lifecycle.move("send")
+        if plan.cells >= 16 * PILOT_CELLS and plan.rate > self.pacer.pilot_rate:
+            await self._pilot(sender)
+        attempt = 0
+        while True:
+            attempt += 1
+            groups = self._cells_by_src(attempt)
+            if not groups:
+                break
+            if self.lifecycle.phase.value == "settling":
+                self.lifecycle.move("send")
+            self._round = attempt
+            self.facts.rounds += 1
+            self.facts.max_attempt = attempt
+            srcs = list(groups)
+            self.rng.shuffle(srcs)
+            await self._send_round(sender, srcs, groups, attempt, self.pacer.rate)
+            self.lifecycle.move("settle")
+            await self._settle(sender)
+            if self.store is not None:
+                self.store.checkpoint(self.run_id, led.ranges(settled_only=True))
+            await self._report(force=True)
+            remaining = len(led.unresolved())
+            est = estimate_loss(led.first_attempt_histogram())
+            self.facts.loss = est
+            if remaining == 0:
+                break
+            needed = attempts_needed(est, plan.confidence, plan.copies, floor=min(2, plan.copies))
+            log.info(
+                "run %s round %d: %d unresolved, loss %.3f (<= %.3f), %d attempts needed",
+                self.run_id,
+                attempt,
+                remaining,
+                est.estimate,
+                est.upper,
+                needed,
+            )
+            if attempt >= needed:
+                break
+        if self.lifecycle.phase.value == "sending":
+            self.lifecycle.move("settle")
+
+    async def _pilot(self, sender: Any) -> None:
+        """Send attempt 1 to a random sample at a gentle rate: the reference delivery ratio."""
+        led = self.ledger
+        srcs = list(self.plan.src_ports)
+        per = len(self.plan.dst_ports)
+        k = max(1, PILOT_CELLS // per)
+        sample = self.rng.sample(srcs, min(k, len(srcs)))
+        groups = {s: list(self.plan.dst_ports) for s in sample}
+        self._round = 1
+        await self._send_round(sender, sample, groups, 1, self.pacer.pilot_rate, judge=False)
+        await self._settle(sender)
+        delivered = sum(1 for s in sample for d in self.plan.dst_ports if led.verdict(d, s) == "open")
+        sent = sum(led.attempts(d, s) for s in sample for d in self.plan.dst_ports)
+        self.pacer.set_reference(delivered, sent)
+
+    async def _send_round(
+        self,
+        sender: Any,
+        srcs: list[int],
+        groups: dict[int, list[int]],
+        attempt: int,
+        start_rate: float,
+        *,
+        judge: bool = True,
+    ) -> None:
+        codec = self._codec
+        assert codec is not None
+        led = self.ledger
+        session = self.session
+        win_of = self._win_of_src
+        self._windows = windows = [_Window(start_rate)]
+        pending: list[int] = []  # windows sent but not yet judged
+        rate = start_rate
+        window = windows[0]
+        win_target = self.pacer.window_size()
+        judge_delay = max(0.05, 2 * self.rtt + 0.03)
+        clock = trio.current_time
+        next_t = clock()
+        i = 0
+        n = len(srcs)
+        per_src = max(1, len(self.plan.dst_ports))
+        while i < n:
+            if session.lost.is_set():
+                raise AgentUnavailableError(f"agent {session.name!r} was lost during the run")
+            if judge:
+                rate = self.pacer.rate
+            now = clock()
+            if next_t > now:
+                await trio.sleep_until(next_t)
+                now = clock()
+            else:
+                next_t = max(next_t, now - 0.01)  # never burst to catch up after a stall
+                await trio.lowlevel.checkpoint()
+            want = max(1, min(MAX_BATCH_GROUPS, int(rate * BATCH_SECONDS / per_src)))
+            if sender.free_slots() < want:
+                self._apply_icmp(sender.reap(now))
+                if sender.free_slots() <= 0:
+                    await trio.sleep(max(0.001, sender.linger - sender.oldest_age(now)))
+                    continue
+                want = min(want, sender.free_slots())
+            batch = srcs[i : i + want]
+            i += len(batch)
+            sent_n = 0
+            for src in batch:
+                dsts = groups[src]
+                items = [(d, codec.encode(d, src, attempt)) for d in dsts]
+                res = sender.send_group(src, items, now)
+                for d in res.sent:
+                    led.note_sent(d, src)
+                sent_n += len(res.sent)
+                if res.untested:
+                    led.note_untested(src, res.untested, [d for d in dsts if d not in res.sent])
+                elif res.backpressure:
+                    rest = [d for d in dsts if d not in res.sent]
+                    groups[src] = rest
+                    srcs.append(src)  # try the rest again at the end of the round
+                    n += 1
+                    next_t += 0.001
+                win_of[src] = len(windows) - 1
+            window.sent += sent_n
+            next_t += sent_n / rate if rate > 0 else 0
+            if window.sent >= win_target:
+                window.end = clock()
+                pending.append(len(windows) - 1)
+                window = _Window(rate)
+                windows.append(window)
+                win_target = self.pacer.window_size()
+            self._apply_icmp(sender.reap(clock()))
+            if judge:
+                while pending and windows[pending[0]].end + judge_delay <= clock():
+                    w = windows[pending.pop(0)]
+                    self.pacer.on_window(w.rate, w.sent, w.delivered)
+            await self._report()
+        window.end = clock()
+
+    async def _settle(self, sender: Any) -> None:
+        """Let the path drain, collect ICMP errors, and have the agent flush its receipts."""
+        await trio.sleep(max(0.01, 2 * self.rtt))
+        self._apply_icmp(sender.reap(trio.current_time(), everything=True))
+        await self._flush()
+
+    def _apply_icmp(self, events: list[IcmpEvent]) -> None:
+        for ev in events:
+            self.facts.icmp_errors += 1
+            self.ledger.note_icmp(ev.dst_port, ev.src_port, IcmpInfo(ev.type, ev.code, ev.sender))
+
+    def document(self, complete: bool) -> dict[str, Any]:
+        led = self.ledger
+        facts = self.facts
+        est = facts.loss
+        loss: dict[str, Any] | None = None
+        if est is not None:
+            bound = est.false_blocked_bound(facts.max_attempt)
+            loss = {
+                "estimate": round(est.estimate, 5),
+                "upper": round(est.upper, 5),
+                "attempts": facts.max_attempt,
+                "false_blocked_bound": bound,
+                "confidence_target": self.plan.confidence,
+                "confidence_reached": bound <= self.plan.confidence,
+                "rate_found": round(self.pacer.rate),
+                "rate_backoffs": self.pacer.backoffs,
+            }
+        finished = time.time()
+        extra: dict[str, Any] = {
+            "started": self.started,
+            "finished": finished,
+            "duration": round(finished - self.started, 3),
+            "loss": loss,
+            "probe_stats": {
+                "sent": led.sent_total,
+                "rounds": facts.rounds,
+                "icmp_errors": facts.icmp_errors,
+                "stale_receipts": facts.stale_receipts,
+            },
+            "agent_stats": facts.agent_stats,
+            "observed_sources": led.observed_addresses(),
+            "warnings": facts.warnings,
+        }
+        return build_document(
+            run_id=self.run_id,
+            complete=complete,
+            agent=self._agent_json(),
+            probe=self._probe_json("bind"),
+            plan=self.plan.to_json(),
+            ledger=led,
+            extra=extra,
+        )
