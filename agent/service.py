@@ -10,6 +10,7 @@ never sends UDP: its sockets are only ever read.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import random
@@ -48,6 +49,7 @@ class AgentConfig:
     once: bool = False  # tests: give up instead of reconnecting
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_addr(addr: str) -> str:
     """'::ffff:198.18.2.2' -> '198.18.2.2'; strips IPv6 scope ids."""
     addr = addr.split("%", 1)[0]

@@ -124,9 +124,7 @@ def probe(
         str, typer.Option("--control", help="HOST:PORT of the TCP control endpoint to listen on.")
     ],
     secret_file: SecretOpt = None,
-    db: Annotated[
-        Path | None, typer.Option("--db", help="Run history database (SQLite).")
-    ] = None,
+    db: Annotated[Path | None, typer.Option("--db", help="Run history database (SQLite).")] = None,
     source: Annotated[
         str | None,
         typer.Option("--source", help="Local address to send from (default: the routed one)."),
@@ -305,7 +303,9 @@ def run(
         Path | None, typer.Option("--markdown", help="Write a Markdown summary.")
     ] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the ranges as CSV.")] = None,
-    html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML page.")] = None,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Write a self-contained HTML page.")
+    ] = None,
 ) -> None:
     """Test the path from the probe to an agent and print the pass/fail matrix."""
     from udpreach.portspec import format_ports, parse_ports

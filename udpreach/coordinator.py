@@ -50,9 +50,7 @@ class ProbeConfig:
     source: str | None = None
     max_rate: int = 1_000_000
     max_datagrams: int = 50_000_000
-    allow_targets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(
-        default_factory=list
-    )
+    allow_targets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
     handshake_timeout: float = 5.0
     idle_timeout: float = 90.0
     max_connections: int = 256
@@ -206,9 +204,7 @@ class Coordinator:
             if isinstance(first, (ProtocolError, UnreachableError, AuthError, trio.TooSlowError)):
                 log.info("connection from %s ended: %s", addr, first or type(first).__name__)
             else:
-                log.error(
-                    "connection from %s failed: %s: %s", addr, type(first).__name__, first
-                )
+                log.error("connection from %s failed: %s: %s", addr, type(first).__name__, first)
         finally:
             self._conns -= 1
             self._per_addr[addr] -= 1
@@ -363,9 +359,7 @@ class Coordinator:
             await chan.send({"type": "error", "code": "bad_plan", "message": str(exc)})
             return
         if session.busy.locked():
-            await chan.send(
-                {"type": "error", "code": "busy", "message": f"agent {name!r} is busy"}
-            )
+            await chan.send({"type": "error", "code": "busy", "message": f"agent {name!r} is busy"})
             return
         target, twarn = self._target_for(session)
         warnings += twarn
@@ -380,9 +374,7 @@ class Coordinator:
         async def progress(body: dict[str, Any]) -> None:
             await chan.send(body)
 
-        log.info(
-            "run requested by %s against agent %s: %d cells", peer, name, plan.cells
-        )
+        log.info("run requested by %s against agent %s: %d cells", peer, name, plan.cells)
         async with session.busy:
             execution = RunExecution(
                 session=session,

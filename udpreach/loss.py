@@ -29,10 +29,16 @@ class LossEstimate:
     estimate: float  # maximum-likelihood per-datagram loss rate
     upper: float  # one-sided 99% upper confidence limit
 
-    def false_blocked_bound(self, attempts: int) -> float:
-        """Upper bound on the chance that any open cell is still unseen after *attempts*."""
-        if self.deliveries == 0 or attempts <= 0:
-            return 0.0 if self.deliveries == 0 else 1.0
+    def false_blocked_bound(self, attempts: int, unseen: int) -> float:
+        """Upper bound on the chance that any of *unseen* cells is open after *attempts* each.
+
+        With no delivery at all there is no evidence of loss (and nothing to say it is not
+        all blocked): the bound is reported as 0 and the report says the loss is unknown.
+        """
+        if unseen <= 0 or self.deliveries == 0:
+            return 0.0
+        if attempts <= 0:
+            return 1.0
         return min(1.0, self.deliveries * self.upper**attempts)
 
 

@@ -181,20 +181,21 @@ def render_run(doc: dict[str, Any], console: Console) -> None:
     loss = doc.get("loss")
     if loss:
         line = (
-            f"loss on the path: {100 * loss['estimate']:.2f}% "
-            f"(<= {100 * loss['upper']:.2f}% at 99%), up to {loss['attempts']} attempts per cell; "
+            f"loss on the path: {100 * loss['estimate']:.3g}% "
+            f"(<= {100 * loss['upper']:.2g}% at 99%), up to {loss['attempts']} attempts per cell; "
         )
         if doc.get("summary", {}).get("blocked"):
             bound = loss["false_blocked_bound"]
             ok = loss.get("confidence_reached")
-            line += (
-                f"chance that any 'blocked' cell is really open: <= {bound:.2g}"
-                + ("" if ok else "  [bold red](confidence target not reached)[/]")
+            line += f"chance that any 'blocked' cell is really open: <= {bound:.2g}" + (
+                "" if ok else "  [bold red](confidence target not reached)[/]"
             )
         else:
             line += "no cell blocked"
         if loss.get("rate_backoffs"):
-            line += f"; rate backed off {loss['rate_backoffs']}x, settled at {loss['rate_found']:,}/s"
+            line += (
+                f"; rate backed off {loss['rate_backoffs']}x, settled at {loss['rate_found']:,}/s"
+            )
         console.print(line)
     console.print(_range_table("Source-port ranges", doc.get("ranges") or []))
     console.print(render_matrix(doc))

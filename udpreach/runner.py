@@ -289,9 +289,20 @@ class RunExecution:
             self.facts.max_attempt = attempt
             srcs = list(groups)
             self.rng.shuffle(srcs)
+            t0 = trio.current_time()
             await self._send_round(sender, srcs, groups, attempt, self.pacer.rate)
+            t1 = trio.current_time()
             self.lifecycle.move("settle")
             await self._settle(sender)
+            log.debug(
+                "run %s round %d: sent %d groups in %.3fs, settled in %.3fs (rate now %d/s)",
+                self.run_id,
+                attempt,
+                len(srcs),
+                t1 - t0,
+                trio.current_time() - t1,
+                self.pacer.rate,
+            )
             if self.store is not None:
                 self.store.checkpoint(self.run_id, led.ranges(settled_only=True))
             await self._report(force=True)
@@ -326,7 +337,9 @@ class RunExecution:
         self._round = 1
         await self._send_round(sender, sample, groups, 1, self.pacer.pilot_rate, judge=False)
         await self._settle(sender)
-        delivered = sum(1 for s in sample for d in self.plan.dst_ports if led.verdict(d, s) == "open")
+        delivered = sum(
+            1 for s in sample for d in self.plan.dst_ports if led.verdict(d, s) == "open"
+        )
         sent = sum(led.attempts(d, s) for s in sample for d in self.plan.dst_ports)
         self.pacer.set_reference(delivered, sent)
 
@@ -427,7 +440,8 @@ class RunExecution:
         est = facts.loss
         loss: dict[str, Any] | None = None
         if est is not None:
-            bound = est.false_blocked_bound(facts.max_attempt)
+            unseen = len(led.unresolved()) if not led.closed else led.summary()["blocked"]
+            bound = est.false_blocked_bound(facts.max_attempt, unseen)
             loss = {
                 "estimate": round(est.estimate, 5),
                 "upper": round(est.upper, 5),

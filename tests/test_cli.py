@@ -1,0 +1,156 @@
+"""The real CLI in real processes: exit codes, one-line errors, and one end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, udpreach_argv
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--src-ports", "70000"], "out of range"),
+        (["--src-ports", "2000-1000"], "reversed range"),
+        (["--src-ports", ""], "empty port spec"),
+        (["--src-ports", "12a"], "malformed"),
+        (["--dst-ports", "5000,,5001"], "empty item"),
+        (["--size", "8"], "--size"),
+        (["--copies", "0"], "--copies"),
+        (["--coordinator", "nohostport"], "HOST:PORT"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(secret_file: Path, args: list[str], needle: str) -> None:
+    base = ["run", "--coordinator", "127.0.0.1:9", "--secret-file", str(secret_file)]
+    proc = run_cli(*base, "--agent", "x", *args)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stdout == ""
+
+
+def test_loose_secret_file_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "s"
+    p.write_text("0123456789abcdef0123456789abcdef")
+    p.chmod(0o644)
+    proc = run_cli("agents", "--coordinator", "127.0.0.1:9", "--secret-file", str(p))
+    assert proc.returncode == 2
+    assert "chmod 600" in proc.stderr
+
+
+def test_unreachable_coordinator_is_exit_3(secret_file: Path) -> None:
+    proc = run_cli("agents", "--coordinator", "127.0.0.1:9", "--secret-file", str(secret_file))
+    assert proc.returncode == 3
+    assert "cannot reach coordinator" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_secret_new_is_0600(tmp_path: Path) -> None:
+    target = tmp_path / "fresh"
+    proc = run_cli("secret", "new", str(target))
+    assert proc.returncode == 0
+    assert oct(target.stat().st_mode & 0o777) == "0o600"
+    assert len(target.read_text().strip()) == 64
+    again = run_cli("secret", "new", str(target))
+    assert again.returncode == 2
+    assert "already exists" in again.stderr
+
+
+def _free_udp_ports(n: int) -> list[int]:
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as fh:
+        return subprocess.Popen(udpreach_argv(*args), stdout=fh, stderr=subprocess.STDOUT)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+            return -9
+    return proc.returncode
+
+
+def _wait_file(path: Path, proc: subprocess.Popen[bytes], timeout: float = 20) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_size:
+            return json.loads(path.read_text())
+        assert proc.poll() is None, "process exited early"
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never appeared")
+
+
+def test_end_to_end_real_processes(tmp_path: Path, secret_file: Path) -> None:
+    """probe and agent as real CLI processes; ``run --json`` prints exactly the document."""
+    ready = tmp_path / "ready.json"
+    db = tmp_path / "runs.sqlite3"
+    probe = _start(
+        ["probe", "--control", "127.0.0.1:0", "--secret-file", str(secret_file), "--db", str(db),
+         "--source", "127.0.0.2", "--ready-file", str(ready)],
+        tmp_path / "probe.log",
+    )  # fmt: skip
+    agent = None
+    try:
+        addr = _wait_file(ready, probe)
+        endpoint = f"{addr['host']}:{addr['port']}"
+        env_secret = {"UDPREACH_SECRET_FILE": str(secret_file)}
+        agent = _start(
+            ["agent", "--coordinator", endpoint, "--secret-file", str(secret_file),
+             "--port", ",".join(map(str, _free_udp_ports(2))), "--listen", "127.0.0.1",
+             "--name", "e2e"],
+            tmp_path / "agent.log",
+        )  # fmt: skip
+        proc = run_cli(
+            "run", "--coordinator", endpoint, "--agent", "e2e", "--wait", "20",
+            "--src-ports", "1024-65535", "--json", timeout=180, env=env_secret,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(proc.stdout)  # nothing else on stdout
+        assert doc["schema"] == "udpreach/run-v1"
+        assert doc["complete"] is True
+        assert doc["summary"]["cells"] == 2 * 64512
+        assert doc["summary"]["open"] == 2 * 64512
+        assert len(doc["ranges"]) == 2
+        listed = run_cli("agents", "--coordinator", endpoint, "--json", env=env_secret)
+        assert listed.returncode == 0
+        assert [a["name"] for a in json.loads(listed.stdout)["agents"]] == ["e2e"]
+        table = run_cli(
+            "run", "--coordinator", endpoint, "--agent", "e2e", "--src-ports", "1024-3071",
+            env=env_secret, timeout=120,
+        )  # fmt: skip
+        assert table.returncode == 0, table.stderr
+        assert "1024-3071" in table.stdout
+        assert "Matrix" in table.stdout
+        gone = run_cli("run", "--coordinator", endpoint, "--agent", "ghost", env=env_secret)
+        assert gone.returncode == 3
+        assert "no agent named 'ghost'" in gone.stderr
+    finally:
+        codes = [_stop(p) for p in (agent, probe) if p is not None]
+    # SIGTERM is a clean shutdown: exit 0 and no traceback in the logs.
+    assert codes == [0, 0]
+    for log in ("probe.log", "agent.log"):
+        text = (tmp_path / log).read_text()
+        assert "Traceback" not in text, text
+    assert os.path.exists(db)

@@ -1,0 +1,166 @@
+"""Real sockets on loopback: coordinator, agent and probe in one trio run, port 0 everywhere.
+
+The probe sends from 127.0.0.2 and the agent listens on 127.0.0.1, so that no source port
+of the sweep is taken by the agent's own sockets.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from agent.service import AgentConfig, run_agent
+from udpreach.client import list_agents, request_run
+from udpreach.coordinator import Coordinator, ProbeConfig
+from udpreach.errors import AgentUnavailableError, AuthError, ConfigError
+from udpreach.portspec import format_ports, parse_ports
+
+SECRET = b"loopback-test-secret-0123456789"
+DEADLINE = 120
+
+
+@asynccontextmanager
+async def harness(
+    *, ports: tuple[int, ...] = (0,), agent_secret: bytes = SECRET, name: str = "lo-agent"
+) -> AsyncIterator[dict[str, Any]]:
+    cfg = ProbeConfig(host="127.0.0.1", port=0, secret=SECRET, source="127.0.0.2")
+    coord = Coordinator(cfg)
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(coord.serve)
+        acfg = AgentConfig(
+            host=host,
+            port=port,
+            secret=agent_secret,
+            ports=ports,
+            name=name,
+            listen="127.0.0.1",
+            once=True,
+        )
+        bound = await nursery.start(run_agent, acfg)
+        yield {"host": host, "port": port, "coord": coord, "agent_ports": bound, "name": name}
+        nursery.cancel_scope.cancel()
+
+
+async def _run(h: dict[str, Any], **plan: Any) -> dict[str, Any]:
+    progress: list[dict[str, Any]] = []
+    doc = await request_run(
+        h["host"],
+        h["port"],
+        SECRET,
+        agent=h["name"],
+        plan=plan,
+        wait=10,
+        expect=None,
+        on_progress=progress.append,
+    )
+    assert progress, "the coordinator streams progress while the run goes"
+    return doc
+
+
+def _check_contract(doc: dict[str, Any]) -> None:
+    assert doc["schema"] == "udpreach/run-v1"
+    keys = {"run_id", "complete", "agent", "probe", "plan", "summary", "ranges"}
+    assert keys <= set(doc)
+    total = sum(r["last"] - r["first"] + 1 for r in doc["ranges"])
+    assert total == doc["summary"]["cells"]
+    order = [(r["dst_port"], r["first"]) for r in doc["ranges"]]
+    assert order == sorted(order)
+
+
+async def test_full_sweep_one_port_is_one_open_range() -> None:
+    with trio.fail_after(DEADLINE):
+        async with harness() as h:
+            doc = await _run(h)
+    _check_contract(doc)
+    (dst,) = h["agent_ports"]
+    assert doc["complete"] is True
+    assert doc["summary"]["cells"] == 64512
+    assert doc["summary"]["open"] == 64512
+    assert len(doc["ranges"]) == 1
+    r = doc["ranges"][0]
+    assert (r["dst_port"], r["first"], r["last"], r["verdict"]) == (dst, 1024, 65535, "open")
+    assert r["translated"] is False
+    assert r["received"] >= 64512
+    assert doc["agent"]["registered"] == doc["agent"]["observed"] == "127.0.0.1"
+    assert doc["agent_stats"]["accepted"] == r["received"]
+
+
+async def test_three_destination_ports() -> None:
+    with trio.fail_after(DEADLINE):
+        async with harness(ports=(0, 0, 0)) as h:  # three distinct ephemeral ports
+            doc = await _run(h, src_ports="1024-65535")
+    ports = h["agent_ports"]
+    assert len(set(ports)) == 3
+    _check_contract(doc)
+    assert doc["summary"] == {
+        "cells": 3 * 64512,
+        "open": 3 * 64512,
+        "blocked": 0,
+        "rejected": 0,
+        "untested": 0,
+        "unknown": 0,
+    }
+    assert [(r["dst_port"], r["first"], r["last"]) for r in doc["ranges"]] == [
+        (p, 1024, 65535) for p in sorted(ports)
+    ]
+
+
+async def test_random_source_ports() -> None:
+    spec = format_ports(parse_ports("random:500", allow_random=True, rng=random.Random(7)))
+    with trio.fail_after(DEADLINE):
+        async with harness() as h:
+            doc = await _run(h, src_ports=spec)
+    _check_contract(doc)
+    planned = parse_ports(doc["plan"]["src_ports"])
+    assert len(planned) == 500
+    assert all(1024 <= p <= 65535 for p in planned)
+    assert doc["summary"]["open"] == 500
+    covered = {p for r in doc["ranges"] for p in range(r["first"], r["last"] + 1)}
+    assert covered == set(planned)
+
+
+async def test_dst_port_not_listened_on_is_a_usage_error() -> None:
+    with trio.fail_after(DEADLINE):
+        async with harness() as h:
+            with pytest.raises(ConfigError, match="not among the agent's ports"):
+                await _run(h, dst_ports="1")
+
+
+async def test_unknown_agent_is_reported() -> None:
+    with trio.fail_after(DEADLINE):
+        async with harness() as h:
+            with pytest.raises(AgentUnavailableError, match="no agent named"):
+                await request_run(
+                    h["host"], h["port"], SECRET, agent="nobody", plan={}, wait=0,
+                    expect=None, on_progress=lambda p: None,
+                )  # fmt: skip
+
+
+async def test_wrong_secret_is_refused_on_both_paths() -> None:
+    with trio.fail_after(DEADLINE):
+        async with harness() as h:
+            with pytest.raises(AuthError, match="does not know our secret"):
+                await list_agents(h["host"], h["port"], b"not-the-right-secret-at-all")
+            listed = await list_agents(h["host"], h["port"], SECRET)
+            assert [a["name"] for a in listed] == ["lo-agent"]
+
+
+async def test_agent_with_wrong_secret_never_registers() -> None:
+    cfg = ProbeConfig(host="127.0.0.1", port=0, secret=SECRET)
+    coord = Coordinator(cfg)
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(coord.serve)
+            acfg = AgentConfig(
+                host=host, port=port, secret=b"wrong-wrong-wrong-wrong-wrong", ports=(0,),
+                name="intruder", listen="127.0.0.1", once=True,
+            )  # fmt: skip
+            with pytest.raises(AuthError):
+                await run_agent(acfg)
+            assert coord.agents == {}
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,660 @@
+"""Expectations: parse the ``--expect`` TOML file, judge a run document against it, and
+write an expectation file back from a stored run.
+
+Theory of operation: a run document already describes its cells as ranges (one destination
+port, a span of source ports, one verdict), so nothing here walks cells one by one. For
+each destination port the applicable expectation entries are *painted* in file order onto
+an interval list whose value is the index of the entry that owns each source-port span; a
+later entry overwrites an earlier one on the spans they share (the contract's override
+rule). Judging intersects that owner list with the document's ranges (two sorted interval
+lists, one merge pass) and keeps the pieces whose verdict differs from the owner's. A piece
+cut out of a longer range gets its share of the range's ``sent``/``received`` counters,
+apportioned so that the pieces of one range add up to the range's totals.
+
+Every judged cell belongs to exactly one entry (the last one covering it), so per-entry
+results (JUnit) partition the deviations: an entry is charged only for the cells it owns
+after overrides. A judged cell whose verdict is ``untested`` or ``unknown`` differs from any
+expectation and is therefore a deviation (fail closed: what was not measured is not
+confirmed).
+
+The module also holds the small range algebra (``ranges_by_dst``, ``cut_range``,
+``merge_ranges``, ``subtract``) that the store, the diff and the exports share.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from udpreach.errors import ConfigError, PortSpecError
+from udpreach.portspec import format_ports, parse_ports, ranges_of
+
+VERDICTS = ("open", "blocked", "rejected", "untested", "unknown")
+EXPECTABLE = ("open", "blocked", "rejected")
+ENTRY_KEYS = ("agent", "dst_ports", "src_ports", "verdict")
+REQUIRED_KEYS = ("dst_ports", "src_ports", "verdict")
+
+Interval = tuple[int, int]
+Range = dict[str, Any]
+
+# ---------------------------------------------------------------------------------------
+# Range algebra shared by the store, the diff and the exports.
+
+_COUNTERS = ("sent", "received")
+_POSITION = ("dst_port", "first", "last")
+_UNKEYED = frozenset((*_COUNTERS, *_POSITION, "observed"))
+
+
+def ranges_by_dst(ranges: Iterable[Range]) -> dict[int, list[Range]]:
+    """Group ranges by destination port (ascending), each group sorted by ``first``."""
+    groups: dict[int, list[Range]] = defaultdict(list)
+    for r in ranges:
+        groups[int(r["dst_port"])].append(r)
+    return {d: sorted(groups[d], key=lambda r: int(r["first"])) for d in sorted(groups)}
+
+
+def cut_range(r: Range, first: int, last: int) -> Range:
+    """The part of range ``r`` over source ports ``first..last`` (inside ``r``).
+
+    The counters ``sent`` and ``received`` are apportioned by cell count with cumulative
+    rounding, so the pieces of one range always add up to the range's totals; ``observed``
+    (what the agent saw over the whole range) is dropped from a partial cut.
+    """
+    f, n = int(r["first"]), int(r["last"]) - int(r["first"]) + 1
+    out = dict(r)
+    out["first"], out["last"] = first, last
+    if first == f and last == f + n - 1:
+        return out
+    out.pop("observed", None)
+    for k in _COUNTERS:
+        if k in r:
+            total = int(r[k])
+            out[k] = total * (last - f + 1) // n - total * (first - f) // n
+    return out
+
+
+def merge_ranges(ranges: Iterable[Range]) -> list[Range]:
+    """Merge neighbours into maximal ranges and sort by (dst_port, first).
+
+    Two ranges merge when they are adjacent on one destination port and agree on every key
+    other than ``first``, ``last``, the counters ``sent`` and ``received`` (which add up)
+    and ``observed`` (what the agent saw: addresses united, port span widened).
+    """
+    ordered = sorted(ranges, key=_position)
+    out: list[Range] = []
+    prev_key: object = None
+    last: Range = {}
+    for r in ordered:
+        key = _merge_key(r)
+        if (
+            out
+            and prev_key == key
+            and last["dst_port"] == r["dst_port"]
+            and int(last["last"]) + 1 == int(r["first"])
+        ):
+            last["last"] = r["last"]
+            for k in _COUNTERS:
+                if k in last and k in r:
+                    last[k] = int(last[k]) + int(r[k])
+            if "observed" in r:
+                last["observed"] = _merge_observed(last.get("observed"), r["observed"])
+        else:
+            last = dict(r)
+            out.append(last)
+            prev_key = key
+    return out
+
+
+def _position(r: Range) -> tuple[int, int]:
+    return int(r["dst_port"]), int(r["first"])
+
+
+def _freeze(v: Any) -> Any:
+    if isinstance(v, dict):
+        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
+    if isinstance(v, list):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+def _merge_key(r: Range) -> object:
+    return tuple(sorted((k, _freeze(v)) for k, v in r.items() if k not in _UNKEYED))
+
+
+def _merge_observed(a: Any, b: Any) -> Any:
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return a if isinstance(a, dict) else b
+    try:
+        return {
+            "addresses": sorted(set(a["addresses"]) | set(b["addresses"])),
+            "first_port": min(a["first_port"], b["first_port"]),
+            "last_port": max(a["last_port"], b["last_port"]),
+        }
+    except (KeyError, TypeError):
+        return a
+
+
+def subtract(base: Sequence[Interval], holes: Sequence[Interval]) -> list[Interval]:
+    """``base`` minus ``holes``; both sorted lists of disjoint closed intervals."""
+    out: list[Interval] = []
+    j = 0
+    for a, b in base:
+        while j < len(holes) and holes[j][1] < a:
+            j += 1
+        pos, k = a, j
+        while k < len(holes) and holes[k][0] <= b:
+            ha, hb = holes[k]
+            if ha > pos:
+                out.append((pos, ha - 1))
+            pos = max(pos, hb + 1)
+            if hb >= b:
+                break
+            k += 1
+        if pos <= b:
+            out.append((pos, b))
+    return out
+
+
+def union(intervals: Iterable[Interval]) -> list[Interval]:
+    """Sorted, merged union of closed intervals (touching intervals merge)."""
+    out: list[Interval] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1] + 1:
+            if b > out[-1][1]:
+                out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+def spec_of(intervals: Iterable[Interval]) -> str:
+    """A port SPEC for sorted disjoint intervals: ``1024-2047,5000``."""
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in union(intervals))
+
+
+def cells_of(intervals: Iterable[Interval]) -> int:
+    """Number of ports in disjoint intervals."""
+    return sum(b - a + 1 for a, b in intervals)
+
+
+def planned_intervals(plan: dict[str, Any]) -> dict[int, list[Interval]]:
+    """The planned cells of a plan, per destination port, as source-port intervals.
+
+    Raises:
+        PortSpecError: the plan's ``src_ports`` is not a concrete SPEC (``random:N``
+            cannot be expanded again after the run).
+    """
+    src = ranges_of(parse_ports(str(plan["src_ports"])))
+    return {int(d): list(src) for d in sorted(set(plan["dst_ports"]))}
+
+
+def summarize(ranges: Iterable[Range]) -> dict[str, int]:
+    """The ``summary`` block (cells and a count per verdict) for a list of ranges."""
+    counts = dict.fromkeys(("cells", *VERDICTS), 0)
+    for r in ranges:
+        n = int(r["last"]) - int(r["first"]) + 1
+        counts["cells"] += n
+        counts[str(r["verdict"])] = counts.get(str(r["verdict"]), 0) + n
+    return counts
+
+
+# ---------------------------------------------------------------------------------------
+# Expectation entries and the TOML file.
+
+
+@dataclass(frozen=True, repr=False)
+class ExpectEntry:
+    """One ``[[expect]]`` table: these cells (of this agent, or any) should have ``verdict``.
+
+    ``line`` is the 1-based line of the table in its file (0 when unknown), for messages.
+    """
+
+    agent: str | None
+    dst_ports: tuple[int, ...]
+    src_ports: tuple[int, ...]
+    verdict: str
+    line: int = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"ExpectEntry(agent={self.agent!r}, dst_ports={format_ports(self.dst_ports)!r}, "
+            f"src_ports={format_ports(self.src_ports)!r}, verdict={self.verdict!r}, "
+            f"line={self.line})"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A compact JSON form (port sets as SPECs), e.g. for the control channel."""
+        return {
+            "agent": self.agent,
+            "dst_ports": format_ports(self.dst_ports),
+            "src_ports": format_ports(self.src_ports),
+            "verdict": self.verdict,
+            "line": self.line,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> ExpectEntry:
+        """The inverse of ``to_json``; validates everything (the peer may be hostile).
+
+        Raises:
+            ConfigError: a missing or malformed field.
+        """
+        if not isinstance(obj, dict):
+            raise ConfigError("expectation entry: not an object")
+        agent = obj.get("agent")
+        line = obj.get("line", 0)
+        if agent is not None and not isinstance(agent, str):
+            raise ConfigError("expectation entry: 'agent' must be a string")
+        if not isinstance(line, int) or isinstance(line, bool) or line < 0:
+            raise ConfigError("expectation entry: 'line' must be a non-negative integer")
+        try:
+            dst, src, verdict = _check_entry_values(obj)
+        except _EntryProblem as exc:
+            raise ConfigError(f"expectation entry: {exc}") from None
+        return cls(agent=agent, dst_ports=dst, src_ports=src, verdict=verdict, line=line)
+
+
+class _EntryProblem(Exception):
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _check_entry_values(table: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...], str]:
+    ports: dict[str, tuple[int, ...]] = {}
+    for key in ("dst_ports", "src_ports"):
+        value = table.get(key)
+        if value is None:
+            raise _EntryProblem(f"missing key {key!r}", key)
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise _EntryProblem(f'{key!r} must be a port SPEC string such as "5000"', key)
+        try:
+            ports[key] = parse_ports(str(value))
+        except PortSpecError as exc:
+            raise _EntryProblem(f"{key}: {exc}", key) from None
+    verdict = table.get("verdict")
+    if verdict is None:
+        raise _EntryProblem("missing key 'verdict'", "verdict")
+    if verdict not in EXPECTABLE:
+        raise _EntryProblem(f"verdict {verdict!r} is not one of {', '.join(EXPECTABLE)}", "verdict")
+    return ports["dst_ports"], ports["src_ports"], str(verdict)
+
+
+_TOML_POS = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+_TOML_END = re.compile(r"\s*\(at end of document\)\s*$")
+_HEADER = re.compile(r"^\s*\[\[\s*(?:expect|\"expect\"|'expect')\s*\]\]")
+_ANY_HEADER = re.compile(r"^\s*\[")
+
+
+def parse_expect(text: str, source: str = "<expect>") -> list[ExpectEntry]:
+    """Parse an expectation file (contract: ``[[expect]]`` tables).
+
+    Args:
+        text: the file's content.
+        source: the file name, for messages.
+
+    Returns:
+        The entries in file order (later entries override earlier ones).
+
+    Raises:
+        ConfigError: one line, ``FILE:LINE: problem``, for a TOML syntax error, an unknown
+            or missing key, a bad verdict, a bad port SPEC, or a file with no entries.
+    """
+    lines = text.splitlines()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = str(exc)
+        line = len(lines) or 1
+        m = _TOML_POS.search(msg)
+        if m:
+            line = int(m.group(1))
+            msg = _TOML_POS.sub(f" (column {m.group(2)})", msg)
+        else:
+            msg = _TOML_END.sub(" (at end of file)", msg)
+        raise ConfigError(f"{source}:{line}: invalid TOML: {msg}") from None
+
+    for key in data:
+        if key != "expect":
+            line = _find_key_line(lines, 0, len(lines), key) or 1
+            raise ConfigError(
+                f"{source}:{line}: unknown top-level key {key!r} (want [[expect]] tables)"
+            )
+    tables = data.get("expect")
+    if tables is None:
+        raise ConfigError(f"{source}:1: no [[expect]] entries (an empty file judges nothing)")
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        line = _find_key_line(lines, 0, len(lines), "expect") or 1
+        raise ConfigError(f"{source}:{line}: 'expect' must be an array of tables ([[expect]])")
+    if not tables:
+        raise ConfigError(f"{source}:1: no [[expect]] entries (an empty file judges nothing)")
+
+    spans = _table_spans(lines)
+    inline_line = _find_key_line(lines, 0, len(lines), "expect") or 1
+    entries: list[ExpectEntry] = []
+    for i, table in enumerate(tables):
+        if i < len(spans):
+            start, end = spans[i]
+            table_line = start + 1
+        else:  # written as an inline array: `expect = [{...}]`
+            start, end, table_line = 0, 0, inline_line
+
+        def fail(
+            msg: str,
+            key: str | None,
+            start: int = start,
+            end: int = end,
+            table_line: int = table_line,
+            i: int = i,
+        ) -> ConfigError:
+            line = _find_key_line(lines, start, end, key) or table_line
+            return ConfigError(f"{source}:{line}: [[expect]] #{i + 1}: {msg}")
+
+        for key in table:
+            if key not in ENTRY_KEYS:
+                raise fail(f"unknown key {key!r} (allowed: {', '.join(ENTRY_KEYS)})", key)
+        agent = table.get("agent")
+        if agent is not None and (not isinstance(agent, str) or not agent):
+            raise fail("'agent' must be a non-empty string", "agent")
+        try:
+            dst, src, verdict = _check_entry_values(table)
+        except _EntryProblem as exc:
+            # A missing key has no line of its own: point at the table.
+            bad_key = exc.key if exc.key in table else None
+            raise fail(str(exc), bad_key) from None
+        entries.append(ExpectEntry(agent, dst, src, verdict, table_line))
+    return entries
+
+
+def _table_spans(lines: list[str]) -> list[tuple[int, int]]:
+    """(start, end) line indexes of each ``[[expect]]`` table, in order."""
+    starts = [i for i, s in enumerate(lines) if _HEADER.match(s)]
+    spans = []
+    for n, s in enumerate(starts):
+        end = len(lines)
+        for j in range(s + 1, starts[n + 1] if n + 1 < len(starts) else len(lines)):
+            if _ANY_HEADER.match(lines[j]):
+                end = j
+                break
+        spans.append((s, end))
+    return spans
+
+
+def _find_key_line(lines: list[str], start: int, end: int, key: str | None) -> int | None:
+    if key is None:
+        return None
+    pat = re.compile(r"^\s*(?:" + re.escape(key) + r"|\"" + re.escape(key) + r"\")\s*=")
+    for i in range(start, end):
+        if pat.match(lines[i]):
+            return i + 1
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Judging.
+
+
+def _applicable(doc: dict[str, Any], entries: Sequence[ExpectEntry]) -> list[int]:
+    name = (doc.get("agent") or {}).get("name")
+    return [i for i, e in enumerate(entries) if e.agent is None or e.agent == name]
+
+
+def _paint(
+    owners: list[tuple[int, int, int]], new: Sequence[Interval], idx: int
+) -> list[tuple[int, int, int]]:
+    """Overwrite ``owners`` with entry ``idx`` on the intervals ``new``."""
+    kept: list[tuple[int, int, int]] = []
+    for o in sorted({o for _, _, o in owners}):
+        mine = [(a, b) for a, b, x in owners if x == o]
+        kept.extend((a, b, o) for a, b in subtract(mine, new))
+    kept.extend((a, b, idx) for a, b in new)
+    kept.sort()
+    return kept
+
+
+def _owners_by_dst(
+    doc: dict[str, Any], entries: Sequence[ExpectEntry], dsts: Iterable[int]
+) -> dict[int, list[tuple[int, int, int]]]:
+    """Per destination port, the source-port spans owned by each applicable entry."""
+    app = _applicable(doc, entries)
+    src_iv = {i: ranges_of(entries[i].src_ports) for i in app}
+    dst_sets = {i: frozenset(entries[i].dst_ports) for i in app}
+    out: dict[int, list[tuple[int, int, int]]] = {}
+    for d in dsts:
+        owners: list[tuple[int, int, int]] = []
+        for i in app:
+            if d in dst_sets[i]:
+                owners = _paint(owners, src_iv[i], i)
+        if owners:
+            out[d] = owners
+    return out
+
+
+def _judged_pieces(
+    doc: dict[str, Any], entries: Sequence[ExpectEntry]
+) -> Iterator[tuple[Range, int, int, int]]:
+    """Every judged piece of the document: (doc range, first, last, owning entry index)."""
+    by_dst = ranges_by_dst(doc.get("ranges", []))
+    owners_by_dst = _owners_by_dst(doc, entries, by_dst)
+    for d, owners in owners_by_dst.items():
+        rs = by_dst[d]
+        i = j = 0
+        while i < len(rs) and j < len(owners):
+            r = rs[i]
+            rf, rl = int(r["first"]), int(r["last"])
+            of, ol, idx = owners[j]
+            a, b = max(rf, of), min(rl, ol)
+            if a <= b:
+                yield r, a, b, idx
+            if rl < ol:
+                i += 1
+            else:
+                j += 1
+
+
+def _deviation(r: Range, first: int, last: int, expected: str) -> Range:
+    out: Range = {
+        "dst_port": r["dst_port"],
+        "first": first,
+        "last": last,
+        "verdict": r["verdict"],
+        "expected": expected,
+    }
+    whole = first == r["first"] and last == r["last"]
+    for k in ("translated", "sent", "received", "icmp", "reason"):
+        if k in r:
+            out[k] = r[k]
+    if not whole:
+        piece = cut_range(r, first, last)
+        for k in _COUNTERS:
+            if k in piece:
+                out[k] = piece[k]
+    return out
+
+
+def _collect(out: list[Range], keys: list[object], dev: Range) -> None:
+    """Append a deviation found in (dst_port, first) order, merging it into its neighbour."""
+    icmp = dev.get("icmp")
+    key = (
+        dev["dst_port"],
+        dev["verdict"],
+        dev["expected"],
+        dev.get("translated"),
+        _freeze(icmp) if icmp is not None else None,
+        dev.get("reason"),
+    )
+    if out and keys[-1] == key and out[-1]["last"] + 1 == dev["first"]:
+        prev = out[-1]
+        prev["last"] = dev["last"]
+        for k in _COUNTERS:
+            if k in prev and k in dev:
+                prev[k] += dev[k]
+    else:
+        out.append(dev)
+        keys.append(key)
+
+
+def judge(doc: dict[str, Any], entries: Sequence[ExpectEntry]) -> list[Range]:
+    """The deviations of a run document from the expectations.
+
+    Entries for another agent are ignored; a later entry overrides an earlier one on shared
+    cells; cells that no entry covers (or that were not planned) are not judged.
+
+    Returns:
+        Ranges in the document's form, each with ``expected`` beside ``verdict``, maximal
+        and sorted by (dst_port, first). Empty when everything judged is as expected.
+    """
+    verdicts = [e.verdict for e in entries]
+    out: list[Range] = []
+    keys: list[object] = []
+    for r, a, b, idx in _judged_pieces(doc, entries):
+        if r["verdict"] != verdicts[idx]:
+            _collect(out, keys, _deviation(r, a, b, verdicts[idx]))
+    return out
+
+
+@dataclass
+class EntryResult:
+    """How one expectation entry fared.
+
+    ``cells`` counts the planned cells this entry judged, i.e. those it owns after later
+    entries took their share; ``deviations`` are the deviating ranges among them.
+    ``applies`` is false for an entry naming another agent.
+    """
+
+    entry: ExpectEntry
+    index: int
+    applies: bool
+    cells: int = 0
+    deviations: list[Range] = field(default_factory=list)
+
+    @property
+    def deviating_cells(self) -> int:
+        """Number of deviating cells charged to this entry."""
+        return sum(int(r["last"]) - int(r["first"]) + 1 for r in self.deviations)
+
+    @property
+    def passed(self) -> bool:
+        """True when the entry applies, judged at least one cell, and none deviates."""
+        return self.applies and self.cells > 0 and not self.deviations
+
+
+def summarize_judgement(doc: dict[str, Any], entries: Sequence[ExpectEntry]) -> list[EntryResult]:
+    """Per entry (in file order), the cells it judged and the deviations among them.
+
+    Precedence: a cell is charged to the last entry that covers it (the one whose verdict
+    is applied), so the entries' deviations partition ``judge(doc, entries)``.
+    """
+    app = set(_applicable(doc, entries))
+    results = [EntryResult(e, i, i in app) for i, e in enumerate(entries)]
+    keys: dict[int, list[object]] = defaultdict(list)
+    for r, a, b, idx in _judged_pieces(doc, entries):
+        results[idx].cells += b - a + 1
+        if r["verdict"] != entries[idx].verdict:
+            _collect(results[idx].deviations, keys[idx], _deviation(r, a, b, entries[idx].verdict))
+    return results
+
+
+def judged_cells(doc: dict[str, Any], entries: Sequence[ExpectEntry]) -> int:
+    """Number of planned cells that the entries judge."""
+    return sum(b - a + 1 for _, a, b, _ in _judged_pieces(doc, entries))
+
+
+# ---------------------------------------------------------------------------------------
+# An expectation file from a stored run.
+
+
+def _toml_str(s: str) -> str:
+    out = ['"']
+    for ch in s:
+        o = ord(ch)
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif o < 0x20 or o == 0x7F:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _comment(s: object) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in str(s))
+
+
+def expect_from(doc: dict[str, Any]) -> str:
+    """An expectation file (TOML, contract form) that the run itself satisfies exactly.
+
+    Cells whose verdict was ``untested`` or ``unknown`` are left out (not judged). Per
+    destination port the majority verdict becomes a default entry over all of that port's
+    judgeable source ports; destination ports with the same source-port set and default
+    share one entry; the minority verdicts follow as overriding entries, again with
+    destination ports that share a pattern grouped into one entry. No ``agent`` key is
+    written: the file then judges whichever agent it is used against.
+    """
+    by_verdict: dict[int, dict[str, list[Interval]]] = {}
+    for d, rs in ranges_by_dst(doc.get("ranges", [])).items():
+        per: dict[str, list[Interval]] = defaultdict(list)
+        for r in rs:
+            if r["verdict"] in EXPECTABLE:
+                per[str(r["verdict"])].append((int(r["first"]), int(r["last"])))
+        if per:
+            by_verdict[d] = {v: union(ivs) for v, ivs in per.items()}
+
+    overall: Counter[str] = Counter()
+    for per in by_verdict.values():
+        for v, ivs in per.items():
+            overall[v] += cells_of(ivs)
+    rank = {v: (overall[v], -EXPECTABLE.index(v)) for v in EXPECTABLE}
+
+    defaults: dict[tuple[str, tuple[Interval, ...]], list[int]] = defaultdict(list)
+    overrides: dict[tuple[str, tuple[Interval, ...]], list[int]] = defaultdict(list)
+    for d, per in by_verdict.items():
+        major = max(per, key=lambda v: (cells_of(per[v]), rank[v]))
+        cover = union(iv for ivs in per.values() for iv in ivs)
+        defaults[(major, tuple(cover))].append(d)
+        for v in EXPECTABLE:
+            if v != major and v in per:
+                overrides[(v, tuple(per[v]))].append(d)
+
+    agent = doc.get("agent") or {}
+    plan = doc.get("plan") or {}
+    judged = sum(overall.values())
+    cells = int((doc.get("summary") or {}).get("cells", judged))
+    out = [
+        f"# udpreach expectations from run {_comment(doc.get('run_id', '?'))}",
+        f"# agent {_comment(agent.get('name', '?'))} "
+        f"({_comment(agent.get('observed') or agent.get('registered') or '?')}), "
+        f"probe {_comment((doc.get('probe') or {}).get('address', '?'))}",
+        f"# plan: src_ports {_comment(plan.get('src_ports', '?'))}, "
+        f"dst_ports {_comment(format_ports(int(p) for p in plan.get('dst_ports', [])))}",
+        f"# {judged} cells judged; {cells - judged} untested or unknown cells left out",
+        "# A later entry overrides an earlier one on the cells they share.",
+    ]
+    for group in (defaults, overrides):
+        for (verdict, spans), dsts in sorted(
+            group.items(), key=lambda kv: (kv[1][0], EXPECTABLE.index(kv[0][0]))
+        ):
+            out += [
+                "",
+                f"# {cells_of(spans) * len(dsts)} cells",
+                "[[expect]]",
+                f"dst_ports = {_toml_str(format_ports(dsts))}",
+                f"src_ports = {_toml_str(spec_of(spans))}",
+                f"verdict = {_toml_str(verdict)}",
+            ]
+    return "\n".join(out) + "\n"
+
+
+def entries_of(doc: dict[str, Any]) -> list[ExpectEntry] | None:
+    """The expectation entries recorded in a document (key ``expect``), if any."""
+    raw = doc.get("expect")
+    if not isinstance(raw, list):
+        return None
+    return [ExpectEntry.from_json(e) for e in raw]

@@ -1,0 +1,188 @@
+"""Recommendations from a run document: which fixed port to give mail clients, and the
+firewall rules that would open what the run found blocked.
+
+Theory of operation: both answers are read off the document's ranges, never off cells.
+A destination port is a *fixed-port candidate* (Outlook's ``FixedUDPPortValue``, a port in
+1024-65535) when every source port tested against it came through: the server's source
+port can never be pinned, so only a destination port open for all of them is safe.
+
+For the rules, the blocked and rejected source ports of each destination port are united
+into intervals; destination ports with the same intervals share one rule. The nftables
+form puts the intervals into one anonymous set; iptables' ``multiport`` takes at most 15
+ports per rule (a range counts as two), so its form is split into as many rules as needed.
+The rules are *inserted* at the head of the chain (``nft insert``, ``iptables -I``) so that
+they come before the drop or reject rule that caused the finding, and they assume the
+conventional ``inet filter forward`` / ``FORWARD`` chain of a router between probe and agent.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+from typing import Any
+
+from udpreach.expect import Interval, cells_of, ranges_by_dst, union
+
+FIXED_PORT_FIRST = 1024  # FixedUDPPortValue must lie in 1024-65535
+MULTIPORT_SLOTS = 15
+OPENABLE = ("blocked", "rejected")
+
+
+def _items(ivs: list[Interval], sep: str) -> list[str]:
+    return [str(a) if a == b else f"{a}{sep}{b}" for a, b in ivs]
+
+
+def _chunks(ivs: list[Interval]) -> list[list[Interval]]:
+    """Split intervals into groups that fit one ``multiport`` match (15 slots)."""
+    out: list[list[Interval]] = [[]]
+    used = 0
+    for a, b in ivs:
+        cost = 1 if a == b else 2
+        if used + cost > MULTIPORT_SLOTS:
+            out.append([])
+            used = 0
+        out[-1].append((a, b))
+        used += cost
+    return out
+
+
+def _nft_set(ivs: list[Interval]) -> str:
+    items = _items(ivs, "-")
+    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
+
+
+def _port_match(kind: str, ivs: list[Interval]) -> str:
+    """iptables match for source (``s``) or destination (``d``) ports."""
+    if len(ivs) == 1:
+        return f"--{kind}port {_items(ivs, ':')[0]}"
+    return f"-m multiport --{kind}ports {','.join(_items(ivs, ':'))}"
+
+
+def nft_rule(family: int, probe: str, agent: str, sports: list[Interval], dports: list[int]) -> str:
+    """The nftables rule accepting UDP from ``probe`` ports ``sports`` to ``agent``."""
+    ip = "ip" if family == 4 else "ip6"
+    return (
+        f"nft insert rule inet filter forward {ip} saddr {probe} {ip} daddr {agent} "
+        f"udp sport {_nft_set(sports)} udp dport {_nft_set(union((d, d) for d in dports))} "
+        "accept"
+    )
+
+
+def iptables_rules(
+    family: int, probe: str, agent: str, sports: list[Interval], dports: list[int]
+) -> list[str]:
+    """The iptables (or ip6tables) rules accepting the same traffic, 15 ports a match."""
+    cmd = "iptables" if family == 4 else "ip6tables"
+    out = []
+    for dchunk in _chunks(union((d, d) for d in dports)):
+        for schunk in _chunks(sports):
+            out.append(
+                f"{cmd} -I FORWARD -p udp -s {probe} -d {agent} "
+                f"{_port_match('d', dchunk)} {_port_match('s', schunk)} -j ACCEPT"
+            )
+    return out
+
+
+def _address(text: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(str(text))
+    except ValueError:
+        return None
+
+
+def recommend(doc: dict[str, Any]) -> dict[str, Any]:
+    """Fixed-port candidates and opening rules for a run document.
+
+    Returns:
+        ``fixed_ports``: destination ports (>= 1024) open for every source port tested,
+        with no cell left unknown (untested cells, which the probe could not send from,
+        do not disqualify a port);
+        ``ports``: per destination port, its cell count per verdict and translated cells;
+        ``rules``: per group of destination ports with the same blocked/rejected source
+        ports: ``dst_ports``, ``src_ports`` (a SPEC), ``cells``, ``verdicts``, ``nft`` (one
+        command) and ``iptables`` (a list of commands);
+        ``notes``: caveats a person should read before pasting a rule.
+    """
+    ports: list[dict[str, Any]] = []
+    fixed: list[int] = []
+    unsure: list[int] = []  # open so far, but the run ended before all cells settled
+    closed: dict[int, list[Interval]] = {}
+    verdicts_of: dict[int, set[str]] = defaultdict(set)
+    translated_any = False
+    for d, rs in ranges_by_dst(doc.get("ranges", [])).items():
+        counts = dict.fromkeys(("open", "blocked", "rejected", "untested", "unknown"), 0)
+        counts["translated"] = 0
+        shut: list[Interval] = []
+        for r in rs:
+            n = int(r["last"]) - int(r["first"]) + 1
+            v = str(r["verdict"])
+            counts[v] = counts.get(v, 0) + n
+            if r.get("translated"):
+                counts["translated"] += n
+                translated_any = True
+            if v in OPENABLE:
+                shut.append((int(r["first"]), int(r["last"])))
+                verdicts_of[d].add(v)
+        tested = counts["open"] + counts["blocked"] + counts["rejected"]
+        ports.append(
+            {"dst_port": d, "cells": sum(counts[v] for v in counts if v != "translated")} | counts
+        )
+        if d >= FIXED_PORT_FIRST and tested and counts["open"] == tested:
+            if counts["unknown"]:
+                unsure.append(d)
+            else:
+                fixed.append(d)
+        if shut:
+            closed[d] = union(shut)
+
+    notes: list[str] = []
+    rules: list[dict[str, Any]] = []
+    probe_addr = _address((doc.get("probe") or {}).get("address"))
+    agent = doc.get("agent") or {}
+    agent_addr = _address(agent.get("observed") or agent.get("registered"))
+    if closed:
+        if probe_addr is None or agent_addr is None:
+            notes.append("no rules: the probe's or the agent's address is missing or invalid")
+        elif probe_addr.version != agent_addr.version:
+            notes.append("no rules: the probe and the agent use different address families")
+        else:
+            fam = probe_addr.version
+            groups: dict[tuple[Interval, ...], list[int]] = defaultdict(list)
+            for d, ivs in closed.items():
+                groups[tuple(ivs)].append(d)
+            for ivs_t, dsts in sorted(groups.items(), key=lambda kv: kv[1][0]):
+                ivs = list(ivs_t)
+                rules.append(
+                    {
+                        "dst_ports": dsts,
+                        "src_ports": ",".join(_items(ivs, "-")),
+                        "cells": cells_of(ivs) * len(dsts),
+                        "verdicts": sorted(set().union(*(verdicts_of[d] for d in dsts))),
+                        "nft": nft_rule(fam, str(probe_addr), str(agent_addr), ivs, dsts),
+                        "iptables": iptables_rules(
+                            fam, str(probe_addr), str(agent_addr), ivs, dsts
+                        ),
+                    }
+                )
+            notes.append(
+                "the rules assume an nftables table 'inet filter' with a 'forward' chain "
+                "(iptables: FORWARD) on a router between probe and agent; adjust to your "
+                "ruleset, and prefer fixing the rule that blocks over adding exceptions"
+            )
+    if translated_any:
+        notes.append(
+            "the path rewrites source ports (NAT): a firewall behind the translation sees "
+            "other source ports than the rules name"
+        )
+    if unsure:
+        notes.append(
+            f"destination port(s) {', '.join(map(str, unsure))} were open for every source "
+            "port tested, but the run ended before all of them were; run again to confirm"
+        )
+    unsettled = sum(p["untested"] + p["unknown"] for p in ports)
+    if unsettled:
+        notes.append(
+            f"{unsettled} cells were untested or unknown; fixed-port candidates rest on the "
+            "source ports actually tested"
+        )
+    return {"fixed_ports": fixed, "ports": ports, "rules": rules, "notes": notes}

@@ -1,0 +1,420 @@
+"""The run history: every run the coordinator makes, in one SQLite file.
+
+Theory of operation: one row per run. ``begin`` writes the plan, the agent and the probe
+with status ``running``; ``checkpoint`` replaces the row's list of settled ranges (each call
+is its own committed transaction, so a crash of the coordinator loses nothing that was
+already settled); ``finish`` stores the final run document and the status ``complete`` or
+``incomplete``. A row still ``running`` when read is either live (another process is
+writing it) or orphaned (its coordinator died): ``load`` rebuilds a document from the last
+checkpoint with every unsettled planned cell ``unknown`` and ``complete: false``; its
+``status`` says ``interrupted`` when the owning process is known to be gone (same host, pid
+no longer alive), else ``running``.
+
+The database runs in WAL mode so that ``history``/``show`` read while a probe writes, with
+``synchronous=NORMAL``: a committed checkpoint survives a crash of the process (not
+necessarily a power cut, which is not worth an fsync per checkpoint). The schema version
+lives in ``PRAGMA user_version`` and grows only through ``MIGRATIONS``; a file written by a
+newer udpreach is refused rather than guessed at. Nothing secret is ever stored: only run
+documents, which contain addresses, ports and counters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from udpreach.errors import ConfigError, PortSpecError, UdpreachError
+from udpreach.expect import merge_ranges, planned_intervals, subtract, summarize, union
+
+SCHEMA = "udpreach/run-v1"
+
+# Each migration is a list of statements; migration N (1-based) brings user_version to N.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE runs (
+            run_id      TEXT PRIMARY KEY,
+            started     REAL NOT NULL,
+            finished    REAL,
+            status      TEXT NOT NULL
+                        CHECK (status IN ('running', 'complete', 'incomplete')),
+            owner       TEXT,
+            agent_name  TEXT,
+            plan        TEXT NOT NULL,
+            agent       TEXT NOT NULL,
+            probe       TEXT NOT NULL,
+            checkpoint  TEXT,
+            checkpoint_at REAL,
+            summary     TEXT,
+            deviations  INTEGER,
+            doc         TEXT
+        )""",
+        "CREATE INDEX runs_by_started ON runs (started DESC)",
+    ],
+]
+
+
+class StoreError(UdpreachError):
+    """The run database failed while in use (disk full, I/O error, locked too long)."""
+
+
+class UnknownRunError(ConfigError):
+    """No stored run matches the given id or prefix, or more than one does (exit 2)."""
+
+
+def default_path() -> Path:
+    """``$XDG_DATA_HOME/udpreach/runs.sqlite3`` (XDG's default: ``~/.local/share``)."""
+    base = os.environ.get("XDG_DATA_HOME", "")
+    # The XDG spec says to ignore a relative value.
+    root = Path(base) if base and os.path.isabs(base) else Path.home() / ".local" / "share"
+    return root / "udpreach" / "runs.sqlite3"
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_gone(owner: str | None) -> bool:
+    """True when the owning process ran on this host and no longer exists."""
+    if not owner:
+        return False
+    host, _, pid_text = owner.rpartition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _deviating_cells(doc: dict[str, Any]) -> int | None:
+    devs = doc.get("deviations")
+    if not isinstance(devs, list):
+        return None
+    return sum(int(r["last"]) - int(r["first"]) + 1 for r in devs)
+
+
+class RunStore:
+    """The run history in one SQLite file. Use ``RunStore.open``; close it when done."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path | None = None, *, create: bool = True) -> RunStore:
+        """Open (and create or migrate) the run database.
+
+        Args:
+            path: the database file; None for ``default_path()``.
+            create: create the file and its directories when missing; with False a missing
+                file is an error (for commands that only read the history).
+
+        Raises:
+            ConfigError: the path cannot be used (not a database, unwritable directory, a
+                schema newer than this udpreach, or missing with ``create=False``).
+        """
+        p = Path(path).expanduser() if path is not None else default_path()
+        if not create and not p.exists():
+            raise ConfigError(
+                f"no run database at {p} (runs are recorded where `udpreach probe` runs; "
+                "--db chooses another file)"
+            )
+        if p.exists() and p.is_dir():
+            raise ConfigError(f"run database {p} is a directory")
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the directory for the run database {p}: {exc.strerror}"
+            ) from None
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(p, timeout=5.0, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            _migrate(conn, p)
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            raise ConfigError(f"cannot use run database {p}: {exc}") from None
+        except ConfigError:
+            if conn is not None:
+                conn.close()
+            raise
+        return cls(conn, p)
+
+    def close(self) -> None:
+        """Close the database (idempotent)."""
+        self._conn.close()
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- writing (the coordinator) --------------------------------------------------------
+
+    def _write(self, sql: str, args: Sequence[Any]) -> int:
+        try:
+            cur = self._conn.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise StoreError(f"run database {self.path}: {exc}") from None
+        return cur.rowcount
+
+    def begin(
+        self,
+        run_id: str,
+        *,
+        started: float,
+        plan: dict[str, Any],
+        agent: dict[str, Any],
+        probe: dict[str, Any],
+    ) -> None:
+        """Record a new run (status ``running``).
+
+        ``plan["src_ports"]`` should be a concrete SPEC (the ports actually planned, not
+        ``random:N``) so that an interrupted run can name its unsettled cells.
+
+        Raises:
+            StoreError: the run id exists already, or the database failed.
+        """
+        self._write(
+            "INSERT INTO runs (run_id, started, status, owner, agent_name, plan, agent, probe)"
+            " VALUES (?, ?, 'running', ?, ?, ?, ?, ?)",
+            (
+                run_id,
+                float(started),
+                _owner(),
+                agent.get("name"),
+                _dumps(plan),
+                _dumps(agent),
+                _dumps(probe),
+            ),
+        )
+
+    def checkpoint(self, run_id: str, settled_ranges: list[dict[str, Any]]) -> None:
+        """Replace the run's checkpoint: the ranges of every cell settled so far.
+
+        Committed before returning.
+
+        Raises:
+            StoreError: no such run, or the database failed.
+        """
+        n = self._write(
+            "UPDATE runs SET checkpoint = ?, checkpoint_at = ? WHERE run_id = ?",
+            (_dumps(settled_ranges), time.time(), run_id),
+        )
+        if n == 0:
+            raise StoreError(f"checkpoint for unknown run {run_id!r}")
+
+    def finish(self, run_id: str, doc: dict[str, Any]) -> None:
+        """Store the final document; status ``complete`` or ``incomplete`` per
+        ``doc["complete"]``. Works without a prior ``begin`` (the row is created)."""
+        status = "complete" if doc.get("complete") else "incomplete"
+        agent = doc.get("agent") or {}
+        self._write(
+            "INSERT INTO runs (run_id, started, finished, status, owner, agent_name, plan,"
+            " agent, probe, summary, deviations, doc) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (run_id) DO UPDATE SET finished = excluded.finished,"
+            " status = excluded.status, agent_name = excluded.agent_name,"
+            " plan = excluded.plan, agent = excluded.agent, probe = excluded.probe,"
+            " summary = excluded.summary, deviations = excluded.deviations,"
+            " doc = excluded.doc, checkpoint = NULL",
+            (
+                run_id,
+                float(doc.get("started") or time.time()),
+                doc.get("finished", time.time()),
+                status,
+                _owner(),
+                agent.get("name"),
+                _dumps(doc.get("plan") or {}),
+                _dumps(agent),
+                _dumps(doc.get("probe") or {}),
+                _dumps(doc.get("summary") or {}),
+                _deviating_cells(doc),
+                _dumps(doc),
+            ),
+        )
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            return list(self._conn.execute(sql, args))
+        except sqlite3.Error as exc:
+            raise StoreError(f"run database {self.path}: {exc}") from None
+
+    def resolve(self, run_id_or_prefix: str) -> str:
+        """The full run id for an id or a unique prefix of one.
+
+        Raises:
+            UnknownRunError: nothing matches, or the prefix is ambiguous.
+        """
+        key = run_id_or_prefix.strip()
+        if not key:
+            raise UnknownRunError("empty run id")
+        if self._read("SELECT 1 FROM runs WHERE run_id = ?", (key,)):
+            return key
+        escaped = key.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = self._read(
+            "SELECT run_id FROM runs WHERE run_id LIKE ? ESCAPE '\\' ORDER BY started DESC LIMIT 6",
+            (escaped + "%",),
+        )
+        # LIKE is case-insensitive for ASCII; run ids are not.
+        ids = [str(r["run_id"]) for r in rows if str(r["run_id"]).startswith(key)]
+        if not ids:
+            raise UnknownRunError(f"no stored run matches {key!r} (see `udpreach history`)")
+        if len(ids) > 1:
+            shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
+            raise UnknownRunError(f"run id prefix {key!r} is ambiguous: {shown}")
+        return ids[0]
+
+    def load(self, run_id_or_prefix: str) -> dict[str, Any]:
+        """The run document for an id or unique prefix.
+
+        A run still marked running comes back rebuilt from its last checkpoint, with every
+        unsettled planned cell ``unknown``, ``complete: false`` and ``status`` set to
+        ``running`` or ``interrupted``.
+
+        Raises:
+            UnknownRunError: nothing matches, or the prefix is ambiguous.
+        """
+        run_id = self.resolve(run_id_or_prefix)
+        row = self._read("SELECT * FROM runs WHERE run_id = ?", (run_id,))[0]
+        if row["doc"] is not None:
+            doc: dict[str, Any] = json.loads(row["doc"])
+            return doc
+        return _recover(row)
+
+    def history(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Stored runs, newest first: ``run_id``, ``started``, ``finished``, ``agent``
+        (name), ``status`` (complete, incomplete, running, interrupted), ``complete``,
+        ``plan``, ``summary`` and ``deviations`` (deviating cells; None when the run was
+        not judged against expectations)."""
+        sql = "SELECT * FROM runs ORDER BY started DESC, run_id DESC"
+        args: tuple[Any, ...] = ()
+        if limit is not None:
+            sql += " LIMIT ?"
+            args = (int(limit),)
+        out = []
+        for row in self._read(sql, args):
+            if row["doc"] is None:
+                doc = _recover(row)
+                summary = doc["summary"]
+                status = doc["status"]
+            else:
+                summary = json.loads(row["summary"]) if row["summary"] else {}
+                status = str(row["status"])
+            plan = json.loads(row["plan"])
+            out.append(
+                {
+                    "run_id": row["run_id"],
+                    "started": row["started"],
+                    "finished": row["finished"],
+                    "agent": row["agent_name"],
+                    "status": status,
+                    "complete": status == "complete",
+                    "plan": {
+                        "src_ports": plan.get("src_ports"),
+                        "dst_ports": plan.get("dst_ports"),
+                    },
+                    "summary": summary,
+                    "deviations": row["deviations"],
+                }
+            )
+        return out
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > len(MIGRATIONS):
+        raise ConfigError(
+            f"run database {path} has schema version {version}, newer than this udpreach "
+            f"understands ({len(MIGRATIONS)}); upgrade udpreach or use another --db"
+        )
+    if version == len(MIGRATIONS):
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Another process may have migrated while we waited for the lock.
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        for n in range(version, len(MIGRATIONS)):
+            for stmt in MIGRATIONS[n]:
+                conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version = {n + 1}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _recover(row: sqlite3.Row) -> dict[str, Any]:
+    """A document for a run that never finished: the checkpoint plus unknown cells."""
+    plan: dict[str, Any] = json.loads(row["plan"])
+    settled: list[dict[str, Any]] = json.loads(row["checkpoint"]) if row["checkpoint"] else []
+    ranges = list(settled)
+    note = "the coordinator did not finish this run; cells not settled are unknown"
+    try:
+        planned = planned_intervals(plan)
+    except (PortSpecError, KeyError, TypeError, ValueError):
+        planned = {}
+        note = (
+            "the coordinator did not finish this run and its plan cannot be expanded; "
+            "only the settled cells are listed"
+        )
+    for d, ivs in planned.items():
+        done = union((int(r["first"]), int(r["last"])) for r in settled if r["dst_port"] == d)
+        for a, b in subtract(ivs, done):
+            ranges.append(
+                {
+                    "dst_port": d,
+                    "first": a,
+                    "last": b,
+                    "verdict": "unknown",
+                    "translated": False,
+                    "sent": 0,
+                    "received": 0,
+                }
+            )
+    ranges = merge_ranges(ranges)
+    status = "interrupted" if _owner_gone(row["owner"]) else "running"
+    return {
+        "schema": SCHEMA,
+        "run_id": row["run_id"],
+        "complete": False,
+        "agent": json.loads(row["agent"]),
+        "probe": json.loads(row["probe"]),
+        "plan": plan,
+        "summary": summarize(ranges),
+        "ranges": ranges,
+        "started": row["started"],
+        "status": status,
+        "note": note,
+    }
