@@ -19,7 +19,7 @@ system-deps:
 	  missing=""; \
 	  command -v nft >/dev/null 2>&1 || missing="$$missing nftables"; \
 	  command -v ip  >/dev/null 2>&1 || missing="$$missing iproute2"; \
-	  if [ -n "$(EXTRA_APT)" ]; then for p in $(EXTRA_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; fi; \
+	  command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing:$$missing"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \

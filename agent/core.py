@@ -41,7 +41,7 @@ class AgentRun:
         """Handle one datagram from (addr, port). Never raises."""
         got = self.codec.verify(data)
         if isinstance(got, Reject):
-            if got is Reject.BAD_MAC and any(c.owns(data) for c in self._previous):
+            if got is not Reject.DUPLICATE and any(c.owns(data) for c in self._previous):
                 got = Reject.OTHER_RUN
             self.rejected[got.value] += 1
             return got

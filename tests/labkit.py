@@ -248,7 +248,7 @@ def mismatches(
 DEMO_BLOCKED = range(40000, 50000)
 DEMO_REJECTED = range(30000, 31000)
 DEMO_NATED = range(20000, 21000)
-DEMO_NAT_PORTS = range(60000, 61000)
+DEMO_NAT_PORTS = range(60000, 62000)
 
 
 def demo_expected(dst_port: int, src_port: int) -> str:

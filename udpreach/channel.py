@@ -6,6 +6,7 @@ lock (several tasks may send on one connection) and the bytes-to-events plumbing
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from typing import Any
 
@@ -48,14 +49,14 @@ class Channel:
             if not data:
                 raise UnreachableError("control connection closed by peer")
             try:
-                events = self.conn.receive_data(data)
+                events = self.conn.receive_data(bytes(data))
             finally:
                 # Handshake replies (challenge, auth, welcome, refusal) are queued by the core.
                 with trio.move_on_after(1):
-                    try:
+                    with contextlib.suppress(
+                        trio.BrokenResourceError, trio.ClosedResourceError, OSError
+                    ):
                         await self._flush()
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        pass
             self._events.extend(events)
         return self._events.popleft()
 
@@ -102,26 +103,24 @@ class Channel:
             await self.stream.aclose()
 
 
-async def connect(host: str, port: int, secret: bytes, purpose: str, timeout: float) -> Channel:
-    """Dial the coordinator and authenticate, all within *timeout* seconds.
+async def connect(host: str, port: int, secret: bytes, purpose: str, within: float) -> Channel:
+    """Dial the coordinator and authenticate, each step bounded by *within* seconds.
 
     Raises:
         UnreachableError: no connection or no answer in time.
         AuthError: either side failed to prove the secret.
     """
     try:
-        with trio.fail_after(timeout):
+        with trio.fail_after(within):
             stream = await trio.open_tcp_stream(host, port)
     except trio.TooSlowError:
-        raise UnreachableError(
-            f"coordinator {host}:{port} did not answer in {timeout:g}s"
-        ) from None
+        raise UnreachableError(f"coordinator {host}:{port} did not answer in {within:g}s") from None
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise UnreachableError(f"cannot reach coordinator {host}:{port}: {reason}") from None
     chan = Channel(stream, ControlConnection("client", secret, purpose=purpose))
     try:
-        with trio.fail_after(timeout):
+        with trio.fail_after(within):
             await chan.client_handshake()
     except trio.TooSlowError:
         await chan.aclose()

@@ -517,13 +517,10 @@ def demo(
 
 
 def _register_extras() -> None:
+    from udpreach.cli_history import register
     from udpreach.cli_lab import lab_app
 
     app.add_typer(lab_app)
-    try:  # TODO(lead): drop the guard once cli_history lands
-        from udpreach.cli_history import register
-    except ModuleNotFoundError:
-        return
     register(app)
 
 

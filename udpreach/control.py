@@ -312,11 +312,11 @@ class ControlConnection:
                 return Authenticated(self.purpose)
         if body[:1] == b"J":
             try:
-                msg = json.loads(body[1:])
+                refusal: Any = json.loads(body[1:])
             except (UnicodeDecodeError, ValueError):
-                msg = None
-            if isinstance(msg, dict) and msg.get("type") == "error":
-                raise AuthError(str(msg.get("message", "refused"))[:200])
+                refusal = None
+            if isinstance(refusal, dict) and refusal.get("type") == "error":
+                raise AuthError(str(refusal.get("message", "refused"))[:200])
         raise ProtocolError("the coordinator's welcome failed authentication")
 
     def _derive_session_keys(self) -> None:

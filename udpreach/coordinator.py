@@ -10,6 +10,7 @@ and an idle deadline on agent sessions (they ping).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -100,15 +101,15 @@ class AgentSession:
             raise AgentUnavailableError(f"agent {self.name!r} was lost") from None
 
     async def expect(
-        self, mtype: str, timeout: float, check: Callable[[dict[str, Any]], bool] | None = None
+        self, mtype: str, within: float, check: Callable[[dict[str, Any]], bool] | None = None
     ) -> dict[str, Any]:
-        """The next reply of type *mtype* (others are skipped).
+        """The next reply of type *mtype* (others are skipped), waiting at most *within* s.
 
         Raises:
-            AgentUnavailableError: the agent went away or did not answer in *timeout*.
+            AgentUnavailableError: the agent went away or did not answer in time.
         """
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_after(within):
                 while True:
                     body = await self._replies.receive()
                     if body.get("type") == mtype and (check is None or check(body)):
@@ -117,7 +118,7 @@ class AgentSession:
             raise AgentUnavailableError(f"agent {self.name!r} was lost during the run") from None
         except trio.TooSlowError:
             raise AgentUnavailableError(
-                f"agent {self.name!r} did not answer within {timeout:g}s"
+                f"agent {self.name!r} did not answer within {within:g}s"
             ) from None
 
     def describe(self) -> dict[str, Any]:
@@ -198,7 +199,7 @@ class Coordinator:
             else:
                 await self._control_session(chan, addr)
         except Exception as exc:  # one connection's failure never takes the coordinator down
-            first = exc
+            first: BaseException = exc
             while isinstance(first, BaseExceptionGroup) and first.exceptions:
                 first = first.exceptions[0]
             if isinstance(first, (ProtocolError, UnreachableError, AuthError, trio.TooSlowError)):
@@ -390,10 +391,8 @@ class Coordinator:
             async with trio.open_nursery() as nursery:
 
                 async def watch_requester() -> None:
-                    try:
+                    with contextlib.suppress(UnreachableError, ProtocolError):
                         await chan.next_event()
-                    except (UnreachableError, ProtocolError):
-                        pass
                     log.warning("requester of run %s went away; stopping it", execution.run_id)
                     nursery.cancel_scope.cancel()
 
@@ -409,6 +408,7 @@ class Coordinator:
         if entries:
             from udpreach.expect import judge
 
+            doc["expect"] = [e.to_json() for e in entries]
             doc["deviations"] = judge(doc, entries)
             if self.store is not None:
                 self.store.finish(doc["run_id"], doc)

@@ -320,7 +320,10 @@ def parse_expect(text: str, source: str = "<expect>") -> list[ExpectEntry]:
 
     for key in data:
         if key != "expect":
-            line = _find_key_line(lines, 0, len(lines), key) or 1
+            header = re.compile(r"^\s*\[\[?\s*[\"']?" + re.escape(key) + r"[\"']?\s*[\].]")
+            line = _find_key_line(lines, 0, len(lines), key) or next(
+                (n + 1 for n, s in enumerate(lines) if header.match(s)), 1
+            )
             raise ConfigError(
                 f"{source}:{line}: unknown top-level key {key!r} (want [[expect]] tables)"
             )
@@ -597,6 +600,9 @@ def expect_from(doc: dict[str, Any]) -> str:
     share one entry; the minority verdicts follow as overriding entries, again with
     destination ports that share a pattern grouped into one entry. No ``agent`` key is
     written: the file then judges whichever agent it is used against.
+
+    Raises:
+        ConfigError: the run has no judgeable cell (an empty file would judge nothing).
     """
     by_verdict: dict[int, dict[str, list[Interval]]] = {}
     for d, rs in ranges_by_dst(doc.get("ranges", [])).items():
@@ -607,6 +613,10 @@ def expect_from(doc: dict[str, Any]) -> str:
         if per:
             by_verdict[d] = {v: union(ivs) for v, ivs in per.items()}
 
+    if not by_verdict:
+        raise ConfigError(
+            f"run {doc.get('run_id', '?')} has no open, blocked or rejected cell to expect"
+        )
     overall: Counter[str] = Counter()
     for per in by_verdict.values():
         for v, ivs in per.items():

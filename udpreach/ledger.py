@@ -21,13 +21,13 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 SLOTS = 65536
 
 
-class Verdict(str, Enum):
+class Verdict(StrEnum):
     OPEN = "open"
     BLOCKED = "blocked"
     REJECTED = "rejected"

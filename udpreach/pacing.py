@@ -7,8 +7,9 @@ fast we send. A short pilot at a gentle rate measures that share (the reference 
 During the sweep each window's confirmed share is compared with it: significantly lower
 means a rate limiter or a queue is dropping us, so the rate is halved (multiplicative
 decrease); otherwise it grows back towards the ceiling by an eighth per good window, so
-it settles just under the rate the path accepts. Correctness never depends on this: unseen cells are retried in
-later rounds. The pacer only stops us from wasting datagrams and reports the rate it found.
+it settles just under the rate the path accepts. Correctness never depends on this: unseen
+cells are retried in later rounds. The pacer only stops us from wasting datagrams, and
+reports the rate it found.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-PILOT_CELLS = 256
-PILOT_RATE = 5000.0
-MIN_WINDOW = 64
+PILOT_CELLS = 128
+PILOT_RATE = 2000.0
+MIN_WINDOW = 128
 
 
 @dataclass

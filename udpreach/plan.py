@@ -55,6 +55,11 @@ class Plan:
         }
 
 
+def _given(req: dict[str, Any], key: str, default: Any) -> Any:
+    value = req.get(key)
+    return default if value is None else value
+
+
 def plan_from_request(
     req: dict[str, Any],
     agent_ports: tuple[int, ...],
@@ -73,9 +78,9 @@ def plan_from_request(
         dst_spec = req.get("dst_ports")
         dst = parse_ports(str(dst_spec)) if dst_spec else tuple(agent_ports)
         copies_raw = req.get("copies")
-        rate = int(req.get("rate") or DEFAULT_RATE)
-        size = int(req.get("size") or MIN_SIZE)
-        confidence = float(req.get("confidence") or DEFAULT_CONFIDENCE)
+        rate = int(_given(req, "rate", DEFAULT_RATE))
+        size = int(_given(req, "size", MIN_SIZE))
+        confidence = float(_given(req, "confidence", DEFAULT_CONFIDENCE))
     except (TypeError, ValueError):
         raise ConfigError("malformed run request") from None
     missing = sorted(set(dst) - set(agent_ports))

@@ -96,7 +96,7 @@ def _range_table(title: str, ranges: list[dict[str, Any]], *, expected: bool = F
     table.add_column("sent/recv", justify="right")
     table.add_column("translated / details")
     for r in ranges:
-        details = []
+        details: list[str] = []
         if r.get("translated"):
             obs = r.get("observed") or {}
             addrs = ",".join(obs.get("addresses") or [])
@@ -110,7 +110,7 @@ def _range_table(title: str, ranges: list[dict[str, Any]], *, expected: bool = F
         if r.get("reason"):
             details.append(str(r["reason"]))
         verdict = r["verdict"]
-        row = [
+        row: list[str | Text] = [
             str(r["dst_port"]),
             _fmt_range(r["first"], r["last"]),
             f"{r['last'] - r['first'] + 1:,}",
@@ -237,8 +237,9 @@ def _render_recommendations(doc: dict[str, Any], console: Console) -> None:
         lines.append(Text("to open what is blocked on this path:"))
         for r in rules:
             for key in ("nft", "iptables"):
-                if r.get(key):
-                    lines.append(Text(f"  {r[key]}", style="cyan"))
+                cmds = r.get(key) or []
+                for cmd in [cmds] if isinstance(cmds, str) else cmds:
+                    lines.append(Text(f"  {cmd}", style="cyan"))
     if lines:
         console.print(Group(*lines))
 

@@ -212,8 +212,7 @@ class RunExecution:
             self.ledger.finish(complete=complete)
             doc = self.document(complete)
             if self.store is not None:
-                with trio.CancelScope(shield=True):
-                    self.store.finish(self.run_id, doc)
+                self.store.finish(self.run_id, doc)
         return doc
 
     def _agent_json(self) -> dict[str, Any]:
@@ -353,17 +352,53 @@ class RunExecution:
         *,
         judge: bool = True,
     ) -> None:
+        """Send one attempt to the given cells; while sending, judge finished windows."""
+        self._windows = [_Window(start_rate)]
+        async with trio.open_nursery() as nursery:
+            if judge:
+                nursery.start_soon(self._judge_windows)
+            await self._send_loop(sender, srcs, groups, attempt, start_rate, judge)
+            nursery.cancel_scope.cancel()
+        self._windows[-1].end = trio.current_time()
+
+    async def _judge_windows(self) -> None:
+        """Judge windows only once the agent has provably reported on them.
+
+        A flush is a round trip on the ordered control channel: when its answer arrives,
+        every datagram that reached the agent before the flush request did is in the ledger.
+        So a window that ended one path-delay before the request was sent is complete, however
+        far behind a busy agent is; judging by the clock instead would mistake a slow agent
+        for a lossy path.
+        """
+        judged = 0
+        while True:
+            await trio.sleep(0.02)
+            t_sent = trio.current_time()
+            await self._flush()
+            windows = self._windows
+            while judged < len(windows) - 1 and windows[judged].end + self.rtt <= t_sent:
+                w = windows[judged]
+                self.pacer.on_window(w.rate, w.sent, w.delivered)
+                judged += 1
+
+    async def _send_loop(
+        self,
+        sender: Any,
+        srcs: list[int],
+        groups: dict[int, list[int]],
+        attempt: int,
+        start_rate: float,
+        adaptive: bool,
+    ) -> None:
         codec = self._codec
         assert codec is not None
         led = self.ledger
         session = self.session
         win_of = self._win_of_src
-        self._windows = windows = [_Window(start_rate)]
-        pending: list[int] = []  # windows sent but not yet judged
+        windows = self._windows
         rate = start_rate
         window = windows[0]
         win_target = self.pacer.window_size()
-        judge_delay = max(0.05, 2 * self.rtt + 0.03)
         clock = trio.current_time
         next_t = clock()
         i = 0
@@ -372,7 +407,7 @@ class RunExecution:
         while i < n:
             if session.lost.is_set():
                 raise AgentUnavailableError(f"agent {session.name!r} was lost during the run")
-            if judge:
+            if adaptive:
                 rate = self.pacer.rate
             now = clock()
             if next_t > now:
@@ -401,8 +436,7 @@ class RunExecution:
                 if res.untested:
                     led.note_untested(src, res.untested, [d for d in dsts if d not in res.sent])
                 elif res.backpressure:
-                    rest = [d for d in dsts if d not in res.sent]
-                    groups[src] = rest
+                    groups[src] = [d for d in dsts if d not in res.sent]
                     srcs.append(src)  # try the rest again at the end of the round
                     n += 1
                     next_t += 0.001
@@ -411,17 +445,11 @@ class RunExecution:
             next_t += sent_n / rate if rate > 0 else 0
             if window.sent >= win_target:
                 window.end = clock()
-                pending.append(len(windows) - 1)
                 window = _Window(rate)
                 windows.append(window)
                 win_target = self.pacer.window_size()
             self._apply_icmp(sender.reap(clock()))
-            if judge:
-                while pending and windows[pending[0]].end + judge_delay <= clock():
-                    w = windows[pending.pop(0)]
-                    self.pacer.on_window(w.rate, w.sent, w.delivered)
             await self._report()
-        window.end = clock()
 
     async def _settle(self, sender: Any) -> None:
         """Let the path drain, collect ICMP errors, and have the agent flush its receipts."""

@@ -1,0 +1,373 @@
+"""The ledger: verdict precedence, and ``ranges`` exactly as the contract describes them."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from udpreach.ledger import VERDICTS, IcmpInfo, Ledger
+
+PROHIBITED = IcmpInfo(3, 13, "198.18.2.1")
+UNREACHABLE = IcmpInfo(3, 3, "198.18.1.2")
+
+
+def expand(ranges: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    return [(r["dst_port"], s) for r in ranges for s in range(r["first"], r["last"] + 1)]
+
+
+def test_contract_example() -> None:
+    """The JSON document in contract.md: one open range, one blocked hole, one open range."""
+    led = Ledger([5000], range(1024, 65536))
+    for s in range(1024, 65536):
+        blocked = 40000 <= s <= 49999
+        for _ in range(3 if blocked else 1):
+            led.note_sent(5000, s)
+        if not blocked:
+            assert led.note_receipt(5000, s, 1, "198.18.2.2", s)
+    assert led.unresolved() == [(5000, s) for s in range(40000, 50000)]
+    led.finish(complete=True)
+    assert led.summary() == {
+        "cells": 64512,
+        "open": 54512,
+        "blocked": 10000,
+        "rejected": 0,
+        "untested": 0,
+        "unknown": 0,
+    }
+    ranges = led.ranges()
+    assert [{k: r[k] for k in r if k != "observed"} for r in ranges] == [
+        {"dst_port": 5000, "first": 1024, "last": 39999, "verdict": "open",
+         "translated": False, "sent": 38976, "received": 38976},
+        {"dst_port": 5000, "first": 40000, "last": 49999, "verdict": "blocked",
+         "translated": False, "sent": 30000, "received": 0},
+        {"dst_port": 5000, "first": 50000, "last": 65535, "verdict": "open",
+         "translated": False, "sent": 15536, "received": 15536},
+    ]  # fmt: skip
+    assert ranges[0]["observed"] == {
+        "addresses": ["198.18.2.2"],
+        "first_port": 1024,
+        "last_port": 39999,
+    }
+    assert "observed" not in ranges[1]
+
+
+def test_receipt_beats_an_earlier_icmp_error() -> None:
+    led = Ledger([5000], [1024])
+    assert led.note_icmp(5000, 1024, PROHIBITED)
+    assert led.verdict(5000, 1024) == "rejected"
+    assert led.note_receipt(5000, 1024, 2, "10.0.0.1", 1024)
+    assert led.verdict(5000, 1024) == "open"
+    led.finish(complete=True)
+    (r,) = led.ranges()
+    assert r["verdict"] == "open"
+    assert "icmp" not in r
+
+
+def test_icmp_after_a_receipt_changes_nothing() -> None:
+    led = Ledger([5000], [1024])
+    led.note_receipt(5000, 1024, 1, "10.0.0.1", 1024)
+    assert not led.note_icmp(5000, 1024, PROHIBITED)
+    led.finish(complete=True)
+    assert led.verdict(5000, 1024) == "open"
+
+
+def test_icmp_settles_a_pending_cell() -> None:
+    led = Ledger([5000], [1024, 1025])
+    assert led.note_icmp(5000, 1024, PROHIBITED)
+    assert not led.note_icmp(5000, 1024, UNREACHABLE)  # already settled
+    assert led.unresolved() == [(5000, 1025)]
+    led.finish(complete=True)
+    assert led.ranges() == [
+        {"dst_port": 5000, "first": 1024, "last": 1024, "verdict": "rejected",
+         "translated": False, "sent": 0, "received": 0,
+         "icmp": {"type": 3, "code": 13, "from": "198.18.2.1"}},
+        {"dst_port": 5000, "first": 1025, "last": 1025, "verdict": "blocked",
+         "translated": False, "sent": 0, "received": 0},
+    ]  # fmt: skip
+
+
+def test_different_icmp_details_make_different_ranges() -> None:
+    led = Ledger([5000], range(1024, 1030))
+    for s in (1024, 1025):
+        led.note_icmp(5000, s, PROHIBITED)
+    for s in (1026, 1027):
+        led.note_icmp(5000, s, UNREACHABLE)
+    for s in (1028, 1029):
+        led.note_icmp(5000, s, IcmpInfo(3, 13, "198.18.2.1"))  # equal to PROHIBITED
+    led.finish(complete=True)
+    got = [(r["first"], r["last"], r["icmp"]) for r in led.ranges()]
+    assert got == [
+        (1024, 1025, PROHIBITED.as_json()),
+        (1026, 1027, UNREACHABLE.as_json()),
+        (1028, 1029, PROHIBITED.as_json()),
+    ]
+
+
+def test_untested_carries_its_reason() -> None:
+    led = Ledger([5000, 5001], range(1024, 1028))
+    led.note_untested(1025, "address in use")
+    led.note_untested(1026, "address in use")
+    led.note_untested(1027, "permission denied", dsts=[5001])
+    led.finish(complete=True)
+    got = [
+        (r["dst_port"], r["first"], r["last"], r["verdict"], r.get("reason")) for r in led.ranges()
+    ]
+    assert got == [
+        (5000, 1024, 1024, "blocked", None),
+        (5000, 1025, 1026, "untested", "address in use"),
+        (5000, 1027, 1027, "blocked", None),
+        (5001, 1024, 1024, "blocked", None),
+        (5001, 1025, 1026, "untested", "address in use"),
+        (5001, 1027, 1027, "untested", "permission denied"),
+    ]
+
+
+def test_untested_without_a_reason_still_says_why() -> None:
+    led = Ledger([5000], [1024])
+    led.note_untested(1024, "")
+    (r,) = led.ranges()
+    assert r["verdict"] == "untested"
+    assert r["reason"]
+
+
+def test_untested_does_not_override_a_settled_cell() -> None:
+    led = Ledger([5000], [1024, 1025])
+    led.note_receipt(5000, 1024, 1, "a", 1024)
+    led.note_icmp(5000, 1025, PROHIBITED)
+    led.note_untested(1024, "in use")
+    led.note_untested(1025, "in use")
+    assert [led.verdict(5000, s) for s in (1024, 1025)] == ["open", "rejected"]
+
+
+def test_finish_complete_is_blocked_incomplete_is_unknown() -> None:
+    for complete, verdict in ((True, "blocked"), (False, "unknown")):
+        led = Ledger([5000], [1024, 1025])
+        led.note_receipt(5000, 1024, 1, "a", 1024)
+        led.finish(complete=complete)
+        assert led.verdict(5000, 1025) == verdict
+        assert led.summary()[verdict] == 1
+        assert led.summary()["open"] == 1
+        assert led.unresolved() == []
+
+
+def test_pending_cells_read_as_unknown_or_are_left_out() -> None:
+    led = Ledger([5000], range(1024, 1030))
+    led.note_receipt(5000, 1024, 1, "a", 1024)
+    led.note_receipt(5000, 1029, 1, "a", 1029)
+    assert [(r["first"], r["last"], r["verdict"]) for r in led.ranges()] == [
+        (1024, 1024, "open"),
+        (1025, 1028, "unknown"),
+        (1029, 1029, "open"),
+    ]
+    assert [(r["first"], r["last"]) for r in led.ranges(settled_only=True)] == [
+        (1024, 1024),
+        (1029, 1029),
+    ]
+    assert led.summary()["unknown"] == 4
+
+
+def test_translated_when_the_agent_saw_another_source_port() -> None:
+    led = Ledger([5000], range(1024, 1030))
+    for s in range(1024, 1030):
+        port = s if s < 1027 else 30000 + s  # NAT rewrites the upper half
+        led.note_receipt(5000, s, 1, "203.0.113.9", port)
+    led.finish(complete=True)
+    r1, r2 = led.ranges()
+    assert (r1["first"], r1["last"], r1["translated"]) == (1024, 1026, False)
+    assert (r2["first"], r2["last"], r2["translated"]) == (1027, 1029, True)
+    assert r2["observed"] == {"addresses": ["203.0.113.9"], "first_port": 31027, "last_port": 31029}
+
+
+def test_translated_sticks_once_seen() -> None:
+    led = Ledger([5000], [1024])
+    led.note_receipt(5000, 1024, 1, "a", 1024)
+    led.note_receipt(5000, 1024, 2, "a", 40000)
+    (r,) = led.ranges()
+    assert r["translated"] is True
+    assert r["received"] == 2
+    assert led.first_attempt_histogram() == {1: 1}
+
+
+def test_observed_addresses_are_collected() -> None:
+    led = Ledger([5000], [1024, 1025])
+    led.note_receipt(5000, 1024, 1, "198.18.2.2", 1024)
+    led.note_receipt(5000, 1025, 1, "198.18.9.9", 1025)
+    (r,) = led.ranges()
+    assert r["observed"]["addresses"] == ["198.18.2.2", "198.18.9.9"]
+    assert led.observed_addresses() == ["198.18.2.2", "198.18.9.9"]
+
+
+def test_repeat_receipt_is_not_new_but_counted() -> None:
+    led = Ledger([5000], [1024])
+    assert led.note_receipt(5000, 1024, 2, "a", 1024)
+    assert not led.note_receipt(5000, 1024, 1, "a", 1024)
+    assert led.open == 1
+    assert led.received_total == 2
+    assert led.first_attempt_histogram() == {1: 1}  # the earliest attempt that got through
+
+
+def test_unplanned_receipts_are_ignored() -> None:
+    led = Ledger([5000], [1024, 1026])
+    assert not led.note_receipt(5001, 1024, 1, "a", 1024)  # unplanned destination
+    assert not led.note_receipt(5000, 1025, 1, "a", 1025)  # unplanned source
+    assert not led.note_receipt(5000, 70000, 1, "a", 1)  # nonsense
+    assert not led.note_icmp(5000, 1025, PROHIBITED)
+    assert led.unplanned_receipts == 3
+    assert led.received_total == 0
+    assert led.open == 0
+    led.finish(complete=True)
+    assert led.summary() == {"cells": 2, **dict.fromkeys(VERDICTS, 0), "blocked": 2}
+    assert expand(led.ranges()) == [(5000, 1024), (5000, 1026)]
+
+
+def test_first_attempt_histogram() -> None:
+    led = Ledger([5000, 5001], range(1024, 1034))
+    for i, s in enumerate(range(1024, 1034)):
+        led.note_receipt(5000, s, 1 + i % 3, "a", s)
+    led.note_receipt(5001, 1024, 4, "a", 1024)
+    assert led.first_attempt_histogram() == {1: 4, 2: 3, 3: 3, 4: 1}
+
+
+def test_attempts_counts_sends() -> None:
+    led = Ledger([5000], [1024])
+    for _ in range(3):
+        led.note_sent(5000, 1024)
+    assert led.attempts(5000, 1024) == 3
+    assert led.sent_total == 3
+
+
+# --- the property: random plans, random evidence ------------------------------------
+
+
+@dataclass
+class Model:
+    """What each cell should end as, computed the obvious way."""
+
+    sent: dict[tuple[int, int], int] = field(default_factory=dict)
+    received: dict[tuple[int, int], int] = field(default_factory=dict)
+    first_receipt: dict[tuple[int, int], tuple[str, int]] = field(default_factory=dict)
+    translated: set[tuple[int, int]] = field(default_factory=set)
+    settled_by: dict[tuple[int, int], tuple[str, Any]] = field(default_factory=dict)
+
+
+dst_sets = st.lists(st.integers(5000, 5003), min_size=1, max_size=3, unique=True).map(sorted)
+src_sets = st.lists(st.integers(1024, 1040), min_size=1, max_size=14, unique=True).map(sorted)
+icmps = st.sampled_from([PROHIBITED, UNREACHABLE, IcmpInfo(3, 10, "198.18.2.1")])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data(), dst_sets, src_sets, st.sampled_from([True, False, None]))
+def test_ranges_property(
+    data: st.DataObject, dsts: list[int], srcs: list[int], complete: bool | None
+) -> None:
+    led = Ledger(dsts, srcs)
+    model = Model()
+    any_dst = st.sampled_from([*dsts, 4999])
+    any_src = st.sampled_from([*srcs, 1041])
+    events = data.draw(
+        st.lists(
+            st.one_of(
+                st.tuples(st.just("sent"), st.sampled_from(dsts), st.sampled_from(srcs)),
+                st.tuples(
+                    st.just("receipt"),
+                    any_dst,
+                    any_src,
+                    st.integers(1, 5),
+                    st.sampled_from(["198.18.2.2", "203.0.113.9"]),
+                    st.booleans(),
+                ),
+                st.tuples(st.just("icmp"), any_dst, any_src, icmps),
+                st.tuples(
+                    st.just("untested"),
+                    st.sampled_from(srcs),
+                    st.sampled_from(["in use", "permission denied"]),
+                    st.none() | st.lists(st.sampled_from(dsts), min_size=1, unique=True),
+                ),
+            ),
+            max_size=60,
+        )
+    )
+    for ev in events:
+        kind = ev[0]
+        if kind == "sent":
+            _, d, s = ev
+            led.note_sent(d, s)
+            model.sent[(d, s)] = model.sent.get((d, s), 0) + 1
+        elif kind == "receipt":
+            _, d, s, attempt, addr, nat = ev
+            port = s + 20000 if nat else s
+            led.note_receipt(d, s, attempt, addr, port)
+            if d in dsts and s in srcs:
+                c = (d, s)
+                model.received[c] = model.received.get(c, 0) + 1
+                model.first_receipt.setdefault(c, (addr, port))
+                if nat:
+                    model.translated.add(c)
+        elif kind == "icmp":
+            _, d, s, info = ev
+            led.note_icmp(d, s, info)
+            if d in dsts and s in srcs:
+                model.settled_by.setdefault((d, s), ("rejected", info))
+        else:
+            _, s, reason, only = ev
+            led.note_untested(s, reason, only)
+            for d in dsts if only is None else only:
+                model.settled_by.setdefault((d, s), ("untested", reason))
+    if complete is not None:
+        led.finish(complete=complete)
+
+    def expected(c: tuple[int, int]) -> tuple[str, bool, Any, Any]:
+        if c in model.first_receipt:
+            return ("open", c in model.translated, None, None)
+        if c in model.settled_by:
+            verdict, detail = model.settled_by[c]
+            if verdict == "rejected":
+                return ("rejected", False, detail.as_json(), None)
+            return ("untested", False, None, detail)
+        return ("blocked" if complete else "unknown", False, None, None)
+
+    ranges = led.ranges()
+    planned = [(d, s) for d in dsts for s in srcs]
+    # sorted, and every planned cell exactly once
+    assert [(r["dst_port"], r["first"]) for r in ranges] == sorted(
+        (r["dst_port"], r["first"]) for r in ranges
+    )
+    assert expand(ranges) == planned
+    for r in ranges:
+        cells = [(r["dst_port"], s) for s in range(r["first"], r["last"] + 1)]
+        for c in cells:  # every cell of the range has the range's verdict and details
+            assert (r["verdict"], r["translated"], r.get("icmp"), r.get("reason")) == expected(c)
+        assert r["sent"] == sum(model.sent.get(c, 0) for c in cells)
+        assert r["received"] == sum(model.received.get(c, 0) for c in cells)
+        firsts = [model.first_receipt[c] for c in cells if c in model.first_receipt]
+        if firsts:
+            assert r["observed"] == {
+                "addresses": sorted({a for a, _ in firsts}),
+                "first_port": min(p for _, p in firsts),
+                "last_port": max(p for _, p in firsts),
+            }
+        else:
+            assert "observed" not in r
+    # maximal: touching neighbours of one destination port differ in something shown
+    for a, b in itertools.pairwise(ranges):
+        if a["dst_port"] == b["dst_port"] and a["last"] + 1 == b["first"]:
+            key_a = (a["verdict"], a["translated"], a.get("icmp"), a.get("reason"))
+            key_b = (b["verdict"], b["translated"], b.get("icmp"), b.get("reason"))
+            assert key_a != key_b
+    assert sum(r["sent"] for r in ranges) == led.sent_total
+    assert sum(r["received"] for r in ranges) == led.received_total
+    # summary agrees with the ranges
+    counts = dict.fromkeys(VERDICTS, 0)
+    for r in ranges:
+        counts[r["verdict"]] += r["last"] - r["first"] + 1
+    assert led.summary() == {"cells": len(planned), **counts}
+    assert led.open == counts["open"]
+    if complete is not None:
+        assert led.unresolved() == []
+        assert led.settled == led.cells
+    else:
+        assert led.settled == len(planned) - len(led.unresolved())

@@ -1,0 +1,376 @@
+"""The run history: SQLite storage, crash recovery from checkpoints, id prefixes, and the
+`history`, `show`, `diff` and `expect --from` commands on top of it."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import docsamples
+import pytest
+import typer
+from docsamples import after_change, baseline, build_doc
+from typer.testing import CliRunner
+
+from udpreach.cli_history import register
+from udpreach.errors import ConfigError
+from udpreach.expect import judge, parse_expect
+from udpreach.store import MIGRATIONS, RunStore, StoreError, UnknownRunError, default_path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "runs.sqlite3"
+
+
+@pytest.fixture
+def store(db: Path):
+    s = RunStore.open(db)
+    yield s
+    s.close()
+
+
+def _begin(store: RunStore, doc: dict[str, Any]) -> None:
+    store.begin(
+        doc["run_id"],
+        started=doc["started"],
+        plan=doc["plan"],
+        agent=doc["agent"],
+        probe=doc["probe"],
+    )
+
+
+def _cells(ranges: list[dict[str, Any]]) -> dict[tuple[int, int], str]:
+    return {
+        (r["dst_port"], s): r["verdict"] for r in ranges for s in range(r["first"], r["last"] + 1)
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Opening.
+
+
+def test_default_path_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert default_path() == tmp_path / "xdg" / "udpreach" / "runs.sqlite3"
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/dir")  # the spec says: ignore it
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_path() == tmp_path / "home" / ".local" / "share" / "udpreach" / "runs.sqlite3"
+
+
+def test_open_creates_directories_wal_and_schema_version(db: Path) -> None:
+    with RunStore.open(db):
+        pass
+    assert db.exists()
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    finally:
+        conn.close()
+
+
+def test_a_newer_schema_is_refused(db: Path) -> None:
+    RunStore.open(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(ConfigError, match="schema version 99"):
+        RunStore.open(db)
+
+
+@pytest.mark.parametrize("kind", ["directory", "garbage", "missing-readonly"])
+def test_unusable_paths_are_config_errors(tmp_path: Path, kind: str) -> None:
+    p = tmp_path / "x.sqlite3"
+    if kind == "directory":
+        p.mkdir()
+    elif kind == "garbage":
+        p.write_bytes(b"this is not a database, not even close" * 100)
+    with pytest.raises(ConfigError) as info:
+        RunStore.open(p, create=kind != "missing-readonly")
+    assert info.value.exit_code == 2
+    assert str(p) in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------
+# Writing and reading.
+
+
+def test_finished_run_loads_back_exactly(store: RunStore) -> None:
+    doc = baseline()
+    _begin(store, doc)
+    store.checkpoint(doc["run_id"], doc["ranges"][:3])
+    store.finish(doc["run_id"], doc)
+    assert store.load(doc["run_id"]) == doc
+
+
+def test_finish_without_begin_and_twice(store: RunStore) -> None:
+    doc = baseline()
+    store.finish(doc["run_id"], doc)
+    doc["deviations"] = judge(doc, parse_expect(docsamples.BASELINE_EXPECT))
+    store.finish(doc["run_id"], doc)  # the coordinator stores again after judging
+    assert store.load(doc["run_id"]) == doc
+    (h,) = store.history()
+    assert h["deviations"] == 101  # cells: 5353 and 60000-60099
+
+
+def test_begin_twice_and_checkpoint_of_unknown_run_fail(store: RunStore) -> None:
+    doc = baseline()
+    _begin(store, doc)
+    with pytest.raises(StoreError):
+        _begin(store, doc)
+    with pytest.raises(StoreError, match="unknown run"):
+        store.checkpoint("nope", [])
+
+
+def test_running_run_is_rebuilt_from_its_last_checkpoint(store: RunStore) -> None:
+    doc = baseline()
+    _begin(store, doc)
+    store.checkpoint(doc["run_id"], doc["ranges"][:1])
+    settled = [r for r in doc["ranges"] if r["dst_port"] == 5000]
+    store.checkpoint(doc["run_id"], settled)  # replaces the first
+    got = store.load(doc["run_id"][:10])
+    assert got["complete"] is False
+    assert got["status"] == "running"  # its owner (this process) is alive
+    cells = _cells(got["ranges"])
+    planned = _cells(doc["ranges"])
+    assert cells.keys() == planned.keys()  # every planned cell exactly once
+    assert sum(r["last"] - r["first"] + 1 for r in got["ranges"]) == len(planned)
+    assert all(cells[c] == planned[c] for c in planned if c[0] == 5000)
+    assert all(cells[c] == "unknown" for c in planned if c[0] == 5001)
+    assert got["summary"] == {
+        "cells": 129024,
+        "open": 54512,
+        "blocked": 10000,
+        "rejected": 0,
+        "untested": 0,
+        "unknown": 64512,
+    }
+    # Ranges stay maximal and sorted.
+    keys = [(r["dst_port"], r["first"]) for r in got["ranges"]]
+    assert keys == sorted(keys)
+
+
+CRASHER = """
+import os, sys, json
+sys.path.insert(0, {tests!r})
+import docsamples
+from udpreach.store import RunStore
+doc = docsamples.baseline()
+st = RunStore.open({db!r})
+st.begin(doc["run_id"], started=doc["started"], plan=doc["plan"], agent=doc["agent"],
+         probe=doc["probe"])
+st.checkpoint(doc["run_id"], [r for r in doc["ranges"] if r["dst_port"] == 5000])
+os._exit(9)  # a crash: no close, no finish
+"""
+
+
+def test_a_crashed_coordinator_loses_nothing_settled(db: Path) -> None:
+    code = CRASHER.format(tests=str(REPO / "tests"), db=str(db))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, timeout=60, check=False, capture_output=True
+    )
+    assert proc.returncode == 9, proc.stderr
+    with RunStore.open(db) as st:
+        doc = st.load("20251126T01")
+        (h,) = st.history()
+    assert doc["status"] == "interrupted"
+    assert h["status"] == "interrupted"
+    assert doc["summary"]["blocked"] == 10000
+    assert doc["summary"]["unknown"] == 64512
+    assert doc["complete"] is False
+
+
+def test_prefixes(store: RunStore) -> None:
+    for d in (baseline(), after_change(), docsamples.incomplete()):
+        store.finish(d["run_id"], d)
+    assert store.load("20251126T02")["run_id"] == "20251126T020000-d4e5f6"
+    with pytest.raises(UnknownRunError, match="ambiguous") as info:
+        store.load("20251126T0")
+    assert info.value.exit_code == 2
+    with pytest.raises(UnknownRunError, match="no stored run"):
+        store.load("zzz")
+    with pytest.raises(UnknownRunError, match="no stored run"):
+        store.load("20251126%")  # LIKE wildcards are literal here
+    with pytest.raises(UnknownRunError, match="no stored run"):
+        store.load("20251126t02")  # ids are case-sensitive
+    with pytest.raises(UnknownRunError):
+        store.load("  ")
+
+
+def test_history_newest_first_with_limit(store: RunStore) -> None:
+    docs = [baseline(), after_change(), docsamples.incomplete()]
+    for d in docs:
+        store.finish(d["run_id"], d)
+    runs = store.history()
+    assert [r["run_id"] for r in runs] == [d["run_id"] for d in reversed(docs)]
+    assert runs[0]["status"] == "incomplete"
+    assert runs[1]["summary"] == docs[1]["summary"]
+    assert runs[1]["deviations"] is None  # not judged
+    assert [r["run_id"] for r in store.history(limit=1)] == [docs[2]["run_id"]]
+
+
+def test_a_reader_sees_checkpoints_while_the_writer_is_open(db: Path) -> None:
+    doc = baseline()
+    with RunStore.open(db) as writer, RunStore.open(db) as reader:
+        _begin(writer, doc)
+        writer.checkpoint(doc["run_id"], doc["ranges"][:2])
+        assert reader.load(doc["run_id"])["summary"]["open"] == 38976
+
+
+# ---------------------------------------------------------------------------------------
+# The commands.
+
+
+@pytest.fixture
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+@pytest.fixture
+def filled(db: Path) -> Path:
+    with RunStore.open(db) as st:
+        for d in (baseline(), after_change()):
+            st.finish(d["run_id"], d)
+    return db
+
+
+def invoke(app: typer.Typer, *args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def test_history_command(cli: typer.Typer, filled: Path) -> None:
+    res = invoke(cli, "history", "--db", str(filled))
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("20251126T020000-d4e5f6")
+    assert "complete" in lines[0]
+    assert "5,000 blocked" in lines[1]
+    res = invoke(cli, "history", "--db", str(filled), "--json")
+    body = json.loads(res.stdout)
+    assert body["schema"] == "udpreach/history-v1"
+    assert [r["run_id"] for r in body["runs"]][1] == "20251126T010000-a1b2c3"
+
+
+def test_show_json_is_the_stored_document(cli: typer.Typer, filled: Path) -> None:
+    res = invoke(cli, "show", "20251126T01", "--db", str(filled), "--json")
+    assert res.exit_code == 0
+    assert json.loads(res.stdout) == baseline()
+    assert res.stdout.count("\n") == 1
+
+
+def test_show_prints_what_run_printed(cli: typer.Typer, filled: Path) -> None:
+    from rich.console import Console
+
+    from udpreach.report import render_run
+
+    buf = io.StringIO()
+    render_run(after_change(), Console(file=buf, highlight=False, width=80))
+    res = invoke(cli, "show", "20251126T02", "--db", str(filled))
+    assert res.exit_code == 0
+    assert res.stdout == buf.getvalue()
+
+
+def test_show_writes_reports(cli: typer.Typer, filled: Path, tmp_path: Path) -> None:
+    out = {k: tmp_path / f"r.{k}" for k in ("junit", "markdown", "csv", "html")}
+    args = [a for k, p in out.items() for a in (f"--{k}", str(p))]
+    res = invoke(cli, "show", "20251126T02", "--db", str(filled), *args)
+    assert res.exit_code == 0, res.output
+    assert ET.parse(out["junit"]).getroot().tag == "testsuites"
+    assert "20251126T020000-d4e5f6" in out["markdown"].read_text()
+    assert out["csv"].read_text().startswith("dst_port,first,last")
+    assert out["html"].read_text().startswith("<!doctype html>")
+
+
+def test_unwritable_report_is_exit_2(cli: typer.Typer, filled: Path, tmp_path: Path) -> None:
+    res = invoke(
+        cli, "show", "20251126T02", "--db", str(filled), "--csv", str(tmp_path / "no" / "x.csv")
+    )
+    assert res.exit_code == 2
+    assert "cannot write report" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["show", "nope"], "no stored run matches 'nope'"),
+        (["show", "20251126T0"], "ambiguous"),
+        (["diff", "20251126T01", "nope"], "no stored run"),
+        (["expect", "--from", "x[bold]y"], "x[bold]y"),
+    ],
+)
+def test_unknown_or_ambiguous_ids_are_exit_2(
+    cli: typer.Typer, filled: Path, args: list[str], needle: str
+) -> None:
+    res = invoke(cli, *args, "--db", str(filled))
+    assert res.exit_code == 2
+    assert needle in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert res.stdout == ""
+
+
+def test_missing_database_is_exit_2_and_not_created(cli: typer.Typer, tmp_path: Path) -> None:
+    p = tmp_path / "none.sqlite3"
+    res = invoke(cli, "history", "--db", str(p))
+    assert res.exit_code == 2
+    assert "no run database" in res.stderr
+    assert not p.exists()
+
+
+def test_diff_exit_codes_and_json(cli: typer.Typer, filled: Path) -> None:
+    res = invoke(cli, "diff", "20251126T01", "20251126T02", "--db", str(filled), "--json")
+    assert res.exit_code == 1
+    body = json.loads(res.stdout)
+    assert body["schema"] == "udpreach/diff-v1"
+    assert body["changes"] == [
+        {"dst_port": 5000, "first": 45000, "last": 49999, "before": "blocked", "after": "open"},
+        {"dst_port": 5001, "first": 60100, "last": 60199, "before": "open", "after": "rejected"},
+    ]
+    res = invoke(cli, "diff", "20251126T01", "20251126T01", "--db", str(filled))
+    assert res.exit_code == 0
+    assert "No verdict changed" in res.stdout
+    res = invoke(cli, "diff", "20251126T01", "20251126T02", "--db", str(filled))
+    assert res.exit_code == 1
+    assert "45000-49999" in res.stdout
+
+
+def test_diff_of_runs_with_nothing_in_common_is_exit_2(cli: typer.Typer, db: Path) -> None:
+    with RunStore.open(db) as st:
+        st.finish("a", build_doc("a", src="1024-2047"))
+        st.finish("b", build_doc("b", src="3000-4000"))
+    res = invoke(cli, "diff", "a", "b", "--db", str(db))
+    assert res.exit_code == 2
+    assert "no planned cell in common" in res.stderr
+    assert "not compared" in res.stderr
+
+
+def test_diff_writes_diff_reports(cli: typer.Typer, filled: Path, tmp_path: Path) -> None:
+    csv_path, junit = tmp_path / "d.csv", tmp_path / "d.xml"
+    res = invoke(
+        cli, "diff", "20251126T01", "20251126T02", "--db", str(filled),
+        "--csv", str(csv_path), "--junit", str(junit),
+    )  # fmt: skip
+    assert res.exit_code == 1
+    assert csv_path.read_text().splitlines()[1] == "5000,45000,49999,5000,blocked,open"
+    assert ET.parse(junit).getroot().get("failures") == "2"
+
+
+def test_expect_from_prints_a_file_the_run_satisfies(cli: typer.Typer, filled: Path) -> None:
+    res = invoke(cli, "expect", "--from", "20251126T01", "--db", str(filled))
+    assert res.exit_code == 0
+    entries = parse_expect(res.stdout, "stdout")
+    assert judge(baseline(), entries) == []
+    assert [d["first"] for d in judge(after_change(), entries)] == [45000, 60100]
+    assert "1 untested or unknown" in res.stderr

@@ -1,0 +1,287 @@
+"""The history commands: ``history``, ``show``, ``diff`` and ``expect --from``.
+
+Thin commands over ``udpreach.store`` (the SQLite run history), ``udpreach.exports`` and
+``udpreach.expect``: open the database, one call, one render. Results go to stdout (with
+``--json``: one JSON document and nothing else); notes and errors go to stderr, errors as
+one line with the contract's exit code (2 for a bad option, an unusable database or an
+unknown or ambiguous run id). ``diff`` exits 1 when any verdict changed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+from udpreach.errors import ConfigError, UdpreachError
+
+T = TypeVar("T")
+
+DbOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--db",
+        help="The run database (default: $XDG_DATA_HOME/udpreach/runs.sqlite3).",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")]
+JunitOpt = Annotated[Path | None, typer.Option("--junit", help="Write a JUnit XML report.")]
+MarkdownOpt = Annotated[
+    Path | None, typer.Option("--markdown", help="Write a Markdown summary (for a ticket).")
+]
+CsvOpt = Annotated[Path | None, typer.Option("--csv", help="Write the ranges as CSV.")]
+HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML page.")]
+
+
+def _stderr() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _stdout() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    from rich.markup import escape
+
+    _stderr().print(f"[bold red]udpreach:[/] {escape(message)}", markup=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except UdpreachError as exc:
+        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
+
+
+def _load(db: Path | None, *run_ids: str) -> list[dict[str, Any]]:
+    from udpreach.store import RunStore
+
+    with RunStore.open(db, create=False) as store:
+        return [store.load(r) for r in run_ids]
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _reports(
+    doc: dict[str, Any],
+    junit: Path | None,
+    markdown: Path | None,
+    csv_out: Path | None,
+    html: Path | None,
+) -> None:
+    """Write the requested report files (a diff document or a run document)."""
+    from udpreach import exports
+
+    try:
+        if junit:
+            exports.write_junit(doc, None, junit)
+        if markdown:
+            exports.write_markdown(doc, markdown)
+        if csv_out:
+            exports.write_csv(doc, csv_out)
+        if html:
+            exports.write_html(doc, html)
+    except OSError as exc:
+        raise ConfigError(f"cannot write report: {exc}") from None
+
+
+def _local(ts: Any) -> str:
+    if not isinstance(ts, int | float):
+        return "?"
+    return datetime.fromtimestamp(float(ts)).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _note_unfinished(doc: dict[str, Any]) -> None:
+    status = doc.get("status")
+    if status in ("running", "interrupted"):
+        what = "is still running" if status == "running" else "was interrupted"
+        _stderr().print(
+            f"note: run {doc.get('run_id')} {what}; cells not settled are shown as unknown",
+            markup=False,
+        )
+
+
+def history(
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Show only the newest N runs.")
+    ] = None,
+) -> None:
+    """List the stored runs, newest first."""
+    from udpreach.store import RunStore
+
+    def fetch() -> list[dict[str, Any]]:
+        with RunStore.open(db, create=False) as store:
+            return store.history(limit)
+
+    from rich.markup import escape
+
+    runs = _guard(fetch)
+    if as_json:
+        _print_json({"schema": "udpreach/history-v1", "runs": runs})
+        return
+    if not runs:
+        _stderr().print("no runs recorded yet")
+        return
+    out = _stdout()
+    # Two lines a run (like `git log`), readable at any terminal width.
+    for r in runs:
+        s = r.get("summary") or {}
+        devs = r.get("deviations")
+        status = str(r["status"])
+        style = {"complete": "green", "incomplete": "red", "interrupted": "red"}.get(
+            status, "yellow"
+        )
+        counts = ", ".join(
+            f"{int(s[k]):,} {k}"
+            for k in ("open", "blocked", "rejected", "untested", "unknown")
+            if s.get(k)
+        )
+        judged = (
+            "" if devs is None else f", [bold]{devs:,}[/] deviating" if devs else ", as expected"
+        )
+        out.print(
+            f"[bold]{escape(str(r['run_id']))}[/]  {_local(r.get('started'))}  "
+            f"agent {escape(str(r.get('agent') or '?'))}  [{style}]{status}[/]"
+        )
+        out.print(f"    {int(s.get('cells', 0)):,} cells: {counts or 'none'}{judged}")
+
+
+def show(
+    run_id: Annotated[str, typer.Argument(help="A run id, or a unique prefix of one.")],
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+    junit: JunitOpt = None,
+    markdown: MarkdownOpt = None,
+    csv_out: CsvOpt = None,
+    html: HtmlOpt = None,
+) -> None:
+    """Print a stored run exactly as `run` printed it (--json: the same document)."""
+    (doc,) = _guard(lambda: _load(db, run_id))
+    if as_json:
+        _print_json(doc)
+    else:
+        from udpreach.report import render_run
+
+        render_run(doc, _stdout())
+    _note_unfinished(doc)
+    _guard(lambda: _reports(doc, junit, markdown, csv_out, html))
+
+
+def diff(
+    run_a: Annotated[str, typer.Argument(help="The earlier run (id or unique prefix).")],
+    run_b: Annotated[str, typer.Argument(help="The later run (id or unique prefix).")],
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+    junit: JunitOpt = None,
+    markdown: MarkdownOpt = None,
+    csv_out: CsvOpt = None,
+    html: HtmlOpt = None,
+) -> None:
+    """List the cells whose verdict changed from RUN_A to RUN_B; exit 1 if any did."""
+    from udpreach.exports import diff_runs
+
+    doc_a, doc_b = _guard(lambda: _load(db, run_a, run_b))
+    d = diff_runs(doc_a, doc_b)
+    if as_json:
+        _print_json(d)
+    else:
+        _render_diff(d)
+    err = _stderr()
+    for key, which in (("only_a", d["run_a"]), ("only_b", d["run_b"])):
+        n = sum(r["last"] - r["first"] + 1 for r in d[key])
+        if n:
+            err.print(
+                f"note: {n:,} cells planned only in run {which} were not compared", markup=False
+            )
+    _guard(lambda: _reports(d, junit, markdown, csv_out, html))
+    if not d["compared"]:
+        _fail(f"runs {d['run_a']} and {d['run_b']} have no planned cell in common", 2)
+    if d["changes"]:
+        raise typer.Exit(1)
+
+
+def _render_diff(d: dict[str, Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from udpreach.report import COLOURS
+
+    out = _stdout()
+    changes = d["changes"]
+    n = sum(r["last"] - r["first"] + 1 for r in changes)
+    if changes:
+        table = Table(
+            title=escape(f"Verdict changes from {d['run_a']} to {d['run_b']}"),
+            header_style="bold",
+        )
+        table.add_column("dst port", justify="right")
+        table.add_column("source ports")
+        table.add_column("cells", justify="right")
+        table.add_column("before")
+        table.add_column("after")
+        for r in changes:
+            span = str(r["first"]) if r["first"] == r["last"] else f"{r['first']}-{r['last']}"
+            table.add_row(
+                str(r["dst_port"]),
+                span,
+                f"{r['last'] - r['first'] + 1:,}",
+                f"[{COLOURS.get(r['before'], 'white')}]{r['before']}[/]",
+                f"[{COLOURS.get(r['after'], 'white')}]{r['after']}[/]",
+            )
+        out.print(table)
+        out.print(
+            f"{n:,} cells changed verdict in {len(changes)} ranges "
+            f"({d['compared']:,} cells compared)."
+        )
+    else:
+        out.print(f"No verdict changed ({d['compared']:,} cells compared).")
+
+
+def expect_from_run(
+    from_run: Annotated[
+        str,
+        typer.Option(
+            "--from", help="The stored run (id or unique prefix) to take expectations from."
+        ),
+    ],
+    db: DbOpt = None,
+) -> None:
+    """Print an expectation file (TOML) that the stored run satisfies exactly."""
+    from udpreach.expect import expect_from
+
+    (doc,) = _guard(lambda: _load(db, from_run))
+    sys.stdout.write(expect_from(doc))
+    sys.stdout.flush()
+    s = doc.get("summary") or {}
+    left = int(s.get("untested", 0)) + int(s.get("unknown", 0))
+    if not doc.get("complete") or left:
+        _stderr().print(
+            f"note: run {doc.get('run_id')} has {left:,} untested or unknown cells; "
+            "they are left out (not judged)",
+            markup=False,
+        )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``history``, ``show``, ``diff`` and ``expect`` to the application."""
+    app.command("history")(history)
+    app.command("show")(show)
+    app.command("diff")(diff)
+    app.command("expect")(expect_from_run)
