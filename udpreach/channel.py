@@ -16,6 +16,7 @@ from udpreach.control import Authenticated, ControlConnection, Event, Message
 from udpreach.errors import ProtocolError, UnreachableError
 
 READ_SIZE = 65536
+WRITE_TIMEOUT = 10.0
 
 
 class Channel:
@@ -29,10 +30,20 @@ class Channel:
         self.closed = False
 
     async def _flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data:
+        """Write what the core queued, in order, whole, even if the caller is cancelled.
+
+        Frames carry sequence numbers under their MAC: a frame taken from the core but never
+        written (a cancelled sender) would break the connection for good. So the bytes are
+        taken under the lock and written under a shield, bounded by WRITE_TIMEOUT.
+        """
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + WRITE_TIMEOUT
             async with self._send_lock:
-                await self.stream.send_all(data)
+                data = self.conn.data_to_send()
+                if data:
+                    await self.stream.send_all(data)
+        if scope.cancelled_caught:
+            raise UnreachableError("control connection stalled (peer not reading)")
 
     async def next_event(self) -> Event:
         """The next event from the peer.

@@ -20,17 +20,28 @@ from dataclasses import dataclass, field
 PILOT_CELLS = 128
 PILOT_RATE = 2000.0
 MIN_WINDOW = 128
+MIN_DROP = 0.1  # a window must lose 10% more than the reference to count as bad
 
 
 @dataclass
 class Pacer:
-    """AIMD rate controller driven by per-window delivery ratios."""
+    """AIMD rate controller driven by per-window delivery ratios.
+
+    The reference is a pooled ratio (delivered over sent) of the pilot and of every window
+    judged good since; pooling, not a maximum of noisy samples, keeps it unbiased, so random
+    loss never looks like rate-dependent loss. A window is bad when its ratio is below the
+    reference by more than three standard errors of the difference *and* by more than
+    ``MIN_DROP`` of the reference. A window sent slower than the pilot whose ratio is that
+    much *above* the reference proves the pilot itself was too fast: the reference restarts
+    from it.
+    """
 
     ceiling: float
     floor: float = 200.0
     rate: float = 0.0
-    reference: float | None = None
-    reference_n: int = 0
+    ref_sent: int = 0
+    ref_delivered: int = 0
+    ref_rate: float = 0.0  # the slowest rate the reference has been measured at
     backoffs: int = 0
     history: list[tuple[float, int, int]] = field(default_factory=list)
 
@@ -43,18 +54,24 @@ class Pacer:
     def pilot_rate(self) -> float:
         return min(self.ceiling, PILOT_RATE)
 
+    @property
+    def reference(self) -> float | None:
+        return self.ref_delivered / self.ref_sent if self.ref_sent else None
+
     def window_size(self) -> int:
         """Datagrams per judged window: about 20 ms of sending, at least MIN_WINDOW."""
         return max(MIN_WINDOW, int(self.rate * 0.02))
 
-    def set_reference(self, delivered: int, sent: int) -> None:
-        """The pilot's (or a slower window's) delivery ratio becomes the reference."""
+    def set_reference(self, delivered: int, sent: int, rate: float | None = None) -> None:
+        """Start the reference from a measurement (the pilot's)."""
         if sent <= 0:
             return
-        ratio = delivered / sent
-        if self.reference is None or ratio > self.reference:
-            self.reference = ratio
-            self.reference_n = sent
+        self.ref_sent, self.ref_delivered = sent, delivered
+        self.ref_rate = rate if rate is not None else self.pilot_rate
+
+    def _gap(self, ref: float, sent: int) -> float:
+        var = max(ref * (1 - ref), 1e-4) * (1 / sent + 1 / self.ref_sent)
+        return max(3 * math.sqrt(var), MIN_DROP * ref)
 
     def on_window(self, rate: float, sent: int, delivered: int) -> None:
         """Judge one window sent at *rate*; adjust ``self.rate``."""
@@ -63,16 +80,21 @@ class Pacer:
         self.history.append((rate, sent, delivered))
         ratio = delivered / sent
         ref = self.reference
-        if ref is None or ref <= 0.0:
-            return  # nothing gets through: no signal about rate
-        # Significantly below the reference (3 sigma of a binomial at the reference ratio)?
-        sigma = math.sqrt(max(ref * (1 - ref), 1e-6) / sent)
-        if ratio < ref - max(3 * sigma, 0.05 * ref):
+        if ref is None:
+            return
+        gap = self._gap(ref, sent)
+        if rate < self.ref_rate and ratio > ref + gap:
+            # Slower than the reference was measured at, and better: it was measured too fast.
+            self.set_reference(delivered, sent, rate)
+            return
+        if ref <= 0.0:
+            return  # nothing gets through at any rate tried: no signal about rate
+        if ratio < ref - gap:
             if rate <= self.rate * 1.01:  # react once per rate level
                 self.rate = max(self.floor, rate / 2)
                 self.backoffs += 1
-        else:
-            if rate < self.ceiling and ratio >= ref - sigma and rate <= self.rate:
-                # Nothing lost at a slower rate than ever before: a better reference.
-                self.set_reference(delivered, sent)
-            self.rate = min(self.ceiling, self.rate + max(self.floor, self.rate / 8))
+            return
+        self.ref_sent += sent
+        self.ref_delivered += delivered
+        self.ref_rate = min(self.ref_rate, rate) if self.ref_rate else rate
+        self.rate = min(self.ceiling, self.rate + max(self.floor, self.rate / 8))

@@ -289,7 +289,12 @@ class RunExecution:
             srcs = list(groups)
             self.rng.shuffle(srcs)
             t0 = trio.current_time()
-            await self._send_round(sender, srcs, groups, attempt, self.pacer.rate)
+            # Only the first round sends to a random sample of the whole plan, so only there
+            # does the pilot's delivery ratio apply; retries go to a population that is mostly
+            # blocked and keep the rate the first round found.
+            await self._send_round(
+                sender, srcs, groups, attempt, self.pacer.rate, judge=attempt == 1
+            )
             t1 = trio.current_time()
             self.lifecycle.move("settle")
             await self._settle(sender)
@@ -340,7 +345,7 @@ class RunExecution:
             1 for s in sample for d in self.plan.dst_ports if led.verdict(d, s) == "open"
         )
         sent = sum(led.attempts(d, s) for s in sample for d in self.plan.dst_ports)
-        self.pacer.set_reference(delivered, sent)
+        self.pacer.set_reference(delivered, sent, self.pacer.pilot_rate)
 
     async def _send_round(
         self,
