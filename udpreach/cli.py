@@ -143,6 +143,14 @@ def probe(
     max_datagrams: Annotated[
         int, typer.Option("--max-datagrams", help="Ceiling on datagrams sent in one run.")
     ] = 50_000_000,
+    send_mode: Annotated[
+        str,
+        typer.Option(
+            "--send-mode",
+            help="auto (raw socket when permitted, else bind), raw (needs CAP_NET_RAW: any "
+            "source port, even busy ones) or bind (a socket bound per source port).",
+        ),
+    ] = "auto",
     ready_file: Annotated[
         Path | None, typer.Option("--ready-file", hidden=True, help="Write the bound address.")
     ] = None,
@@ -165,6 +173,14 @@ def probe(
                 nets.append(ipaddress.ip_network(cidr, strict=False))
             except ValueError:
                 raise ConfigError(f"--allow-target: not a CIDR: {cidr!r}") from None
+        if send_mode not in ("auto", "raw", "bind"):
+            raise ConfigError(f"--send-mode must be auto, raw or bind, got {send_mode!r}")
+        if send_mode == "raw":
+            from probe.raw import raw_available
+
+            why = raw_available()
+            if why is not None:
+                raise ConfigError(f"--send-mode raw: {why}")
         if max_rate <= 0 or max_datagrams <= 0:
             raise ConfigError("--max-rate and --max-datagrams must be positive")
         if source is not None:
@@ -187,6 +203,7 @@ def probe(
         max_rate=max_rate,
         max_datagrams=max_datagrams,
         allow_targets=nets,
+        send_mode=send_mode,
     )
     store = guarded(lambda: _open_store(db))
 

@@ -57,6 +57,7 @@ class ProbeConfig:
     max_connections: int = 256
     max_per_address: int = 32
     use_store: bool = True
+    send_mode: str = "auto"
 
 
 class AgentSession:
@@ -317,6 +318,15 @@ class Coordinator:
             raise ProtocolError(f"unknown request {msg.type!r}")
         await self._run_request(chan, peer, msg.body)
 
+    def _sender_factory(self, source: str, target: str, linger: float) -> Any:
+        try:
+            from probe.raw import make_sender
+        except ImportError:  # pragma: no cover - raw mode ships with the package
+            from probe.sender import BindSender
+
+            return BindSender(source, target, linger=linger)
+        return make_sender(self.cfg.send_mode, source, target, linger)
+
     def _target_for(self, session: AgentSession) -> tuple[str, list[str]]:
         """Where the probe may send: never anywhere the agent's own connection did not come from.
 
@@ -386,6 +396,8 @@ class Coordinator:
                 progress=progress,
                 store=self.store,
                 warnings=warnings,
+                sender_factory=self._sender_factory,
+                max_datagrams=self.cfg.max_datagrams,
             )
             doc: dict[str, Any] | None = None
             async with trio.open_nursery() as nursery:

@@ -112,11 +112,21 @@ def _loopback_demo() -> int:
                 return subprocess.run(run_argv, timeout=600, check=False).returncode
 
 
+def _policy_rules(policy: str) -> str:
+    """The policy without its comments: what the firewall actually does."""
+    lines = [ln for ln in policy.splitlines() if not ln.lstrip().startswith("#")]
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    return "\n".join(lines)
+
+
 def _lab_demo() -> int:
     from rich.console import Console
+    from rich.panel import Panel
     from rich.syntax import Syntax
 
     from udpreach.lab import Lab, bundled_policy
+    from udpreach.report import render_run
     from udpreach.secret import new_secret
 
     policy = bundled_policy("demo")
@@ -153,15 +163,27 @@ def _lab_demo() -> int:
                     ),
                 )  # fmt: skip
                 with background(agent_argv, agent_log):
-                    console.rule("[bold]nftables policy on the router")
-                    console.print(Syntax(policy, "bash", theme="ansi_dark", word_wrap=True))
-                    console.rule("[bold]what udpreach measured")
-                    sys.stdout.flush()
+                    print(
+                        "udpreach demo: sweeping source ports 1024-65535 to ports 5000,5001",
+                        file=sys.stderr,
+                    )
                     run_argv = lab.ns_argv(
                         "probe",
                         cli_argv(
                             "run", "--coordinator", control, "--secret-file", str(secret),
-                            "--agent", "demo-agent", "--wait", "15",
+                            "--agent", "demo-agent", "--wait", "15", "--json",
                         ),
                     )  # fmt: skip
-                    return subprocess.run(run_argv, timeout=600, check=False).returncode
+                    proc = subprocess.run(
+                        run_argv, timeout=600, check=False, stdout=subprocess.PIPE
+                    )
+        if not proc.stdout.strip():
+            return proc.returncode or 3
+        doc = json.loads(proc.stdout)
+        beside = Panel(
+            Syntax(_policy_rules(policy), "bash", theme="ansi_dark", word_wrap=True),
+            title=f"nftables policy on the router ({info.router_ns})",
+            width=72,
+        )
+        render_run(doc, console, beside=beside)
+        return proc.returncode

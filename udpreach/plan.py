@@ -112,7 +112,7 @@ def plan_from_request(
     plan = Plan(src, dst, copies, auto, rate, size, confidence)
     if plan.cells > MAX_CELLS:
         raise ConfigError(f"plan has {plan.cells} cells; the most a run may have is {MAX_CELLS}")
-    if plan.cells * plan.copies > max_datagrams and not auto:
+    if plan.cells > max_datagrams or (plan.cells * plan.copies > max_datagrams and not auto):
         raise ConfigError(
             f"plan could send {plan.cells * plan.copies} datagrams; the probe allows "
             f"{max_datagrams} per run (--max-datagrams)"

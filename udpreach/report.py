@@ -141,8 +141,31 @@ def _summary_line(doc: dict[str, Any]) -> Text:
     return t
 
 
-def render_run(doc: dict[str, Any], console: Console) -> None:
-    """Print the whole human report of a run document."""
+def render_run(doc: dict[str, Any], console: Console, *, beside: Any = None) -> None:
+    """Print the whole human report of a run document.
+
+    Args:
+        beside: something to show to the left of the summary and range table (the demo puts
+            the firewall policy there), when the terminal is wide enough.
+    """
+    parts = run_renderables(doc)
+    if beside is not None and console.width >= 150:
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column()
+        grid.add_column()
+        grid.add_row(beside, Group(*parts[:-1]))
+        console.print(grid)
+        console.print(parts[-1])
+        return
+    if beside is not None:
+        console.print(beside)
+    for part in parts:
+        console.print(part)
+
+
+def run_renderables(doc: dict[str, Any]) -> list[Any]:
+    """The report as renderables; the matrix and what follows it come last, as one group."""
+    out: list[Any] = []
     agent = doc.get("agent", {})
     probe = doc.get("probe", {})
     plan = doc.get("plan", {})
@@ -159,25 +182,25 @@ def render_run(doc: dict[str, Any], console: Console) -> None:
     head.append_text(status)
     if doc.get("duration") is not None:
         head.append(f"  {doc['duration']:.2f}s")
-    console.print(head)
+    out.append(head)
     reg, obs = agent.get("registered"), agent.get("observed")
     where = reg if reg == obs else f"{reg} (observed {obs})"
-    console.print(
+    out.append(
         f"agent [bold]{agent.get('name')}[/] at {where}, ports "
         f"{','.join(map(str, agent.get('ports', [])))}   "
         f"probe {probe.get('address')} -> {probe.get('target', obs)}"
         f" ({probe.get('send_mode', 'bind')} mode)"
     )
     dst_ports = ",".join(map(str, plan.get("dst_ports", [])))
-    console.print(
+    out.append(
         f"plan: source ports {plan.get('src_ports')} -> dst {dst_ports}, "
         f"copies <= {plan.get('copies')}"
         f"{' (auto)' if plan.get('copies_mode') == 'auto' else ''}, "
         f"rate <= {plan.get('rate'):,}/s, {plan.get('size')} bytes"
     )
     for w in doc.get("warnings") or []:
-        console.print(f"[bold yellow]warning:[/] {w}")
-    console.print(_summary_line(doc))
+        out.append(Text.from_markup(f"[bold yellow]warning:[/] {w}"))
+    out.append(_summary_line(doc))
     loss = doc.get("loss")
     if loss:
         line = (
@@ -196,13 +219,13 @@ def render_run(doc: dict[str, Any], console: Console) -> None:
             line += (
                 f"; rate backed off {loss['rate_backoffs']}x, settled at {loss['rate_found']:,}/s"
             )
-        console.print(line)
-    console.print(_range_table("Source-port ranges", doc.get("ranges") or []))
-    console.print(render_matrix(doc))
+        out.append(Text.from_markup(line))
+    out.append(_range_table("Source-port ranges", doc.get("ranges") or []))
+    tail: list[Any] = [render_matrix(doc)]
     deviations = doc.get("deviations")
     if deviations is not None:
         if deviations:
-            console.print(
+            tail.append(
                 _range_table(
                     f"Deviations from expectations ({len(deviations)} ranges)",
                     deviations,
@@ -210,15 +233,17 @@ def render_run(doc: dict[str, Any], console: Console) -> None:
                 )
             )
         else:
-            console.print("[bold green]as expected: no deviations[/]")
-    _render_recommendations(doc, console)
+            tail.append(Text.from_markup("[bold green]as expected: no deviations[/]"))
+    rec = _recommendations(doc)
+    if rec is not None:
+        tail.append(rec)
+    out.append(Group(*tail))
+    return out
 
 
-def _render_recommendations(doc: dict[str, Any], console: Console) -> None:
-    try:
-        from udpreach.recommend import recommend
-    except ImportError:  # pragma: no cover - the module ships with the package
-        return
+def _recommendations(doc: dict[str, Any]) -> Any:
+    from udpreach.recommend import recommend
+
     rec = recommend(doc)
     fixed = rec.get("fixed_ports") or []
     lines: list[Any] = []
@@ -240,8 +265,7 @@ def _render_recommendations(doc: dict[str, Any], console: Console) -> None:
                 cmds = r.get(key) or []
                 for cmd in [cmds] if isinstance(cmds, str) else cmds:
                     lines.append(Text(f"  {cmd}", style="cyan"))
-    if lines:
-        console.print(Group(*lines))
+    return Group(*lines) if lines else None
 
 
 def render_agents(agents: list[dict[str, Any]], console: Console) -> None:

@@ -85,6 +85,7 @@ class RunExecution:
         warnings: list[str] | None = None,
         rng: random.Random | None = None,
         sender_factory: Callable[[str, str, float], Any] | None = None,
+        max_datagrams: int | None = None,
     ) -> None:
         self.session = session
         self.plan = plan
@@ -102,6 +103,8 @@ class RunExecution:
         self._sender_factory = sender_factory or (
             lambda src, dst, linger: BindSender(src, dst, linger=linger)
         )
+        self.max_datagrams = max_datagrams
+        self.send_mode = "bind"
         self._codec: TokenCodec | None = None
         self._round = 0
         self._win_of_src = array("i", [-1]) * 65536
@@ -180,11 +183,12 @@ class RunExecution:
                     started=self.started,
                     plan=self.plan.to_json(),
                     agent=self._agent_json(),
-                    probe=self._probe_json("bind"),
+                    probe=self._probe_json(self.send_mode),
                 )
             await self._start()
             linger = max(0.05, 4 * self.rtt)
             sender = self._sender_factory(self.source, self.target, linger)
+            self.send_mode = str(getattr(sender, "mode", "bind"))
             await self._rounds(sender)
             complete = True
         except AgentUnavailableError as exc:
@@ -280,6 +284,13 @@ class RunExecution:
             attempt += 1
             groups = self._cells_by_src(attempt)
             if not groups:
+                break
+            need = sum(len(d) for d in groups.values())
+            if self.max_datagrams is not None and led.sent_total + need > self.max_datagrams:
+                self.facts.warnings.append(
+                    f"stopped after {attempt - 1} attempt(s) per cell: another round would pass "
+                    f"the probe's ceiling of {self.max_datagrams} datagrams per run"
+                )
                 break
             if self.lifecycle.phase.value == "settling":
                 self.lifecycle.move("send")
@@ -505,7 +516,7 @@ class RunExecution:
             run_id=self.run_id,
             complete=complete,
             agent=self._agent_json(),
-            probe=self._probe_json("bind"),
+            probe=self._probe_json(self.send_mode),
             plan=self.plan.to_json(),
             ledger=led,
             extra=extra,
