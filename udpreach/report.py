@@ -203,9 +203,11 @@ def run_renderables(doc: dict[str, Any]) -> list[Any]:
     out.append(_summary_line(doc))
     loss = doc.get("loss")
     if loss:
+        plural = "s" if loss["attempts"] != 1 else ""
         line = (
             f"loss on the path: {100 * loss['estimate']:.3g}% "
-            f"(<= {100 * loss['upper']:.2g}% at 99%), up to {loss['attempts']} attempts per cell; "
+            f"(<= {100 * loss['upper']:.2g}% at 99%), "
+            f"up to {loss['attempts']} attempt{plural} per cell; "
         )
         if doc.get("summary", {}).get("blocked"):
             bound = loss["false_blocked_bound"]
