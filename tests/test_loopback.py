@@ -26,9 +26,15 @@ DEADLINE = 120
 
 @asynccontextmanager
 async def harness(
-    *, ports: tuple[int, ...] = (0,), agent_secret: bytes = SECRET, name: str = "lo-agent"
+    *,
+    ports: tuple[int, ...] = (0,),
+    agent_secret: bytes = SECRET,
+    name: str = "lo-agent",
+    send_mode: str = "auto",
 ) -> AsyncIterator[dict[str, Any]]:
-    cfg = ProbeConfig(host="127.0.0.1", port=0, secret=SECRET, source="127.0.0.2")
+    cfg = ProbeConfig(
+        host="127.0.0.1", port=0, secret=SECRET, source="127.0.0.2", send_mode=send_mode
+    )
     coord = Coordinator(cfg)
     async with trio.open_nursery() as nursery:
         host, port = await nursery.start(coord.serve)
@@ -164,3 +170,23 @@ async def test_agent_with_wrong_secret_never_registers() -> None:
                 await run_agent(acfg)
             assert coord.agents == {}
             nursery.cancel_scope.cancel()
+
+
+async def test_busy_source_port_is_untested_not_blocked() -> None:
+    """Bind mode cannot send from a port this host already uses: untested, with the reason."""
+    busy = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    try:
+        await busy.bind(("127.0.0.2", 0))
+        port = busy.getsockname()[1]
+        with trio.fail_after(DEADLINE):
+            async with harness(send_mode="bind") as h:
+                doc = await _run(h, src_ports=f"{port - 2}-{port + 2}")
+    finally:
+        busy.close()
+    _check_contract(doc)
+    verdicts = {r["first"]: r for r in doc["ranges"] if r["first"] == r["last"] == port}
+    assert verdicts[port]["verdict"] == "untested"
+    assert "in use" in verdicts[port]["reason"]
+    assert doc["summary"]["untested"] == 1
+    assert doc["summary"]["open"] == 4
+    assert doc["summary"]["blocked"] == 0

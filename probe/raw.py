@@ -1,0 +1,514 @@
+"""The privileged sender: every source port through one raw socket.
+
+Theory of operation
+-------------------
+Bind mode (:class:`probe.sender.BindSender`) pays for a socket, a bind and a close per source
+port and cannot use a port that something on the probe host has bound. With CAP_NET_RAW the
+probe writes the UDP header itself (:class:`probe.packet.UdpPacketBuilder`) and hands whole
+packets to one raw socket, so any source port is usable, busy or not:
+
+* IPv4: ``socket(AF_INET, SOCK_RAW, IPPROTO_RAW)`` (IP_HDRINCL implied): IPv4 header + UDP
+  header + payload, DF set, checksums filled in. Such a socket never receives anything.
+* IPv6: ``socket(AF_INET6, SOCK_RAW, IPPROTO_UDP)`` bound to the source address (the UDP
+  checksum covers it): UDP header + payload; the kernel writes the IPv6 header. A raw UDP
+  socket would also get a copy of every UDP datagram the host receives, so a BPF program
+  that accepts nothing is attached to it and its receive buffer is made tiny.
+
+Packets go out in batches through ``sendmmsg(2)`` (called through ctypes: the socket module
+has no binding), one system call for up to 1024 datagrams; per-datagram ``sendto`` is the
+fallback where libc lacks it. On loopback and veth the kernel does the receiving side's work
+inside that call, so the kernel, not Python, bounds the rate.
+
+No UDP socket exists for a source port, so the kernel has nowhere to queue an ICMP error for
+it: the sender listens on a raw ICMP (ICMPv6) socket instead, filtered in the kernel to error
+types, and :meth:`RawSender.reap` drains it without blocking. That socket sees every ICMP
+error reaching the host, so an error counts only when the datagram it quotes went from our
+source address to our target, to a destination port we sent to, from a source port we sent
+from; the quoted UDP header names the cell.
+
+The source address must be one of this host's (checked when the sender is made): the probe
+never forges another host's address, and the ICMP errors must come back to it.
+"""
+
+from __future__ import annotations
+
+import _socket
+import contextlib
+import ctypes
+import errno
+import ipaddress
+import socket
+import struct
+import sys
+from array import array
+from collections.abc import Callable, Sequence
+from itertools import accumulate
+from typing import Final
+
+from probe.icmp import parse_icmp_packet
+from probe.packet import UdpPacketBuilder
+from probe.sender import BindSender, GroupResult, IcmpEvent
+from udpreach.errors import ConfigError
+
+__all__ = ["MODES", "RawSender", "make_sender", "raw_available"]
+
+#: The send modes ``make_sender`` accepts.
+MODES: Final = ("auto", "raw", "bind")
+
+_NONBLOCK: Final = getattr(socket, "SOCK_NONBLOCK", 0)
+_SOL_RAW: Final = 255
+_ICMP_FILTER: Final = 1  # SOL_RAW option: a bit mask of ICMP types to drop
+_ICMP6_FILTER: Final = 1  # IPPROTO_ICMPV6 option: a 256-bit map of types to drop
+_SO_ATTACH_FILTER: Final = 26
+_SO_RCVBUFFORCE: Final = 33
+_SO_SNDBUFFORCE: Final = 32
+_ICMP_ERRORS: Final = (3, 11, 12)  # destination unreachable, time exceeded, parameter problem
+_ICMP6_ERRORS: Final = (1, 2, 3, 4)  # unreachable, too big, time exceeded, parameter problem
+_IPPROTO_ICMPV6: Final = getattr(socket, "IPPROTO_ICMPV6", 58)
+_ICMP_RCVBUF: Final = 4 * 1024 * 1024
+_SNDBUF: Final = 4 * 1024 * 1024
+_MAX_VLEN: Final = 1024  # UIO_MAXIOV: the most messages one sendmmsg takes
+_DRAIN_LIMIT: Final = 16384  # ICMP messages read per reap: bounded work per call
+_FREE_SLOTS: Final = 1 << 20  # no per-port sockets: never a reason to wait
+_RETRY_LIMIT: Final = 8
+
+_NO_PERMISSION = "raw sockets need CAP_NET_RAW (run the probe as root, or use --send-mode bind)"
+
+
+# -- sendmmsg through ctypes ---------------------------------------------------------------
+
+_SendMmsg = Callable[[int, int, int, int], int]
+
+
+def _load_sendmmsg() -> _SendMmsg | None:
+    # The mmsghdr arrays below are laid out for LP64 little-endian Linux (x86_64, aarch64).
+    if not sys.platform.startswith("linux") or sys.byteorder != "little":
+        return None
+    if struct.calcsize("P") != 8:
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sendmmsg
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+    fn.restype = ctypes.c_int
+
+    def call(fd: int, msgvec: int, vlen: int, flags: int) -> int:
+        return int(fn(fd, msgvec, vlen, flags))
+
+    return call
+
+
+_sendmmsg: _SendMmsg | None = _load_sendmmsg()
+_MMSGHDR_WORDS = 8  # sizeof(struct mmsghdr) == 64 on LP64
+_IOVEC_WORDS = 2  # sizeof(struct iovec) == 16
+
+
+def _address_of(data: bytes) -> int:
+    # ctypes.c_char_p over a bytes object points at its buffer without copying; the caller
+    # keeps ``data`` alive for as long as the address is used.
+    address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+    assert address is not None
+    return address
+
+
+class _Transmitter:
+    """Sends a list of packets through one raw socket, sendmmsg where possible."""
+
+    def __init__(self, sock: _socket.socket, destination: tuple[str, int], ipv6: bool) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.destination = destination
+        if ipv6:
+            name = struct.pack(
+                "=H2s4s16sI",
+                socket.AF_INET6,
+                b"\0\0",
+                b"\0" * 4,
+                socket.inet_pton(socket.AF_INET6, destination[0]),
+                0,
+            )
+        else:
+            name = struct.pack(
+                "=H2s4s8s", socket.AF_INET, b"\0\0", socket.inet_aton(destination[0]), b""
+            )
+        self._name = ctypes.create_string_buffer(name, len(name))
+        self._name_addr = ctypes.addressof(self._name)
+        self._name_len = len(name)
+        self.syscalls = 0
+
+    def send(self, packets: Sequence[bytes]) -> tuple[int, int]:
+        """Send ``packets[0:]`` in order until one fails.
+
+        Returns:
+            (how many went out, the errno of the next one or 0 if all went out).
+        """
+        if _sendmmsg is None or len(packets) < 2:
+            return self._send_each(packets)
+        # One buffer, alive in this frame until the last call: the iovecs point into it.
+        data = b"".join(packets)
+        base = _address_of(data)
+        n = len(packets)
+        starts = array("Q", accumulate(map(len, packets), initial=base))
+        iov = array("Q", bytes(8 * _IOVEC_WORDS * n))
+        iov[0::2] = starts[:-1]
+        iov[1::2] = array("Q", map(len, packets))
+        iov_addr = iov.buffer_info()[0]
+        hdr = array("Q", bytes(8 * _MMSGHDR_WORDS * n))
+        hdr[0::8] = array("Q", [self._name_addr]) * n
+        hdr[1::8] = array("Q", [self._name_len]) * n
+        hdr[2::8] = array("Q", range(iov_addr, iov_addr + 8 * _IOVEC_WORDS * n, 8 * _IOVEC_WORDS))
+        hdr[3::8] = array("Q", [1]) * n
+        hdr_addr = hdr.buffer_info()[0]
+        done = 0
+        interrupted = 0
+        while done < n:
+            count = min(n - done, _MAX_VLEN)
+            self.syscalls += 1
+            sent = _sendmmsg(self.fd, hdr_addr + 8 * _MMSGHDR_WORDS * done, count, 0)
+            if sent > 0:
+                done += sent
+                continue
+            err = ctypes.get_errno()
+            if err == errno.EINTR and interrupted < _RETRY_LIMIT:
+                interrupted += 1
+                continue
+            return done, err or errno.EIO
+        return done, 0
+
+    def _send_each(self, packets: Sequence[bytes]) -> tuple[int, int]:
+        sendto = self.sock.sendto
+        destination = self.destination
+        for i, packet in enumerate(packets):
+            self.syscalls += 1
+            try:
+                sendto(packet, destination)
+            except InterruptedError:
+                try:
+                    sendto(packet, destination)
+                except OSError as exc:
+                    return i, exc.errno or errno.EIO
+            except OSError as exc:
+                return i, exc.errno or errno.EIO
+        return len(packets), 0
+
+
+def _attach_drop_all(sock: _socket.socket) -> None:
+    # struct sock_filter {u16 code; u8 jt; u8 jf; u32 k} = ret #0 (BPF_RET | BPF_K).
+    program = ctypes.create_string_buffer(struct.pack("=HBBI", 0x06, 0, 0, 0), 8)
+    fprog = struct.pack("=HxxxxxxQ", 1, ctypes.addressof(program))
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+
+
+def _set_buffer(sock: _socket.socket, force: int, plain: int, size: int) -> None:
+    for option in (force, plain):  # the FORCE variant ignores rmem_max/wmem_max (root)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+            return
+        except OSError:
+            continue
+
+
+def _open_icmp(ipv6: bool) -> _socket.socket:
+    if ipv6:
+        sock = _socket.socket(socket.AF_INET6, socket.SOCK_RAW | _NONBLOCK, _IPPROTO_ICMPV6)
+        blocked = [0xFFFFFFFF] * 8  # bit set: drop that type
+        for t in _ICMP6_ERRORS:
+            blocked[t >> 5] &= ~(1 << (t & 31))
+        # Best effort: unfiltered still works, the parser ignores what is not an error.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(_IPPROTO_ICMPV6, _ICMP6_FILTER, struct.pack("=8I", *blocked))
+    else:
+        sock = _socket.socket(socket.AF_INET, socket.SOCK_RAW | _NONBLOCK, socket.IPPROTO_ICMP)
+        mask = 0xFFFFFFFF
+        for t in _ICMP_ERRORS:
+            mask &= ~(1 << t)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(_SOL_RAW, _ICMP_FILTER, struct.pack("=I", mask))
+    sock.setblocking(False)
+    _set_buffer(sock, _SO_RCVBUFFORCE, socket.SO_RCVBUF, _ICMP_RCVBUF)
+    return sock
+
+
+def _open_send(ipv6: bool, source: str) -> _socket.socket:
+    if ipv6:
+        sock = _socket.socket(socket.AF_INET6, socket.SOCK_RAW | _NONBLOCK, socket.IPPROTO_UDP)
+        try:
+            sock.bind((source, 0))
+            with contextlib.suppress(OSError):
+                _attach_drop_all(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 0)  # the kernel's minimum
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        sock = _socket.socket(socket.AF_INET, socket.SOCK_RAW | _NONBLOCK, socket.IPPROTO_RAW)
+    sock.setblocking(False)
+    _set_buffer(sock, _SO_SNDBUFFORCE, socket.SO_SNDBUF, _SNDBUF)
+    return sock
+
+
+def _check_local(source: str, ipv6: bool) -> None:
+    """Raise OSError (EADDRNOTAVAIL) unless ``source`` is an address of this host."""
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.bind((source, 0))
+
+
+def raw_available(ipv6: bool = False) -> str | None:
+    """None when this process can open the raw sockets `RawSender` needs, else the reason.
+
+    Args:
+        ipv6: check the IPv6 sockets instead of the IPv4 ones.
+    """
+    try:
+        if ipv6:
+            opened = [
+                _socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_UDP),
+                _socket.socket(socket.AF_INET6, socket.SOCK_RAW, _IPPROTO_ICMPV6),
+            ]
+        else:
+            opened = [
+                _socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW),
+                _socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP),
+            ]
+    except PermissionError:
+        return _NO_PERMISSION
+    except OSError as exc:
+        return f"cannot open a raw socket: {exc.strerror or exc}"
+    for sock in opened:
+        sock.close()
+    return None
+
+
+class RawSender:
+    """Sends from any source port through one raw socket; ICMP errors from a raw ICMP socket.
+
+    The same interface as :class:`probe.sender.BindSender`, plus :meth:`send_many`.
+
+    Raises (constructor):
+        PermissionError: no CAP_NET_RAW.
+        OSError: ``source`` is not an address of this host, or a socket cannot be opened.
+        ValueError: the addresses do not parse or their families differ.
+    """
+
+    mode = "raw"
+
+    def __init__(self, source: str, target: str, *, linger: float = 0.05) -> None:
+        self.builder = UdpPacketBuilder(source, target)
+        self.ipv6 = self.builder.ipv6
+        # The text form parse_icmp_packet produces, to compare quoted addresses with.
+        self.source = str(ipaddress.ip_address(source))
+        self.target = str(ipaddress.ip_address(target))
+        self.family = self.builder.family
+        self.linger = linger
+        _check_local(self.source, self.ipv6)
+        self._icmp = _open_icmp(self.ipv6)
+        try:
+            self._sock = _open_send(self.ipv6, self.source)
+        except BaseException:
+            self._icmp.close()
+            raise
+        self._tx = _Transmitter(self._sock, self.builder.destination, self.ipv6)
+        # Which source ports and destination ports this sender has used: an ICMP error for
+        # a datagram we never sent is someone else's.
+        self._sent_src = bytearray(65536)
+        self._sent_dst: set[int] = set()
+        self.sent = 0
+        self.icmp_seen = 0
+        self.icmp_foreign = 0
+        self.closed = False
+
+    @property
+    def syscalls(self) -> int:
+        """System calls made to send so far (a batching measure for benchmarks)."""
+        return self._tx.syscalls
+
+    def free_slots(self) -> int:
+        """A large constant: no per-port sockets, so nothing to wait for."""
+        return _FREE_SLOTS
+
+    def oldest_age(self, now: float) -> float:
+        return 0.0
+
+    def send_group(self, src: int, items: Sequence[tuple[int, bytes]], now: float) -> GroupResult:
+        """Send one source port's datagrams: ``items`` are (dst port, payload).
+
+        A refused datagram (local firewall, too large) leaves only its own cell unsent, with
+        the reason in ``untested``; a full kernel buffer stops the group (``backpressure``).
+        """
+        build = self.builder.build
+        sendto = self._sock.sendto
+        destination = self._tx.destination
+        sent: list[int] = []
+        result = GroupResult(sent)
+        for dst, payload in items:
+            packet = build(src, dst, payload)
+            for _ in range(_RETRY_LIMIT):
+                try:
+                    sendto(packet, destination)
+                    sent.append(dst)
+                    break
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    err = exc.errno or errno.EIO
+                    if err in (errno.ENOBUFS, errno.EAGAIN):
+                        result.backpressure = True
+                    elif result.untested is None:
+                        result.untested = _reason(err)
+                    break
+            if result.backpressure:
+                break
+        self._tx.syscalls += len(items)
+        self.sent += len(sent)
+        self._sent_src[src] = 1
+        self._sent_dst.update(sent)
+        if result.backpressure:
+            result.untested = None  # retried later; a refusal shows up again then
+        return result
+
+    def send_many(
+        self, batch: Sequence[tuple[int, Sequence[tuple[int, bytes]]]], now: float = 0.0
+    ) -> list[GroupResult]:
+        """Send many source ports' datagrams at once: ``batch`` is [(src, [(dst, payload)])].
+
+        Datagrams are sent grouped by destination port, in ``batch`` order within each.
+
+        Returns:
+            One :class:`GroupResult` per group, in ``batch`` order. ``backpressure`` marks a
+            group some of whose datagrams were not sent because the kernel ran out of buffer
+            (send them again later); ``untested`` one the probe host refused to send (a
+            local firewall, a datagram too large to leave unfragmented).
+
+        Raises:
+            ValueError: a port out of range or a payload too long.
+        """
+        by_dst: dict[int, tuple[list[int], list[bytes]]] = {}
+        for src, items in batch:
+            for dst, payload in items:
+                entry = by_dst.get(dst)
+                if entry is None:
+                    entry = by_dst[dst] = ([], [])
+                entry[0].append(src)
+                entry[1].append(payload)
+        packets: list[bytes] = []
+        build = self.builder.build_many
+        for dst, (srcs, payloads) in by_dst.items():
+            packets += build(srcs, dst, payloads)
+        done, err = self._tx.send(packets)
+        failed: dict[int, str] = {}
+        while err and err not in (errno.ENOBUFS, errno.EAGAIN):
+            failed[done] = _reason(err)
+            more, err = self._tx.send(packets[done + 1 :])
+            done += 1 + more
+        self.sent += done - len(failed)
+        sent_src = self._sent_src
+        for src, _ in batch:
+            sent_src[src] = 1
+        self._sent_dst.update(by_dst)
+        if done == len(packets) and not failed:
+            return [GroupResult([dst for dst, _ in items]) for _, items in batch]
+        return self._partial(batch, by_dst, done, failed)
+
+    @staticmethod
+    def _partial(
+        batch: Sequence[tuple[int, Sequence[tuple[int, bytes]]]],
+        by_dst: dict[int, tuple[list[int], list[bytes]]],
+        done: int,
+        failed: dict[int, str],
+    ) -> list[GroupResult]:
+        # The (group, dst) of each packet index, in the order send_many built them.
+        groups_of: dict[int, list[int]] = {dst: [] for dst in by_dst}
+        for gi, (_, items) in enumerate(batch):
+            for dst, _ in items:
+                groups_of[dst].append(gi)
+        order = [(gi, dst) for dst, members in groups_of.items() for gi in members]
+        went = {order[i] for i in range(done) if i not in failed}
+        cut = {gi for gi, _ in order[done:]}  # left unsent by backpressure
+        refused: dict[int, str] = {}
+        for i, reason in sorted(failed.items()):
+            refused.setdefault(order[i][0], reason)
+        results: list[GroupResult] = []
+        for gi, (_, items) in enumerate(batch):
+            result = GroupResult([dst for dst, _ in items if (gi, dst) in went])
+            if gi in cut:
+                result.backpressure = True  # retried later; a refusal shows up again then
+            elif gi in refused:
+                result.untested = refused[gi]
+            results.append(result)
+        return results
+
+    def reap(self, now: float, *, everything: bool = False) -> list[IcmpEvent]:
+        """The ICMP errors that arrived for our datagrams since the last call (never waits)."""
+        events: list[IcmpEvent] = []
+        if self.closed:
+            return events
+        recvfrom = self._icmp.recvfrom
+        ipv6 = self.ipv6
+        source, target = self.source, self.target
+        sent_src, sent_dst = self._sent_src, self._sent_dst
+        for _ in range(_DRAIN_LIMIT):
+            try:
+                data, address = recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            quoted = parse_icmp_packet(data, ipv6=ipv6, from_addr=str(address[0]))
+            if quoted is None:
+                continue
+            if (
+                quoted.inner_src != source
+                or quoted.inner_dst != target
+                or not sent_src[quoted.src_port]
+                or quoted.dst_port not in sent_dst
+            ):
+                self.icmp_foreign += 1
+                continue
+            events.append(
+                IcmpEvent(
+                    quoted.dst_port, quoted.src_port, quoted.type, quoted.code, quoted.offender
+                )
+            )
+        self.icmp_seen += len(events)
+        return events
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._sock.close()
+        self._icmp.close()
+
+
+def _reason(err: int) -> str:
+    if err in (errno.EPERM, errno.EACCES):
+        return "sending refused on the probe host (local firewall)"
+    if err == errno.EMSGSIZE:
+        return "datagram larger than the probe host's MTU (raw mode does not fragment)"
+    if err in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return "no route to the agent from the probe host"
+    return f"send failed: {errno.errorcode.get(err, str(err))}"
+
+
+def make_sender(mode: str, source: str, target: str, linger: float) -> RawSender | BindSender:
+    """The sender for a send mode: ``raw``, ``bind``, or ``auto`` (raw when possible).
+
+    Raises:
+        ConfigError: an unknown mode, or ``raw`` where raw sockets cannot be used.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"send mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "bind":
+        return BindSender(source, target, linger=linger)
+    ipv6 = ":" in target
+    reason = raw_available(ipv6)
+    if reason is None:
+        try:
+            return RawSender(source, target, linger=linger)
+        except OSError as exc:
+            reason = f"cannot send raw from {source}: {exc.strerror or exc}"
+    if mode == "raw":
+        raise ConfigError(f"send mode raw: {reason}")
+    return BindSender(source, target, linger=linger)

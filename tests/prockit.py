@@ -1,0 +1,189 @@
+"""Real udpreach processes on loopback for fault tests: start, watch logs, signal, stop.
+
+Everything is bounded: every wait has a deadline, and `loopback_services` stops (SIGTERM,
+then SIGKILL) every process it started, whatever happens in the test body.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from conftest import run_cli, udpreach_argv
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """``udpreach ARGS`` in the background, stdout and stderr into *log*."""
+    with log.open("ab") as fh:
+        return subprocess.Popen(udpreach_argv(*args), stdout=fh, stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM) -> int | None:
+    """Signal *proc* (if still running) and reap it; SIGKILL after 10 s. Its exit code."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+            return -9
+    return proc.returncode
+
+
+def wait_for(pred: Any, what: str, timeout: float, every: float = 0.05) -> Any:
+    """Poll *pred* until it returns something truthy; fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def wait_log(path: Path, pattern: str, timeout: float, count: int = 1) -> list[re.Match[str]]:
+    """Wait until *pattern* matches at least *count* times in the log file at *path*."""
+
+    def found() -> list[re.Match[str]] | None:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        hits = list(re.finditer(pattern, text))
+        return hits if len(hits) >= count else None
+
+    hits: list[re.Match[str]] = wait_for(found, f"{pattern!r} x{count} in {path.name}", timeout)
+    return hits
+
+
+def free_udp_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class Services:
+    """A probe (coordinator) and an agent as real processes on loopback."""
+
+    tmp: Path
+    secret: Path
+    db: Path
+    host: str
+    port: int
+    agent_ports: list[int]
+    agent_name: str
+    probe: subprocess.Popen[bytes] | None = None
+    agent: subprocess.Popen[bytes] | None = None
+    extra: list[subprocess.Popen[Any]] = field(default_factory=list)
+    probe_args: tuple[str, ...] = ()
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def probe_log(self) -> Path:
+        return self.tmp / "probe.log"
+
+    @property
+    def agent_log(self) -> Path:
+        return self.tmp / "agent.log"
+
+    def start_probe(self, port: int | None = None) -> None:
+        """Start a probe on 127.0.0.1:PORT (0: any) and wait until it listens."""
+        ready = self.tmp / f"ready-{time.monotonic_ns()}.json"
+        self.probe = start(
+            ["probe", "--control", f"127.0.0.1:{port if port is not None else self.port}",
+             "--secret-file", str(self.secret), "--db", str(self.db), "--source", "127.0.0.2",
+             "--ready-file", str(ready), *self.probe_args],
+            self.probe_log,
+        )  # fmt: skip
+        proc = self.probe
+
+        def bound() -> dict[str, Any] | None:
+            assert proc.poll() is None, f"probe exited: {self.logs()}"
+            return json.loads(ready.read_text()) if ready.exists() and ready.stat().st_size else None
+
+        addr = wait_for(bound, "the probe to listen", 20)
+        self.host, self.port = addr["host"], int(addr["port"])
+
+    def start_agent(self) -> None:
+        self.agent = start(
+            ["agent", "--coordinator", self.endpoint, "--secret-file", str(self.secret),
+             "--port", ",".join(map(str, self.agent_ports)), "--listen", "127.0.0.1",
+             "--name", self.agent_name],
+            self.agent_log,
+        )  # fmt: skip
+
+    def run_argv(self, *args: str) -> list[str]:
+        return udpreach_argv(
+            "run", "--coordinator", self.endpoint, "--secret-file", str(self.secret),
+            "--agent", self.agent_name, "--wait", "20", *args,
+        )  # fmt: skip
+
+    def spawn_run(self, *args: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            self.run_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.extra.append(proc)
+        return proc
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, timeout=timeout)
+
+    def agents(self) -> list[str]:
+        proc = run_cli(
+            "agents", "--coordinator", self.endpoint, "--secret-file", str(self.secret), "--json"
+        )
+        if proc.returncode != 0:
+            return []
+        return [a["name"] for a in json.loads(proc.stdout)["agents"]]
+
+    def logs(self) -> str:
+        out = []
+        for p in (self.probe_log, self.agent_log):
+            if p.exists():
+                tail = "\n".join(p.read_text(errors="replace").splitlines()[-25:])
+                out.append(f"--- {p.name}\n{tail}")
+        return "\n".join(out)
+
+
+@contextmanager
+def loopback_services(
+    tmp: Path,
+    secret: Path,
+    *,
+    agent_ports: int = 1,
+    name: str = "fault-agent",
+    probe_args: tuple[str, ...] = (),
+    agent: bool = True,
+) -> Iterator[Services]:
+    """A probe on 127.0.0.1 (sending from 127.0.0.2) and an agent on 127.0.0.1."""
+    svc = Services(
+        tmp=tmp, secret=secret, db=tmp / "runs.sqlite3", host="127.0.0.1", port=0,
+        agent_ports=free_udp_ports(agent_ports), agent_name=name, probe_args=probe_args,
+    )  # fmt: skip
+    with ExitStack() as stack:
+        stack.callback(lambda: [stop(p, signal.SIGKILL) for p in svc.extra])
+        stack.callback(lambda: stop(svc.probe))
+        stack.callback(lambda: stop(svc.agent))
+        svc.start_probe(0)
+        if agent:
+            svc.start_agent()
+        yield svc

@@ -1,0 +1,266 @@
+"""The raw-socket sender (probe.raw) on loopback, and the choice of send mode.
+
+Loopback checks UDP checksums, so a datagram that arrives also proves its checksum right.
+Every wait is bounded: sockets have timeouts and ICMP errors are polled against a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import probe.raw
+from probe.raw import RawSender, make_sender, raw_available
+from probe.sender import BindSender, GroupResult, IcmpEvent
+from udpreach.errors import ConfigError
+
+RAW4 = raw_available()
+RAW6 = raw_available(ipv6=True)
+needs_raw4 = pytest.mark.skipif(RAW4 is not None, reason=f"raw IPv4 sockets: {RAW4}")
+needs_raw6 = pytest.mark.skipif(RAW6 is not None, reason=f"raw IPv6 sockets: {RAW6}")
+
+SRC4, DST4 = "127.0.0.2", "127.0.0.1"
+WAIT = 3.0
+
+
+def _ipv6_loopback() -> str | None:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError as exc:
+        return f"no IPv6 loopback: {exc}"
+    return None
+
+
+NO_V6 = _ipv6_loopback()
+needs_v6 = pytest.mark.skipif(NO_V6 is not None, reason=str(NO_V6))
+
+
+@contextlib.contextmanager
+def udp(addr: str, port: int = 0) -> Iterator[socket.socket]:
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)  # a burst must fit
+        s.bind((addr, port))
+        s.settimeout(WAIT)
+        yield s
+
+
+@contextlib.contextmanager
+def raw(source: str, target: str) -> Iterator[RawSender]:
+    sender = RawSender(source, target)
+    try:
+        yield sender
+    finally:
+        sender.close()
+
+
+def closed_port(addr: str) -> int:
+    """A port nothing listens on (just released by the kernel)."""
+    with udp(addr) as s:
+        return int(s.getsockname()[1])
+
+
+def receive(sock: socket.socket, count: int) -> dict[bytes, tuple[str, int]]:
+    got: dict[bytes, tuple[str, int]] = {}
+    for _ in range(count):
+        data, addr = sock.recvfrom(2048)  # times out after WAIT: a lost datagram fails
+        got[data] = (addr[0], addr[1])
+    return got
+
+
+def collect(sender: RawSender, want: int, wait: float = WAIT) -> list[IcmpEvent]:
+    """Reap until ``want`` events arrived or ``wait`` passed, then once more for strays."""
+    events: list[IcmpEvent] = []
+    deadline = time.monotonic() + wait
+    while len(events) < want and time.monotonic() < deadline:
+        events += sender.reap(time.monotonic())
+        time.sleep(0.01)
+    time.sleep(0.05)
+    events += sender.reap(time.monotonic(), everything=True)
+    return events
+
+
+# -- IPv4 ---------------------------------------------------------------------------------
+
+
+@needs_raw4
+def test_raw_ipv4_delivers_exact_payloads_from_the_chosen_source_ports() -> None:
+    with udp(DST4) as rx, udp(SRC4) as busy, raw(SRC4, DST4) as sender:
+        port = rx.getsockname()[1]
+        busy_port = busy.getsockname()[1]  # bound on this host: bind mode could not use it
+        results = sender.send_many(
+            [(busy_port, [(port, b"from-a-busy-port")]), (1024, [(port, b"lowest-high")])]
+        )
+        single = sender.send_group(65535, [(port, b"highest" * 3)], 0.0)
+        assert results == [GroupResult([port]), GroupResult([port])]
+        assert single == GroupResult([port])
+        assert receive(rx, 3) == {
+            b"from-a-busy-port": (SRC4, busy_port),
+            b"lowest-high": (SRC4, 1024),
+            b"highest" * 3: (SRC4, 65535),
+        }
+        assert sender.sent == 3
+
+
+def test_bind_mode_cannot_use_the_busy_port_that_raw_mode_can() -> None:
+    with udp(SRC4) as busy:
+        bind = BindSender(SRC4, DST4)
+        try:
+            result = bind.send_group(busy.getsockname()[1], [(9, b"x" * 16)], 0.0)
+        finally:
+            bind.close()
+    assert result.sent == []
+    assert result.untested is not None
+    assert "in use" in result.untested
+
+
+@needs_raw4
+def test_raw_ipv4_many_groups_many_destinations_in_one_batch() -> None:
+    with udp(DST4) as rx1, udp(DST4) as rx2, raw(SRC4, DST4) as sender:
+        p1, p2 = rx1.getsockname()[1], rx2.getsockname()[1]
+        srcs = range(20000, 20200)
+        batch = [(s, [(p1, b"1:%d" % s), (p2, b"2:%d" % s)]) for s in srcs]
+        results = sender.send_many(batch)
+        assert all(r == GroupResult([p1, p2]) for r in results)
+        assert sender.syscalls < 10  # batched, not one call per datagram
+        assert receive(rx1, len(srcs)) == {b"1:%d" % s: (SRC4, s) for s in srcs}
+        assert receive(rx2, len(srcs)) == {b"2:%d" % s: (SRC4, s) for s in srcs}
+
+
+@needs_raw4
+def test_raw_ipv4_port_unreachable_is_mapped_to_its_cell() -> None:
+    dead = closed_port(DST4)
+    with udp(DST4) as rx, raw(SRC4, DST4) as sender:
+        live = rx.getsockname()[1]
+        sender.send_many([(3001, [(dead, b"a" * 16), (live, b"b" * 16)]), (3002, [(dead, b"c")])])
+        events = collect(sender, want=2)
+    assert sorted(events, key=lambda e: e.src_port) == [
+        IcmpEvent(dst_port=dead, src_port=3001, type=3, code=3, sender=DST4),
+        IcmpEvent(dst_port=dead, src_port=3002, type=3, code=3, sender=DST4),
+    ]
+
+
+@needs_raw4
+def test_icmp_errors_for_datagrams_we_did_not_send_are_ignored() -> None:
+    dead = closed_port(DST4)
+    with raw(SRC4, DST4) as ours, raw("127.0.0.3", DST4) as other:
+        ours.send_group(4001, [(dead, b"ours")], 0.0)
+        other.send_group(4002, [(dead, b"another source address")], 0.0)
+        # The same addresses but a source port this sender never used (a bind-mode socket).
+        with udp(SRC4) as plain:
+            plain.sendto(b"not from the raw sender", (DST4, dead))
+        mine = collect(ours, want=1)
+        theirs = collect(other, want=1)
+    assert [(e.dst_port, e.src_port) for e in mine] == [(dead, 4001)]
+    assert [(e.dst_port, e.src_port) for e in theirs] == [(dead, 4002)]
+    assert ours.icmp_foreign >= 2
+
+
+@needs_raw4
+def test_partial_batches_report_backpressure_and_refusals_per_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+
+    # The kernel's answers, scripted: 1 sent then a refusal; then the rest runs out of buffer.
+    answers = [(1, errno.EPERM), (1, errno.ENOBUFS)]
+
+    def fake_send(packets: list[bytes]) -> tuple[int, int]:
+        return answers.pop(0) if answers else (len(packets), 0)
+
+    with raw(SRC4, DST4) as sender:
+        monkeypatch.setattr(sender._tx, "send", fake_send)
+        # Packets go out grouped by destination port: (g0,7) (g1,7) (g2,7) (g0,8) (g2,8).
+        results = sender.send_many(
+            [(2000, [(7, b"a"), (8, b"b")]), (2001, [(7, b"c")]), (2002, [(7, b"d"), (8, b"e")])]
+        )
+    assert results[0] == GroupResult([7], backpressure=True)
+    assert results[1].sent == []
+    assert results[1].untested == "sending refused on the probe host (local firewall)"
+    assert results[2] == GroupResult([7], backpressure=True)
+
+
+@needs_raw4
+def test_closed_sender_reaps_nothing_and_closes_twice() -> None:
+    sender = RawSender(SRC4, DST4)
+    sender.close()
+    sender.close()
+    assert sender.reap(0.0, everything=True) == []
+
+
+# -- IPv6 ---------------------------------------------------------------------------------
+
+
+@needs_raw6
+@needs_v6
+def test_raw_ipv6_delivers_and_maps_port_unreachable() -> None:
+    dead = closed_port("::1")
+    with udp("::1") as rx, udp("::1") as busy, raw("::1", "::1") as sender:
+        port = rx.getsockname()[1]
+        busy_port = busy.getsockname()[1]
+        results = sender.send_many(
+            [(busy_port, [(port, b"six-busy"), (dead, b"x" * 16)]), (40000, [(port, b"six")])]
+        )
+        assert results == [GroupResult([port, dead]), GroupResult([port])]
+        got = receive(rx, 2)
+        events = collect(sender, want=1)
+    assert got == {b"six-busy": ("::1", busy_port), b"six": ("::1", 40000)}
+    assert events == [IcmpEvent(dst_port=dead, src_port=busy_port, type=1, code=4, sender="::1")]
+
+
+# -- choosing a mode ----------------------------------------------------------------------
+
+
+def test_make_sender_bind_mode_needs_no_privilege() -> None:
+    sender = make_sender("bind", SRC4, DST4, 0.05)
+    try:
+        assert isinstance(sender, BindSender)
+        assert sender.mode == "bind"
+        assert sender.linger == 0.05
+    finally:
+        sender.close()
+
+
+def test_make_sender_auto_falls_back_to_bind_without_raw(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(probe.raw, "raw_available", lambda ipv6=False: "no CAP_NET_RAW here")
+    sender = make_sender("auto", SRC4, DST4, 0.05)
+    try:
+        assert isinstance(sender, BindSender)
+    finally:
+        sender.close()
+    with pytest.raises(ConfigError, match="no CAP_NET_RAW here"):
+        make_sender("raw", SRC4, DST4, 0.05)
+
+
+def test_make_sender_rejects_an_unknown_mode() -> None:
+    with pytest.raises(ConfigError, match="auto, raw, bind"):
+        make_sender("fast", SRC4, DST4, 0.05)
+
+
+@needs_raw4
+@pytest.mark.parametrize("mode", ["auto", "raw"])
+def test_make_sender_uses_raw_where_available(mode: str) -> None:
+    sender = make_sender(mode, SRC4, DST4, 0.2)
+    try:
+        assert isinstance(sender, RawSender)
+        assert sender.mode == "raw"
+        assert sender.linger == 0.2
+        assert sender.free_slots() > 60000
+        assert sender.oldest_age(5.0) == 0.0
+    finally:
+        sender.close()
+
+
+@needs_raw4
+def test_raw_mode_refuses_a_source_address_that_is_not_ours() -> None:
+    # 192.0.2.1 (TEST-NET-1) is not on this host: the probe must not forge it, and nothing
+    # is sent (the check is a bind).
+    with pytest.raises(ConfigError, match="send mode raw"):
+        make_sender("raw", "192.0.2.1", DST4, 0.05)
+    sender = make_sender("auto", "127.0.0.2", DST4, 0.05)
+    sender.close()
