@@ -144,6 +144,7 @@ class Coordinator:
         self._changed = trio.Event()
         self._conns = 0
         self._per_addr: dict[str, int] = defaultdict(int)
+        self.active_runs = 0
         self._auth_fail_log = 0.0
         self._auth_fail_suppressed = 0
 
@@ -318,6 +319,30 @@ class Coordinator:
             raise ProtocolError(f"unknown request {msg.type!r}")
         await self._run_request(chan, peer, msg.body)
 
+    async def _supervise(self, chan: Channel, execution: RunExecution) -> dict[str, Any] | None:
+        """Run *execution*; stop it if its requester goes away (then there is no document)."""
+        doc: dict[str, Any] | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def watch_requester() -> None:
+                with contextlib.suppress(UnreachableError, ProtocolError):
+                    await chan.next_event()
+                log.warning("requester of run %s went away; stopping it", execution.run_id)
+                nursery.cancel_scope.cancel()
+
+            async def do_run() -> None:
+                nonlocal doc
+                doc = await execution.execute()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_requester)
+            nursery.start_soon(do_run)
+        return doc
+
+    def _rate_share(self) -> float:
+        """--max-rate is global: concurrent runs share it."""
+        return self.cfg.max_rate / max(1, self.active_runs)
+
     def _sender_factory(self, source: str, target: str, linger: float) -> Any:
         try:
             from probe.raw import make_sender
@@ -398,23 +423,13 @@ class Coordinator:
                 warnings=warnings,
                 sender_factory=self._sender_factory,
                 max_datagrams=self.cfg.max_datagrams,
+                rate_cap=self._rate_share,
             )
-            doc: dict[str, Any] | None = None
-            async with trio.open_nursery() as nursery:
-
-                async def watch_requester() -> None:
-                    with contextlib.suppress(UnreachableError, ProtocolError):
-                        await chan.next_event()
-                    log.warning("requester of run %s went away; stopping it", execution.run_id)
-                    nursery.cancel_scope.cancel()
-
-                async def do_run() -> None:
-                    nonlocal doc
-                    doc = await execution.execute()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(watch_requester)
-                nursery.start_soon(do_run)
+            self.active_runs += 1
+            try:
+                doc = await self._supervise(chan, execution)
+            finally:
+                self.active_runs -= 1
         if doc is None:
             return
         if entries:

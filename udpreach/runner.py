@@ -86,6 +86,7 @@ class RunExecution:
         rng: random.Random | None = None,
         sender_factory: Callable[[str, str, float], Any] | None = None,
         max_datagrams: int | None = None,
+        rate_cap: Callable[[], float] | None = None,
     ) -> None:
         self.session = session
         self.plan = plan
@@ -104,6 +105,7 @@ class RunExecution:
             lambda src, dst, linger: BindSender(src, dst, linger=linger)
         )
         self.max_datagrams = max_datagrams
+        self.rate_cap = rate_cap
         self.send_mode = "bind"
         self._codec: TokenCodec | None = None
         self._round = 0
@@ -425,6 +427,8 @@ class RunExecution:
                 raise AgentUnavailableError(f"agent {session.name!r} was lost during the run")
             if adaptive:
                 rate = self.pacer.rate
+            if self.rate_cap is not None:
+                rate = min(rate, self.rate_cap())
             now = clock()
             if next_t > now:
                 await trio.sleep_until(next_t)
