@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test lint bench clean system-deps
+.PHONY: demo test lint bench bench-deps clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,7 +38,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check udpreach agent probe tests
 	$(BIN)/mypy
 
-bench: $(STAMP) system-deps
+# The bench also compares with hping3 (and a C sendmmsg sender, built with gcc when present).
+bench-deps: system-deps
+	@if [ "$$(id -u)" = "0" ] && ! command -v hping3 >/dev/null 2>&1; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hping3 >/dev/null) \
+	    || echo "warning: could not install hping3; its row will be skipped"; \
+	fi
+
+bench: $(STAMP) bench-deps
 	$(BIN)/python -m udpreach.bench
 
 clean:

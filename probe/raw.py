@@ -337,6 +337,7 @@ class RawSender:
         A refused datagram (local firewall, too large) leaves only its own cell unsent, with
         the reason in ``untested``; a full kernel buffer stops the group (``backpressure``).
         """
+        self._check_open()
         build = self.builder.build
         sendto = self._sock.sendto
         destination = self._tx.destination
@@ -383,7 +384,9 @@ class RawSender:
 
         Raises:
             ValueError: a port out of range or a payload too long.
+            OSError: the sender is closed.
         """
+        self._check_open()
         by_dst: dict[int, tuple[list[int], list[bytes]]] = {}
         for src, items in batch:
             for dst, payload in items:
@@ -438,6 +441,12 @@ class RawSender:
                 result.untested = refused[gi]
             results.append(result)
         return results
+
+    def _check_open(self) -> None:
+        # sendmmsg goes by file descriptor number, which a closed socket may have passed on
+        # to another socket by now: refuse rather than write into someone else's.
+        if self.closed:
+            raise OSError(errno.EBADF, "the raw sender is closed")
 
     def reap(self, now: float, *, everything: bool = False) -> list[IcmpEvent]:
         """The ICMP errors that arrived for our datagrams since the last call (never waits)."""

@@ -186,11 +186,15 @@ def test_partial_batches_report_backpressure_and_refusals_per_group(
 
 
 @needs_raw4
-def test_closed_sender_reaps_nothing_and_closes_twice() -> None:
+def test_closed_sender_sends_nothing_reaps_nothing_and_closes_twice() -> None:
     sender = RawSender(SRC4, DST4)
     sender.close()
     sender.close()
     assert sender.reap(0.0, everything=True) == []
+    with pytest.raises(OSError, match="closed"):
+        sender.send_many([(2000, [(9, b"x")])])
+    with pytest.raises(OSError, match="closed"):
+        sender.send_group(2000, [(9, b"x")], 0.0)
 
 
 # -- IPv6 ---------------------------------------------------------------------------------

@@ -422,6 +422,7 @@ class RunExecution:
         i = 0
         n = len(srcs)
         per_src = max(1, len(self.plan.dst_ports))
+        send_many = getattr(sender, "send_many", None)  # the raw sender's one-syscall batch
         while i < n:
             if session.lost.is_set():
                 raise AgentUnavailableError(f"agent {session.name!r} was lost during the run")
@@ -446,10 +447,14 @@ class RunExecution:
             batch = srcs[i : i + want]
             i += len(batch)
             sent_n = 0
-            for src in batch:
+            encode = codec.encode
+            work = [(src, [(d, encode(d, src, attempt)) for d in groups[src]]) for src in batch]
+            if send_many is not None:
+                results = send_many(work, now)
+            else:
+                results = [sender.send_group(src, items, now) for src, items in work]
+            for (src, _items), res in zip(work, results, strict=True):
                 dsts = groups[src]
-                items = [(d, codec.encode(d, src, attempt)) for d in dsts]
-                res = sender.send_group(src, items, now)
                 for d in res.sent:
                     led.note_sent(d, src)
                 sent_n += len(res.sent)
