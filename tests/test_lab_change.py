@@ -72,7 +72,8 @@ def test_before_and_after_a_change(tmp_path: Path) -> None:
     assert "45000-49999" in text
     page = html.read_text()
     assert "<script src" not in page
-    assert "http://" not in page and "https://" not in page
+    assert "http://" not in page
+    assert "https://" not in page
     assert "45000" in md.read_text()
 
     # The stored run reads back exactly as run printed it.
