@@ -32,6 +32,7 @@ log = logging.getLogger("udpreach.agent")
 
 RCVBUF_WANTED = 16 * 1024 * 1024
 FLUSH_INTERVAL = 0.01
+COORDINATOR_SILENCE = 120.0  # the coordinator pings every 30 s when idle, ticks every 10 s in runs
 DRAIN_MAX = 4096  # datagrams per drain pass before yielding to other tasks
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
@@ -248,17 +249,53 @@ async def _session(state: AgentState, cfg: AgentConfig) -> None:
                 local,
             )
         wake_box = [trio.Event()]
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_flusher, state, chan, wake_box)
-            for li in state.listeners:
-                nursery.start_soon(_receive_loop, state, li, wake_box)
-            while True:
-                msg = await chan.next_message()
-                await _handle(state, cfg, chan, msg)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_flusher, state, chan, wake_box)
+                for li in state.listeners:
+                    nursery.start_soon(_receive_loop, state, li, wake_box)
+                while True:
+                    # The coordinator pings an idle agent and ticks during long runs; total
+                    # silence means a dead or half-open connection: reconnect.
+                    try:
+                        with trio.fail_after(COORDINATOR_SILENCE):
+                            msg = await chan.next_message()
+                    except trio.TooSlowError:
+                        raise UnreachableError(
+                            f"coordinator silent for {COORDINATOR_SILENCE:g}s"
+                        ) from None
+                    await _handle(state, cfg, chan, msg)
+        except BaseExceptionGroup as group:
+            # The nursery wraps even one failure in a group; the reconnect loop decides on
+            # the failure itself (a lost connection is retried, anything else is not).
+            failure = _session_failure(group)
+            if failure is None:
+                raise
+            raise failure from None
     finally:
         state.chan = None
         state.core.end_run()
         await chan.aclose()
+
+
+_SESSION_FAILURES = (UnreachableError, ProtocolError, AuthError, trio.TooSlowError, OSError)
+
+
+def _session_failure(group: BaseExceptionGroup[Any]) -> BaseException | None:
+    """The first expected failure in *group* if that is all it holds (Cancelled aside),
+    else None (the group is then re-raised as it is)."""
+    leaves: list[BaseException] = []
+    todo: list[BaseException] = [group]
+    while todo:
+        exc = todo.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            todo[:0] = exc.exceptions
+        else:
+            leaves.append(exc)
+    failures = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    if failures and all(isinstance(e, _SESSION_FAILURES) for e in failures):
+        return failures[0]
+    return None
 
 
 async def run_agent(

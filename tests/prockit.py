@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -118,7 +119,9 @@ class Services:
 
         def bound() -> dict[str, Any] | None:
             assert proc.poll() is None, f"probe exited: {self.logs()}"
-            return json.loads(ready.read_text()) if ready.exists() and ready.stat().st_size else None
+            return (
+                json.loads(ready.read_text()) if ready.exists() and ready.stat().st_size else None
+            )
 
         addr = wait_for(bound, "the probe to listen", 20)
         self.host, self.port = addr["host"], int(addr["port"])
@@ -187,3 +190,28 @@ def loopback_services(
         if agent:
             svc.start_agent()
         yield svc
+
+
+class Background:
+    """Run *fn* in a thread; `result` joins it (bounded) and re-raises what it raised, so
+    a failure there fails the test instead of becoming a stray thread warning."""
+
+    def __init__(self, fn: Any, *args: Any) -> None:
+        self._error: BaseException | None = None
+        self._value: Any = None
+
+        def body() -> None:
+            try:
+                self._value = fn(*args)
+            except BaseException as exc:  # handed to the test thread in result()
+                self._error = exc
+
+        self._thread = threading.Thread(target=body, daemon=True)
+        self._thread.start()
+
+    def result(self, timeout: float) -> Any:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"background task still running after {timeout}s"
+        if self._error is not None:
+            raise self._error
+        return self._value

