@@ -397,7 +397,7 @@ class RunExecution:
             new = max(self.pacer.floor, self.pacer.rate / 2)
             if new < self.pacer.rate:
                 log.info(
-                    "run %s: %.0f%% of the retried open cells were lost again; slowing to %d/s",
+                    "run %s: retries show %.0f%% loss per attempt; slowing to %d/s",
                     self.run_id,
                     100 * p_round,
                     new,
