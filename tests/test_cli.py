@@ -154,3 +154,35 @@ def test_end_to_end_real_processes(tmp_path: Path, secret_file: Path) -> None:
         text = (tmp_path / log).read_text()
         assert "Traceback" not in text, text
     assert os.path.exists(db)
+
+
+def test_audit_log_json_records_refusals(tmp_path: Path, secret_file: Path) -> None:
+    """--log-json: one JSON object per line on stderr; a wrong secret is logged with the peer."""
+    ready = tmp_path / "ready.json"
+    log = tmp_path / "probe.log"
+    probe = _start(
+        ["probe", "--control", "127.0.0.1:0", "--secret-file", str(secret_file),
+         "--db", str(tmp_path / "runs.sqlite3"), "--ready-file", str(ready), "--log-json"],
+        log,
+    )  # fmt: skip
+    try:
+        addr = _wait_file(ready, probe)
+        wrong = tmp_path / "wrong"
+        wrong.write_text("ffffffffffffffffffffffffffffffff\n")
+        wrong.chmod(0o600)
+        denied = run_cli(
+            "agents", "--coordinator", f"{addr['host']}:{addr['port']}",
+            "--secret-file", str(wrong),
+        )  # fmt: skip
+        assert denied.returncode == 3
+        assert "does not know our secret" in denied.stderr
+    finally:
+        assert _stop(probe) == 0
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    assert any(
+        r["level"] == "warning" and "authentication failed from 127.0.0.1" in r["msg"]
+        for r in records
+    ), records
+    text = log.read_text()
+    assert secret_file.read_text().strip() not in text
+    assert "ffffffffffffffffffffffffffffffff" not in text
