@@ -442,37 +442,13 @@ def _emit_run(
         sys.stdout.flush()
     else:
         render_run(doc, Console(highlight=False))
+    from udpreach.exports import write_reports
+
     guarded(lambda: write_reports(doc, entries, junit, markdown, csv_out, html))
     if not doc.get("complete"):
         fail("the run ended before every cell was settled (unsettled cells are 'unknown')", 3)
     if doc.get("deviations"):
         raise typer.Exit(1)
-
-
-def write_reports(
-    doc: dict[str, Any],
-    entries: list[Any],
-    junit: Path | None,
-    markdown: Path | None,
-    csv_out: Path | None,
-    html: Path | None,
-) -> None:
-    """Write the file reports a command asked for (ConfigError when a file cannot be written)."""
-    if not any((junit, markdown, csv_out, html)):
-        return
-    from udpreach import exports
-
-    try:
-        if junit:
-            exports.write_junit(doc, entries, junit)
-        if markdown:
-            exports.write_markdown(doc, markdown)
-        if csv_out:
-            exports.write_csv(doc, csv_out)
-        if html:
-            exports.write_html(doc, html)
-    except OSError as exc:
-        raise ConfigError(f"cannot write report: {exc}") from None
 
 
 @app.command()

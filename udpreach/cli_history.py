@@ -18,7 +18,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from udpreach.errors import ConfigError, UdpreachError
+from udpreach.errors import UdpreachError
 
 T = TypeVar("T")
 
@@ -77,27 +77,10 @@ def _print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def _reports(
-    doc: dict[str, Any],
-    junit: Path | None,
-    markdown: Path | None,
-    csv_out: Path | None,
-    html: Path | None,
-) -> None:
-    """Write the requested report files (a diff document or a run document)."""
-    from udpreach import exports
+def _write(doc: dict[str, Any], *paths: Path | None) -> None:
+    from udpreach.exports import write_reports
 
-    try:
-        if junit:
-            exports.write_junit(doc, None, junit)
-        if markdown:
-            exports.write_markdown(doc, markdown)
-        if csv_out:
-            exports.write_csv(doc, csv_out)
-        if html:
-            exports.write_html(doc, html)
-    except OSError as exc:
-        raise ConfigError(f"cannot write report: {exc}") from None
+    write_reports(doc, None, *paths)
 
 
 def _local(ts: Any) -> str:
@@ -181,7 +164,7 @@ def show(
 
         render_run(doc, _stdout())
     _note_unfinished(doc)
-    _guard(lambda: _reports(doc, junit, markdown, csv_out, html))
+    _guard(lambda: _write(doc, junit, markdown, csv_out, html))
 
 
 def diff(
@@ -210,7 +193,7 @@ def diff(
             err.print(
                 f"note: {n:,} cells planned only in run {which} were not compared", markup=False
             )
-    _guard(lambda: _reports(d, junit, markdown, csv_out, html))
+    _guard(lambda: _write(d, junit, markdown, csv_out, html))
     if not d["compared"]:
         _fail(f"runs {d['run_a']} and {d['run_b']} have no planned cell in common", 2)
     if d["changes"]:

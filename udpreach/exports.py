@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from udpreach.errors import ConfigError
 from udpreach.expect import (
     VERDICTS,
     ExpectEntry,
@@ -1059,3 +1060,29 @@ def html_diff(diff: dict[str, Any]) -> str:
                 f"only in run <code>{_esc(which)}</code>.</p>"
             )
     return _page(f"udpreach diff {diff.get('run_a')} -> {diff.get('run_b')}", "".join(parts))
+
+
+def write_reports(
+    doc: dict[str, Any],
+    entries: Sequence[ExpectEntry] | None,
+    junit: Path | None = None,
+    markdown: Path | None = None,
+    csv_out: Path | None = None,
+    html: Path | None = None,
+) -> None:
+    """Write whichever report files were asked for (a run or a diff document).
+
+    Raises:
+        ConfigError: a file cannot be written.
+    """
+    try:
+        if junit:
+            write_junit(doc, entries, junit)
+        if markdown:
+            write_markdown(doc, markdown)
+        if csv_out:
+            write_csv(doc, csv_out)
+        if html:
+            write_html(doc, html)
+    except OSError as exc:
+        raise ConfigError(f"cannot write report: {exc}") from None
