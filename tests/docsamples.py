@@ -10,6 +10,7 @@ change: BASELINE before it, AFTER once 45000-49999 was opened to 5000 and a reje
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any
 
 from hypothesis import strategies as st
@@ -93,6 +94,19 @@ def build_doc(
             pieces.append(r)
     ranges = merge_ranges(pieces)
     summary = summarize(ranges)
+    # A sample the tests trust must itself keep the contract: every planned cell exactly
+    # once, sorted by (dst_port, first), maximal.
+    planned = len(parse_ports(src)) * len(dst)
+    assert sum(r["last"] - r["first"] + 1 for r in ranges) == planned == summary["cells"]
+    keys = [(r["dst_port"], r["first"]) for r in ranges]
+    assert keys == sorted(keys)
+    for a, b in itertools.pairwise(ranges):
+        same_run = a["dst_port"] == b["dst_port"] and a["last"] + 1 == b["first"]
+        assert not (
+            same_run
+            and (a["verdict"], a["translated"], a.get("icmp"), a.get("reason"))
+            == (b["verdict"], b["translated"], b.get("icmp"), b.get("reason"))
+        )
     return {
         "schema": "udpreach/run-v1",
         "run_id": run_id,
@@ -179,8 +193,8 @@ def ipv6() -> dict[str, Any]:
     return build_doc(
         "20251126T040000-v6v6v6",
         agent="pc-v6",
-        agent_addr="2001:db8:1::2",
-        probe_addr="2001:db8:2::2",
+        agent_addr="2001:2:0:91::2",
+        probe_addr="2001:2:0:92::2",
         dst=(5000, 6000),
         started=1_764_126_000.0,
         spans=[

@@ -509,10 +509,10 @@ def test_fuzz_open_server_never_yields_events_from_forged_bytes(data: bytes) -> 
 
 def test_receipts_round_trip() -> None:
     records = RECEIPT.pack(0, 5000, 40000, 1, 40000) + RECEIPT.pack(1, 5001, 1024, 3, 61000)
-    payload = encode_receipts("run-7", ["198.18.2.2", "2001:db8::1"], records)
+    payload = encode_receipts("run-7", ["198.18.2.2", "2001:2:0:99::1"], records)
     run_id, addrs, recs = decode_receipts(payload)
     assert run_id == "run-7"
-    assert addrs == ["198.18.2.2", "2001:db8::1"]
+    assert addrs == ["198.18.2.2", "2001:2:0:99::1"]
     assert list(RECEIPT.iter_unpack(recs)) == [
         (0, 5000, 40000, 1, 40000),
         (1, 5001, 1024, 3, 61000),
@@ -521,7 +521,7 @@ def test_receipts_round_trip() -> None:
 
 def test_receipts_through_the_channel() -> None:
     p = open_pair()
-    payload = encode_receipts("r", ["10.0.0.1"], RECEIPT.pack(0, 1, 2, 3, 4))
+    payload = encode_receipts("r", ["198.19.0.1"], RECEIPT.pack(0, 1, 2, 3, 4))
     p.client.send_receipts(payload)
     (ev,) = p.c2s()
     assert isinstance(ev, Receipts)
@@ -530,10 +530,12 @@ def test_receipts_through_the_channel() -> None:
 
 def test_too_many_addresses_refused() -> None:
     with pytest.raises(ValueError, match="255"):
-        encode_receipts("r", [f"10.0.{i // 256}.{i % 256}" for i in range(256)], b"")
+        encode_receipts("r", [f"198.19.{i // 256}.{i % 256}" for i in range(256)], b"")
 
 
-GOOD = encode_receipts("run-7", ["198.18.2.2", "10.1.1.1"], RECEIPT.pack(0, 5000, 40000, 1, 40000))
+GOOD = encode_receipts(
+    "run-7", ["198.18.2.2", "198.19.11.1"], RECEIPT.pack(0, 5000, 40000, 1, 40000)
+)
 
 
 @pytest.mark.parametrize(

@@ -365,7 +365,7 @@ def test_high_attempt_numbers_are_deduplicated_too() -> None:
 
 def test_nat_rewriting_source_ports_is_translated() -> None:
     core = AgentCore()
-    public = "203.0.113.7"
+    public = "198.19.113.7"
     probe, run = start(core, "nat", [5000], SRCS)
     link = Link(seed=10, nat=lambda s: (public, 61000 + (s - 1024) * 3))
     sweep(probe, run, link, rounds=2)
@@ -383,11 +383,11 @@ def test_nat_rewriting_source_ports_is_translated() -> None:
 def test_nat_that_preserves_ports_is_not_translated() -> None:
     core = AgentCore()
     probe, run = start(core, "nat-keep", [5000], SRCS)
-    link = Link(seed=11, nat=lambda s: ("203.0.113.7", s))
+    link = Link(seed=11, nat=lambda s: ("198.19.113.7", s))
     sweep(probe, run, link, rounds=2)
     (r,) = probe.ledger.ranges()
     assert r["translated"] is False
-    assert r["observed"]["addresses"] == ["203.0.113.7"]
+    assert r["observed"]["addresses"] == ["198.19.113.7"]
 
 
 def test_partly_translated_ranges_split() -> None:
@@ -467,7 +467,7 @@ def test_any_link_credits_exactly_what_crossed(
         truncate=truncate,
         replay=replay,
         reorder=True,
-        nat=(lambda s: ("203.0.113.7", s ^ 0x4000)) if nat else None,
+        nat=(lambda s: ("198.19.113.7", s ^ 0x4000)) if nat else None,
     )
     sweep(probe, run, link, rounds)
     check_against_ground_truth(probe, run, link)

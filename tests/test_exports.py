@@ -336,11 +336,11 @@ def test_a_fully_open_port_is_the_fixed_port_and_ipv6_rules() -> None:
     assert rec["fixed_ports"] == [6000]
     (rule,) = rec["rules"]
     assert rule["nft"] == (
-        "nft insert rule inet filter forward ip6 saddr 2001:db8:2::2 ip6 daddr 2001:db8:1::2 "
+        "nft insert rule inet filter forward ip6 saddr 2001:2:0:92::2 ip6 daddr 2001:2:0:91::2 "
         "udp sport { 1024-2047, 40000-49999 } udp dport 5000 accept"
     )
     assert rule["iptables"] == [
-        "ip6tables -I FORWARD -p udp -s 2001:db8:2::2 -d 2001:db8:1::2 --dport 5000 "
+        "ip6tables -I FORWARD -p udp -s 2001:2:0:92::2 -d 2001:2:0:91::2 --dport 5000 "
         "-m multiport --sports 1024:2047,40000:49999 -j ACCEPT"
     ]
 
@@ -362,7 +362,7 @@ def test_iptables_multiport_takes_at_most_15_ports() -> None:
     sports = [(p, p) for p in range(20000, 20040, 2)] + [
         (30000 + 10 * k, 30005 + 10 * k) for k in range(9)
     ]
-    rules = iptables_rules(4, "192.0.2.1", "192.0.2.2", sports, [5000])
+    rules = iptables_rules(4, "198.19.2.1", "198.19.2.2", sports, [5000])
     covered = []
     for rule in rules:
         spec = rule.split("--sports ")[1].split(" ")[0]
@@ -374,7 +374,7 @@ def test_iptables_multiport_takes_at_most_15_ports() -> None:
 
 def test_no_rules_across_address_families() -> None:
     doc = baseline()
-    doc["probe"]["address"] = "2001:db8::1"
+    doc["probe"]["address"] = "2001:2:0:99::1"
     rec = recommend(doc)
     assert rec["rules"] == []
     assert any("address families" in n for n in rec["notes"])

@@ -62,7 +62,7 @@ def _session(registered: str, observed: str) -> Any:
         # Behind NAT: the registered address is unverified; the probe uses the observed one.
         ("198.18.1.2", "198.18.2.1", (), "198.18.2.1", "NAT"),
         # A registered address anywhere else is never a target without the operator's word.
-        ("198.51.100.7", "198.18.2.1", ("198.18.1.0/24",), "198.18.2.1", "NAT"),
+        ("198.19.100.7", "198.18.2.1", ("198.18.1.0/24",), "198.18.2.1", "NAT"),
         ("198.18.1.2", "198.18.2.1", ("198.18.1.0/24",), "198.18.1.2", "--allow-target"),
         ("198.18.1.2", "198.18.2.1", ("198.18.1.2/32",), "198.18.1.2", "--allow-target"),
         ("2001:2:0:1::2", "2001:2:0:2::1", (), "2001:2:0:2::1", "NAT"),

@@ -86,7 +86,12 @@ def sockaddr_in6(address: str) -> bytes:
 
 
 def icmpv4_error(
-    quoted: bytes, *, type_: int = 3, code: int = 3, src: str = "192.0.2.1", dst: str = "10.0.0.1"
+    quoted: bytes,
+    *,
+    type_: int = 3,
+    code: int = 3,
+    src: str = "198.19.2.1",
+    dst: str = "198.19.0.1",
 ) -> bytes:
     """An IPv4 packet carrying an ICMP error that quotes ``quoted``, as a raw socket sees it."""
     body = struct.pack("!BBHI", type_, code, 0, 0) + quoted
@@ -124,10 +129,12 @@ def ipv6_header(src: str, dst: str, next_header: int, payload_length: int) -> by
     )
 
 
-QUOTED_V4 = UdpPacketBuilder("10.0.0.1", "198.51.100.7").build(40_000, 5000, b"token-0123456789")
+QUOTED_V4 = UdpPacketBuilder("198.19.0.1", "198.19.100.7").build(40_000, 5000, b"token-0123456789")
 VALID_V4 = icmpv4_error(QUOTED_V4[:28])
-UDP_V6 = UdpPacketBuilder("2001:db8::1", "2001:db8::7").build(40_000, 5000, b"token-0123456789")
-VALID_V6 = icmpv6_error(ipv6_header("2001:db8::1", "2001:db8::7", 17, len(UDP_V6)) + UDP_V6)
+UDP_V6 = UdpPacketBuilder("2001:2:0:99::1", "2001:2:0:99::7").build(
+    40_000, 5000, b"token-0123456789"
+)
+VALID_V6 = icmpv6_error(ipv6_header("2001:2:0:99::1", "2001:2:0:99::7", 17, len(UDP_V6)) + UDP_V6)
 
 
 # --- error queue on loopback (no privilege) -------------------------------------------
@@ -207,16 +214,16 @@ def test_error_queue_marks_truncated_payloads() -> None:
 
 
 def test_parse_recverr_ipv4_icmp() -> None:
-    data = extended_err(113, SO_EE_ORIGIN_ICMP, 3, 13, offender=sockaddr_in("198.51.100.1"))
+    data = extended_err(113, SO_EE_ORIGIN_ICMP, 3, 13, offender=sockaddr_in("198.19.100.1"))
     assert parse_recverr(SOL_IP, IP_RECVERR, data) == IcmpError(
-        type=3, code=13, offender="198.51.100.1", errno=113, origin=SO_EE_ORIGIN_ICMP
+        type=3, code=13, offender="198.19.100.1", errno=113, origin=SO_EE_ORIGIN_ICMP
     )
 
 
 def test_parse_recverr_ipv6_icmp_with_mtu() -> None:
-    data = extended_err(90, SO_EE_ORIGIN_ICMP6, 2, 0, 1280, sockaddr_in6("2001:db8::1"))
+    data = extended_err(90, SO_EE_ORIGIN_ICMP6, 2, 0, 1280, sockaddr_in6("2001:2:0:99::1"))
     error = parse_recverr(SOL_IPV6, IPV6_RECVERR, data)
-    assert error == IcmpError(2, 0, "2001:db8::1", 90, SO_EE_ORIGIN_ICMP6, info=1280)
+    assert error == IcmpError(2, 0, "2001:2:0:99::1", 90, SO_EE_ORIGIN_ICMP6, info=1280)
 
 
 def test_parse_recverr_without_offender() -> None:
@@ -243,11 +250,11 @@ def test_parse_recverr_ignores_other_messages() -> None:
 def test_parse_errqueue_message_picks_the_recverr_message() -> None:
     ancdata = [
         (SOL_IP, 8, b"\x00" * 12),
-        (SOL_IP, IP_RECVERR, extended_err(111, 2, 3, 3, offender=sockaddr_in("10.9.8.7"))),
+        (SOL_IP, IP_RECVERR, extended_err(111, 2, 3, 3, offender=sockaddr_in("198.19.98.7"))),
     ]
-    message = parse_errqueue_message(b"tok", ancdata, socket.MSG_TRUNC, ("10.0.0.2", 5000))
+    message = parse_errqueue_message(b"tok", ancdata, socket.MSG_TRUNC, ("198.19.0.2", 5000))
     assert message == ErrQueueMessage(
-        b"tok", ("10.0.0.2", 5000), IcmpError(3, 3, "10.9.8.7", 111, 2), truncated=True
+        b"tok", ("198.19.0.2", 5000), IcmpError(3, 3, "198.19.98.7", 111, 2), truncated=True
     )
     assert parse_errqueue_message(b"", [], 0, None).error is None
 
@@ -264,12 +271,12 @@ def test_parse_recverr_never_raises(level: int, type_: int, data: bytes) -> None
 
 
 def test_parse_icmpv4_port_unreachable() -> None:
-    assert parse_icmp_packet(VALID_V4, ipv6=False, from_addr="192.0.2.1") == QuotedError(
+    assert parse_icmp_packet(VALID_V4, ipv6=False, from_addr="198.19.2.1") == QuotedError(
         type=3,
         code=3,
-        offender="192.0.2.1",
-        inner_src="10.0.0.1",
-        inner_dst="198.51.100.7",
+        offender="198.19.2.1",
+        inner_src="198.19.0.1",
+        inner_dst="198.19.100.7",
         src_port=40_000,
         dst_port=5000,
         proto=17,
@@ -278,11 +285,11 @@ def test_parse_icmpv4_port_unreachable() -> None:
 
 def test_parse_icmpv4_whole_quote_and_short_read() -> None:
     whole = icmpv4_error(QUOTED_V4, type_=3, code=13)
-    parsed = parse_icmp_packet(whole, ipv6=False, from_addr="192.0.2.1")
+    parsed = parse_icmp_packet(whole, ipv6=False, from_addr="198.19.2.1")
     assert parsed is not None
     assert (parsed.type, parsed.code, parsed.src_port) == (3, 13, 40_000)
     # A receive buffer that cut the message short still yields the ports.
-    short = parse_icmp_packet(whole[:52], ipv6=False, from_addr="192.0.2.1")
+    short = parse_icmp_packet(whole[:52], ipv6=False, from_addr="198.19.2.1")
     assert short == parsed
 
 
@@ -319,12 +326,12 @@ def test_parse_icmpv4_rejects() -> None:
 
 
 def test_parse_icmpv6_port_unreachable() -> None:
-    assert parse_icmp_packet(VALID_V6, ipv6=True, from_addr="2001:db8::fe") == QuotedError(
+    assert parse_icmp_packet(VALID_V6, ipv6=True, from_addr="2001:2:0:99::fe") == QuotedError(
         type=1,
         code=4,
-        offender="2001:db8::fe",
-        inner_src="2001:db8::1",
-        inner_dst="2001:db8::7",
+        offender="2001:2:0:99::fe",
+        inner_src="2001:2:0:99::1",
+        inner_dst="2001:2:0:99::7",
         src_port=40_000,
         dst_port=5000,
         proto=17,
@@ -336,7 +343,7 @@ def test_parse_icmpv6_skips_extension_headers() -> None:
     hop_by_hop = bytes([60, 0]) + bytes(6)  # next: destination options, 8 bytes
     dest_options = bytes([44, 1]) + bytes(14)  # next: fragment, 16 bytes
     fragment = bytes([17, 0]) + struct.pack("!HI", 0x0001, 7)  # offset 0, more fragments
-    quoted = ipv6_header("2001:db8::1", "2001:db8::7", 0, 0)
+    quoted = ipv6_header("2001:2:0:99::1", "2001:2:0:99::7", 0, 0)
     quoted += hop_by_hop + dest_options + fragment + UDP_V6[:8]
     for type_, code in ((1, 1), (2, 0), (3, 0), (4, 0)):
         parsed = parse_icmp_packet(
@@ -352,7 +359,7 @@ def test_parse_icmpv6_skips_extension_headers() -> None:
 
 
 def test_parse_icmpv6_rejects() -> None:
-    header = ipv6_header("2001:db8::1", "2001:db8::7", 17, len(UDP_V6))
+    header = ipv6_header("2001:2:0:99::1", "2001:2:0:99::7", 17, len(UDP_V6))
     later_fragment = bytes([17, 0]) + struct.pack("!HI", 0x0008, 7)  # offset 1
     many_options = b"".join(bytes([60, 0]) + bytes(6) for _ in range(20))
     cases = {
@@ -361,10 +368,10 @@ def test_parse_icmpv6_rejects() -> None:
         "quotes TCP": icmpv6_error(header[:6] + b"\x06" + header[7:] + UDP_V6),
         "quotes ESP": icmpv6_error(header[:6] + b"\x32" + header[7:] + bytes(16)),
         "later fragment": icmpv6_error(
-            ipv6_header("2001:db8::1", "2001:db8::7", 44, 16) + later_fragment + UDP_V6[:8]
+            ipv6_header("2001:2:0:99::1", "2001:2:0:99::7", 44, 16) + later_fragment + UDP_V6[:8]
         ),
         "endless options": icmpv6_error(
-            ipv6_header("2001:db8::1", "2001:db8::7", 60, 0) + many_options + UDP_V6[:8]
+            ipv6_header("2001:2:0:99::1", "2001:2:0:99::7", 60, 0) + many_options + UDP_V6[:8]
         ),
         "quote not IPv6": icmpv6_error(b"\x45" + header[1:] + UDP_V6),
         "quote too short": icmpv6_error(header + UDP_V6[:3]),

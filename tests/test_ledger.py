@@ -59,7 +59,7 @@ def test_receipt_beats_an_earlier_icmp_error() -> None:
     led = Ledger([5000], [1024])
     assert led.note_icmp(5000, 1024, PROHIBITED)
     assert led.verdict(5000, 1024) == "rejected"
-    assert led.note_receipt(5000, 1024, 2, "10.0.0.1", 1024)
+    assert led.note_receipt(5000, 1024, 2, "198.19.0.1", 1024)
     assert led.verdict(5000, 1024) == "open"
     led.finish(complete=True)
     (r,) = led.ranges()
@@ -69,7 +69,7 @@ def test_receipt_beats_an_earlier_icmp_error() -> None:
 
 def test_icmp_after_a_receipt_changes_nothing() -> None:
     led = Ledger([5000], [1024])
-    led.note_receipt(5000, 1024, 1, "10.0.0.1", 1024)
+    led.note_receipt(5000, 1024, 1, "198.19.0.1", 1024)
     assert not led.note_icmp(5000, 1024, PROHIBITED)
     led.finish(complete=True)
     assert led.verdict(5000, 1024) == "open"
@@ -174,12 +174,16 @@ def test_translated_when_the_agent_saw_another_source_port() -> None:
     led = Ledger([5000], range(1024, 1030))
     for s in range(1024, 1030):
         port = s if s < 1027 else 30000 + s  # NAT rewrites the upper half
-        led.note_receipt(5000, s, 1, "203.0.113.9", port)
+        led.note_receipt(5000, s, 1, "198.19.113.9", port)
     led.finish(complete=True)
     r1, r2 = led.ranges()
     assert (r1["first"], r1["last"], r1["translated"]) == (1024, 1026, False)
     assert (r2["first"], r2["last"], r2["translated"]) == (1027, 1029, True)
-    assert r2["observed"] == {"addresses": ["203.0.113.9"], "first_port": 31027, "last_port": 31029}
+    assert r2["observed"] == {
+        "addresses": ["198.19.113.9"],
+        "first_port": 31027,
+        "last_port": 31029,
+    }
 
 
 def test_translated_sticks_once_seen() -> None:
@@ -277,7 +281,7 @@ def test_ranges_property(
                     any_dst,
                     any_src,
                     st.integers(1, 5),
-                    st.sampled_from(["198.18.2.2", "203.0.113.9"]),
+                    st.sampled_from(["198.18.2.2", "198.19.113.9"]),
                     st.booleans(),
                 ),
                 st.tuples(st.just("icmp"), any_dst, any_src, icmps),

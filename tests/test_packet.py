@@ -58,31 +58,32 @@ def test_rfc1071_example() -> None:
 
 
 def test_udp_checksum_known_vector() -> None:
-    # 192.168.0.31:20 -> 192.168.0.30:10, payload "Hi": a worked textbook example, 0x35c5.
+    # 198.18.0.31:20 -> 198.18.0.30:10, payload "Hi": 0x2af1, worked out by hand with
+    # RFC 1071's word sum over the pseudo-header and segment.
     segment = bytes.fromhex("0014000a000a0000") + b"Hi"
-    src, dst = socket.inet_aton("192.168.0.31"), socket.inet_aton("192.168.0.30")
-    assert udp_checksum_ipv4(src, dst, segment) == 0x35C5
-    packet = UdpPacketBuilder("192.168.0.31", "192.168.0.30").build(20, 10, b"Hi")
-    assert packet[20:] == bytes.fromhex("0014000a000a35c5") + b"Hi"
+    src, dst = socket.inet_aton("198.18.0.31"), socket.inet_aton("198.18.0.30")
+    assert udp_checksum_ipv4(src, dst, segment) == 0x2AF1
+    packet = UdpPacketBuilder("198.18.0.31", "198.18.0.30").build(20, 10, b"Hi")
+    assert packet[20:] == bytes.fromhex("0014000a000a2af1") + b"Hi"
 
 
 def test_ipv4_header_known_vector() -> None:
-    # The classic worked example of the IPv4 header checksum: 192.168.0.1 -> .199, length
-    # 0x73, DF, TTL 64, UDP: checksum 0xb861.
-    packet = UdpPacketBuilder("192.168.0.1", "192.168.0.199").build(1, 2, bytes(0x73 - 28))
-    assert packet[:20] == bytes.fromhex("45000073000040004011b861c0a80001c0a800c7")
+    # The classic worked example of the IPv4 header checksum, moved into the benchmarking
+    # range: 198.18.0.1 -> .199, length 0x73, DF, TTL 64, UDP: checksum 0xad8d.
+    packet = UdpPacketBuilder("198.18.0.1", "198.18.0.199").build(1, 2, bytes(0x73 - 28))
+    assert packet[:20] == bytes.fromhex("45000073000040004011ad8dc6120001c61200c7")
 
 
 def test_udp_checksum_zero_is_sent_as_ffff() -> None:
     # Pick the payload word that makes the computed checksum 0: it must go out as 0xFFFF.
-    src = dst = socket.inet_aton("10.0.0.1")
+    src = dst = socket.inet_aton("198.19.0.1")
     header = struct.pack("!HHHH", 1000, 2000, 10, 0)
     partial = ones_sum(pseudo_v4(src, dst, 10) + header)
     word = (0xFFFF - partial) & 0xFFFF  # the total then folds to 0xFFFF: checksum 0
     segment = header + struct.pack("!H", word)
     assert ones_sum(pseudo_v4(src, dst, 10) + segment) == 0xFFFF
     assert udp_checksum_ipv4(src, dst, segment) == 0xFFFF
-    built = UdpPacketBuilder("10.0.0.1", "10.0.0.1").build(1000, 2000, struct.pack("!H", word))
+    built = UdpPacketBuilder("198.19.0.1", "198.19.0.1").build(1000, 2000, struct.pack("!H", word))
     assert built[26:28] == b"\xff\xff"
 
 
@@ -159,7 +160,7 @@ def test_ipv6_segment_fields_and_sums(
 
 
 @given(
-    st.sampled_from([("127.0.0.1", "192.0.2.9"), ("::1", "2001:db8::9")]),
+    st.sampled_from([("127.0.0.1", "198.19.2.9"), ("::1", "2001:2:0:99::9")]),
     st.lists(st.tuples(ports, st.binary(min_size=16, max_size=16)), max_size=40),
     ports,
     st.integers(0, 3),
@@ -180,7 +181,7 @@ def test_build_many_equals_build(
 
 
 @given(
-    st.sampled_from([("127.0.0.1", "192.0.2.9"), ("::1", "2001:db8::9")]),
+    st.sampled_from([("127.0.0.1", "198.19.2.9"), ("::1", "2001:2:0:99::9")]),
     ports,
     ports,
     ports,
@@ -196,7 +197,7 @@ def test_with_src_port_equals_build(
 
 def test_with_src_port_keeps_a_zero_checksum() -> None:
     # An IPv4 datagram sent without a checksum stays without one.
-    packet = bytearray(UdpPacketBuilder("10.0.0.1", "10.0.0.2").build(1, 2, b"abc"))
+    packet = bytearray(UdpPacketBuilder("198.19.0.1", "198.19.0.2").build(1, 2, b"abc"))
     packet[26:28] = b"\x00\x00"
     moved = with_src_port(bytes(packet), 999, udp_offset=20)
     assert moved[20:22] == struct.pack("!H", 999)
@@ -204,7 +205,7 @@ def test_with_src_port_keeps_a_zero_checksum() -> None:
 
 
 def test_largest_payloads() -> None:
-    v4 = UdpPacketBuilder("10.0.0.1", "10.0.0.2").build(1, 2, bytes(MAX_PAYLOAD_IPV4))
+    v4 = UdpPacketBuilder("198.19.0.1", "198.19.0.2").build(1, 2, bytes(MAX_PAYLOAD_IPV4))
     assert len(v4) == 0xFFFF
     v6 = UdpPacketBuilder("::1", "::2").build(1, 2, bytes(MAX_PAYLOAD_IPV6))
     assert len(v6) == 0xFFFF

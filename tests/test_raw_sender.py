@@ -262,9 +262,9 @@ def test_make_sender_uses_raw_where_available(mode: str) -> None:
 
 @needs_raw4
 def test_raw_mode_refuses_a_source_address_that_is_not_ours() -> None:
-    # 192.0.2.1 (TEST-NET-1) is not on this host: the probe must not forge it, and nothing
+    # 198.19.2.1 (TEST-NET-1) is not on this host: the probe must not forge it, and nothing
     # is sent (the check is a bind).
     with pytest.raises(ConfigError, match="send mode raw"):
-        make_sender("raw", "192.0.2.1", DST4, 0.05)
+        make_sender("raw", "198.19.2.1", DST4, 0.05)
     sender = make_sender("auto", "127.0.0.2", DST4, 0.05)
     sender.close()
