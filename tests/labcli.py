@@ -5,7 +5,6 @@ torn down whatever happens."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from typing import Any
 
 from conftest import udpreach_argv
 from labkit import make_lab
+from prockit import stop
 
 from udpreach.lab import Lab
 
@@ -58,16 +58,6 @@ def _start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @contextmanager
 def lab_udpreach(
     policy: str,
@@ -96,7 +86,7 @@ def lab_udpreach(
             ),
             tmp / "probe.log",
         )  # fmt: skip
-        stack.callback(_stop, probe)
+        stack.callback(stop, probe)
         deadline = time.monotonic() + 20
         while not (ready.exists() and ready.stat().st_size):
             assert probe.poll() is None, (tmp / "probe.log").read_text()
@@ -112,5 +102,5 @@ def lab_udpreach(
             ),
             tmp / "agent.log",
         )  # fmt: skip
-        stack.callback(_stop, agent)
+        stack.callback(stop, agent)
         yield LabRun(lab, control, secret, tmp, [probe, agent])

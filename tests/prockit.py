@@ -21,26 +21,13 @@ from typing import Any
 
 from conftest import run_cli, udpreach_argv
 
+from udpreach.demo import stop
+
 
 def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     """``udpreach ARGS`` in the background, stdout and stderr into *log*."""
     with log.open("ab") as fh:
         return subprocess.Popen(udpreach_argv(*args), stdout=fh, stderr=subprocess.STDOUT)
-
-
-def stop(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM) -> int | None:
-    """Signal *proc* (if still running) and reap it; SIGKILL after 10 s. Its exit code."""
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            return proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-            return -9
-    return proc.returncode
 
 
 def wait_for(pred: Any, what: str, timeout: float, every: float = 0.05) -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli, udpreach_argv
+from prockit import stop
 
 
 @pytest.mark.parametrize(
@@ -80,18 +80,6 @@ def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(udpreach_argv(*args), stdout=fh, stderr=subprocess.STDOUT)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-            return -9
-    return proc.returncode
-
-
 def _wait_file(path: Path, proc: subprocess.Popen[bytes], timeout: float = 20) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -147,7 +135,7 @@ def test_end_to_end_real_processes(tmp_path: Path, secret_file: Path) -> None:
         assert gone.returncode == 3
         assert "no agent named 'ghost'" in gone.stderr
     finally:
-        codes = [_stop(p) for p in (agent, probe) if p is not None]
+        codes = [stop(p) for p in (agent, probe) if p is not None]
     # SIGTERM is a clean shutdown: exit 0 and no traceback in the logs.
     assert codes == [0, 0]
     for log in ("probe.log", "agent.log"):
@@ -177,7 +165,7 @@ def test_audit_log_json_records_refusals(tmp_path: Path, secret_file: Path) -> N
         assert denied.returncode == 3
         assert "does not know our secret" in denied.stderr
     finally:
-        assert _stop(probe) == 0
+        assert stop(probe) == 0
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     assert any(
         r["level"] == "warning" and "authentication failed from 127.0.0.1" in r["msg"]

@@ -61,6 +61,7 @@ from typing import Any, Literal
 from rich.console import Console, JustifyMethod
 from rich.table import Table
 
+from udpreach.demo import stop
 from udpreach.lab import Lab, lab_available
 
 FIRST_PORT, LAST_PORT = 1024, 65535
@@ -360,16 +361,6 @@ def free_ports(addr: str, count: int) -> list[int]:
             s.close()
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 def _vm_hwm_mb(pid: int) -> float | None:
     try:
         text = Path(f"/proc/{pid}/status").read_text()
@@ -497,7 +488,7 @@ class Stack:
     def stop(self) -> None:
         for proc in (self.agent, self.probe):
             if proc is not None:
-                _stop(proc)
+                stop(proc)
 
     @staticmethod
     def _tail(path: Path) -> str:

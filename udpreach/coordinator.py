@@ -122,7 +122,7 @@ class AgentSession:
 
     async def send(self, body: dict[str, Any]) -> None:
         if self.lost.is_set():
-            raise AgentUnavailableError(f"agent {self.name!r} is gone")
+            raise AgentUnavailableError(f"agent {self.name!r} was lost")
         try:
             await self.chan.send(body)
         except UnreachableError:

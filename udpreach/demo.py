@@ -31,6 +31,21 @@ def cli_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "udpreach", *args]
 
 
+def stop(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM) -> int | None:
+    """Signal *proc* (if still running) and reap it, SIGKILL after 5 s; its exit code."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+            return -9
+    return proc.returncode
+
+
 @contextlib.contextmanager
 def background(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Run a service in the background; SIGTERM (then SIGKILL) it on the way out."""
@@ -39,13 +54,7 @@ def background(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop(proc)
 
 
 def wait_ready(path: Path, proc: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
