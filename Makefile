@@ -7,7 +7,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: demo test lint bench bench-deps clean system-deps
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +36,38 @@ def test_bad_input_is_one_line_and_exit_2(secret_file: Path, args: list[str], ne
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert proc.stdout == ""
+
+
+_IMPORTS_AFTER_HELP = """
+import sys
+sys.argv = ["udpreach", "--help"]
+from udpreach.cli import main
+try:
+    main()
+except SystemExit:
+    pass
+heavy = ("trio", "rich", "udpreach.lab", "udpreach.coordinator", "udpreach.report")
+print("loaded:", " ".join(sorted(m for m in sys.modules if m.split(".")[0] in heavy or m in heavy)))
+"""
+
+
+def test_help_lists_every_command_without_loading_the_heavy_parts() -> None:
+    """`udpreach --help` stays fast by loading trio, rich and the lab only when used."""
+    proc = run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    for command in ("probe", "agent", "run", "agents", "demo", "history", "show", "diff"):
+        assert f"  {command} " in proc.stdout
+    for command in ("expect", "secret", "lab"):
+        assert f"  {command} " in proc.stdout
+    loaded = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_AFTER_HELP],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "Usage: udpreach" in loaded.stdout
+    assert loaded.stdout.splitlines()[-1].strip() == "loaded:", loaded.stdout
 
 
 def test_loose_secret_file_is_refused(tmp_path: Path) -> None:

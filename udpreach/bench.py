@@ -339,6 +339,19 @@ class Place:
         return self.lab.ns_argv(role, argv) if self.lab is not None else argv
 
 
+def compile_bytecode() -> None:
+    """Byte-compile udpreach as ``pip install`` does; this tree may be an editable install
+    run with PYTHONDONTWRITEBYTECODE, which would otherwise recompile on every start."""
+    import compileall
+
+    import agent
+    import probe
+    import udpreach
+
+    for pkg in (udpreach, agent, probe):
+        compileall.compile_dir(str(Path(pkg.__file__ or ".").parent), quiet=2, force=False)
+
+
 def udpreach_cmd() -> list[str]:
     """How to start the CLI: the console script next to this interpreter, if installed."""
     script = Path(sys.executable).with_name("udpreach")
@@ -680,6 +693,7 @@ class Bench:
 
             secret = new_secret(work / "secret")
             self.kernel_ref = None if self.raw_reason else build_kernel_reference(work, self)
+            compile_bytecode()
             self.help_startup()
             lab_reason = lab_available() if not self.args.skip_lab else "--skip-lab"
             if not self.args.skip_loopback:

@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from udpreach import lab
 from udpreach.errors import ConfigError, UdpreachError
+
+if TYPE_CHECKING:
+    from udpreach.lab import LabInfo, Role
 
 lab_app = typer.Typer(
     name="lab",
@@ -28,10 +27,21 @@ lab_app = typer.Typer(
     ),
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
 )
 
-_out = Console(highlight=False)
-_err = Console(stderr=True, highlight=False)
+
+def _console(stderr: bool = False) -> Any:
+    # rich and udpreach.lab load only when a lab command runs: `udpreach --help` stays fast.
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 
 class LabRole(StrEnum):
@@ -40,7 +50,7 @@ class LabRole(StrEnum):
     probe = "probe"
 
 
-_ROLES: dict[LabRole, lab.Role] = {
+_ROLES: dict[LabRole, Role] = {
     LabRole.agent: "agent",
     LabRole.router: "router",
     LabRole.probe: "probe",
@@ -48,12 +58,14 @@ _ROLES: dict[LabRole, lab.Role] = {
 
 
 def _fail(exc: UdpreachError) -> NoReturn:
-    _err.print(f"error: {escape(str(exc))}")
+    _console(stderr=True).print(f"error: {_escape(str(exc))}")
     raise typer.Exit(exc.exit_code) from None
 
 
 def _policy_text(policy: str | None) -> tuple[str, str]:
     """The policy's text and a label for it: a file, else a bundled policy's name."""
+    from udpreach import lab
+
     if policy is None:
         return "", "none (everything forwarded)"
     path = Path(policy)
@@ -94,6 +106,8 @@ def up(
     ] = False,
 ) -> None:
     """Build a lab and leave it running (until `udpreach lab down`)."""
+    from udpreach import lab
+
     try:
         lab.require_root()
         text, label = _policy_text(policy)
@@ -106,7 +120,10 @@ def up(
     _render(info, label)
 
 
-def _render(info: lab.LabInfo, policy_label: str) -> None:
+def _render(info: LabInfo, policy_label: str) -> None:
+    from rich.table import Table
+
+    out = _console()
     table = Table(title=f"lab {info.name}", title_justify="left", box=None, pad_edge=False)
     table.add_column("role")
     table.add_column("namespace")
@@ -134,22 +151,22 @@ def _render(info: lab.LabInfo, policy_label: str) -> None:
         info.probe_ns,
         info.probe_addr + (f"  {info.probe_addr6}" if v6 else ""),
     )
-    _out.print(table)
-    _out.print(f"policy: {escape(policy_label)}")
+    out.print(table)
+    out.print(f"policy: {_escape(policy_label)}")
     n = info.name
-    _out.print("run commands inside it:", soft_wrap=True)
-    _out.print(
+    out.print("run commands inside it:", soft_wrap=True)
+    out.print(
         f"  udpreach lab exec probe --name {n} -- "
         f"udpreach probe --control {info.probe_addr}:7000 --secret-file SECRET",
         soft_wrap=True,
     )
-    _out.print(
+    out.print(
         f"  udpreach lab exec agent --name {n} -- "
         f"udpreach agent --coordinator {info.probe_addr}:7000 --secret-file SECRET --port 5000",
         soft_wrap=True,
     )
-    _out.print(f"  udpreach lab exec router --name {n} -- nft list ruleset", soft_wrap=True)
-    _out.print(f"tear it down: udpreach lab down --name {n}", soft_wrap=True)
+    out.print(f"  udpreach lab exec router --name {n} -- nft list ruleset", soft_wrap=True)
+    out.print(f"tear it down: udpreach lab down --name {n}", soft_wrap=True)
 
 
 @lab_app.command()
@@ -162,14 +179,16 @@ def down(
     ] = None,
 ) -> None:
     """Remove a lab: its namespaces, whatever runs in them, its firewall."""
+    from udpreach import lab
+
     try:
         removed = lab.lab_down(name)
     except UdpreachError as exc:
         _fail(exc)
     if not removed:
-        _err.print(f"no lab named {escape(name)}" if name else "no lab to remove")
+        _console(stderr=True).print(f"no lab named {_escape(name)}" if name else "no lab to remove")
     for lab_name in removed:
-        _out.print(f"removed {lab_name}")
+        _console().print(f"removed {lab_name}")
 
 
 @lab_app.command("exec")
@@ -184,6 +203,8 @@ def exec_(
     ] = None,
 ) -> None:
     """Run a command inside one of the lab's namespaces; exits with its status."""
+    from udpreach import lab
+
     try:
         code = lab.lab_exec(_ROLES[role], cmd, name=name)
     except UdpreachError as exc:
