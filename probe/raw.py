@@ -47,7 +47,7 @@ from typing import Final
 
 from probe.icmp import parse_icmp_packet
 from probe.packet import UdpPacketBuilder
-from probe.sender import BindSender, GroupResult, IcmpEvent
+from probe.sender import BatchResults, BindSender, CellBatch, GroupResult, IcmpEvent
 from udpreach.errors import ConfigError
 
 __all__ = ["MODES", "RawSender", "make_sender", "raw_available"]
@@ -112,6 +112,24 @@ def _address_of(data: bytes) -> int:
     return address
 
 
+class _Packed:
+    """Packets laid out for one ``sendmmsg`` batch (``hdr`` None: sent one by one)."""
+
+    __slots__ = ("data", "hdr", "iov", "packets")
+
+    def __init__(
+        self,
+        packets: Sequence[bytes],
+        data: bytes,
+        iov: array[int] | None,
+        hdr: array[int] | None,
+    ) -> None:
+        self.packets = packets
+        self.data = data  # the buffer the iovecs point into: kept alive here
+        self.iov = iov
+        self.hdr = hdr
+
+
 class _Transmitter:
     """Sends a list of packets through one raw socket, sendmmsg where possible."""
 
@@ -143,9 +161,13 @@ class _Transmitter:
         Returns:
             (how many went out, the errno of the next one or 0 if all went out).
         """
+        return self.send_packed(self.pack(packets), 0)
+
+    def pack(self, packets: Sequence[bytes]) -> _Packed:
+        """Lay ``packets`` out for ``sendmmsg``: one buffer, its iovecs and message headers."""
         if _sendmmsg is None or len(packets) < 2:
-            return self._send_each(packets)
-        # One buffer, alive in this frame until the last call: the iovecs point into it.
+            return _Packed(packets, b"", None, None)
+        # One buffer, alive as long as the _Packed: the iovecs point into it.
         data = b"".join(packets)
         base = _address_of(data)
         n = len(packets)
@@ -159,13 +181,25 @@ class _Transmitter:
         hdr[1::8] = array("Q", [self._name_len]) * n
         hdr[2::8] = array("Q", range(iov_addr, iov_addr + 8 * _IOVEC_WORDS * n, 8 * _IOVEC_WORDS))
         hdr[3::8] = array("Q", [1]) * n
-        hdr_addr = hdr.buffer_info()[0]
-        done = 0
+        return _Packed(packets, data, iov, hdr)
+
+    def send_packed(self, packed: _Packed, start: int) -> tuple[int, int]:
+        """Send ``packed`` from packet ``start`` on, in order, until one fails.
+
+        Returns:
+            (how many went out from ``start``, the errno of the next one or 0).
+        """
+        sendmmsg = _sendmmsg
+        if packed.hdr is None or sendmmsg is None:
+            return self._send_each(packed.packets[start:])
+        n = len(packed.packets)
+        hdr_addr = packed.hdr.buffer_info()[0]
+        done = start
         interrupted = 0
         while done < n:
             count = min(n - done, _MAX_VLEN)
             self.syscalls += 1
-            sent = _sendmmsg(self.fd, hdr_addr + 8 * _MMSGHDR_WORDS * done, count, 0)
+            sent = sendmmsg(self.fd, hdr_addr + 8 * _MMSGHDR_WORDS * done, count, 0)
             if sent > 0:
                 done += sent
                 continue
@@ -173,8 +207,8 @@ class _Transmitter:
             if err == errno.EINTR and interrupted < _RETRY_LIMIT:
                 interrupted += 1
                 continue
-            return done, err or errno.EIO
-        return done, 0
+            return done - start, err or errno.EIO
+        return done - start, 0
 
     def _send_each(self, packets: Sequence[bytes]) -> tuple[int, int]:
         sendto = self.sock.sendto
@@ -284,7 +318,7 @@ def raw_available(ipv6: bool = False) -> str | None:
 class RawSender:
     """Sends from any source port through one raw socket; ICMP errors from a raw ICMP socket.
 
-    The same interface as :class:`probe.sender.BindSender`, plus :meth:`send_many`.
+    The same interface as :class:`probe.sender.BindSender`.
 
     Raises (constructor):
         PermissionError: no CAP_NET_RAW.
@@ -369,17 +403,15 @@ class RawSender:
             result.untested = None  # retried later; a refusal shows up again then
         return result
 
-    def send_many(
-        self, batch: Sequence[tuple[int, Sequence[tuple[int, bytes]]]], now: float = 0.0
-    ) -> list[GroupResult]:
-        """Send many source ports' datagrams at once: ``batch`` is [(src, [(dst, payload)])].
-
-        Datagrams are sent grouped by destination port, in ``batch`` order within each.
+    def send_cells(self, batch: CellBatch, now: float = 0.0) -> BatchResults | None:
+        """Send a batch (see ``CellBatch``) through ``sendmmsg``, one destination port after
+        another, in the batch's order.
 
         Returns:
-            One :class:`GroupResult` per group, in ``batch`` order. ``backpressure`` marks a
-            group some of whose datagrams were not sent because the kernel ran out of buffer
-            (send them again later); ``untested`` one the probe host refused to send (a
+            None when every datagram went out (the fast path). Otherwise one
+            ``GroupResult`` per source port of the batch: ``backpressure`` marks a source
+            port some of whose datagrams were not sent because the kernel ran out of buffer
+            (send them again later); ``untested`` one the probe host refused to send for (a
             local firewall, a datagram too large to leave unfragmented).
 
         Raises:
@@ -387,60 +419,47 @@ class RawSender:
             OSError: the sender is closed.
         """
         self._check_open()
-        by_dst: dict[int, tuple[list[int], list[bytes]]] = {}
-        for src, items in batch:
-            for dst, payload in items:
-                entry = by_dst.get(dst)
-                if entry is None:
-                    entry = by_dst[dst] = ([], [])
-                entry[0].append(src)
-                entry[1].append(payload)
         packets: list[bytes] = []
         build = self.builder.build_many
-        for dst, (srcs, payloads) in by_dst.items():
+        sent_src = self._sent_src
+        for dst, (srcs, payloads) in batch.items():
             packets += build(srcs, dst, payloads)
-        done, err = self._tx.send(packets)
+            for src in srcs:  # marked first: an ICMP error for them is never "foreign"
+                sent_src[src] = 1
+        self._sent_dst.update(batch)
+        tx = self._tx
+        packed = tx.pack(packets)
+        done, err = tx.send_packed(packed, 0)
         failed: dict[int, str] = {}
         while err and err not in (errno.ENOBUFS, errno.EAGAIN):
             failed[done] = _reason(err)
-            more, err = self._tx.send(packets[done + 1 :])
+            more, err = tx.send_packed(packed, done + 1)
             done += 1 + more
         self.sent += done - len(failed)
-        sent_src = self._sent_src
-        for src, _ in batch:
-            sent_src[src] = 1
-        self._sent_dst.update(by_dst)
         if done == len(packets) and not failed:
-            return [GroupResult([dst for dst, _ in items]) for _, items in batch]
-        return self._partial(batch, by_dst, done, failed)
+            return None
+        return self._partial(batch, done, failed)
 
     @staticmethod
-    def _partial(
-        batch: Sequence[tuple[int, Sequence[tuple[int, bytes]]]],
-        by_dst: dict[int, tuple[list[int], list[bytes]]],
-        done: int,
-        failed: dict[int, str],
-    ) -> list[GroupResult]:
-        # The (group, dst) of each packet index, in the order send_many built them.
-        groups_of: dict[int, list[int]] = {dst: [] for dst in by_dst}
-        for gi, (_, items) in enumerate(batch):
-            for dst, _ in items:
-                groups_of[dst].append(gi)
-        order = [(gi, dst) for dst, members in groups_of.items() for gi in members]
-        went = {order[i] for i in range(done) if i not in failed}
-        cut = {gi for gi, _ in order[done:]}  # left unsent by backpressure
-        refused: dict[int, str] = {}
-        for i, reason in sorted(failed.items()):
-            refused.setdefault(order[i][0], reason)
-        results: list[GroupResult] = []
-        for gi, (_, items) in enumerate(batch):
-            result = GroupResult([dst for dst, _ in items if (gi, dst) in went])
-            if gi in cut:
-                result.backpressure = True  # retried later; a refusal shows up again then
-            elif gi in refused:
-                result.untested = refused[gi]
-            results.append(result)
-        return results
+    def _partial(batch: CellBatch, done: int, failed: dict[int, str]) -> BatchResults:
+        # Packet i is the i-th (dst, src) of the batch in iteration order, as built above.
+        order = [(src, dst) for dst, (srcs, _) in batch.items() for src in srcs]
+        results: dict[int, GroupResult] = {}
+        for i, (src, dst) in enumerate(order):
+            result = results.get(src)
+            if result is None:
+                result = results[src] = GroupResult([])
+            if i >= done:
+                result.backpressure = True  # left unsent: retried later
+            elif i in failed:
+                if result.untested is None:
+                    result.untested = failed[i]
+            else:
+                result.sent.append(dst)
+        for result in results.values():
+            if result.backpressure:
+                result.untested = None  # a refusal shows up again when it is retried
+        return list(results.items())
 
     def _check_open(self) -> None:
         # sendmmsg goes by file descriptor number, which a closed socket may have passed on

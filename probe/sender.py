@@ -18,7 +18,7 @@ import errno
 import resource
 import socket
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from probe.icmp import (
@@ -64,6 +64,29 @@ class GroupResult:
     sent: list[int]  # destination ports actually sent to
     untested: str | None = None  # why the port could not be used at all
     backpressure: bool = False  # the kernel ran out of buffer: retry the rest later
+
+
+#: A batch of datagrams by destination port: ``{dst: (source ports, payloads)}``, the
+#: payloads in the order of the source ports. Every source port appears at most once per
+#: destination port.
+CellBatch = Mapping[int, tuple[Sequence[int], Sequence[bytes]]]
+
+#: What ``send_cells`` reports when not everything went out: one result per source port of
+#: the batch, in first-appearance order.
+BatchResults = list[tuple[int, GroupResult]]
+
+
+def by_source(batch: CellBatch) -> dict[int, list[tuple[int, bytes]]]:
+    """A batch regrouped per source port: ``{src: [(dst, payload), ...]}``, in batch order."""
+    out: dict[int, list[tuple[int, bytes]]] = {}
+    for dst, (srcs, payloads) in batch.items():
+        for src, payload in zip(srcs, payloads, strict=True):
+            items = out.get(src)
+            if items is None:
+                out[src] = [(dst, payload)]
+            else:
+                items.append((dst, payload))
+    return out
 
 
 def raise_fd_limit(wanted: int) -> int:
@@ -150,6 +173,19 @@ class BindSender:
                 break
         self._open.append((now, src, s))
         return result
+
+    def send_cells(self, batch: CellBatch, now: float) -> BatchResults | None:
+        """Send a batch (see ``CellBatch``): one socket per source port, as ``send_group``.
+
+        Returns:
+            None when every datagram went out, else one ``GroupResult`` per source port.
+        """
+        groups = by_source(batch)
+        results = [(src, self.send_group(src, items, now)) for src, items in groups.items()]
+        for src, res in results:
+            if len(res.sent) != len(groups[src]):
+                return results
+        return None
 
     def _drain(self, src: int, s: _socket.socket) -> list[IcmpEvent]:
         out: list[IcmpEvent] = []

@@ -38,9 +38,9 @@ def test_bad_input_is_one_line_and_exit_2(secret_file: Path, args: list[str], ne
     assert proc.stdout == ""
 
 
-_IMPORTS_AFTER_HELP = """
+_IMPORTS_AFTER = """
 import sys
-sys.argv = ["udpreach", "--help"]
+sys.argv = ["udpreach", *sys.argv[1:]]
 from udpreach.cli import main
 try:
     main()
@@ -60,7 +60,7 @@ def test_help_lists_every_command_without_loading_the_heavy_parts() -> None:
     for command in ("expect", "secret", "lab"):
         assert f"  {command} " in proc.stdout
     loaded = subprocess.run(
-        [sys.executable, "-c", _IMPORTS_AFTER_HELP],
+        [sys.executable, "-c", _IMPORTS_AFTER, "--help"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -68,6 +68,24 @@ def test_help_lists_every_command_without_loading_the_heavy_parts() -> None:
     )
     assert "Usage: udpreach" in loaded.stdout
     assert loaded.stdout.splitlines()[-1].strip() == "loaded:", loaded.stdout
+
+
+def test_requests_do_not_load_trio(secret_file: Path) -> None:
+    """`run` and `agents` talk to the coordinator over a blocking socket: no trio start-up."""
+    for command in ("agents", "run"):
+        argv = [command, "--coordinator", "127.0.0.1:9", "--secret-file", str(secret_file)]
+        if command == "run":
+            argv += ["--agent", "x", "--json"]
+        loaded = subprocess.run(
+            [sys.executable, "-c", _IMPORTS_AFTER, *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert "cannot reach coordinator" in loaded.stderr
+        last = loaded.stdout.splitlines()[-1]
+        assert "trio" not in last.split(), last
 
 
 def test_loose_secret_file_is_refused(tmp_path: Path) -> None:

@@ -14,10 +14,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.core import BATCH_RECORDS, RECENT_RUNS, AgentCore, AgentRun
+from agent.service import DRAIN_CHUNK
 from udpreach.control import RECEIPT, decode_receipts
 from udpreach.ledger import Ledger
 from udpreach.token import TokenCodec, derive_run_key
@@ -134,16 +136,24 @@ class Link:
         return out
 
 
-def transfer(probe: ProbeCore, run: AgentRun, link: Link, attempt: int) -> None:
-    for data, addr, port in link.carry(probe.send_round(attempt)):
-        run.on_datagram(data, addr, port)
+def transfer(
+    probe: ProbeCore, run: AgentRun, link: Link, attempt: int, batched: bool = False
+) -> None:
+    arrivals = link.carry(probe.send_round(attempt))
+    if batched:  # as the agent's drain() hands them over: recvfrom's pairs, in chunks
+        pairs = [(data, (addr, port)) for data, addr, port in arrivals]
+        for i in range(0, len(pairs), DRAIN_CHUNK):
+            run.on_datagrams(pairs[i : i + DRAIN_CHUNK])
+    else:
+        for data, addr, port in arrivals:
+            run.on_datagram(data, addr, port)
     for batch in run.take_batches():
         probe.on_receipts(batch)
 
 
-def sweep(probe: ProbeCore, run: AgentRun, link: Link, rounds: int) -> None:
+def sweep(probe: ProbeCore, run: AgentRun, link: Link, rounds: int, batched: bool = False) -> None:
     for attempt in range(1, rounds + 1):
-        transfer(probe, run, link, attempt)
+        transfer(probe, run, link, attempt, batched)
     probe.ledger.finish(complete=True)
 
 
@@ -249,20 +259,22 @@ def test_run_that_ends_early_leaves_unknown_not_blocked() -> None:
 # --- duplicates, replays, corruption --------------------------------------------------
 
 
-def test_duplicates_and_replays_are_never_credited_twice() -> None:
+@pytest.mark.parametrize("batched", [False, True])
+def test_duplicates_and_replays_are_never_credited_twice(batched: bool) -> None:
     core = AgentCore()
     probe, run = start(core, "dups", DSTS, SRCS)
     link = Link(seed=5, drop=0.3, duplicate=0.5, replay=0.2, reorder=True)
-    sweep(probe, run, link, rounds=5)
+    sweep(probe, run, link, rounds=5, batched=batched)
     check_against_ground_truth(probe, run, link)
     assert run.rejected["duplicate"] > 50  # the link really did duplicate and replay
 
 
-def test_corrupt_and_truncated_datagrams_are_never_credited() -> None:
+@pytest.mark.parametrize("batched", [False, True])
+def test_corrupt_and_truncated_datagrams_are_never_credited(batched: bool) -> None:
     core = AgentCore()
     probe, run = start(core, "corrupt", DSTS, SRCS, size=48)
     link = Link(seed=6, corrupt=0.3, truncate=0.2)
-    sweep(probe, run, link, rounds=4)
+    sweep(probe, run, link, rounds=4, batched=batched)
     check_against_ground_truth(probe, run, link)
     assert link.corrupted > 20
     assert link.truncated > 10
@@ -399,7 +411,8 @@ def test_partly_translated_ranges_split() -> None:
     assert got == [(1024, 1073, False), (1074, 1123, True)]
 
 
-def test_receipts_name_the_right_address_beyond_255_sources() -> None:
+@pytest.mark.parametrize("batched", [False, True])
+def test_receipts_name_the_right_address_beyond_255_sources(batched: bool) -> None:
     """More source addresses than one batch can name: every receipt keeps its own."""
     core = AgentCore()
     srcs = list(range(1024, 1624))
@@ -408,7 +421,7 @@ def test_receipts_name_the_right_address_beyond_255_sources() -> None:
     def where(s: int) -> tuple[str, int]:
         return (f"10.{s // 256 % 256}.{s % 256}.1", s)
 
-    sweep(probe, run, Link(seed=13, nat=where, reorder=True), rounds=1)
+    sweep(probe, run, Link(seed=13, nat=where, reorder=True), rounds=1, batched=batched)
     assert len(probe.credited) == len(srcs)
     for _dst, src, _attempt, addr, port in probe.credited:
         assert (addr, port) == where(src)
@@ -445,6 +458,7 @@ def test_big_batches_ask_for_a_flush() -> None:
     nat=st.booleans(),
     rounds=st.integers(1, 4),
     size=st.sampled_from([16, 33]),
+    batched=st.booleans(),
 )
 def test_any_link_credits_exactly_what_crossed(
     seed: int,
@@ -456,6 +470,7 @@ def test_any_link_credits_exactly_what_crossed(
     nat: bool,
     rounds: int,
     size: int,
+    batched: bool,
 ) -> None:
     core = AgentCore()
     probe, run = start(core, f"p{seed}", [5000, 5002], list(range(2000, 2030)), size)
@@ -469,7 +484,7 @@ def test_any_link_credits_exactly_what_crossed(
         reorder=True,
         nat=(lambda s: ("198.19.113.7", s ^ 0x4000)) if nat else None,
     )
-    sweep(probe, run, link, rounds)
+    sweep(probe, run, link, rounds, batched)
     check_against_ground_truth(probe, run, link)
     for r in probe.ledger.ranges():
         assert r["translated"] is (nat and r["verdict"] == "open")

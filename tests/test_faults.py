@@ -112,7 +112,7 @@ def test_coordinator_killed_mid_run_then_agent_comes_back(
         run = svc.spawn_run(*SLOW)
         (hit,) = wait_log(svc.probe_log, RUN_STARTED, timeout=30)
         run_id = hit.group(1)
-        time.sleep(2.5)
+        time.sleep(3.5)  # past the first mid-round checkpoint (runner.FIRST_CHECKPOINT)
         old = svc.probe
         assert old is not None
         old.kill()

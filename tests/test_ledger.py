@@ -255,6 +255,7 @@ class Model:
     received: dict[tuple[int, int], int] = field(default_factory=dict)
     first_receipt: dict[tuple[int, int], tuple[str, int]] = field(default_factory=dict)
     translated: set[tuple[int, int]] = field(default_factory=set)
+    first_attempt: dict[tuple[int, int], int] = field(default_factory=dict)
     settled_by: dict[tuple[int, int], tuple[str, Any]] = field(default_factory=dict)
 
 
@@ -263,13 +264,24 @@ src_sets = st.lists(st.integers(1024, 1040), min_size=1, max_size=14, unique=Tru
 icmps = st.sampled_from([PROHIBITED, UNREACHABLE, IcmpInfo(3, 10, "198.18.2.1")])
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.data(), dst_sets, src_sets, st.sampled_from([True, False, None]))
+@settings(max_examples=150, deadline=None)
+@given(st.data(), dst_sets, src_sets, st.sampled_from([True, False, None]), st.booleans())
 def test_ranges_property(
-    data: st.DataObject, dsts: list[int], srcs: list[int], complete: bool | None
+    data: st.DataObject, dsts: list[int], srcs: list[int], complete: bool | None, batched: bool
 ) -> None:
+    """Random evidence, fed one event at a time or (``batched``) through the batch calls."""
     led = Ledger(dsts, srcs)
     model = Model()
+    pending_receipts: list[tuple[int, int, int, int, int]] = []
+    addr_list = ["198.18.2.2", "198.19.113.9"]
+    fresh_expected: list[int] = []
+
+    def flush_receipts() -> None:
+        if pending_receipts:
+            assert led.note_receipts(pending_receipts, addr_list, 2) == fresh_expected
+            pending_receipts.clear()
+            fresh_expected.clear()
+
     any_dst = st.sampled_from([*dsts, 4999])
     any_src = st.sampled_from([*srcs, 1041])
     events = data.draw(
@@ -297,18 +309,29 @@ def test_ranges_property(
     )
     for ev in events:
         kind = ev[0]
+        if kind != "receipt":
+            flush_receipts()
         if kind == "sent":
             _, d, s = ev
-            led.note_sent(d, s)
+            if batched:
+                led.note_sent_many(d, [s])
+            else:
+                led.note_sent(d, s)
             model.sent[(d, s)] = model.sent.get((d, s), 0) + 1
         elif kind == "receipt":
             _, d, s, attempt, addr, nat = ev
             port = s + 20000 if nat else s
-            led.note_receipt(d, s, attempt, addr, port)
+            c = (d, s)
+            if batched:
+                pending_receipts.append((addr_list.index(addr), d, s, attempt, port))
+                if d in dsts and s in srcs and c not in model.first_receipt and attempt == 2:
+                    fresh_expected.append(s)
+            else:
+                led.note_receipt(d, s, attempt, addr, port)
             if d in dsts and s in srcs:
-                c = (d, s)
                 model.received[c] = model.received.get(c, 0) + 1
                 model.first_receipt.setdefault(c, (addr, port))
+                model.first_attempt[c] = min(attempt, model.first_attempt.get(c, attempt))
                 if nat:
                     model.translated.add(c)
         elif kind == "icmp":
@@ -321,6 +344,21 @@ def test_ranges_property(
             led.note_untested(s, reason, only)
             for d in dsts if only is None else only:
                 model.settled_by.setdefault((d, s), ("untested", reason))
+    flush_receipts()
+    hist: dict[int, int] = {}
+    for a in model.first_attempt.values():
+        hist[a] = hist.get(a, 0) + 1
+    assert led.first_attempt_histogram() == hist
+    unsettled = [
+        (d, s)
+        for d in dsts
+        for s in srcs
+        if (d, s) not in model.first_receipt and (d, s) not in model.settled_by
+    ]
+    assert led.unresolved() == unsettled
+    assert led.unresolved_count() == len(unsettled)
+    settled_cells = expand(led.ranges(settled_only=True))
+    assert settled_cells == [(d, s) for d in dsts for s in srcs if (d, s) not in unsettled]
     if complete is not None:
         led.finish(complete=complete)
 

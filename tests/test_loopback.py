@@ -190,3 +190,59 @@ async def test_busy_source_port_is_untested_not_blocked() -> None:
     assert doc["summary"]["untested"] == 1
     assert doc["summary"]["open"] == 4
     assert doc["summary"]["blocked"] == 0
+
+
+# -- the CLI's blocking client (no trio in the requesting process) -------------------------
+
+
+async def test_blocking_client_runs_lists_and_refuses_like_the_trio_client() -> None:
+    from functools import partial
+
+    from udpreach import blocking_client
+
+    with trio.fail_after(DEADLINE):
+        async with harness() as h:
+            host, port = h["host"], h["port"]
+            assert await h["coord"].wait_agent("lo-agent", 10) is not None
+            listed = await trio.to_thread.run_sync(blocking_client.list_agents, host, port, SECRET)
+            assert [a["name"] for a in listed] == ["lo-agent"]
+            progress: list[dict[str, Any]] = []
+            doc = await trio.to_thread.run_sync(
+                partial(
+                    blocking_client.request_run, host, port, SECRET, agent="lo-agent",
+                    plan={"src_ports": "20000-20999"}, wait=10, expect=None,
+                    on_progress=progress.append,
+                )
+            )  # fmt: skip
+            _check_contract(doc)
+            assert doc["summary"]["open"] == 1000
+            assert progress
+            with pytest.raises(AgentUnavailableError, match="no agent named"):
+                await trio.to_thread.run_sync(
+                    partial(
+                        blocking_client.request_run, host, port, SECRET, agent="nobody",
+                        plan={}, wait=0, expect=None, on_progress=lambda p: None,
+                    )
+                )  # fmt: skip
+            with pytest.raises(AuthError, match="does not know our secret"):
+                await trio.to_thread.run_sync(
+                    blocking_client.list_agents, host, port, b"not-the-right-secret-at-all"
+                )
+
+
+async def test_blocking_client_gives_up_on_a_silent_coordinator() -> None:
+    """A listener that accepts and never answers: the handshake times out, no hang."""
+    from udpreach import blocking_client
+    from udpreach.errors import UnreachableError
+
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    with trio.fail_after(DEADLINE), listener:
+        t0 = trio.current_time()
+        with pytest.raises(UnreachableError, match="handshake timed out"):
+            await trio.to_thread.run_sync(
+                blocking_client.connect_blocking, "127.0.0.1", port, SECRET, "control", 0.5
+            )
+        assert trio.current_time() - t0 < 5

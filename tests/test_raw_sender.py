@@ -10,12 +10,13 @@ import contextlib
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 import probe.raw
 from probe.raw import RawSender, make_sender, raw_available
-from probe.sender import BindSender, GroupResult, IcmpEvent
+from probe.sender import BindSender, CellBatch, GroupResult, IcmpEvent
 from udpreach.errors import ConfigError
 
 RAW4 = raw_available()
@@ -85,6 +86,17 @@ def collect(sender: RawSender, want: int, wait: float = WAIT) -> list[IcmpEvent]
     return events
 
 
+def by_dst(groups: list[tuple[int, list[tuple[int, bytes]]]]) -> CellBatch:
+    """The sender's batch form from per-source-port groups [(src, [(dst, payload)])]."""
+    out: dict[int, tuple[list[int], list[bytes]]] = {}
+    for src, items in groups:
+        for dst, payload in items:
+            srcs, payloads = out.setdefault(dst, ([], []))
+            srcs.append(src)
+            payloads.append(payload)
+    return out
+
+
 # -- IPv4 ---------------------------------------------------------------------------------
 
 
@@ -93,11 +105,11 @@ def test_raw_ipv4_delivers_exact_payloads_from_the_chosen_source_ports() -> None
     with udp(DST4) as rx, udp(SRC4) as busy, raw(SRC4, DST4) as sender:
         port = rx.getsockname()[1]
         busy_port = busy.getsockname()[1]  # bound on this host: bind mode could not use it
-        results = sender.send_many(
-            [(busy_port, [(port, b"from-a-busy-port")]), (1024, [(port, b"lowest-high")])]
+        results = sender.send_cells(
+            by_dst([(busy_port, [(port, b"from-a-busy-port")]), (1024, [(port, b"lowest-high")])])
         )
         single = sender.send_group(65535, [(port, b"highest" * 3)], 0.0)
-        assert results == [GroupResult([port]), GroupResult([port])]
+        assert results is None  # everything went out
         assert single == GroupResult([port])
         assert receive(rx, 3) == {
             b"from-a-busy-port": (SRC4, busy_port),
@@ -108,15 +120,26 @@ def test_raw_ipv4_delivers_exact_payloads_from_the_chosen_source_ports() -> None
 
 
 def test_bind_mode_cannot_use_the_busy_port_that_raw_mode_can() -> None:
-    with udp(SRC4) as busy:
+    with udp(SRC4) as busy, udp(DST4) as rx:
         bind = BindSender(SRC4, DST4)
+        busy_port, port = busy.getsockname()[1], rx.getsockname()[1]
         try:
-            result = bind.send_group(busy.getsockname()[1], [(9, b"x" * 16)], 0.0)
+            result = bind.send_group(busy_port, [(9, b"x" * 16)], 0.0)
+            free = closed_port(SRC4)
+            batch = by_dst([(free, [(port, b"y" * 16)]), (busy_port, [(port, b"z" * 16)])])
+            results = bind.send_cells(batch, 0.0)
+            bind.reap(1.0, everything=True)  # closes the lingering socket of ``free``
+            assert bind.send_cells(by_dst([(free, [(port, b"w" * 16)])]), 0.1) is None
+            assert receive(rx, 2) == {b"y" * 16: (SRC4, free), b"w" * 16: (SRC4, free)}
         finally:
             bind.close()
     assert result.sent == []
     assert result.untested is not None
     assert "in use" in result.untested
+    assert results is not None
+    assert dict(results)[free] == GroupResult([port])
+    assert dict(results)[busy_port].sent == []
+    assert "in use" in (dict(results)[busy_port].untested or "")
 
 
 @needs_raw4
@@ -125,8 +148,7 @@ def test_raw_ipv4_many_groups_many_destinations_in_one_batch() -> None:
         p1, p2 = rx1.getsockname()[1], rx2.getsockname()[1]
         srcs = range(20000, 20200)
         batch = [(s, [(p1, b"1:%d" % s), (p2, b"2:%d" % s)]) for s in srcs]
-        results = sender.send_many(batch)
-        assert all(r == GroupResult([p1, p2]) for r in results)
+        assert sender.send_cells(by_dst(batch)) is None
         assert sender.syscalls < 10  # batched, not one call per datagram
         assert receive(rx1, len(srcs)) == {b"1:%d" % s: (SRC4, s) for s in srcs}
         assert receive(rx2, len(srcs)) == {b"2:%d" % s: (SRC4, s) for s in srcs}
@@ -137,7 +159,9 @@ def test_raw_ipv4_port_unreachable_is_mapped_to_its_cell() -> None:
     dead = closed_port(DST4)
     with udp(DST4) as rx, raw(SRC4, DST4) as sender:
         live = rx.getsockname()[1]
-        sender.send_many([(3001, [(dead, b"a" * 16), (live, b"b" * 16)]), (3002, [(dead, b"c")])])
+        sender.send_cells(
+            by_dst([(3001, [(dead, b"a" * 16), (live, b"b" * 16)]), (3002, [(dead, b"c")])])
+        )
         events = collect(sender, want=2)
     assert sorted(events, key=lambda e: e.src_port) == [
         IcmpEvent(dst_port=dead, src_port=3001, type=3, code=3, sender=DST4),
@@ -170,19 +194,28 @@ def test_partial_batches_report_backpressure_and_refusals_per_group(
     # The kernel's answers, scripted: 1 sent then a refusal; then the rest runs out of buffer.
     answers = [(1, errno.EPERM), (1, errno.ENOBUFS)]
 
-    def fake_send(packets: list[bytes]) -> tuple[int, int]:
-        return answers.pop(0) if answers else (len(packets), 0)
+    def fake_send(packed: Any, start: int) -> tuple[int, int]:
+        return answers.pop(0) if answers else (len(packed.packets) - start, 0)
 
     with raw(SRC4, DST4) as sender:
-        monkeypatch.setattr(sender._tx, "send", fake_send)
+        monkeypatch.setattr(sender._tx, "send_packed", fake_send)
         # Packets go out grouped by destination port: (g0,7) (g1,7) (g2,7) (g0,8) (g2,8).
-        results = sender.send_many(
-            [(2000, [(7, b"a"), (8, b"b")]), (2001, [(7, b"c")]), (2002, [(7, b"d"), (8, b"e")])]
+        results = sender.send_cells(
+            by_dst(
+                [
+                    (2000, [(7, b"a"), (8, b"b")]),
+                    (2001, [(7, b"c")]),
+                    (2002, [(7, b"d"), (8, b"e")]),
+                ]
+            )
         )
-    assert results[0] == GroupResult([7], backpressure=True)
-    assert results[1].sent == []
-    assert results[1].untested == "sending refused on the probe host (local firewall)"
-    assert results[2] == GroupResult([7], backpressure=True)
+    assert results is not None
+    assert [src for src, _ in results] == [2000, 2001, 2002]
+    got = dict(results)
+    assert got[2000] == GroupResult([7], backpressure=True)
+    assert got[2001].sent == []
+    assert got[2001].untested == "sending refused on the probe host (local firewall)"
+    assert got[2002] == GroupResult([7], backpressure=True)
 
 
 @needs_raw4
@@ -192,7 +225,7 @@ def test_closed_sender_sends_nothing_reaps_nothing_and_closes_twice() -> None:
     sender.close()
     assert sender.reap(0.0, everything=True) == []
     with pytest.raises(OSError, match="closed"):
-        sender.send_many([(2000, [(9, b"x")])])
+        sender.send_cells(by_dst([(2000, [(9, b"x")])]))
     with pytest.raises(OSError, match="closed"):
         sender.send_group(2000, [(9, b"x")], 0.0)
 
@@ -207,10 +240,12 @@ def test_raw_ipv6_delivers_and_maps_port_unreachable() -> None:
     with udp("::1") as rx, udp("::1") as busy, raw("::1", "::1") as sender:
         port = rx.getsockname()[1]
         busy_port = busy.getsockname()[1]
-        results = sender.send_many(
-            [(busy_port, [(port, b"six-busy"), (dead, b"x" * 16)]), (40000, [(port, b"six")])]
+        results = sender.send_cells(
+            by_dst(
+                [(busy_port, [(port, b"six-busy"), (dead, b"x" * 16)]), (40000, [(port, b"six")])]
+            )
         )
-        assert results == [GroupResult([port, dead]), GroupResult([port])]
+        assert results is None
         got = receive(rx, 2)
         events = collect(sender, want=1)
     assert got == {b"six-busy": ("::1", busy_port), b"six": ("::1", 40000)}

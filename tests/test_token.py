@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import random
+import struct
 
 import pytest
 from hypothesis import given, settings
@@ -162,3 +165,105 @@ def _apply(good: bytes, edits: list[tuple[int, int]]) -> bytes:
     for pos, value in edits:
         out[pos] = value
     return bytes(out)
+
+
+# --- the bulk paths: encode_many and check_many ----------------------------------------
+
+
+def _reference_verify(run_key: bytes, size: int, data: bytes) -> Cell | Reject:
+    """``verify`` as it was written before the bulk paths, from the layout alone."""
+    if len(data) != size:
+        return Reject.MALFORMED
+    mac = hashlib.blake2b(data[:8] + data[16:], key=run_key, digest_size=8).digest()
+    if not hmac.compare_digest(mac, data[8:16]) or data[7] == 0:
+        return Reject.BAD_MAC
+    return Cell(int.from_bytes(data[3:5], "big"), int.from_bytes(data[5:7], "big"), data[7])
+
+
+@settings(max_examples=300)
+@given(
+    key=st.binary(min_size=32, max_size=32),
+    size=st.sampled_from([16, 17, 40, 200]),
+    dst=st.integers(0, 65535),
+    srcs=st.lists(st.integers(0, 65535), max_size=40)
+    | st.lists(st.sampled_from([0, 1, 255, 256, 65534, 65535]), max_size=10),
+    attempt=st.integers(1, 255),
+)
+def test_encode_many_is_encode_for_each(
+    key: bytes, size: int, dst: int, srcs: list[int], attempt: int
+) -> None:
+    codec = TokenCodec(key, size)
+    got = codec.encode_many(dst, srcs, attempt)
+    assert got == [codec.encode(dst, s, attempt) for s in srcs]
+    for s, data in zip(srcs, got, strict=True):
+        assert _reference_verify(key, size, data) == Cell(dst, s, attempt)
+
+
+def test_encode_many_takes_any_sequence() -> None:
+    codec = TokenCodec(KEY, 33)
+    want = [codec.encode(5000, s, 9) for s in range(1020, 1030)]
+    assert codec.encode_many(5000, range(1020, 1030), 9) == want
+    assert codec.encode_many(5000, tuple(range(1020, 1030)), 9) == want
+    assert codec.encode_many(5000, [], 9) == []
+
+
+@pytest.mark.parametrize(
+    ("dst", "srcs", "attempt", "match"),
+    [
+        (5000, [1024], 0, "attempt"),
+        (5000, [1024], 256, "attempt"),
+        (5000, [1024], -1, "attempt"),
+        (-1, [1024], 1, "destination port"),
+        (65536, [1024], 1, "destination port"),
+        (5000, [1024, -1, 1025], 1, "source port must be 0-65535, got -1"),
+        (5000, [1024, 65536], 1, "source port must be 0-65535, got 65536"),
+    ],
+)
+def test_encode_many_refuses_what_cannot_be_encoded(
+    dst: int, srcs: list[int], attempt: int, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        TokenCodec(KEY).encode_many(dst, srcs, attempt)
+
+
+def test_encode_refuses_out_of_range_as_before() -> None:
+    codec = TokenCodec(KEY)
+    for args in [(65536, 1, 1), (1, -1, 1), (1, 1, 256)]:
+        with pytest.raises(struct.error):
+            codec.encode(*args)
+
+
+@settings(max_examples=200)
+@given(
+    size=st.sampled_from([16, 17, 40]),
+    cells=st.lists(
+        st.tuples(st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 255)),
+        max_size=12,
+    ),
+    noise=st.lists(st.binary(max_size=48), max_size=12),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 7)), max_size=12),
+    seed=st.integers(0, 2**16),
+)
+def test_check_many_and_verify_agree_with_the_reference(
+    size: int,
+    cells: list[tuple[int, int, int]],
+    noise: list[bytes],
+    flips: list[tuple[int, int]],
+    seed: int,
+) -> None:
+    codec, other = TokenCodec(KEY, size), TokenCodec(OTHER_KEY, size)
+    genuine = [codec.encode(*c) for c in cells]  # attempt 0 included: a bad MAC
+    flipped = []
+    for i, (pos, bit) in enumerate(flips):
+        if genuine:
+            bad = bytearray(genuine[i % len(genuine)])
+            bad[pos % size] ^= 1 << bit
+            flipped.append(bytes(bad))
+    datagrams = genuine + noise + flipped + [other.encode(*c) for c in cells if c[2]]
+    datagrams += [d[:-1] for d in genuine] + [d + b"\0" for d in genuine]
+    random.Random(seed).shuffle(datagrams)
+    want = [_reference_verify(KEY, size, d) for d in datagrams]
+    assert [codec.verify(d) for d in datagrams] == want
+    assert codec.check_many(datagrams) == [None if isinstance(w, Cell) else w for w in want]
+    assert [codec.check(d) for d in datagrams] == codec.check_many(iter(datagrams))
+    assert [codec.owns(d) for d in datagrams] == [isinstance(w, Cell) for w in want]

@@ -164,8 +164,10 @@ else:
     sender = RawSender(src, dst)
 t0 = time.perf_counter()
 if kind == "raw-many":
+    srcs = [sp for sp, _ in batch]
+    payloads = [items[0][1] for _, items in batch]
     for i in range(0, len(batch), 512):
-        sender.send_many(batch[i : i + 512])
+        sender.send_cells({port: (srcs[i : i + 512], payloads[i : i + 512])})
 else:
     for i, (sp, items) in enumerate(batch):
         sender.send_group(sp, items, 0.0)
@@ -796,7 +798,7 @@ class Bench:
                 label = {
                     "bind": "BindSender.send_group alone",
                     "raw-group": "RawSender.send_group alone",
-                    "raw-many": "RawSender.send_many alone",
+                    "raw-many": "RawSender.send_cells alone",
                 }[kind]
                 sender_jobs.append(
                     (

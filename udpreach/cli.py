@@ -7,6 +7,7 @@ configuration, 3 could not complete); no traceback ever reaches the user.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -379,21 +380,37 @@ def _do_run(
     entries: list[Any],
     quiet: bool,
 ) -> dict[str, Any]:
-    import trio
+    from udpreach.blocking_client import request_run
+
+    progress, on_progress = _progress_bar()
+    with progress:
+        return request_run(
+            host,
+            port,
+            secret,
+            agent=agent,
+            plan=plan,
+            wait=wait,
+            expect=[e.to_json() for e in entries],
+            on_progress=on_progress,
+        )
+
+
+def _progress_bar() -> tuple[Any, Callable[[dict[str, Any]], None]]:
+    """A live progress bar on stderr when it is a terminal; otherwise nothing at all (and
+    rich's progress machinery is not even imported: scripts and CI start faster)."""
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext(), lambda p: None
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from udpreach.client import request_run
-
-    console = _err_console()
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         TextColumn("{task.completed:,}/{task.total:,} cells settled"),
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
-        console=console,
+        console=_err_console(),
         transient=True,
-        disable=not console.is_terminal,
     )
     task = progress.add_task("sweep", total=None, info="")
 
@@ -406,26 +423,7 @@ def _do_run(
             info=f"{p.get('sent', 0):,} sent, {p.get('open', 0):,} open, {p.get('rate', 0):,}/s",
         )
 
-    async def main() -> dict[str, Any]:
-        with progress:
-            return await request_run(
-                host,
-                port,
-                secret,
-                agent=agent,
-                plan=plan,
-                wait=wait,
-                expect=[e.to_json() for e in entries],
-                on_progress=on_progress,
-            )
-
-    try:
-        return trio.run(main)
-    except* UdpreachError as group:
-        exc = group.exceptions[0]
-        while isinstance(exc, BaseExceptionGroup):
-            exc = exc.exceptions[0]
-        raise exc from None
+    return progress, on_progress
 
 
 def _emit_run(
@@ -438,18 +436,19 @@ def _emit_run(
     html: Path | None,
 ) -> None:
     """Print a run document, write the requested files, and exit with the run's status."""
-    from rich.console import Console
-
-    from udpreach.report import render_run
-
     if as_json:
         sys.stdout.write(json.dumps(doc) + "\n")
         sys.stdout.flush()
     else:
-        render_run(doc, Console(highlight=False))
-    from udpreach.exports import write_reports
+        from rich.console import Console
 
-    guarded(lambda: write_reports(doc, entries, junit, markdown, csv_out, html))
+        from udpreach.report import render_run
+
+        render_run(doc, Console(highlight=False))
+    if junit or markdown or csv_out or html:
+        from udpreach.exports import write_reports
+
+        guarded(lambda: write_reports(doc, entries, junit, markdown, csv_out, html))
     if not doc.get("complete"):
         fail("the run ended before every cell was settled (unsettled cells are 'unknown')", 3)
     if doc.get("deviations"):
@@ -465,26 +464,21 @@ def agents(
     as_json: JsonOpt = False,
 ) -> None:
     """List the agents registered with the coordinator."""
-    import trio
-    from rich.console import Console
-
-    from udpreach.client import list_agents
-    from udpreach.report import render_agents
+    from udpreach.blocking_client import list_agents
     from udpreach.secret import load_secret
 
     def go() -> list[dict[str, Any]]:
         host, port = parse_endpoint(coordinator, "--coordinator")
-        secret = load_secret(secret_file)
-        try:
-            return trio.run(list_agents, host, port, secret)
-        except* UdpreachError as group:
-            exc = group.exceptions[0]
-            raise exc from None
+        return list_agents(host, port, load_secret(secret_file))
 
     found = guarded(go)
     if as_json:
         sys.stdout.write(json.dumps({"agents": found}) + "\n")
     else:
+        from rich.console import Console
+
+        from udpreach.report import render_agents
+
         render_agents(found, Console(highlight=False))
 
 

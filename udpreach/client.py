@@ -1,23 +1,25 @@
-"""The requesting side of the control channel: ``udpreach run`` and ``udpreach agents``."""
+"""The requesting side of the control channel for trio programs (the tests, library use).
+
+The CLI uses the blocking twin in ``udpreach.blocking_client`` (no trio import at start-up);
+both interpret the coordinator's answers with the same sans-IO ``RunReply``.
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
-from udpreach.channel import connect
-from udpreach.errors import (
-    AgentUnavailableError,
-    ConfigError,
-    ProtocolError,
-    UnreachableError,
+from udpreach.blocking_client import (
+    CONNECT_TIMEOUT,
+    STALL_TIMEOUT,
+    RunReply,
+    agents_from,
+    run_request,
 )
-
-CONNECT_TIMEOUT = 10.0
-STALL_TIMEOUT = 60.0  # no word from the coordinator for this long during a run: give up
+from udpreach.channel import connect
+from udpreach.errors import UnreachableError
 
 
 async def list_agents(host: str, port: int, secret: bytes) -> list[dict[str, Any]]:
@@ -30,10 +32,7 @@ async def list_agents(host: str, port: int, secret: bytes) -> list[dict[str, Any
         raise UnreachableError("coordinator did not answer the agents request") from None
     finally:
         await chan.aclose()
-    agents = msg.body.get("agents")
-    if msg.type != "agents" or not isinstance(agents, list):
-        raise ProtocolError("unexpected answer to the agents request")
-    return agents
+    return agents_from(msg)
 
 
 async def request_run(
@@ -56,40 +55,20 @@ async def request_run(
     """
     chan = await connect(host, port, secret, "control", CONNECT_TIMEOUT)
     try:
-        await chan.send(
-            {"type": "run", "agent": agent, "plan": plan, "wait": wait, "expect": expect or []}
-        )
-        parts: list[str] = []
-        deadline = STALL_TIMEOUT + wait
+        await chan.send(run_request(agent, plan, wait, expect))
+        reply = RunReply(on_progress)
+        stall = STALL_TIMEOUT + wait
         while True:
             try:
-                with trio.fail_after(deadline):
+                with trio.fail_after(stall):
                     msg = await chan.next_message()
             except trio.TooSlowError:
                 raise UnreachableError(
-                    f"coordinator sent nothing for {deadline:g}s during the run"
+                    f"coordinator sent nothing for {stall:g}s during the run"
                 ) from None
-            deadline = STALL_TIMEOUT
-            body = msg.body
-            if msg.type == "progress":
-                on_progress(body)
-            elif msg.type == "result_part":
-                parts.append(str(body.get("data", "")))
-            elif msg.type == "result_end":
-                try:
-                    doc = json.loads("".join(parts))
-                except ValueError:
-                    raise ProtocolError("coordinator sent a malformed result") from None
-                if not isinstance(doc, dict):
-                    raise ProtocolError("coordinator sent a malformed result")
+            stall = STALL_TIMEOUT
+            doc = reply.feed(msg)
+            if doc is not None:
                 return doc
-            elif msg.type == "error":
-                code = body.get("code")
-                text = str(body.get("message", "refused"))
-                if code == "bad_plan":
-                    raise ConfigError(text)
-                if code in ("unknown_agent", "busy"):
-                    raise AgentUnavailableError(text)
-                raise UnreachableError(f"coordinator: {text}")
     finally:
         await chan.aclose()

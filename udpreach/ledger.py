@@ -18,13 +18,17 @@ exactly as the contract's ``ranges`` list wants them.
 
 from __future__ import annotations
 
+import re
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from itertools import compress, groupby
 from typing import Any
 
 SLOTS = 65536
+_RUNS = re.compile(rb"(.)\1*", re.DOTALL)  # maximal runs of one byte value
+_SKIP = 0xFF  # a key byte for slots that belong in no range (unplanned, or left out)
 
 
 class Verdict(StrEnum):
@@ -41,6 +45,20 @@ PENDING = 0
 _CODE = {Verdict.OPEN: 1, Verdict.BLOCKED: 2, Verdict.REJECTED: 3, Verdict.UNTESTED: 4}
 _CODE_UNKNOWN = 5
 _NAME = {1: "open", 2: "blocked", 3: "rejected", 4: "untested", 5: "unknown", 0: "unknown"}
+
+
+def _table(mapping: dict[int, int], default: int | None = None) -> bytes:
+    """A ``bytes.translate`` table: ``mapping`` where given, else identity (or ``default``)."""
+    return bytes(mapping.get(i, i if default is None else default) for i in range(256))
+
+
+def _and(a: bytes | bytearray, b: bytes | bytearray) -> bytes:
+    """Byte-wise AND of two equally long byte strings, at C speed."""
+    n = len(a)
+    return (int.from_bytes(a, "little") & int.from_bytes(b, "little")).to_bytes(n, "little")
+
+
+_IS_PENDING = _table({PENDING: 1}, default=0)  # state -> 1 where pending, else 0
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,9 @@ class Ledger:
         self._planned_src = bytearray(SLOTS)
         for s in self.src_ports:
             self._planned_src[s] = 1
+        # Byte masks over the 65,536 source-port slots, for the C-speed queries below.
+        self._planned_ff = bytes(self._planned_src.translate(_table({1: 0xFF}, default=0)))
+        self._unplanned_ff = bytes(self._planned_src.translate(_table({0: 0xFF}, default=0)))
         self._icmp: list[IcmpInfo | None] = [None]
         self._icmp_index: dict[IcmpInfo, int] = {}
         self._addrs: list[str] = [""]
@@ -102,6 +123,79 @@ class Ledger:
         if col.sent[src] < 0xFFFF:
             col.sent[src] += 1
         self.sent_total += 1
+
+    def note_sent_many(self, dst: int, srcs: Iterable[int]) -> None:
+        """One more attempt sent for each cell (dst, s) of ``srcs``."""
+        sent = self._cols[dst].sent
+        n = 0
+        for s in srcs:
+            c = sent[s]
+            if c < 0xFFFF:
+                sent[s] = c + 1
+            n += 1
+        self.sent_total += n
+
+    def note_receipts(
+        self,
+        records: Iterable[tuple[int, int, int, int, int]],
+        addrs: Sequence[str],
+        attempt_of_interest: int,
+    ) -> list[int]:
+        """Credit a batch of receipts ``(addr index, dst, src, attempt, observed port)``.
+
+        The batch form of :meth:`note_receipt` (same effect, record by record), for the
+        coordinator's hot path. An address index past ``addrs`` names the address ``"?"``.
+
+        Returns:
+            the source ports of the cells this batch credited for the first time with
+            ``attempt == attempt_of_interest`` (the runner's per-window delivery count).
+        """
+        cols = self._cols
+        planned = self._planned_src
+        idx = [self._addr_idx(a) for a in addrs]
+        unknown_addr = -1
+        fresh: list[int] = []
+        open_code = _CODE[Verdict.OPEN]
+        unplanned = received = opened = settled = 0
+        for ai, dst, src, attempt, port in records:
+            col = cols.get(dst)
+            if col is None or not planned[src]:
+                unplanned += 1
+                continue
+            received += 1
+            rc = col.received
+            r = rc[src]
+            if r < 0xFFFF:
+                rc[src] = r + 1
+            if port != src:
+                col.xlat[src] = 1
+            first = col.first
+            f = first[src]
+            if f == 0:
+                first[src] = min(attempt, 255)
+                if ai < len(idx):
+                    col.obs_addr[src] = idx[ai]
+                else:
+                    if unknown_addr < 0:
+                        unknown_addr = self._addr_idx("?")
+                    col.obs_addr[src] = unknown_addr
+                col.obs_port[src] = port
+                if attempt == attempt_of_interest:
+                    fresh.append(src)
+            elif attempt < f:
+                first[src] = attempt
+            state = col.state
+            st = state[src]
+            if st != open_code:
+                if st == PENDING:
+                    settled += 1
+                state[src] = open_code
+                opened += 1
+        self.unplanned_receipts += unplanned
+        self.received_total += received
+        self.open += opened
+        self.settled += settled
+        return fresh
 
     def note_receipt(self, dst: int, src: int, attempt: int, addr: str, port: int) -> bool:
         """Credit one authenticated, de-duplicated datagram. Returns True if the cell is new."""
@@ -145,10 +239,12 @@ class Ledger:
         """Return to pending every rejected cell whose ICMP error *unreliable* disowns
         (port-unreachable from the agent's own host once the agent has died). How many."""
         rejected = _CODE[Verdict.REJECTED]
+        is_rejected = _table({rejected: 1}, default=0)
         n = 0
         for d in self.dst_ports:
             col = self._cols[d]
-            for s in self.src_ports:
+            mask = _and(col.state.translate(is_rejected), self._planned_src)
+            for s in compress(range(SLOTS), mask):
                 if col.state[s] == rejected:
                     info = self._icmp[col.icmp[s]]
                     if info is not None and unreliable(info):
@@ -189,13 +285,24 @@ class Ledger:
 
     # -- queries ------------------------------------------------------------------------
 
+    def _pending_mask(self, dst: int) -> bytes:
+        """1 at each planned source port whose cell (dst, s) is pending, else 0."""
+        return _and(self._cols[dst].state.translate(_IS_PENDING), self._planned_src)
+
+    def unresolved_srcs(self, dst: int) -> list[int]:
+        """Source ports of the pending cells of one destination port, ascending."""
+        return list(compress(range(SLOTS), self._pending_mask(dst)))
+
+    def unresolved_count(self) -> int:
+        return sum(self._pending_mask(d).count(1) for d in self.dst_ports)
+
     def unresolved(self) -> list[tuple[int, int]]:
         """Pending cells (no receipt, no ICMP, not untested), as (dst, src) pairs."""
-        out: list[tuple[int, int]] = []
-        for d in self.dst_ports:
-            st = self._cols[d].state
-            out.extend((d, s) for s in self.src_ports if st[s] == PENDING)
-        return out
+        return [(d, s) for d in self.dst_ports for s in self.unresolved_srcs(d)]
+
+    def sent_column(self, dst: int) -> array[int]:
+        """Attempts sent per source port to ``dst`` (read-only use: the runner's filter)."""
+        return self._cols[dst].sent
 
     def attempts(self, dst: int, src: int) -> int:
         return self._cols[dst].sent[src]
@@ -207,11 +314,11 @@ class Ledger:
         """How many credited cells were first seen at each attempt number."""
         hist: dict[int, int] = {}
         for d in self.dst_ports:
-            first = self._cols[d].first
-            for s in self.src_ports:
-                a = first[s]
-                if a:
-                    hist[a] = hist.get(a, 0) + 1
+            first = _and(self._cols[d].first, self._planned_ff)
+            for a in range(1, max(first) + 1):
+                k = first.count(a)
+                if k:
+                    hist[a] = hist.get(a, 0) + k
         return hist
 
     def observed_addresses(self) -> list[str]:
@@ -222,18 +329,24 @@ class Ledger:
         final = _CODE[Verdict.BLOCKED] if complete else _CODE_UNKNOWN
         for d in self.dst_ports:
             st = self._cols[d].state
-            for s in self.src_ports:
-                if st[s] == PENDING:
-                    st[s] = final
+            # Each pending byte is 1 in the mask; times ``final`` (< 256) it becomes ``final``
+            # without carrying into its neighbours, and OR puts it where the 0 was.
+            fill = int.from_bytes(self._pending_mask(d), "little") * final
+            st[:] = (int.from_bytes(st, "little") | fill).to_bytes(SLOTS, "little")
         self.settled = self.cells
         self.closed = True
 
     def summary(self) -> dict[str, int]:
         counts = dict.fromkeys(VERDICTS, 0)
+        per_dst = len(self.src_ports)
         for d in self.dst_ports:
-            st = self._cols[d].state
-            for s in self.src_ports:
-                counts[_NAME[st[s]]] += 1
+            st = _and(self._cols[d].state, self._planned_ff)
+            seen = 0
+            for code in (1, 2, 3, 4, _CODE_UNKNOWN):
+                k = st.count(code)
+                counts[_NAME[code]] += k
+                seen += k
+            counts["unknown"] += per_dst - seen  # pending cells of an unfinished ledger
         return {"cells": self.cells, **counts}
 
     def ranges(self, *, settled_only: bool = False) -> list[dict[str, Any]]:
@@ -246,61 +359,54 @@ class Ledger:
         return list(self._iter_ranges(settled_only))
 
     def _iter_ranges(self, settled_only: bool) -> Iterator[dict[str, Any]]:
-        srcs = self.src_ports
+        # One key byte per source-port slot: the verdict code in bits 0-2, the translated
+        # flag in bit 3, _SKIP for slots in no range. Maximal runs of equal key bytes are
+        # found by the regex engine; only rejected and untested runs are split further,
+        # by ICMP error and by reason. Sums and extremes over a run are C-speed slices.
+        pending_to = _table({PENDING: _SKIP if settled_only else _CODE_UNKNOWN})
+        unplanned = int.from_bytes(self._unplanned_ff, "little")
         for d in self.dst_ports:
             col = self._cols[d]
-            st, xl, ic = col.state, col.xlat, col.icmp
-            cur: list[Any] | None = None  # [first, last, key, sent, received, obs...]
-            for s in srcs:
-                code = st[s]
-                if settled_only and code == PENDING:
-                    if cur is not None:
-                        yield self._range_doc(d, cur)
-                        cur = None
+            key = int.from_bytes(col.state.translate(pending_to), "little")
+            key |= int.from_bytes(col.xlat, "little") << 3  # 0/1 bytes: no carry
+            keys = (key | unplanned).to_bytes(SLOTS, "little")
+            for m in _RUNS.finditer(keys):
+                k = keys[m.start()]
+                if k == _SKIP:
                     continue
-                key = (
-                    code or _CODE_UNKNOWN,
-                    xl[s],
-                    ic[s] if code == 3 else 0,
-                    self._reasons.get((d, s)) if code == 4 else None,
-                )
-                if cur is not None and cur[1] + 1 == s and cur[2] == key:
-                    cur[1] = s
-                    cur[3] += col.sent[s]
-                    cur[4] += col.received[s]
-                    if col.first[s]:
-                        self._widen(cur, col, s)
+                code, xlat = k & 7, k >> 3
+                first, end = m.start(), m.end()
+                if code == 3:
+                    for icmp_i, group in groupby(range(first, end), col.icmp.__getitem__):
+                        cells = list(group)
+                        yield self._range(d, col, cells[0], cells[-1] + 1, code, xlat, icmp_i)
+                elif code == 4:
+                    reason_of = {s: r for (rd, s), r in self._reasons.items() if rd == d}
+                    for reason, group in groupby(range(first, end), reason_of.get):
+                        cells = list(group)
+                        yield self._range(d, col, cells[0], cells[-1] + 1, code, xlat, 0, reason)
                 else:
-                    if cur is not None:
-                        yield self._range_doc(d, cur)
-                    cur = [s, s, key, col.sent[s], col.received[s], None, 0, 0]
-                    if col.first[s]:
-                        self._widen(cur, col, s)
-            if cur is not None:
-                yield self._range_doc(d, cur)
+                    yield self._range(d, col, first, end, code, xlat)
 
-    @staticmethod
-    def _widen(cur: list[Any], col: _Column, s: int) -> None:
-        port = col.obs_port[s]
-        addr = col.obs_addr[s]
-        if cur[5] is None:
-            cur[5] = {addr}
-            cur[6] = cur[7] = port
-        else:
-            cur[5].add(addr)
-            cur[6] = min(cur[6], port)
-            cur[7] = max(cur[7], port)
-
-    def _range_doc(self, dst: int, cur: list[Any]) -> dict[str, Any]:
-        code, xlat, icmp_i, reason = cur[2]
+    def _range(
+        self,
+        dst: int,
+        col: _Column,
+        first: int,
+        end: int,
+        code: int,
+        xlat: int,
+        icmp_i: int = 0,
+        reason: str | None = None,
+    ) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "dst_port": dst,
-            "first": cur[0],
-            "last": cur[1],
+            "first": first,
+            "last": end - 1,
             "verdict": _NAME[code],
             "translated": bool(xlat),
-            "sent": cur[3],
-            "received": cur[4],
+            "sent": sum(col.sent[first:end]),
+            "received": sum(col.received[first:end]),
         }
         if code == 3:
             info = self._icmp[icmp_i]
@@ -308,10 +414,11 @@ class Ledger:
                 doc["icmp"] = info.as_json()
         if code == 4:
             doc["reason"] = reason or "could not send"
-        if cur[5] is not None:
+        if code == 1:  # exactly the credited cells (first > 0) are open
+            ports = col.obs_port[first:end]
             doc["observed"] = {
-                "addresses": sorted(self._addrs[i] for i in cur[5] if i),
-                "first_port": cur[6],
-                "last_port": cur[7],
+                "addresses": sorted(self._addrs[i] for i in set(col.obs_addr[first:end]) if i),
+                "first_port": min(ports),
+                "last_port": max(ports),
             }
         return doc

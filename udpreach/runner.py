@@ -43,6 +43,7 @@ REPLY_TIMEOUT = 10.0
 PROGRESS_EVERY = 0.1
 PORT_UNREACHABLE = ((3, 3), (1, 4))  # ICMP, ICMPv6
 CHECKPOINT_EVERY = 2.0  # seconds between store checkpoints in the middle of a round
+FIRST_CHECKPOINT = 2.0  # seconds into a run before the first mid-round checkpoint
 RETRY_LOSS_LIMIT = 0.25  # per-round loss above which retries slow down
 MIN_EVIDENCE = 50  # cells first seen in a round before its loss ratio means anything
 TICK_EVERY = 10.0  # a one-way "still here" to the agent during long rounds
@@ -134,17 +135,13 @@ class RunExecution:
         if run_id != self.run_id:
             self.facts.stale_receipts += len(recs) // RECEIPT.size
             return
-        ledger = self.ledger
-        rnd = self._round
+        fresh = self.ledger.note_receipts(RECEIPT.iter_unpack(recs), addrs, self._round)
         wins = self._windows
         win_of = self._win_of_src
-        naddr = len(addrs)
-        for ai, dst, src, attempt, port in RECEIPT.iter_unpack(recs):
-            addr = addrs[ai] if ai < naddr else "?"
-            if ledger.note_receipt(dst, src, attempt, addr, port) and attempt == rnd:
-                w = win_of[src]
-                if 0 <= w < len(wins):
-                    wins[w].delivered += 1
+        for src in fresh:  # cells first seen in this round: the pacer's delivery count
+            w = win_of[src]
+            if 0 <= w < len(wins):
+                wins[w].delivered += 1
 
     # -- control-channel helpers ----------------------------------------------------------
 
@@ -282,6 +279,9 @@ class RunExecution:
             "run_ready", REPLY_TIMEOUT, lambda b: b.get("run_id") == self.run_id
         )
         self.rtt = max(0.0005, trio.current_time() - t0)
+        # No mid-round checkpoint in the first seconds: a short sweep is checkpointed at the
+        # end of its rounds, not while its settled cells are scattered (thousands of ranges).
+        self._next_checkpoint = trio.current_time() + FIRST_CHECKPOINT
         try:
             nonce_a = bytes.fromhex(str(body.get("nonce", "")))
         except ValueError:
@@ -299,13 +299,29 @@ class RunExecution:
             self.source,
         )
 
-    def _cells_by_src(self, attempt: int) -> dict[int, list[int]]:
+    def _cells_to_send(self, attempt: int) -> tuple[list[int], dict[int, list[int]]]:
+        """The cells still owed attempt number ``attempt``.
+
+        Returns:
+            the source ports, and for those that do not go to every planned destination
+            port, the destination ports they go to (usually empty: a source port's cells
+            tend to share their fate).
+        """
         led = self.ledger
-        out: dict[int, list[int]] = {}
-        for dst, src in led.unresolved():
-            if led.attempts(dst, src) < attempt:
-                out.setdefault(src, []).append(dst)
-        return out
+        dsts = self.plan.dst_ports
+        owed: dict[int, list[int]] = {}
+        for d in dsts:
+            sent = led.sent_column(d)
+            owed[d] = [s for s in led.unresolved_srcs(d) if sent[s] < attempt]
+        first = owed[dsts[0]]
+        if all(owed[d] == first for d in dsts[1:]):
+            return list(first), {}
+        only: dict[int, list[int]] = {}
+        for d in dsts:
+            for s in owed[d]:
+                only.setdefault(s, []).append(d)
+        full = len(dsts)
+        return list(only), {s: ds for s, ds in only.items() if len(ds) != full}
 
     async def _rounds(self, sender: Any) -> None:
         plan = self.plan
@@ -317,10 +333,12 @@ class RunExecution:
         opened_before = 0  # cells first seen in the previous round
         while True:
             attempt += 1
-            groups = self._cells_by_src(attempt)
-            if not groups:
+            srcs, only = self._cells_to_send(attempt)
+            if not srcs:
                 break
-            need = sum(len(d) for d in groups.values())
+            need = len(srcs) * len(plan.dst_ports) - sum(
+                len(plan.dst_ports) - len(ds) for ds in only.values()
+            )
             if self.max_datagrams is not None and led.sent_total + need > self.max_datagrams:
                 self.facts.warnings.append(
                     f"stopped after {attempt - 1} attempt(s) per cell: another round would pass "
@@ -332,16 +350,13 @@ class RunExecution:
             self._round = attempt
             self.facts.rounds += 1
             self.facts.max_attempt = attempt
-            srcs = list(groups)
             self.rng.shuffle(srcs)
             t0 = trio.current_time()
             open_at_start = led.open if attempt > 1 else 0
             # Only the first round sends to a random sample of the whole plan, so only there
             # does the pilot's delivery ratio apply; retries go to a population that is mostly
             # blocked and keep the rate the first round found.
-            await self._send_round(
-                sender, srcs, groups, attempt, self.pacer.rate, judge=attempt == 1
-            )
+            await self._send_round(sender, srcs, only, attempt, self.pacer.rate, judge=attempt == 1)
             t1 = trio.current_time()
             self.lifecycle.move("settle")
             await self._settle(sender)
@@ -361,7 +376,7 @@ class RunExecution:
             if self.store is not None:
                 self.store.checkpoint(self.run_id, led.ranges(settled_only=True))
             await self._report(force=True)
-            remaining = len(led.unresolved())
+            remaining = led.unresolved_count()
             est = estimate_loss(led.first_attempt_histogram())
             self.facts.loss = est
             if remaining == 0:
@@ -412,9 +427,8 @@ class RunExecution:
         per = len(self.plan.dst_ports)
         k = max(1, PILOT_CELLS // per)
         sample = self.rng.sample(srcs, min(k, len(srcs)))
-        groups = {s: list(self.plan.dst_ports) for s in sample}
         self._round = 1
-        await self._send_round(sender, sample, groups, 1, self.pacer.pilot_rate, judge=False)
+        await self._send_round(sender, list(sample), {}, 1, self.pacer.pilot_rate, judge=False)
         await self._settle(sender)
         delivered = sum(
             1 for s in sample for d in self.plan.dst_ports if led.verdict(d, s) == "open"
@@ -426,18 +440,22 @@ class RunExecution:
         self,
         sender: Any,
         srcs: list[int],
-        groups: dict[int, list[int]],
+        only: dict[int, list[int]],
         attempt: int,
         start_rate: float,
         *,
         judge: bool = True,
     ) -> None:
-        """Send one attempt to the given cells; while sending, judge finished windows."""
+        """Send one attempt to the given cells; while sending, judge finished windows.
+
+        ``srcs`` are the source ports in sending order; each goes to every planned
+        destination port unless ``only`` names the ones it goes to.
+        """
         self._windows = [_Window(start_rate)]
         async with trio.open_nursery() as nursery:
             if judge:
                 nursery.start_soon(self._judge_windows)
-            await self._send_loop(sender, srcs, groups, attempt, start_rate, judge)
+            await self._send_loop(sender, srcs, only, attempt, start_rate, judge)
             nursery.cancel_scope.cancel()
         self._windows[-1].end = trio.current_time()
 
@@ -465,13 +483,14 @@ class RunExecution:
         self,
         sender: Any,
         srcs: list[int],
-        groups: dict[int, list[int]],
+        only: dict[int, list[int]],
         attempt: int,
         start_rate: float,
         adaptive: bool,
     ) -> None:
         codec = self._codec
         assert codec is not None
+        encode_many = codec.encode_many
         led = self.ledger
         session = self.session
         win_of = self._win_of_src
@@ -483,8 +502,8 @@ class RunExecution:
         next_t = clock()
         i = 0
         n = len(srcs)
-        per_src = max(1, len(self.plan.dst_ports))
-        send_many = getattr(sender, "send_many", None)  # the raw sender's one-syscall batch
+        dsts = list(self.plan.dst_ports)
+        per_src = max(1, len(dsts))
         while i < n:
             if session.lost.is_set():
                 raise AgentUnavailableError(f"agent {session.name!r} was lost during the run")
@@ -508,26 +527,28 @@ class RunExecution:
                 want = min(want, sender.free_slots())
             batch = srcs[i : i + want]
             i += len(batch)
-            sent_n = 0
-            encode = codec.encode
-            work = [(src, [(d, encode(d, src, attempt)) for d in groups[src]]) for src in batch]
-            if send_many is not None:
-                results = send_many(work, now)
+            # Destination-major: one encode_many and one packet build per destination port.
+            if only:
+                owed: dict[int, list[int]] = {}
+                for src in batch:
+                    for d in only.get(src, dsts):
+                        owed.setdefault(d, []).append(src)
+                cells = {d: (ss, encode_many(d, ss, attempt)) for d, ss in owed.items()}
             else:
-                results = [sender.send_group(src, items, now) for src, items in work]
-            for (src, _items), res in zip(work, results, strict=True):
-                dsts = groups[src]
-                for d in res.sent:
-                    led.note_sent(d, src)
-                sent_n += len(res.sent)
-                if res.untested:
-                    led.note_untested(src, res.untested, [d for d in dsts if d not in res.sent])
-                elif res.backpressure:
-                    groups[src] = [d for d in dsts if d not in res.sent]
-                    srcs.append(src)  # try the rest again at the end of the round
-                    n += 1
-                    next_t += 0.001
-                win_of[src] = len(windows) - 1
+                cells = {d: (batch, encode_many(d, batch, attempt)) for d in dsts}
+            results = sender.send_cells(cells, now)
+            if results is None:  # everything went out
+                sent_n = 0
+                for d, (ss, _) in cells.items():
+                    led.note_sent_many(d, ss)
+                    sent_n += len(ss)
+            else:
+                sent_n = self._note_partial(results, only, dsts, srcs)
+                next_t += 0.001 * (len(srcs) - n)  # the kernel's buffer was full: ease off
+                n = len(srcs)
+            w = len(windows) - 1
+            for src in batch:
+                win_of[src] = w
             window.sent += sent_n
             next_t += sent_n / rate if rate > 0 else 0
             if window.sent >= win_target:
@@ -537,6 +558,34 @@ class RunExecution:
                 win_target = self.pacer.window_size()
             self._apply_icmp(sender.reap(clock()))
             await self._report()
+
+    def _note_partial(
+        self,
+        results: list[tuple[int, Any]],
+        only: dict[int, list[int]],
+        dsts: list[int],
+        srcs: list[int],
+    ) -> int:
+        """Book a batch that did not all go out; requeue what backpressure held back.
+
+        Returns:
+            how many datagrams went out.
+        """
+        led = self.ledger
+        sent_n = 0
+        for src, res in results:
+            for d in res.sent:
+                led.note_sent(d, src)
+            sent_n += len(res.sent)
+            if not (res.untested or res.backpressure):
+                continue  # anything not sent stays pending and goes again next round
+            left = [d for d in only.get(src, dsts) if d not in res.sent]
+            if res.untested:
+                led.note_untested(src, res.untested, left)
+            else:  # the kernel's buffer was full: the rest again at the end of the round
+                only[src] = left
+                srcs.append(src)
+        return sent_n
 
     async def _settle(self, sender: Any) -> None:
         """Let the path drain, collect ICMP errors, and have the agent flush its receipts."""
@@ -555,7 +604,7 @@ class RunExecution:
         est = facts.loss
         loss: dict[str, Any] | None = None
         if est is not None:
-            unseen = len(led.unresolved()) if not led.closed else led.summary()["blocked"]
+            unseen = led.unresolved_count() if not led.closed else led.summary()["blocked"]
             bound = est.false_blocked_bound(facts.max_attempt, unseen)
             loss = {
                 "estimate": round(est.estimate, 5),

@@ -15,6 +15,15 @@ the agent, so a datagram can only be credited to the run it was made for, and no
 the secret can make one that counts. Verification does the same work for every datagram of
 the right length (one MAC, one constant-time compare) and keeps no state: de-duplication is
 the caller's business (see ``agent.core``).
+
+Both ends handle one datagram per cell attempt, so the per-datagram cost is kept close to
+the MAC's own: two BLAKE2b compressions even for a 16-byte datagram (CPython's blake2b keeps
+the key block buffered until a block of input follows it), about 0.5 us of the 0.7 us
+``encode_many`` spends on one. It makes a round's datagrams for one destination port in one
+loop: the MAC state is fed the tag and the port once, and the source ports come from a
+table of 2-byte encodings. On the receiving end, ``check_many`` verifies a chunk of
+datagrams in one loop and answers with a verdict per datagram (None for genuine) rather
+than a Cell.
 """
 
 from __future__ import annotations
@@ -22,8 +31,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from functools import cache
 
 HEADER = 8
 MAC_LEN = 8
@@ -31,6 +42,12 @@ MIN_SIZE = HEADER + MAC_LEN  # 16
 MAX_SIZE = 65507  # the largest UDP payload over IPv4
 MAX_ATTEMPT = 255
 _CELL = struct.Struct(">HHB")
+
+
+@cache
+def port_bytes() -> tuple[bytes, ...]:
+    """The 2-byte big-endian encoding of every port, indexed by port (built on first use)."""
+    return tuple(p.to_bytes(2, "big") for p in range(65536))
 
 
 class Reject(Enum):
@@ -71,20 +88,69 @@ class TokenCodec:
         self.size = size
         self.tag = run_tag(run_key)
         self._mac = hashlib.blake2b(key=run_key, digest_size=MAC_LEN)
+        self._tagged = self._mac.copy()  # the MAC state with the run tag fed in (encoding)
+        self._tagged.update(self.tag)
         self._padding = bytes(size - MIN_SIZE)
 
     def encode(self, dst_port: int, src_port: int, attempt: int) -> bytes:
-        """The datagram for one cell attempt."""
-        header = self.tag + _CELL.pack(dst_port, src_port, attempt)
-        m = self._mac.copy()
-        m.update(header)
-        if self._padding:
-            m.update(self._padding)
-        return header + m.digest() + self._padding
+        """The datagram for one cell attempt.
+
+        Raises:
+            struct.error: a port outside 0-65535 or an attempt outside 0-255 (attempt 0 is
+                encoded, for tests: the agent rejects it).
+        """
+        cell = _CELL.pack(dst_port, src_port, attempt)
+        m = self._tagged.copy()
+        m.update(cell)
+        padding = self._padding
+        if padding:
+            m.update(padding)
+            return self.tag + cell + m.digest() + padding
+        return self.tag + cell + m.digest()
+
+    def encode_many(self, dst_port: int, src_ports: Sequence[int], attempt: int) -> list[bytes]:
+        """``[self.encode(dst_port, s, attempt) for s in src_ports]``, at a lower cost each.
+
+        Raises:
+            ValueError: a port outside 0-65535 or an attempt outside 1-255 (unlike ``encode``,
+                attempt 0 is refused: no probe sends it).
+        """
+        if not 1 <= attempt <= MAX_ATTEMPT:
+            raise ValueError(f"attempt must be 1-{MAX_ATTEMPT}, got {attempt}")
+        if not 0 <= dst_port <= 0xFFFF:
+            raise ValueError(f"destination port must be 0-65535, got {dst_port}")
+        if not src_ports:
+            return []
+        if min(src_ports) < 0 or max(src_ports) > 0xFFFF:
+            bad = next(s for s in src_ports if not 0 <= s <= 0xFFFF)
+            raise ValueError(f"source port must be 0-65535, got {bad}")
+        ports = port_bytes()
+        prefix = self.tag + ports[dst_port]
+        base = self._mac.copy()
+        base.update(prefix)  # the same for every datagram of the call: fed in once
+        copy = base.copy
+        att = bytes((attempt,))
+        padding = self._padding
+        out: list[bytes] = []
+        append = out.append
+        if padding:
+            for s in src_ports:
+                cell = ports[s] + att
+                m = copy()
+                m.update(cell)
+                m.update(padding)
+                append(prefix + cell + m.digest() + padding)
+        else:
+            for s in src_ports:
+                cell = ports[s] + att
+                m = copy()
+                m.update(cell)
+                append(prefix + cell + m.digest())
+        return out
 
     def owns(self, data: bytes) -> bool:
         """True if *data* is a genuine datagram of this run (used to name other runs)."""
-        return data[:3] == self.tag and isinstance(self.verify(data), Cell)
+        return data[:3] == self.tag and self.check(data) is None
 
     def verify(self, data: bytes) -> Cell | Reject:
         """Check one received datagram; never raises.
@@ -92,15 +158,52 @@ class TokenCodec:
         Returns:
             the Cell it authenticates, or why it is rejected (never DUPLICATE: no state here).
         """
+        why = self.check(data)
+        if why is not None:
+            return why
+        return Cell(*_CELL.unpack_from(data, 3))
+
+    def check(self, data: bytes) -> Reject | None:
+        """``verify``'s verdict without the Cell: None if *data* is genuine.
+
+        The same steps as one round of ``check_many``'s loop (tests hold both to the same
+        reference).
+        """
         if len(data) != self.size:
             return Reject.MALFORMED
         m = self._mac.copy()
         m.update(data[:HEADER])
         if self._padding:
             m.update(data[MIN_SIZE:])
-        if not hmac.compare_digest(m.digest(), data[HEADER:MIN_SIZE]):
-            return Reject.BAD_MAC
-        dst, src, attempt = _CELL.unpack_from(data, 3)
-        if attempt == 0:
-            return Reject.BAD_MAC  # never sent by a probe; only a key-holder could make it
-        return Cell(dst, src, attempt)
+        if hmac.compare_digest(m.digest(), data[HEADER:MIN_SIZE]) and data[7]:
+            return None
+        return Reject.BAD_MAC
+
+    def check_many(self, datagrams: Iterable[bytes]) -> list[Reject | None]:
+        """``check`` for each of *datagrams*, in order, at a lower cost each. Never raises.
+
+        The receive path's verification: one loop for a whole chunk, and verdicts that are
+        the Reject members themselves (None: genuine), so no object is made per verdict.
+        """
+        size = self.size
+        copy = self._mac.copy
+        padded = bool(self._padding)
+        compare = hmac.compare_digest
+        malformed, bad_mac = Reject.MALFORMED, Reject.BAD_MAC
+        out: list[Reject | None] = []
+        append = out.append
+        for data in datagrams:
+            if len(data) != size:
+                append(malformed)
+                continue
+            m = copy()
+            m.update(data[:HEADER])
+            if padded:
+                m.update(data[MIN_SIZE:])
+            # The MAC is always compared in full (constant time); attempt 0 (byte 7) is never
+            # sent by a probe, so only a key-holder could make one: a bad MAC as well.
+            if compare(m.digest(), data[HEADER:MIN_SIZE]) and data[7]:
+                append(None)
+            else:
+                append(bad_mac)
+        return out
