@@ -6,10 +6,11 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from udpreach.ledger import VERDICTS, IcmpInfo, Ledger
+from udpreach.ledger import VERDICTS, IcmpInfo, Ledger, SnapshotError
 
 PROHIBITED = IcmpInfo(3, 13, "198.18.2.1")
 UNREACHABLE = IcmpInfo(3, 3, "198.18.1.2")
@@ -17,6 +18,15 @@ UNREACHABLE = IcmpInfo(3, 3, "198.18.1.2")
 
 def expand(ranges: list[dict[str, Any]]) -> list[tuple[int, int]]:
     return [(r["dst_port"], s) for r in ranges for s in range(r["first"], r["last"] + 1)]
+
+
+def test_a_damaged_snapshot_is_refused() -> None:
+    led = Ledger([5000], [1024])
+    led.note_receipt(5000, 1024, 1, "198.18.2.2", 1024)
+    data = led.snapshot()
+    for bad in (b"", b"junk", data[:-1], data[:30] + bytes(10) + data[40:], data + b"x"):
+        with pytest.raises(SnapshotError):
+            Ledger.from_snapshot(bad, [1024])
 
 
 def test_contract_example() -> None:
@@ -357,6 +367,13 @@ def test_ranges_property(
     ]
     assert led.unresolved() == unsettled
     assert led.unresolved_count() == len(unsettled)
+    # A snapshot (the coordinator's checkpoint) reads back as the same ledger.
+    again = Ledger.from_snapshot(led.snapshot(), srcs)
+    assert again.ranges(settled_only=True) == led.ranges(settled_only=True)
+    assert again.ranges() == led.ranges()
+    assert again.summary() == led.summary()
+    assert again.first_attempt_histogram() == led.first_attempt_histogram()
+    assert (again.open, again.settled, again.sent_total) == (led.open, led.settled, led.sent_total)
     settled_cells = expand(led.ranges(settled_only=True))
     assert settled_cells == [(d, s) for d in dsts for s in srcs if (d, s) not in unsettled]
     if complete is not None:

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from udpreach.cli_history import register
 from udpreach.errors import ConfigError
 from udpreach.expect import judge, parse_expect
+from udpreach.ledger import IcmpInfo, Ledger
 from udpreach.store import MIGRATIONS, RunStore, StoreError, UnknownRunError, default_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,6 +122,42 @@ def test_finish_without_begin_and_twice(store: RunStore) -> None:
     assert store.load(doc["run_id"]) == doc
     (h,) = store.history()
     assert h["deviations"] == 101  # cells: 5353 and 60000-60099
+
+
+def test_a_ledger_snapshot_checkpoint_rebuilds_scattered_settled_cells(store: RunStore) -> None:
+    """The coordinator checkpoints a compressed ledger; reading an interrupted run turns it
+    back into ranges: settled cells as they were, the rest unknown (here every other source
+    port is settled, the worst case for ranges)."""
+    doc = baseline()
+    _begin(store, doc)
+    led = Ledger([5000, 5001], range(1024, 65536))
+    for s in range(1024, 65536, 2):
+        led.note_sent(5000, s)
+        led.note_receipt(5000, s, 1, "198.18.2.2", s)
+    led.note_icmp(5001, 1025, IcmpInfo(3, 13, "198.18.2.1"))
+    store.checkpoint(doc["run_id"], led.snapshot())
+    got = store.load(doc["run_id"])
+    assert got["complete"] is False
+    cells = _cells(got["ranges"])
+    assert len(cells) == 129024
+    assert cells[(5000, 1024)] == "open"
+    assert cells[(5000, 1025)] == "unknown"
+    assert cells[(5001, 1025)] == "rejected"
+    assert got["summary"]["open"] == 32256
+    assert got["summary"]["rejected"] == 1
+    assert got["summary"]["unknown"] == 129024 - 32256 - 1
+    rejected = next(r for r in got["ranges"] if r["verdict"] == "rejected")
+    assert rejected["icmp"] == {"type": 3, "code": 13, "from": "198.18.2.1"}
+
+
+def test_a_damaged_snapshot_leaves_every_cell_unknown_with_a_note(store: RunStore) -> None:
+    doc = baseline()
+    _begin(store, doc)
+    led = Ledger([5000, 5001], range(1024, 65536))
+    store.checkpoint(doc["run_id"], led.snapshot()[:-7])
+    got = store.load(doc["run_id"])
+    assert got["summary"]["unknown"] == 129024
+    assert "checkpoint is unreadable" in got["note"]
 
 
 def test_begin_twice_and_checkpoint_of_unknown_run_fail(store: RunStore) -> None:

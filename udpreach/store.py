@@ -1,9 +1,10 @@
 """The run history: every run the coordinator makes, in one SQLite file.
 
 Theory of operation: one row per run. ``begin`` writes the plan, the agent and the probe
-with status ``running``; ``checkpoint`` replaces the row's list of settled ranges (each call
-is its own committed transaction, so a crash of the coordinator loses nothing that was
-already settled); ``finish`` stores the final run document and the status ``complete`` or
+with status ``running``; ``checkpoint`` replaces the row's record of the settled cells (a
+compressed ledger snapshot from the coordinator, or a list of settled ranges; each call is
+its own committed transaction, so a crash of the coordinator loses nothing that was already
+settled); ``finish`` stores the final run document and the status ``complete`` or
 ``incomplete``. A row still ``running`` when read is either live (another process is
 writing it) or orphaned (its coordinator died): ``load`` rebuilds a document from the last
 checkpoint with every unsettled planned cell ``unknown`` and ``complete: false``; its
@@ -32,6 +33,8 @@ from typing import Any
 
 from udpreach.errors import ConfigError, PortSpecError, UdpreachError
 from udpreach.expect import merge_ranges, planned_intervals, subtract, summarize, union
+from udpreach.ledger import Ledger, SnapshotError
+from udpreach.portspec import parse_ports
 
 SCHEMA = "udpreach/run-v1"
 
@@ -219,8 +222,10 @@ class RunStore:
             ),
         )
 
-    def checkpoint(self, run_id: str, settled_ranges: list[dict[str, Any]]) -> None:
-        """Replace the run's checkpoint: the ranges of every cell settled so far.
+    def checkpoint(self, run_id: str, settled: bytes | list[dict[str, Any]]) -> None:
+        """Replace the run's checkpoint: every cell settled so far, as a ledger snapshot
+        (``Ledger.snapshot``, what the coordinator writes: cheap however scattered the
+        settled cells are) or as the ranges of the settled cells.
 
         Committed before returning.
 
@@ -229,7 +234,7 @@ class RunStore:
         """
         n = self._write(
             "UPDATE runs SET checkpoint = ?, checkpoint_at = ? WHERE run_id = ?",
-            (_dumps(settled_ranges), time.time(), run_id),
+            (settled if isinstance(settled, bytes) else _dumps(settled), time.time(), run_id),
         )
         if n == 0:
             raise StoreError(f"checkpoint for unknown run {run_id!r}")
@@ -378,9 +383,18 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
 def _recover(row: sqlite3.Row) -> dict[str, Any]:
     """A document for a run that never finished: the checkpoint plus unknown cells."""
     plan: dict[str, Any] = json.loads(row["plan"])
-    settled: list[dict[str, Any]] = json.loads(row["checkpoint"]) if row["checkpoint"] else []
-    ranges = list(settled)
     note = "the coordinator did not finish this run; cells not settled are unknown"
+    checkpoint = row["checkpoint"]
+    settled: list[dict[str, Any]] = []
+    if isinstance(checkpoint, bytes):
+        try:
+            src_ports = parse_ports(str(plan["src_ports"]))
+            settled = Ledger.from_snapshot(checkpoint, src_ports).ranges(settled_only=True)
+        except (SnapshotError, PortSpecError, KeyError) as exc:
+            note = f"the coordinator did not finish this run; its checkpoint is unreadable ({exc})"
+    elif checkpoint:
+        settled = json.loads(checkpoint)
+    ranges = list(settled)
     try:
         planned = planned_intervals(plan)
     except (PortSpecError, KeyError, TypeError, ValueError):
