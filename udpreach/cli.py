@@ -5,8 +5,6 @@ becomes one line on stderr and its exit code (0 done, 1 deviations, 2 bad usage 
 configuration, 3 could not complete); no traceback ever reaches the user.
 """
 
-from __future__ import annotations
-
 import contextlib
 import json
 import signal

@@ -7,8 +7,6 @@ one line with the contract's exit code (2 for a bad option, an unusable database
 unknown or ambiguous run id). ``diff`` exits 1 when any verdict changed.
 """
 
-from __future__ import annotations
-
 import json
 import sys
 from collections.abc import Callable

@@ -5,8 +5,6 @@ Results go to stdout; errors are one line on stderr, with the exit code of their
 `UdpreachError` family (2 for configuration, including "not root").
 """
 
-from __future__ import annotations
-
 import json
 from enum import StrEnum
 from pathlib import Path
@@ -50,7 +48,7 @@ class LabRole(StrEnum):
     probe = "probe"
 
 
-_ROLES: dict[LabRole, Role] = {
+_ROLES: "dict[LabRole, Role]" = {
     LabRole.agent: "agent",
     LabRole.router: "router",
     LabRole.probe: "probe",
@@ -120,7 +118,7 @@ def up(
     _render(info, label)
 
 
-def _render(info: LabInfo, policy_label: str) -> None:
+def _render(info: "LabInfo", policy_label: str) -> None:
     from rich.table import Table
 
     out = _console()
