@@ -208,27 +208,8 @@ def batch_addr_limit(limit: int) -> Iterator[None]:
         yield
 
 
-def run_reference(s: Stream, limit: int) -> tuple[list[bytes], int, dict[str, int], list[Any]]:
-    ref = ReferenceRun("now", s.key, s.size, s.recent(), limit)
-    batches: list[bytes] = []
-    verdicts: list[Any] = []
-    for item in s.items:
-        if item is None:
-            batches += ref.take_batches()
-            continue
-        data, addr = item
-        verdicts.append(ref.on_datagram(data, normalize_addr(addr[0]), addr[1]))
-    batches += ref.take_batches()
-    return batches, ref.accepted, dict(ref.rejected), verdicts
-
-
-def _agent_run(s: Stream) -> AgentRun:
-    previous: deque[TokenCodec] = deque(s.prev_codecs, maxlen=RECENT_RUNS)
-    return AgentRun("now", s.codec, previous)
-
-
-def run_single(s: Stream) -> tuple[list[bytes], int, dict[str, int], list[Any]]:
-    run = _agent_run(s)
+def _one_at_a_time(run: Any, s: Stream) -> tuple[list[bytes], int, dict[str, int], list[Any]]:
+    """Feed the stream to ``run`` datagram by datagram (``None`` items: take the batches)."""
     batches: list[bytes] = []
     verdicts: list[Any] = []
     for item in s.items:
@@ -239,6 +220,19 @@ def run_single(s: Stream) -> tuple[list[bytes], int, dict[str, int], list[Any]]:
         verdicts.append(run.on_datagram(data, normalize_addr(addr[0]), addr[1]))
     batches += run.take_batches()
     return batches, run.accepted, dict(run.rejected), verdicts
+
+
+def run_reference(s: Stream, limit: int) -> tuple[list[bytes], int, dict[str, int], list[Any]]:
+    return _one_at_a_time(ReferenceRun("now", s.key, s.size, s.recent(), limit), s)
+
+
+def _agent_run(s: Stream) -> AgentRun:
+    previous: deque[TokenCodec] = deque(s.prev_codecs, maxlen=RECENT_RUNS)
+    return AgentRun("now", s.codec, previous)
+
+
+def run_single(s: Stream) -> tuple[list[bytes], int, dict[str, int], list[Any]]:
+    return _one_at_a_time(_agent_run(s), s)
 
 
 def run_bulk(s: Stream, chunks: random.Random) -> tuple[list[bytes], int, dict[str, int]]:
