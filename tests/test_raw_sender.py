@@ -142,6 +142,44 @@ def test_bind_mode_cannot_use_the_busy_port_that_raw_mode_can() -> None:
     assert "in use" in (dict(results)[busy_port].untested or "")
 
 
+def test_bind_mode_maps_port_unreachable_to_its_cell_and_reads_only_flagged_sockets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bind mode: the error comes back on the lingering socket of its source port; reap
+    reads the error queue of exactly the sockets poll() flags, and closes them all."""
+    dead = closed_port(DST4)
+    bind = BindSender(SRC4, DST4, linger=0.0)
+    drained: list[int] = []
+    real_drain = bind._drain
+
+    def spy(src: int, s: Any) -> list[IcmpEvent]:
+        drained.append(src)
+        return real_drain(src, s)
+
+    monkeypatch.setattr(bind, "_drain", spy)
+    try:
+        with udp(DST4) as rx:
+            live = rx.getsockname()[1]
+            srcs = [closed_port(SRC4) for _ in range(3)]
+            batch = by_dst([(srcs[0], [(dead, b"a" * 16)]), (srcs[1], [(live, b"b" * 16)])])
+            assert bind.send_cells(batch, 0.0) is None
+            assert bind.send_cells(by_dst([(srcs[2], [(dead, b"c" * 16)])]), 0.0) is None
+            assert receive(rx, 1) == {b"b" * 16: (SRC4, srcs[1])}
+            time.sleep(0.2)  # the port-unreachable errors are back by now (loopback)
+            events = bind.reap(time.monotonic())
+    finally:
+        bind.close()
+    assert sorted(events, key=lambda e: e.src_port) == sorted(
+        [
+            IcmpEvent(dst_port=dead, src_port=srcs[0], type=3, code=3, sender=DST4),
+            IcmpEvent(dst_port=dead, src_port=srcs[2], type=3, code=3, sender=DST4),
+        ],
+        key=lambda e: e.src_port,
+    )
+    assert sorted(drained) == sorted([srcs[0], srcs[2]])  # not the socket with no error
+    assert bind.free_slots() == bind.max_open  # every socket closed
+
+
 @needs_raw4
 def test_raw_ipv4_many_groups_many_destinations_in_one_batch() -> None:
     with udp(DST4) as rx1, udp(DST4) as rx2, raw(SRC4, DST4) as sender:
