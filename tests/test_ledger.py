@@ -20,6 +20,17 @@ def expand(ranges: list[dict[str, Any]]) -> list[tuple[int, int]]:
     return [(r["dst_port"], s) for r in ranges for s in range(r["first"], r["last"] + 1)]
 
 
+def test_a_receipt_for_attempt_zero_credits_nothing() -> None:
+    """No probe sends attempt 0 (the agent rejects it as a bad MAC): whatever names it is
+    counted as unplanned, on both the single and the batch path."""
+    led = Ledger([5000], [1024, 1025])
+    assert not led.note_receipt(5000, 1024, 0, "198.18.2.2", 1024)
+    assert led.note_receipts([(0, 5000, 1025, 0, 1025)], ["198.18.2.2"], 1) == []
+    assert led.unplanned_receipts == 2
+    assert led.open == 0
+    assert led.observed_addresses() == []
+
+
 def test_a_damaged_snapshot_is_refused() -> None:
     led = Ledger([5000], [1024])
     led.note_receipt(5000, 1024, 1, "198.18.2.2", 1024)
@@ -355,6 +366,10 @@ def test_ranges_property(
             for d in dsts if only is None else only:
                 model.settled_by.setdefault((d, s), ("untested", reason))
     flush_receipts()
+    # The address table holds exactly the addresses that credited a cell, in that order.
+    assert led.observed_addresses() == list(
+        dict.fromkeys(a for a, _ in model.first_receipt.values())
+    )
     hist: dict[int, int] = {}
     for a in model.first_attempt.values():
         hist[a] = hist.get(a, 0) + 1

@@ -163,15 +163,17 @@ class Ledger:
         """
         cols = self._cols
         planned = self._planned_src
-        idx = [self._addr_idx(a) for a in addrs]
-        unknown_addr = -1
+        # Table indexes of the batch's addresses, made on first credit (as note_receipt does),
+        # so that an address which credits nothing never enters the table; the last one: "?".
+        idx = [-1] * (len(addrs) + 1)
+        names = [*addrs, "?"]
         fresh: list[int] = []
         open_code = _CODE[Verdict.OPEN]
         unplanned = received = opened = settled = 0
         for ai, dst, src, attempt, port in records:
             col = cols.get(dst)
-            if col is None or not planned[src]:
-                unplanned += 1
+            if col is None or not planned[src] or attempt == 0:
+                unplanned += 1  # attempt 0 is never sent: no genuine receipt names it
                 continue
             received += 1
             rc = col.received
@@ -184,12 +186,11 @@ class Ledger:
             f = first[src]
             if f == 0:
                 first[src] = min(attempt, 255)
-                if ai < len(idx):
-                    col.obs_addr[src] = idx[ai]
-                else:
-                    if unknown_addr < 0:
-                        unknown_addr = self._addr_idx("?")
-                    col.obs_addr[src] = unknown_addr
+                k = ai if ai < len(addrs) else len(addrs)
+                i = idx[k]
+                if i < 0:
+                    i = idx[k] = self._addr_idx(names[k])
+                col.obs_addr[src] = i
                 col.obs_port[src] = port
                 if attempt == attempt_of_interest:
                     fresh.append(src)
@@ -211,7 +212,7 @@ class Ledger:
     def note_receipt(self, dst: int, src: int, attempt: int, addr: str, port: int) -> bool:
         """Credit one authenticated, de-duplicated datagram. Returns True if the cell is new."""
         col = self._cols.get(dst)
-        if col is None or not 0 <= src < SLOTS or not self._planned_src[src]:
+        if col is None or not 0 <= src < SLOTS or not self._planned_src[src] or attempt == 0:
             self.unplanned_receipts += 1
             return False
         self.received_total += 1
@@ -452,6 +453,7 @@ class Ledger:
         unplanned = int.from_bytes(self._unplanned_ff, "little")
         for d in self.dst_ports:
             col = self._cols[d]
+            reason_of: dict[int, str] | None = None  # this port's untested reasons, if needed
             key = int.from_bytes(col.state.translate(pending_to), "little")
             key |= int.from_bytes(col.xlat, "little") << 3  # 0/1 bytes: no carry
             keys = (key | unplanned).to_bytes(SLOTS, "little")
@@ -466,7 +468,8 @@ class Ledger:
                         cells = list(group)
                         yield self._range(d, col, cells[0], cells[-1] + 1, code, xlat, icmp_i)
                 elif code == 4:
-                    reason_of = {s: r for (rd, s), r in self._reasons.items() if rd == d}
+                    if reason_of is None:
+                        reason_of = {s: r for (rd, s), r in self._reasons.items() if rd == d}
                     for reason, group in groupby(range(first, end), reason_of.get):
                         cells = list(group)
                         yield self._range(d, col, cells[0], cells[-1] + 1, code, xlat, 0, reason)
