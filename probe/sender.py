@@ -124,6 +124,10 @@ class BindSender:
         limit = raise_fd_limit(65536 + 1024)
         self.max_open = max(64, min(60000, limit - 512))
         self._open: deque[tuple[float, int, _socket.socket]] = deque()
+        # The same sockets by source port: a port sent from again while its socket lingers
+        # (the rest of a group the kernel's buffer held back) reuses it; binding anew would
+        # fail with "in use" against our own socket and make the cells "untested".
+        self._lingering: dict[int, _socket.socket] = {}
         self.icmp_seen = 0
 
     def free_slots(self) -> int:
@@ -135,21 +139,25 @@ class BindSender:
 
     def send_group(self, src: int, items: Sequence[tuple[int, bytes]], now: float) -> GroupResult:
         """Send one source port's datagrams: ``items`` are (dst port, payload)."""
-        # The plain C socket type: socket.socket's Python-level __init__ costs a third more.
-        s = _socket.socket(self.family, _NONBLOCK_DGRAM)
-        try:
-            if self.family == socket.AF_INET6:
-                s.setsockopt(SOL_IPV6, IPV6_RECVERR, 1)
-            else:
-                s.setsockopt(SOL_IP, IP_RECVERR, 1)
-            s.bind((self.source, src))
-        except OSError as exc:
-            s.close()
-            if exc.errno == errno.EADDRINUSE:
-                return GroupResult([], "source port in use on the probe host")
-            if exc.errno in (errno.EACCES, errno.EPERM):
-                return GroupResult([], "binding this source port is not permitted here")
-            return GroupResult([], f"cannot bind source port: {exc.strerror or exc}")
+        reused = self._lingering.get(src)
+        if reused is not None:
+            s = reused
+        else:
+            # The plain C socket type: socket.socket's Python-level __init__ costs a third more.
+            s = _socket.socket(self.family, _NONBLOCK_DGRAM)
+            try:
+                if self.family == socket.AF_INET6:
+                    s.setsockopt(SOL_IPV6, IPV6_RECVERR, 1)
+                else:
+                    s.setsockopt(SOL_IP, IP_RECVERR, 1)
+                s.bind((self.source, src))
+            except OSError as exc:
+                s.close()
+                if exc.errno == errno.EADDRINUSE:
+                    return GroupResult([], "source port in use on the probe host")
+                if exc.errno in (errno.EACCES, errno.EPERM):
+                    return GroupResult([], "binding this source port is not permitted here")
+                return GroupResult([], f"cannot bind source port: {exc.strerror or exc}")
         sent: list[int] = []
         result = GroupResult(sent)
         target = self.target
@@ -172,7 +180,9 @@ class BindSender:
                     break
             if result.backpressure or result.untested:
                 break
-        self._open.append((now, src, s))
+        if reused is None:
+            self._open.append((now, src, s))
+            self._lingering[src] = s
         return result
 
     def send_cells(self, batch: CellBatch, now: float) -> BatchResults | None:
@@ -230,9 +240,11 @@ class BindSender:
         for _, src, s in done:
             if s.fileno() in flagged:
                 events.extend(self._drain(src, s))
+            self._lingering.pop(src, None)
             s.close()
         return events
 
     def close(self) -> None:
+        self._lingering.clear()
         while self._open:
             self._open.popleft()[2].close()

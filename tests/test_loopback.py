@@ -7,6 +7,7 @@ of the sweep is taken by the agent's own sockets.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -246,3 +247,103 @@ async def test_blocking_client_gives_up_on_a_silent_coordinator() -> None:
                 blocking_client.connect_blocking, "127.0.0.1", port, SECRET, "control", 0.5
             )
         assert trio.current_time() - t0 < 5
+
+
+async def test_a_source_port_the_kernel_keeps_refusing_is_untested_not_blocked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Backpressure (a full send buffer) requeues a source port's datagrams, a bounded number
+    of times; a port still refused after that is 'untested' with the reason, never 'blocked',
+    and the run ends."""
+    import probe.raw
+    from probe.sender import GroupResult
+
+    stuck = {20005, 20050}
+    real_make_sender = probe.raw.make_sender
+
+    class StuckSender:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+            self.mode = inner.mode
+            self.linger = inner.linger
+            self.refused = 0
+
+        def __getattr__(self, name: str) -> Any:  # free_slots, oldest_age, reap, close
+            return getattr(self.inner, name)
+
+        def send_cells(self, batch: Any, now: float) -> Any:
+            keep = {
+                d: (
+                    [s for s in ss if s not in stuck],
+                    [p for s, p in zip(ss, pl, strict=True) if s not in stuck],
+                )
+                for d, (ss, pl) in batch.items()
+            }
+            held = sorted({s for ss, _ in batch.values() for s in ss if s in stuck})
+            if not held:
+                return self.inner.send_cells(batch, now)
+            self.refused += 1
+            sent = self.inner.send_cells(keep, now)
+            results = dict(sent or [])
+            for d, (ss, _) in keep.items():
+                for s in ss:
+                    results.setdefault(s, GroupResult([]))
+                    if sent is None:
+                        results[s].sent.append(d)
+            for s in held:
+                results[s] = GroupResult([], backpressure=True)
+            return list(results.items())
+
+    senders: list[StuckSender] = []
+
+    def make(mode: str, source: str, target: str, linger: float) -> Any:
+        senders.append(StuckSender(real_make_sender(mode, source, target, linger)))
+        return senders[-1]
+
+    monkeypatch.setattr(probe.raw, "make_sender", make)
+    with trio.fail_after(DEADLINE):
+        async with harness() as h:
+            doc = await _run(h, src_ports="20000-20099")
+    _check_contract(doc)
+    assert doc["complete"] is True
+    untested = [r for r in doc["ranges"] if r["verdict"] == "untested"]
+    assert [(r["first"], r["last"]) for r in untested] == [(20005, 20005), (20050, 20050)]
+    assert {r["reason"] for r in untested} == {"the probe host's send buffer stayed full"}
+    assert doc["summary"]["open"] == 98
+    assert doc["summary"]["blocked"] == 0
+    assert sum(s.refused for s in senders) <= 2 * 9  # bounded: 8 requeues after the first
+
+
+def test_blocking_client_bounds_a_name_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resolver that hangs or fails: one line, within the deadline (no lookup is made:
+    getaddrinfo is replaced, so no query leaves this host)."""
+    import socket
+    import time
+
+    from udpreach import blocking_client
+    from udpreach.errors import UnreachableError
+
+    real = socket.getaddrinfo
+
+    def hanging(host: str, *args: Any, **kw: Any) -> Any:
+        if kw.get("flags") == socket.AI_NUMERICHOST:
+            return real(host, *args, **kw)  # raises gaierror for a name, as the real one does
+        time.sleep(3)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    t0 = time.monotonic()
+    with pytest.raises(UnreachableError, match=re.escape("no address for it in 0.3s")):
+        blocking_client.connect_blocking("coordinator.test", 7000, SECRET, "control", 0.3)
+    assert time.monotonic() - t0 < 2
+
+    def failing(host: str, *args: Any, **kw: Any) -> Any:
+        if kw.get("flags") == socket.AI_NUMERICHOST:
+            return real(host, *args, **kw)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", failing)
+    with pytest.raises(
+        UnreachableError, match=re.escape("cannot reach coordinator coordinator.test:7000")
+    ):
+        blocking_client.connect_blocking("coordinator.test", 7000, SECRET, "control", 5)

@@ -142,6 +142,26 @@ def test_bind_mode_cannot_use_the_busy_port_that_raw_mode_can() -> None:
     assert "in use" in (dict(results)[busy_port].untested or "")
 
 
+def test_bind_mode_sends_again_from_a_port_whose_socket_still_lingers() -> None:
+    """The rest of a group held back by backpressure goes out from the same lingering
+    socket; binding the port anew would fail against our own socket ("in use")."""
+    bind = BindSender(SRC4, DST4, linger=10.0)
+    try:
+        with udp(DST4) as rx:
+            port = rx.getsockname()[1]
+            src = closed_port(SRC4)
+            first = bind.send_group(src, [(port, b"first" * 4)], 0.0)
+            again = bind.send_group(src, [(port, b"again" * 4)], 0.1)
+            assert first == again == GroupResult([port])
+            assert receive(rx, 2) == {b"first" * 4: (SRC4, src), b"again" * 4: (SRC4, src)}
+            assert bind.free_slots() == bind.max_open - 1  # one socket, lingering once
+            bind.reap(100.0)
+            assert bind.free_slots() == bind.max_open
+            assert bind.send_group(src, [(port, b"later" * 4)], 101.0) == GroupResult([port])
+    finally:
+        bind.close()
+
+
 def test_bind_mode_maps_port_unreachable_to_its_cell_and_reads_only_flagged_sockets(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

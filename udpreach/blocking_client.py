@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -151,6 +152,56 @@ class BlockingChannel:
         self.sock.close()
 
 
+def _addresses(host: str, port: int, within: float) -> list[Any]:
+    """``getaddrinfo`` within a deadline: a numeric address at once, a name in a helper
+    thread that is left behind if the resolver hangs (the C call cannot be interrupted)."""
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        pass
+    found: list[Any] = []
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as exc:
+            found.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=lookup, name="udpreach-resolve", daemon=True).start()
+    if not done.wait(within):
+        raise UnreachableError(f"coordinator {host}:{port}: no address for it in {within:g}s")
+    if isinstance(found[0], OSError):
+        reason = found[0].strerror or str(found[0])
+        raise UnreachableError(f"cannot reach coordinator {host}:{port}: {reason}")
+    result: list[Any] = found[0]
+    return result
+
+
+def _dial(host: str, port: int, within: float) -> socket.socket:
+    """A TCP connection to the coordinator, every address tried within one deadline."""
+    deadline = time.monotonic() + within
+    error: OSError | None = None
+    for family, kind, proto, _, address in _addresses(host, port, within):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(left)
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    if error is None or isinstance(error, TimeoutError):
+        raise UnreachableError(f"coordinator {host}:{port} did not answer in {within:g}s")
+    reason = error.strerror or str(error)
+    raise UnreachableError(f"cannot reach coordinator {host}:{port}: {reason}")
+
+
 def connect_blocking(
     host: str, port: int, secret: bytes, purpose: str, within: float
 ) -> BlockingChannel:
@@ -160,13 +211,7 @@ def connect_blocking(
         UnreachableError: no connection or no answer in time.
         AuthError: either side failed to prove the secret.
     """
-    try:
-        sock = socket.create_connection((host, port), timeout=within)
-    except TimeoutError:
-        raise UnreachableError(f"coordinator {host}:{port} did not answer in {within:g}s") from None
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise UnreachableError(f"cannot reach coordinator {host}:{port}: {reason}") from None
+    sock = _dial(host, port, within)
     chan = BlockingChannel(sock, ControlConnection("client", secret, purpose=purpose))
     try:
         chan.conn.initiate()

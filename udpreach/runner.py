@@ -47,6 +47,7 @@ FIRST_CHECKPOINT = 1.0  # seconds into a run before the first mid-round checkpoi
 RETRY_LOSS_LIMIT = 0.25  # per-round loss above which retries slow down
 MIN_EVIDENCE = 50  # cells first seen in a round before its loss ratio means anything
 TICK_EVERY = 10.0  # a one-way "still here" to the agent during long rounds
+MAX_REQUEUES = 8  # per source port and round; then what is left waits for the next round
 
 
 def new_run_id() -> str:
@@ -117,6 +118,7 @@ class RunExecution:
         self._round = 0
         self._win_of_src = array("i", [-1]) * 65536
         self._windows: list[_Window] = []
+        self._requeues: dict[int, int] = {}  # source port -> times requeued this round
         self._next_progress = 0.0
         self._next_checkpoint = 0.0
         self._next_tick = 0.0
@@ -452,6 +454,7 @@ class RunExecution:
         destination port unless ``only`` names the ones it goes to.
         """
         self._windows = [_Window(start_rate)]
+        self._requeues = {}
         async with trio.open_nursery() as nursery:
             if judge:
                 nursery.start_soon(self._judge_windows)
@@ -582,9 +585,13 @@ class RunExecution:
             left = [d for d in only.get(src, dsts) if d not in res.sent]
             if res.untested:
                 led.note_untested(src, res.untested, left)
-            else:  # the kernel's buffer was full: the rest again at the end of the round
+            elif self._requeues.get(src, 0) < MAX_REQUEUES:
+                # The kernel's buffer was full: the rest again at the end of the round.
+                self._requeues[src] = self._requeues.get(src, 0) + 1
                 only[src] = left
                 srcs.append(src)
+            else:  # never "blocked" for want of sending: say what happened
+                led.note_untested(src, "the probe host's send buffer stayed full", left)
         return sent_n
 
     async def _settle(self, sender: Any) -> None:
