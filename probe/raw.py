@@ -155,14 +155,6 @@ class _Transmitter:
         self._name_len = len(name)
         self.syscalls = 0
 
-    def send(self, packets: Sequence[bytes]) -> tuple[int, int]:
-        """Send ``packets[0:]`` in order until one fails.
-
-        Returns:
-            (how many went out, the errno of the next one or 0 if all went out).
-        """
-        return self.send_packed(self.pack(packets), 0)
-
     def pack(self, packets: Sequence[bytes]) -> _Packed:
         """Lay ``packets`` out for ``sendmmsg``: one buffer, its iovecs and message headers."""
         if _sendmmsg is None or len(packets) < 2:

@@ -154,8 +154,9 @@ class Ledger:
     ) -> list[int]:
         """Credit a batch of receipts ``(addr index, dst, src, attempt, observed port)``.
 
-        The batch form of :meth:`note_receipt` (same effect, record by record), for the
-        coordinator's hot path. An address index past ``addrs`` names the address ``"?"``.
+        The coordinator's hot path (``note_receipt`` is the one-record form). A receipt for
+        an unplanned cell, or for attempt 0 (never sent), only counts as unplanned. An
+        address index past ``addrs`` names the address ``"?"``.
 
         Returns:
             the source ports of the cells this batch credited for the first time with
@@ -163,8 +164,8 @@ class Ledger:
         """
         cols = self._cols
         planned = self._planned_src
-        # Table indexes of the batch's addresses, made on first credit (as note_receipt does),
-        # so that an address which credits nothing never enters the table; the last one: "?".
+        # Table indexes of the batch's addresses, made on first credit: an address that
+        # credits nothing never enters the table. The last slot stands for "?".
         idx = [-1] * (len(addrs) + 1)
         names = [*addrs, "?"]
         fresh: list[int] = []
@@ -211,28 +212,11 @@ class Ledger:
 
     def note_receipt(self, dst: int, src: int, attempt: int, addr: str, port: int) -> bool:
         """Credit one authenticated, de-duplicated datagram. Returns True if the cell is new."""
-        col = self._cols.get(dst)
-        if col is None or not 0 <= src < SLOTS or not self._planned_src[src] or attempt == 0:
+        if not 0 <= src < SLOTS:
             self.unplanned_receipts += 1
             return False
-        self.received_total += 1
-        if col.received[src] < 0xFFFF:
-            col.received[src] += 1
-        if port != src:
-            col.xlat[src] = 1
-        new = col.first[src] == 0
-        if new or attempt < col.first[src]:
-            col.first[src] = min(attempt, 255)
-        if new:
-            col.obs_addr[src] = self._addr_idx(addr)
-            col.obs_port[src] = port
-        state = col.state[src]
-        if state != _CODE[Verdict.OPEN]:
-            if state == PENDING:
-                self.settled += 1
-            col.state[src] = _CODE[Verdict.OPEN]
-            self.open += 1
-        return new
+        attempt = min(attempt, 255)
+        return bool(self.note_receipts([(0, dst, src, attempt, port)], [addr], attempt))
 
     def note_icmp(self, dst: int, src: int, info: IcmpInfo) -> bool:
         """An ICMP error quoted our datagram for this cell. Returns True if it settled it."""
