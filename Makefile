@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test lint bench bench-deps clean system-deps
+.PHONY: demo test lint bench bench-deps clean system-deps help-pages
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -47,6 +47,11 @@ bench-deps: system-deps
 
 bench: $(STAMP) bench-deps
 	$(BIN)/python -m udpreach.bench
+
+# The console script prints these pages for `--help` without importing typer; a test
+# fails with a pointer here when an edit to the CLI leaves them stale.
+help-pages: $(STAMP)
+	$(BIN)/python -m udpreach.launch
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,3 +1,3 @@
-from udpreach.cli import main
+from udpreach.launch import main
 
 main()
