@@ -99,13 +99,43 @@ def test_a_changed_tree_or_narrow_terminal_uses_no_stored_page(
     assert launch.stored_page(["udpreach", "lab", "--help"]) is None
 
 
-def test_source_key_follows_every_source_file(tmp_path: Path) -> None:
-    for pkg in launch.PACKAGES:
-        (tmp_path / pkg).mkdir()
-        (tmp_path / pkg / "a.py").write_text("X = 1\n")
-    (tmp_path / "udpreach" / launch.PAGES_MODULE).write_text("KEY = ''\n")
-    key = launch.source_key(tmp_path)
-    (tmp_path / "udpreach" / launch.PAGES_MODULE).write_text("KEY = 'x'\n")
-    assert launch.source_key(tmp_path) == key  # the pages themselves are not an input
-    (tmp_path / "probe" / "a.py").write_text("X = 2\n")
-    assert launch.source_key(tmp_path) != key
+def test_source_key_follows_every_source(tmp_path: Path) -> None:
+    sources = ("udpreach/a.py", "probe/b.py")
+    for rel in sources:
+        (tmp_path / rel).parent.mkdir()
+        (tmp_path / rel).write_text("X = 1\n")
+    key = launch.source_key(tmp_path, sources)
+    (tmp_path / "udpreach" / "other.py").write_text("Y = 1\n")
+    assert launch.source_key(tmp_path, sources) == key  # not a source: not an input
+    (tmp_path / "probe" / "b.py").write_text("X = 2\n")
+    assert launch.source_key(tmp_path, sources) != key
+    with pytest.raises(FileNotFoundError):  # main() then lets typer answer
+        launch.source_key(tmp_path, (*sources, "nosuchpackage/__init__.py"))
+
+
+_MODULES_AFTER_RENDERING = """
+import os, sys
+import udpreach
+from udpreach.launch import OWN_PACKAGES, render_pages
+root = os.path.dirname(os.path.dirname(os.path.abspath(udpreach.__file__)))
+render_pages()
+for mod in list(sys.modules.values()):
+    rel = os.path.relpath(os.path.abspath(getattr(mod, "__file__", None) or "/"), root)
+    if rel.split(os.sep)[0] in OWN_PACKAGES:
+        print(rel)
+"""
+
+
+def test_help_is_rendered_from_the_keyed_sources_only() -> None:
+    """Every module of ours that rendering help imports is in the key: an edit to any of
+    them invalidates the stored pages."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _MODULES_AFTER_RENDERING],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    imported = set(proc.stdout.split())
+    assert "udpreach/cli.py" in imported
+    assert imported <= set(launch.SOURCES), imported - set(launch.SOURCES)

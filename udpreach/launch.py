@@ -6,8 +6,9 @@ the page typer rendered for this very source tree (``udpreach/helppages.py``, wr
 ``make help-pages``) and imports nothing else. Anything else, and any doubt, goes to the
 typer CLI, which then renders the page itself:
 
-* the pages are keyed by a hash of the sources of the three packages; an edited tree
-  (a changed option, a new default) no longer matches and takes the slow path;
+* the pages are keyed by a hash of the sources they are rendered from (``SOURCES``: the
+  CLI modules and typer's version); an edited CLI (a changed option, a new default) no
+  longer matches and takes the slow path;
 * click wraps help to the terminal's width, capped at 80 columns, and the pages are
   rendered at that cap: a narrower terminal takes the slow path;
 * only the exact forms ``udpreach --help`` and ``udpreach CMD [SUBCMD] --help`` qualify,
@@ -23,24 +24,39 @@ from pathlib import Path
 
 # click's help width: min(terminal columns, 80) - 2. The pages are rendered at 80 columns.
 PAGE_COLUMNS = 80
-PACKAGES = ("udpreach", "agent", "probe")
 PAGES_MODULE = "helppages.py"
+# Everything help is rendered from: the modules `--help` imports (a test checks that it
+# imports no other module of ours) and typer, whose __init__ names its version.
+SOURCES = (
+    "udpreach/__init__.py",
+    "udpreach/cli.py",
+    "udpreach/cli_history.py",
+    "udpreach/cli_lab.py",
+    "udpreach/errors.py",
+    "udpreach/launch.py",
+    "typer/__init__.py",
+)
+OWN_PACKAGES = ("udpreach", "agent", "probe")
 
 
-def source_key(root: Path | None = None) -> str:
-    """A hash of every Python source of the three packages, except the pages themselves."""
+def _locate(rel: str, root: Path) -> Path:
+    if rel.split("/", 1)[0] in OWN_PACKAGES:
+        return root / rel
+    for entry in sys.path:  # a third-party package: where the import system finds it
+        path = Path(entry or ".") / rel
+        if path.is_file():
+            return path
+    raise FileNotFoundError(rel)
+
+
+def source_key(root: Path | None = None, sources: tuple[str, ...] = SOURCES) -> str:
+    """A hash of the files the help pages are rendered from."""
     root = root or Path(__file__).resolve().parent.parent
     h = hashlib.blake2b(digest_size=16)
-    for pkg in PACKAGES:
-        d = root / pkg
-        try:
-            names = sorted(n for n in os.listdir(d) if n.endswith(".py") and n != PAGES_MODULE)
-        except OSError:
-            continue
-        for name in names:
-            h.update(f"{pkg}/{name}\0".encode())
-            h.update((d / name).read_bytes())
-            h.update(b"\0")
+    for rel in sources:
+        h.update(rel.encode() + b"\0")
+        h.update(_locate(rel, root).read_bytes())
+        h.update(b"\0")
     return h.hexdigest()
 
 
