@@ -35,6 +35,10 @@ import socket
 import struct
 from collections.abc import Sequence
 
+import numpy as np
+
+from udpreach.block import Block
+
 __all__ = [
     "IPV4_HEADER_LEN",
     "MAX_PAYLOAD_IPV4",
@@ -307,6 +311,48 @@ class UdpPacketBuilder:
             pack(prefix, sp, dst_port, udp_len, 0xFFFF - total % 0xFFFF, pl)
             for sp, total, pl in zip(src_ports, sums, payloads, strict=True)
         ]
+
+    def build_block(self, src_ports: Sequence[int], dst_port: int, payloads: Block) -> Block:
+        """``build_many`` for payloads of one length in a ``Block``, as one ``Block``.
+
+        Whole-array work: the checksums are word sums over the batch, and no Python object
+        is made per packet.
+
+        Raises:
+            ValueError: as ``build_many``.
+        """
+        n = len(src_ports)
+        if n != len(payloads):
+            raise ValueError(f"{n} source ports for {len(payloads)} payloads")
+        _check_port(dst_port, "destination")
+        length = payloads.size
+        prefix, residue = self._fixed(length)
+        plen = len(prefix) + UDP_HEADER_LEN + length
+        if not n:
+            return Block(b"", plen)
+        srcs = np.asarray(src_ports, dtype=np.int64)
+        if srcs.min() < 0 or srcs.max() > 0xFFFF:
+            raise ValueError("source port out of range 0..65535")
+        body = np.frombuffer(payloads.data, dtype=np.uint8).reshape(n, length)
+        if length & 1:  # an odd trailing byte is padded with a zero on the right
+            body = np.concatenate([body, np.zeros((n, 1), dtype=np.uint8)], axis=1)
+        words = body.view(">u2").sum(axis=1, dtype=np.int64)
+        checksum = 0xFFFF - (residue + dst_port + srcs + words) % 0xFFFF
+        out = np.empty((n, plen), dtype=np.uint8)
+        at = len(prefix)
+        if at:
+            out[:, :at] = np.frombuffer(prefix, dtype=np.uint8)
+        udp_len = UDP_HEADER_LEN + length
+        out[:, at] = srcs >> 8
+        out[:, at + 1] = srcs & 0xFF
+        out[:, at + 2] = dst_port >> 8
+        out[:, at + 3] = dst_port & 0xFF
+        out[:, at + 4] = udp_len >> 8
+        out[:, at + 5] = udp_len & 0xFF
+        out[:, at + 6] = checksum >> 8
+        out[:, at + 7] = checksum & 0xFF
+        out[:, at + UDP_HEADER_LEN :] = body[:, :length]
+        return Block(out.tobytes(), plen)
 
     def with_src_port(self, packet: bytes, src_port: int) -> bytes:
         """``packet`` (built by this builder) moved to ``src_port``; see :func:`with_src_port`."""

@@ -48,6 +48,7 @@ from typing import Final
 from probe.icmp import parse_icmp_packet
 from probe.packet import UdpPacketBuilder
 from probe.sender import BatchResults, BindSender, CellBatch, GroupResult, IcmpEvent
+from udpreach.block import Block
 from udpreach.errors import ConfigError
 
 __all__ = ["MODES", "RawSender", "make_sender", "raw_available"]
@@ -156,17 +157,27 @@ class _Transmitter:
         self.syscalls = 0
 
     def pack(self, packets: Sequence[bytes]) -> _Packed:
-        """Lay ``packets`` out for ``sendmmsg``: one buffer, its iovecs and message headers."""
+        """Lay ``packets`` out for ``sendmmsg``: one buffer, its iovecs and message headers.
+
+        A ``Block`` already is the buffer, and its packets' places are arithmetic.
+        """
         if _sendmmsg is None or len(packets) < 2:
             return _Packed(packets, b"", None, None)
-        # One buffer, alive as long as the _Packed: the iovecs point into it.
-        data = b"".join(packets)
-        base = _address_of(data)
         n = len(packets)
-        starts = array("Q", accumulate(map(len, packets), initial=base))
         iov = array("Q", bytes(8 * _IOVEC_WORDS * n))
-        iov[0::2] = starts[:-1]
-        iov[1::2] = array("Q", map(len, packets))
+        if isinstance(packets, Block):
+            # One buffer, alive as long as the _Packed: the iovecs point into it.
+            data = packets.data
+            base = _address_of(data)
+            size = packets.size
+            iov[0::2] = array("Q", range(base, base + n * size, size))
+            iov[1::2] = array("Q", [size]) * n
+        else:
+            data = b"".join(packets)
+            base = _address_of(data)
+            starts = array("Q", accumulate(map(len, packets), initial=base))
+            iov[0::2] = starts[:-1]
+            iov[1::2] = array("Q", map(len, packets))
         iov_addr = iov.buffer_info()[0]
         hdr = array("Q", bytes(8 * _MMSGHDR_WORDS * n))
         hdr[0::8] = array("Q", [self._name_addr]) * n
@@ -411,13 +422,24 @@ class RawSender:
             OSError: the sender is closed.
         """
         self._check_open()
-        packets: list[bytes] = []
-        build = self.builder.build_many
+        packets: Sequence[bytes]
         sent_src = self._sent_src
-        for dst, (srcs, payloads) in batch.items():
-            packets += build(srcs, dst, payloads)
+        for srcs, _ in batch.values():
             for src in srcs:  # marked first: an ICMP error for them is never "foreign"
                 sent_src[src] = 1
+        builder = self.builder
+        blocks: list[Block] = []
+        for dst, (srcs, payloads) in batch.items():
+            if not isinstance(payloads, Block):  # payloads one by one: the general path
+                break
+            blocks.append(builder.build_block(srcs, dst, payloads))
+        if blocks and len(blocks) == len(batch) and len({b.size for b in blocks}) == 1:
+            packets = blocks[0] if len(blocks) == 1 else Block.join(blocks)
+        else:
+            built: list[bytes] = []
+            for dst, (srcs, payloads) in batch.items():
+                built += builder.build_many(srcs, dst, payloads)
+            packets = built
         self._sent_dst.update(batch)
         tx = self._tx
         packed = tx.pack(packets)

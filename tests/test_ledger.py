@@ -257,6 +257,16 @@ def test_first_attempt_histogram() -> None:
     assert led.first_attempt_histogram() == {1: 4, 2: 3, 3: 3, 4: 1}
 
 
+def test_batched_sends_count_repeats_and_saturate() -> None:
+    led = Ledger([5000], [1024, 1025])
+    led.note_sent_many(5000, [1024, 1025, 1024])
+    assert (led.attempts(5000, 1024), led.attempts(5000, 1025)) == (2, 1)
+    assert led.sent_total == 3
+    led.note_sent_many(5000, [1025] * 70000)
+    assert led.attempts(5000, 1025) == 0xFFFF  # the counter saturates, the total does not
+    assert led.sent_total == 70003
+
+
 def test_attempts_counts_sends() -> None:
     led = Ledger([5000], [1024])
     for _ in range(3):
@@ -328,14 +338,23 @@ def test_ranges_property(
             max_size=60,
         )
     )
+    pending_sent: dict[int, list[int]] = {}  # batched: sends per port, repeats and all
+
+    def flush_sent() -> None:
+        for d, ss in pending_sent.items():
+            led.note_sent_many(d, ss)
+        pending_sent.clear()
+
     for ev in events:
         kind = ev[0]
         if kind != "receipt":
             flush_receipts()
+        if kind != "sent":
+            flush_sent()
         if kind == "sent":
             _, d, s = ev
             if batched:
-                led.note_sent_many(d, [s])
+                pending_sent.setdefault(d, []).append(s)
             else:
                 led.note_sent(d, s)
             model.sent[(d, s)] = model.sent.get((d, s), 0) + 1
@@ -366,6 +385,7 @@ def test_ranges_property(
             for d in dsts if only is None else only:
                 model.settled_by.setdefault((d, s), ("untested", reason))
     flush_receipts()
+    flush_sent()
     # The address table holds exactly the addresses that credited a cell, in that order.
     assert led.observed_addresses() == list(
         dict.fromkeys(a for a, _ in model.first_receipt.values())
@@ -382,6 +402,10 @@ def test_ranges_property(
     ]
     assert led.unresolved() == unsettled
     assert led.unresolved_count() == len(unsettled)
+    for d in dsts:  # what a round for each attempt number still owes
+        for attempt in (1, 2, 3):
+            owed = [s for s in srcs if (d, s) in unsettled and model.sent.get((d, s), 0) < attempt]
+            assert led.owed_srcs(d, attempt) == owed
     # A snapshot (the coordinator's checkpoint) reads back as the same ledger.
     again = Ledger.from_snapshot(led.snapshot(), srcs)
     assert again.ranges(settled_only=True) == led.ranges(settled_only=True)

@@ -20,6 +20,7 @@ from probe.packet import (
     udp_checksum_ipv6,
     with_src_port,
 )
+from udpreach.block import Block
 
 TIMEOUT = 2.0
 
@@ -174,6 +175,8 @@ def test_build_many_equals_build(
     assert builder.build_many(src_ports, dport, same_length) == [
         builder.build(p, dport, pl) for p, pl in zip(src_ports, same_length, strict=True)
     ]
+    block = builder.build_block(src_ports, dport, Block(b"".join(same_length), 16 - trim))
+    assert list(block) == builder.build_many(src_ports, dport, same_length)
     mixed = [pl[: i % 17] for i, (_, pl) in enumerate(items)]
     assert builder.build_many(src_ports, dport, mixed) == [
         builder.build(p, dport, pl) for p, pl in zip(src_ports, mixed, strict=True)

@@ -17,6 +17,7 @@ import pytest
 import probe.raw
 from probe.raw import RawSender, make_sender, raw_available
 from probe.sender import BindSender, CellBatch, GroupResult, IcmpEvent
+from udpreach.block import Block
 from udpreach.errors import ConfigError
 
 RAW4 = raw_available()
@@ -86,14 +87,17 @@ def collect(sender: RawSender, want: int, wait: float = WAIT) -> list[IcmpEvent]
     return events
 
 
-def by_dst(groups: list[tuple[int, list[tuple[int, bytes]]]]) -> CellBatch:
-    """The sender's batch form from per-source-port groups [(src, [(dst, payload)])]."""
+def by_dst(groups: list[tuple[int, list[tuple[int, bytes]]]], blocks: bool = False) -> CellBatch:
+    """The sender's batch form from per-source-port groups [(src, [(dst, payload)])]; with
+    ``blocks`` each port's payloads (of one length) come as a Block, as the runner's do."""
     out: dict[int, tuple[list[int], list[bytes]]] = {}
     for src, items in groups:
         for dst, payload in items:
             srcs, payloads = out.setdefault(dst, ([], []))
             srcs.append(src)
             payloads.append(payload)
+    if blocks:
+        return {d: (ss, Block(b"".join(ps), len(ps[0]))) for d, (ss, ps) in out.items()}
     return out
 
 
@@ -201,12 +205,13 @@ def test_bind_mode_maps_port_unreachable_to_its_cell_and_reads_only_flagged_sock
 
 
 @needs_raw4
-def test_raw_ipv4_many_groups_many_destinations_in_one_batch() -> None:
+@pytest.mark.parametrize("blocks", [False, True])
+def test_raw_ipv4_many_groups_many_destinations_in_one_batch(blocks: bool) -> None:
     with udp(DST4) as rx1, udp(DST4) as rx2, raw(SRC4, DST4) as sender:
         p1, p2 = rx1.getsockname()[1], rx2.getsockname()[1]
         srcs = range(20000, 20200)
         batch = [(s, [(p1, b"1:%d" % s), (p2, b"2:%d" % s)]) for s in srcs]
-        assert sender.send_cells(by_dst(batch)) is None
+        assert sender.send_cells(by_dst(batch, blocks)) is None
         assert sender.syscalls < 10  # batched, not one call per datagram
         assert receive(rx1, len(srcs)) == {b"1:%d" % s: (SRC4, s) for s in srcs}
         assert receive(rx2, len(srcs)) == {b"2:%d" % s: (SRC4, s) for s in srcs}
@@ -244,8 +249,9 @@ def test_icmp_errors_for_datagrams_we_did_not_send_are_ignored() -> None:
 
 
 @needs_raw4
+@pytest.mark.parametrize("blocks", [False, True])
 def test_partial_batches_report_backpressure_and_refusals_per_group(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, blocks: bool
 ) -> None:
     import errno
 
@@ -264,7 +270,8 @@ def test_partial_batches_report_backpressure_and_refusals_per_group(
                     (2000, [(7, b"a"), (8, b"b")]),
                     (2001, [(7, b"c")]),
                     (2002, [(7, b"d"), (8, b"e")]),
-                ]
+                ],
+                blocks,
             )
         )
     assert results is not None
@@ -308,6 +315,19 @@ def test_raw_ipv6_delivers_and_maps_port_unreachable() -> None:
         events = collect(sender, want=1)
     assert got == {b"six-busy": ("::1", busy_port), b"six": ("::1", 40000)}
     assert events == [IcmpEvent(dst_port=dead, src_port=busy_port, type=1, code=4, sender="::1")]
+
+
+@needs_raw6
+@needs_v6
+def test_raw_ipv6_block_batch_arrives_with_valid_checksums() -> None:
+    """The runner's form over IPv6, where the checksum is ours: a wrong one is dropped."""
+    with udp("::1") as rx1, udp("::1") as rx2, raw("::1", "::1") as sender:
+        p1, p2 = rx1.getsockname()[1], rx2.getsockname()[1]
+        srcs = range(30000, 30100)
+        batch = [(s, [(p1, b"v6-1:%d" % s), (p2, b"v6-2:%d" % s)]) for s in srcs]
+        assert sender.send_cells(by_dst(batch, blocks=True)) is None
+        assert receive(rx1, len(srcs)) == {b"v6-1:%d" % s: ("::1", s) for s in srcs}
+        assert receive(rx2, len(srcs)) == {b"v6-2:%d" % s: ("::1", s) for s in srcs}
 
 
 # -- choosing a mode ----------------------------------------------------------------------

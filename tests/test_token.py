@@ -195,6 +195,8 @@ def test_encode_many_is_encode_for_each(
     codec = TokenCodec(key, size)
     got = codec.encode_many(dst, srcs, attempt)
     assert got == [codec.encode(dst, s, attempt) for s in srcs]
+    block = codec.encode_block(dst, srcs, attempt)  # the probe's form: the same bytes
+    assert (block.size, block.data) == (size, b"".join(got))
     for s, data in zip(srcs, got, strict=True):
         assert _reference_verify(key, size, data) == Cell(dst, s, attempt)
 
@@ -205,6 +207,8 @@ def test_encode_many_takes_any_sequence() -> None:
     assert codec.encode_many(5000, range(1020, 1030), 9) == want
     assert codec.encode_many(5000, tuple(range(1020, 1030)), 9) == want
     assert codec.encode_many(5000, [], 9) == []
+    assert list(codec.encode_block(5000, range(1020, 1030), 9)) == want
+    assert len(codec.encode_block(5000, [], 9)) == 0
 
 
 @pytest.mark.parametrize(
@@ -224,6 +228,8 @@ def test_encode_many_refuses_what_cannot_be_encoded(
 ) -> None:
     with pytest.raises(ValueError, match=match):
         TokenCodec(KEY).encode_many(dst, srcs, attempt)
+    with pytest.raises(ValueError, match=match):
+        TokenCodec(KEY).encode_block(dst, srcs, attempt)
 
 
 def test_encode_refuses_out_of_range_as_before() -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import sys
 import zlib
 from array import array
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from itertools import compress, groupby
 from typing import Any
+
+import numpy as np
 
 SLOTS = 65536
 _RUNS = re.compile(rb"(.)\1*", re.DOTALL)  # maximal runs of one byte value
@@ -62,6 +65,12 @@ def _and(a: bytes | bytearray, b: bytes | bytearray) -> bytes:
 
 
 _IS_PENDING = _table({PENDING: 1}, default=0)  # state -> 1 where pending, else 0
+
+# A receipt in its wire form (``control.RECEIPT``): addr index, dst, src sent, attempt,
+# observed port.
+_RECORD_STRUCT = struct.Struct(">BHHBH")
+_NO_PORTS = np.zeros(0, dtype=np.intp)
+_RECORD = np.dtype([("ai", "u1"), ("dst", ">u2"), ("src", ">u2"), ("att", "u1"), ("port", ">u2")])
 
 SNAPSHOT_MAGIC = b"udpreach-ledger/1\n"
 _BYTE_COLUMNS = ("state", "first", "xlat")
@@ -108,6 +117,8 @@ class Ledger:
         self._planned_src = bytearray(SLOTS)
         for s in self.src_ports:
             self._planned_src[s] = 1
+        self._planned_np = np.frombuffer(self._planned_src, dtype=np.uint8)
+        self._scratch = np.zeros(SLOTS, dtype=np.intp)  # finds repeated cells in a batch
         # Byte masks over the 65,536 source-port slots, for the C-speed queries below.
         self._planned_ff = bytes(self._planned_src.translate(_table({1: 0xFF}, default=0)))
         self._unplanned_ff = bytes(self._planned_src.translate(_table({0: 0xFF}, default=0)))
@@ -135,16 +146,22 @@ class Ledger:
             col.sent[src] += 1
         self.sent_total += 1
 
-    def note_sent_many(self, dst: int, srcs: Iterable[int]) -> None:
+    def note_sent_many(self, dst: int, srcs: Sequence[int]) -> None:
         """One more attempt sent for each cell (dst, s) of ``srcs``."""
-        sent = self._cols[dst].sent
-        n = 0
-        for s in srcs:
-            c = sent[s]
-            if c < 0xFFFF:
-                sent[s] = c + 1
-            n += 1
-        self.sent_total += n
+        if not len(srcs):
+            return
+        sent = np.frombuffer(self._cols[dst].sent, dtype=np.uint16)
+        cells = np.asarray(srcs, dtype=np.intp)
+        index = np.arange(len(cells))
+        slot = self._scratch
+        slot[cells] = index
+        if np.array_equal(slot[cells], index):  # no port twice: the usual case
+            was = sent[cells]
+            sent[cells] = was + (was < 0xFFFF)
+        else:
+            cells, times = np.unique(cells, return_counts=True)
+            sent[cells] = np.minimum(sent[cells] + times, 0xFFFF)
+        self.sent_total += len(index)
 
     def note_receipts(
         self,
@@ -152,59 +169,97 @@ class Ledger:
         addrs: Sequence[str],
         attempt_of_interest: int,
     ) -> list[int]:
-        """Credit a batch of receipts ``(addr index, dst, src, attempt, observed port)``.
+        """Credit receipts given as tuples ``(addr index, dst, src, attempt, observed port)``:
+        ``note_receipts_packed`` for records not in wire form."""
+        packed = b"".join(
+            _RECORD_STRUCT.pack(ai, dst, src, min(attempt, 255), port)
+            for ai, dst, src, attempt, port in records
+        )
+        fresh: list[int] = self.note_receipts_packed(packed, addrs, attempt_of_interest).tolist()
+        return fresh
 
-        The coordinator's hot path (``note_receipt`` is the one-record form). A receipt for
-        an unplanned cell, or for attempt 0 (never sent), only counts as unplanned. An
-        address index past ``addrs`` names the address ``"?"``.
+    def note_receipts_packed(
+        self, records: bytes | memoryview, addrs: Sequence[str], attempt_of_interest: int
+    ) -> np.ndarray:
+        """Credit a batch of receipts in their wire form (``control.RECEIPT`` records).
+
+        The coordinator's hot path: whole-batch array operations, with the effect of
+        crediting the records one by one in order. A receipt for an unplanned cell, or for
+        attempt 0 (never sent), only counts as unplanned. An address index past ``addrs``
+        names the address ``"?"``. A cell credited for the first time keeps the address and
+        port of its first record in the batch; its first attempt is the lowest credited.
 
         Returns:
-            the source ports of the cells this batch credited for the first time with
-            ``attempt == attempt_of_interest`` (the runner's per-window delivery count).
+            the source ports (an integer array) of the cells this batch credited for the
+            first time with ``attempt == attempt_of_interest`` (the runner's per-window
+            delivery count), in the order of their first records.
         """
-        cols = self._cols
-        planned = self._planned_src
-        # Table indexes of the batch's addresses, made on first credit: an address that
-        # credits nothing never enters the table. The last slot stands for "?".
-        idx = [-1] * (len(addrs) + 1)
-        names = [*addrs, "?"]
-        fresh: list[int] = []
+        rec = np.frombuffer(records, dtype=_RECORD)
+        n = len(rec)
+        if n == 0:
+            return _NO_PORTS
+        dst = rec["dst"].astype(np.int64)
+        src = rec["src"].astype(np.intp)
+        att = rec["att"]
+        ok = (self._planned_np[src] != 0) & (att != 0)
         open_code = _CODE[Verdict.OPEN]
-        unplanned = received = opened = settled = 0
-        for ai, dst, src, attempt, port in records:
-            col = cols.get(dst)
-            if col is None or not planned[src] or attempt == 0:
-                unplanned += 1  # attempt 0 is never sent: no genuine receipt names it
+        received = opened = settled = 0
+        # Cells credited for the first time: (record index, column, source port), per port.
+        firsts: list[tuple[np.ndarray, _Column, np.ndarray]] = []
+        for d in np.unique(dst[ok]).tolist():
+            col = self._cols.get(d)
+            if col is None:
                 continue
-            received += 1
-            rc = col.received
-            r = rc[src]
-            if r < 0xFFFF:
-                rc[src] = r + 1
-            if port != src:
-                col.xlat[src] = 1
-            first = col.first
-            f = first[src]
-            if f == 0:
-                first[src] = min(attempt, 255)
-                k = ai if ai < len(addrs) else len(addrs)
-                i = idx[k]
-                if i < 0:
-                    i = idx[k] = self._addr_idx(names[k])
-                col.obs_addr[src] = i
-                col.obs_port[src] = port
-                if attempt == attempt_of_interest:
-                    fresh.append(src)
-            elif attempt < f:
-                first[src] = attempt
-            state = col.state
-            st = state[src]
-            if st != open_code:
-                if st == PENDING:
-                    settled += 1
-                state[src] = open_code
-                opened += 1
-        self.unplanned_receipts += unplanned
+            k = np.flatnonzero(ok & (dst == d))  # this column's records, in batch order
+            s = src[k]
+            received += len(k)
+            rc = np.frombuffer(col.received, dtype=np.uint16)
+            slot = self._scratch
+            index = np.arange(len(s))
+            slot[s] = index
+            if np.array_equal(slot[s], index):  # no cell twice: the usual case
+                cells, first_rec, lowest = s, index, att[k]
+                r = rc[s]
+                rc[s] = r + (r < 0xFFFF)
+            else:
+                cells, first_rec, which, count = np.unique(
+                    s, return_index=True, return_inverse=True, return_counts=True
+                )
+                rc[cells] = np.minimum(rc[cells].astype(np.int64) + count, 0xFFFF)
+                lowest = np.full(len(cells), 255, dtype=np.uint8)
+                np.minimum.at(lowest, which, att[k])
+            port = rec["port"][k].astype(np.intp)
+            moved = s[port != s]
+            if len(moved):
+                np.frombuffer(col.xlat, dtype=np.uint8)[moved] = 1
+            first = np.frombuffer(col.first, dtype=np.uint8)
+            before = first[cells]
+            new = before == 0
+            first[cells] = np.where(new, lowest, np.minimum(before, lowest))
+            if new.any():
+                firsts.append((k[first_rec[new]], col, cells[new]))
+            state = np.frombuffer(col.state, dtype=np.uint8)
+            was = state[cells]
+            opened += int(np.count_nonzero(was != open_code))
+            settled += int(np.count_nonzero(was == PENDING))
+            state[cells] = open_code
+        fresh = _NO_PORTS
+        if firsts:
+            # Addresses enter the table on first credit, in batch order, as one by one.
+            order = np.concatenate([r for r, _, _ in firsts])
+            if len(firsts) > 1:
+                order.sort()
+            ai = np.minimum(rec["ai"], len(addrs))
+            seen, at = np.unique(ai[order], return_index=True)
+            names = [*addrs, "?"]
+            lut = np.zeros(len(addrs) + 1, dtype=np.uint16)
+            for a in seen[np.argsort(at)].tolist():
+                lut[a] = self._addr_idx(names[a])
+            for r, col, cells in firsts:
+                np.frombuffer(col.obs_addr, dtype=np.uint16)[cells] = lut[ai[r]]
+                np.frombuffer(col.obs_port, dtype=np.uint16)[cells] = rec["port"][r]
+            fresh = src[order[att[order] == attempt_of_interest]]
+        self.unplanned_receipts += n - received
         self.received_total += received
         self.open += opened
         self.settled += settled
@@ -296,9 +351,17 @@ class Ledger:
         """Pending cells (no receipt, no ICMP, not untested), as (dst, src) pairs."""
         return [(d, s) for d in self.dst_ports for s in self.unresolved_srcs(d)]
 
-    def sent_column(self, dst: int) -> array[int]:
-        """Attempts sent per source port to ``dst`` (read-only use: the runner's filter)."""
-        return self._cols[dst].sent
+    def owed_srcs(self, dst: int, attempt: int) -> list[int]:
+        """Source ports of the pending cells of ``dst`` sent fewer than ``attempt`` times,
+        ascending: the ones a round for that attempt still sends."""
+        col = self._cols[dst]
+        owed = (
+            (np.frombuffer(col.state, dtype=np.uint8) == PENDING)
+            & (self._planned_np != 0)
+            & (np.frombuffer(col.sent, dtype=np.uint16) < attempt)
+        )
+        ports: list[int] = np.flatnonzero(owed).tolist()
+        return ports
 
     def attempts(self, dst: int, src: int) -> int:
         return self._cols[dst].sent[src]

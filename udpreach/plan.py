@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from functools import cached_property
 from typing import Any
 
 from udpreach.errors import ConfigError
@@ -44,9 +45,14 @@ class Plan:
     def cells(self) -> int:
         return len(self.src_ports) * len(self.dst_ports)
 
+    @cached_property
+    def src_spec(self) -> str:
+        """The source ports as the shortest SPEC (a full sweep's takes milliseconds)."""
+        return format_ports(self.src_ports)
+
     def to_json(self) -> dict[str, Any]:
         return {
-            "src_ports": format_ports(self.src_ports),
+            "src_ports": self.src_spec,
             "dst_ports": list(self.dst_ports),
             "copies": self.copies,
             "rate": self.rate,

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import trio
 
 from probe.sender import BindSender, IcmpEvent
@@ -116,7 +117,8 @@ class RunExecution:
         self.send_mode = "bind"
         self._codec: TokenCodec | None = None
         self._round = 0
-        self._win_of_src = array("i", [-1]) * 65536
+        self._win_of_src = array("i", [-1]) * 65536  # the send loop's writes
+        self._win_of_np = np.frombuffer(self._win_of_src, dtype=np.int32)  # bulk reads
         self._windows: list[_Window] = []
         self._requeues: dict[int, int] = {}  # source port -> times requeued this round
         self._next_progress = 0.0
@@ -137,13 +139,15 @@ class RunExecution:
         if run_id != self.run_id:
             self.facts.stale_receipts += len(recs) // RECEIPT.size
             return
-        fresh = self.ledger.note_receipts(RECEIPT.iter_unpack(recs), addrs, self._round)
-        wins = self._windows
-        win_of = self._win_of_src
-        for src in fresh:  # cells first seen in this round: the pacer's delivery count
-            w = win_of[src]
-            if 0 <= w < len(wins):
-                wins[w].delivered += 1
+        fresh = self.ledger.note_receipts_packed(recs, addrs, self._round)
+        if len(fresh):  # cells first seen in this round: the pacer's delivery count
+            wins = self._windows
+            of = self._win_of_np[fresh]
+            of = of[(of >= 0) & (of < len(wins))]
+            if len(of):
+                counts = np.bincount(of)
+                for w in np.flatnonzero(counts).tolist():
+                    wins[w].delivered += int(counts[w])
 
     # -- control-channel helpers ----------------------------------------------------------
 
@@ -313,8 +317,7 @@ class RunExecution:
         dsts = self.plan.dst_ports
         owed: dict[int, list[int]] = {}
         for d in dsts:
-            sent = led.sent_column(d)
-            owed[d] = [s for s in led.unresolved_srcs(d) if sent[s] < attempt]
+            owed[d] = led.owed_srcs(d, attempt)
         first = owed[dsts[0]]
         if all(owed[d] == first for d in dsts[1:]):
             return list(first), {}
@@ -352,7 +355,10 @@ class RunExecution:
             self._round = attempt
             self.facts.rounds += 1
             self.facts.max_attempt = attempt
-            self.rng.shuffle(srcs)
+            # numpy's permutation, seeded from the run's rng: random.shuffle is a Python
+            # loop (about 40 ms for a full sweep), this is C.
+            order = np.random.default_rng(self.rng.getrandbits(64)).permutation(len(srcs))
+            srcs = np.asarray(srcs)[order].tolist()
             t0 = trio.current_time()
             open_at_start = led.open if attempt > 1 else 0
             # Only the first round sends to a random sample of the whole plan, so only there
@@ -493,7 +499,7 @@ class RunExecution:
     ) -> None:
         codec = self._codec
         assert codec is not None
-        encode_many = codec.encode_many
+        encode = codec.encode_block
         led = self.ledger
         session = self.session
         win_of = self._win_of_src
@@ -530,15 +536,15 @@ class RunExecution:
                 want = min(want, sender.free_slots())
             batch = srcs[i : i + want]
             i += len(batch)
-            # Destination-major: one encode_many and one packet build per destination port.
+            # Destination-major: one encode_block and one packet build per destination port.
             if only:
                 owed: dict[int, list[int]] = {}
                 for src in batch:
                     for d in only.get(src, dsts):
                         owed.setdefault(d, []).append(src)
-                cells = {d: (ss, encode_many(d, ss, attempt)) for d, ss in owed.items()}
+                cells = {d: (ss, encode(d, ss, attempt)) for d, ss in owed.items()}
             else:
-                cells = {d: (batch, encode_many(d, batch, attempt)) for d in dsts}
+                cells = {d: (batch, encode(d, batch, attempt)) for d in dsts}
             results = sender.send_cells(cells, now)
             if results is None:  # everything went out
                 sent_n = 0

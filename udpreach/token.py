@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import cache
 
+from udpreach.block import Block
+
 HEADER = 8
 MAC_LEN = 8
 MIN_SIZE = HEADER + MAC_LEN  # 16
@@ -147,6 +149,52 @@ class TokenCodec:
                 m.update(cell)
                 append(prefix + cell + m.digest())
         return out
+
+    def encode_block(self, dst_port: int, src_ports: Sequence[int], attempt: int) -> Block:
+        """``encode_many`` as one ``Block``: the probe's batch form.
+
+        Only the MAC is computed datagram by datagram; the rest of each datagram (tag,
+        ports, attempt, padding) is laid out for the whole batch at once with numpy.
+
+        Raises:
+            ValueError: as ``encode_many``.
+        """
+        import numpy as np  # the probe's path only: the agent never imports numpy
+
+        if not 1 <= attempt <= MAX_ATTEMPT:
+            raise ValueError(f"attempt must be 1-{MAX_ATTEMPT}, got {attempt}")
+        if not 0 <= dst_port <= 0xFFFF:
+            raise ValueError(f"destination port must be 0-65535, got {dst_port}")
+        n = len(src_ports)
+        if not n:
+            return Block(b"", self.size)
+        if min(src_ports) < 0 or max(src_ports) > 0xFFFF:
+            bad = next(s for s in src_ports if not 0 <= s <= 0xFFFF)
+            raise ValueError(f"source port must be 0-65535, got {bad}")
+        ports = port_bytes()
+        prefix = self.tag + ports[dst_port]
+        base = self._mac.copy()
+        base.update(prefix)
+        copy = base.copy
+        att = bytes((attempt,))
+        padding = self._padding
+        cells: list[bytes] = []  # bytes 5..7 of each datagram: source port and attempt
+        macs: list[bytes] = []
+        add_cell = cells.append
+        add_mac = macs.append
+        for s in src_ports:
+            cell = ports[s] + att
+            add_cell(cell)
+            m = copy()
+            m.update(cell)
+            if padding:
+                m.update(padding)
+            add_mac(m.digest())
+        rows = np.zeros((n, self.size), dtype=np.uint8)
+        rows[:, :5] = np.frombuffer(prefix, dtype=np.uint8)
+        rows[:, 5:HEADER] = np.frombuffer(b"".join(cells), dtype=np.uint8).reshape(n, 3)
+        rows[:, HEADER:MIN_SIZE] = np.frombuffer(b"".join(macs), dtype=np.uint8).reshape(n, MAC_LEN)
+        return Block(rows.tobytes(), self.size)
 
     def owns(self, data: bytes) -> bool:
         """True if *data* is a genuine datagram of this run (used to name other runs)."""
