@@ -46,7 +46,7 @@ try:
     main()
 except SystemExit:
     pass
-heavy = ("trio", "rich", "udpreach.lab", "udpreach.coordinator", "udpreach.report")
+heavy = ("trio", "rich", "numpy", "udpreach.lab", "udpreach.coordinator", "udpreach.report")
 print("loaded:", " ".join(sorted(m for m in sys.modules if m.split(".")[0] in heavy or m in heavy)))
 """
 
@@ -86,6 +86,7 @@ def test_requests_do_not_load_trio(secret_file: Path) -> None:
         assert "cannot reach coordinator" in loaded.stderr
         last = loaded.stdout.splitlines()[-1]
         assert "trio" not in last.split(), last
+        assert "numpy" not in last.split(), last
 
 
 def test_loose_secret_file_is_refused(tmp_path: Path) -> None:
@@ -225,3 +226,12 @@ def test_audit_log_json_records_refusals(tmp_path: Path, secret_file: Path) -> N
     text = log.read_text()
     assert secret_file.read_text().strip() not in text
     assert "ffffffffffffffffffffffffffffffff" not in text
+
+
+def test_the_agent_imports_no_numpy() -> None:
+    """numpy serves the probe's batches; an agent on a client machine does without it."""
+    code = "import sys, agent.service, agent.core; print('numpy' in sys.modules)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert proc.stdout.strip() == "False"
