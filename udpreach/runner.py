@@ -39,7 +39,7 @@ log = logging.getLogger("udpreach.coordinator")
 
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 BATCH_SECONDS = 0.004  # send about this much per batch before a checkpoint
-MAX_BATCH_GROUPS = 512
+MAX_BATCH_GROUPS = 4096  # so a batch is BATCH_SECONDS long even at a full-speed sweep
 REPLY_TIMEOUT = 10.0
 PROGRESS_EVERY = 0.1
 PORT_UNREACHABLE = ((3, 3), (1, 4))  # ICMP, ICMPv6
