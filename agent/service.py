@@ -22,7 +22,9 @@ from typing import Any
 
 import trio
 
+from agent import mmsg
 from agent.core import AgentCore, Datagram
+from agent.mmsg import BatchReader
 from udpreach.channel import Channel, connect
 from udpreach.control import Message
 from udpreach.errors import AuthError, ConfigError, ProtocolError, UnreachableError
@@ -69,6 +71,7 @@ class Listener:
     sock: socket.socket
     port: int
     rcvbuf: int
+    batch: BatchReader | None = None  # recvmmsg where available (shared by the listeners)
 
 
 def open_listeners(ports: Sequence[int], listen: str) -> list[Listener]:
@@ -105,6 +108,10 @@ def open_listeners(ports: Sequence[int], listen: str) -> list[Listener]:
         for li in out:
             li.sock.close()
         raise
+    if mmsg.available():
+        reader = BatchReader()
+        for li in out:
+            li.batch = reader
     return out
 
 
@@ -124,21 +131,30 @@ def drain(state: AgentState, listener: Listener, limit: int = DRAIN_MAX) -> int:
     most that many are held at once, whatever their size.
     """
     core = state.core
-    recvfrom = listener.sock.recvfrom
+    sock = listener.sock
+    recvfrom = sock.recvfrom
+    batch = listener.batch
     n = 0
     more = True
     while more and n < limit:
         chunk: list[Datagram] = []
         want = min(DRAIN_CHUNK, limit - n)
-        while len(chunk) < want:
+        if batch is not None:  # the chunk in one recvmmsg
             try:
-                chunk.append(recvfrom(MAX_SIZE + 1))
-            except (BlockingIOError, InterruptedError):
-                more = False
-                break
+                chunk.extend(batch.read(sock, want))
+                more = len(chunk) == want
             except OSError:
                 more = False  # e.g. a queued ICMP error on the socket; nothing to credit
-                break
+        else:
+            while len(chunk) < want:
+                try:
+                    chunk.append(recvfrom(MAX_SIZE + 1))
+                except (BlockingIOError, InterruptedError):
+                    more = False
+                    break
+                except OSError:
+                    more = False  # e.g. a queued ICMP error on the socket
+                    break
         n += len(chunk)
         if chunk:
             core.on_datagrams(chunk, normalize_addr)
