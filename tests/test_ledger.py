@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from udpreach.control import RECEIPT
 from udpreach.ledger import VERDICTS, IcmpInfo, Ledger, SnapshotError
 
 PROHIBITED = IcmpInfo(3, 13, "198.18.2.1")
@@ -29,6 +30,31 @@ def test_a_receipt_for_attempt_zero_credits_nothing() -> None:
     assert led.unplanned_receipts == 2
     assert led.open == 0
     assert led.observed_addresses() == []
+
+
+def test_a_batch_in_wire_form_credits_as_record_by_record() -> None:
+    """The coordinator's path: packed records, an address index past the batch's list
+    (named "?"), several destination ports interleaved, a cell twice in one batch."""
+    led = Ledger([5000, 5001], range(1024, 1030))
+    records = [
+        (1, 5001, 1025, 2, 1025),
+        (0, 5000, 1024, 3, 40000),  # translated on the way
+        (7, 5000, 1026, 2, 1026),  # no such address index
+        (0, 5000, 1024, 2, 1024),  # again, at a lower attempt: the first attempt drops to 2
+        (0, 5002, 1024, 2, 1024),  # unplanned destination port
+        (0, 5000, 2000, 2, 2000),  # unplanned source port
+    ]
+    packed = b"".join(RECEIPT.pack(*r) for r in records)
+    fresh = led.note_receipts_packed(packed, ["198.18.2.2", "198.19.0.9"], 2)
+    assert fresh.tolist() == [1025, 1026]  # first credited at attempt 2, in batch order
+    assert (led.open, led.received_total, led.unplanned_receipts) == (3, 4, 2)
+    assert led.observed_addresses() == ["198.19.0.9", "198.18.2.2", "?"]
+    assert led.first_attempt_histogram() == {2: 3}
+    cells = {(r["dst_port"], r["first"]): r for r in led.ranges(settled_only=True)}
+    assert cells[(5000, 1024)]["translated"]
+    assert cells[(5000, 1024)]["received"] == 2
+    assert not cells[(5000, 1026)]["translated"]
+    assert led.note_receipts_packed(b"", [], 1).tolist() == []
 
 
 def test_a_damaged_snapshot_is_refused() -> None:

@@ -82,15 +82,17 @@ def parse_ports(
 
 def ranges_of(ports: Iterable[int]) -> list[tuple[int, int]]:
     """Maximal runs of consecutive ports, as (first, last) pairs, sorted."""
-    ports = set(ports)
+    if not isinstance(ports, (list, tuple, range)):
+        ports = list(ports)
     if ports and min(ports) >= 0 and max(ports) <= PORT_LAST:
-        # A byte per port and the regex engine: a full sweep's 64,512 ports in ~1 ms.
+        # A byte per port (repeats are harmless) and the regex engine: a full sweep's
+        # 64,512 ports in a few ms.
         mask = bytearray(PORT_LAST + 1)
         for p in ports:
             mask[p] = 1
         return [(m.start(), m.end() - 1) for m in _ONES.finditer(mask)]
     out: list[tuple[int, int]] = []
-    for p in sorted(ports):
+    for p in sorted(set(ports)):
         if out and out[-1][1] + 1 == p:
             out[-1] = (out[-1][0], p)
         else:
