@@ -164,11 +164,11 @@ if kind == "bind":
 else:
     sender = RawSender(src, dst)
 t0 = time.perf_counter()
-if kind == "raw-many":
+if kind == "raw-many":  # as the runner sends: Blocks of payloads, up to 4096 per batch
     srcs = [sp for sp, _ in batch]
-    payloads = [items[0][1] for _, items in batch]
-    for i in range(0, len(batch), 512):
-        sender.send_cells({port: (srcs[i : i + 512], payloads[i : i + 512])})
+    payloads = codec.encode_block(port, srcs, 1)
+    for i in range(0, len(batch), 4096):
+        sender.send_cells({port: (srcs[i : i + 4096], payloads[i : i + 4096])})
 else:
     for i, (sp, items) in enumerate(batch):
         sender.send_group(sp, items, 0.0)
