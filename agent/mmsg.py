@@ -6,9 +6,10 @@ full sweep puts 64,512 datagrams on the agent in about half a second, so the age
 them ``SLOTS`` at a time with one ``recvmmsg`` into one preallocated buffer, and spells
 each source address once (a dict from the raw address bytes).
 
-What it hands over is what ``recvfrom(MAX_SIZE + 1)`` returns, datagram for datagram:
-the payload (a longer one cut at MAX_SIZE + 1 bytes, which the core rejects as malformed)
-and ``(host, port)``. An IPv6 socket's v4-mapped and scoped addresses come as the numeric
+What it hands over is what the core reads of ``recvfrom(MAX_SIZE + 1)``, datagram for
+datagram: the payload (a longer one cut at MAX_SIZE + 1 bytes, which the core rejects as
+malformed) and ``(host, port)`` (an IPv6 socket's recvfrom adds flow info and scope id,
+which the core never reads). IPv6 addresses, v4-mapped ones included, come as the numeric
 text ``inet_ntop`` makes, without a ``%scope`` suffix, which ``normalize_addr`` removes
 anyway.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import socket
 import struct
 import sys
@@ -110,7 +112,7 @@ class BatchReader:
                 continue
             if err in (errno.EAGAIN, errno.EWOULDBLOCK):
                 return []
-            raise OSError(err, errno.errorcode.get(err, "recvmmsg failed"))
+            raise OSError(err, os.strerror(err))
         view = self._view
         names = self._names_view
         hosts = self._hosts

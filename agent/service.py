@@ -36,7 +36,7 @@ RCVBUF_WANTED = 16 * 1024 * 1024
 FLUSH_INTERVAL = 0.01
 COORDINATOR_SILENCE = 120.0  # the coordinator pings every 30 s when idle, ticks every 10 s in runs
 DRAIN_MAX = 4096  # datagrams per drain pass before yielding to other tasks
-DRAIN_CHUNK = 64  # datagrams handed to the core at once (at most 64 x 64 KiB held)
+DRAIN_CHUNK = mmsg.SLOTS  # datagrams handed to the core at once: one recvmmsg's worth
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 

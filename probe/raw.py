@@ -423,10 +423,6 @@ class RawSender:
         """
         self._check_open()
         packets: Sequence[bytes]
-        sent_src = self._sent_src
-        for srcs, _ in batch.values():
-            for src in srcs:  # marked first: an ICMP error for them is never "foreign"
-                sent_src[src] = 1
         builder = self.builder
         blocks: list[Block] = []
         for dst, (srcs, payloads) in batch.items():
@@ -440,6 +436,10 @@ class RawSender:
             for dst, (srcs, payloads) in batch.items():
                 built += builder.build_many(srcs, dst, payloads)
             packets = built
+        sent_src = self._sent_src  # the ports are valid now: the builders checked them
+        for srcs, _ in batch.values():
+            for src in srcs:  # marked before sending: an ICMP error for them is never "foreign"
+                sent_src[src] = 1
         self._sent_dst.update(batch)
         tx = self._tx
         packed = tx.pack(packets)

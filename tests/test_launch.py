@@ -139,3 +139,14 @@ def test_help_is_rendered_from_the_keyed_sources_only() -> None:
     imported = set(proc.stdout.split())
     assert "udpreach/cli.py" in imported
     assert imported <= set(launch.SOURCES), imported - set(launch.SOURCES)
+
+
+def test_the_key_follows_the_renderers_versions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert any(v.startswith("typer-") for v in launch.installed_versions())
+    key = launch.source_key()
+    (tmp_path / "click-99.0.dist-info").mkdir()  # an external click appears first on the path
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "click-99.0" in launch.installed_versions()
+    assert launch.source_key() != key

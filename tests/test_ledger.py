@@ -57,6 +57,26 @@ def test_a_batch_in_wire_form_credits_as_record_by_record() -> None:
     assert led.note_receipts_packed(b"", [], 1).tolist() == []
 
 
+def test_a_repeated_cell_in_one_column_keeps_batch_order() -> None:
+    """One destination port, a cell twice: fresh ports and new addresses still come in the
+    order of their first records, not in port order (a bug the review found)."""
+    led = Ledger([5000], [1024, 1025])
+    records = [(1, 5000, 1025, 1, 1025), (0, 5000, 1024, 1, 1024), (1, 5000, 1025, 2, 1025)]
+    packed = b"".join(RECEIPT.pack(*r) for r in records)
+    fresh = led.note_receipts_packed(packed, ["198.18.0.1", "198.18.0.2"], 1)
+    assert fresh.tolist() == [1025, 1024]
+    assert led.observed_addresses() == ["198.18.0.2", "198.18.0.1"]
+
+
+def test_tuples_that_cannot_be_on_the_wire_count_as_unplanned() -> None:
+    led = Ledger([5000], [1024])
+    assert led.note_receipts([(0, 70000, 1024, 1, 1024), (0, 5000, 1024, 1, -1)], ["a"], 1) == []
+    assert not led.note_receipt(70000, 1024, 1, "a", 1024)
+    assert (led.unplanned_receipts, led.open) == (3, 0)
+    assert led.note_receipts([(9, 5000, 1024, 300, 1024)], ["a"], 300) == [1024]  # 255 at most
+    assert led.observed_addresses() == ["?"]
+
+
 def test_a_damaged_snapshot_is_refused() -> None:
     led = Ledger([5000], [1024])
     led.note_receipt(5000, 1024, 1, "198.18.2.2", 1024)
@@ -495,3 +515,90 @@ def test_ranges_property(
         assert led.settled == led.cells
     else:
         assert led.settled == len(planned) - len(led.unresolved())
+
+
+# --- the batch path against the record-by-record loop it replaced -----------------------
+
+
+def _credit_one_by_one(
+    led: Ledger, records: list[tuple[int, int, int, int, int]], addrs: list[str], interest: int
+) -> list[int]:
+    """The coordinator's receipt loop before it became array operations, kept as the
+    reference (the ledger's own arrays, touched one record at a time)."""
+    cols = led._cols
+    idx = [-1] * (len(addrs) + 1)
+    names = [*addrs, "?"]
+    fresh: list[int] = []
+    for ai, dst, src, attempt, port in records:
+        col = cols.get(dst)
+        if col is None or not led._planned_src[src] or attempt == 0:
+            led.unplanned_receipts += 1
+            continue
+        led.received_total += 1
+        col.received[src] = min(col.received[src] + 1, 0xFFFF)
+        if port != src:
+            col.xlat[src] = 1
+        f = col.first[src]
+        if f == 0:
+            col.first[src] = attempt
+            k = min(ai, len(addrs))
+            if idx[k] < 0:
+                idx[k] = led._addr_idx(names[k])
+            col.obs_addr[src] = idx[k]
+            col.obs_port[src] = port
+            if attempt == interest:
+                fresh.append(src)
+        elif attempt < f:
+            col.first[src] = attempt
+        if col.state[src] != 1:  # not yet open
+            led.settled += col.state[src] == 0
+            col.state[src] = 1
+            led.open += 1
+    return fresh
+
+
+def _everything(led: Ledger) -> tuple[Any, ...]:
+    arrays = {
+        d: tuple(bytes(getattr(led._cols[d], name)) for name in ("state", "first", "xlat"))
+        + tuple(
+            getattr(led._cols[d], name).tobytes()
+            for name in ("sent", "received", "icmp", "obs_addr", "obs_port")
+        )
+        for d in led.dst_ports
+    }
+    counters = (led.open, led.settled, led.received_total, led.unplanned_receipts)
+    return arrays, led.observed_addresses(), counters
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(
+                st.integers(0, 3),  # address index: 3 is past the two-address list
+                st.sampled_from([5000] * 6 + [5001, 5002]),  # mostly one column; 5002 unplanned
+                st.sampled_from([0, 1, 2, 1024, 1030, 65535]),  # 1030 is not planned
+                st.integers(0, 3),  # attempt 0 is never sent
+                st.sampled_from([0, 1, 2, 1024, 40000, 65535]),
+            ),
+            max_size=30,
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.integers(1, 3),
+)
+def test_batch_credit_equals_record_by_record(
+    batches: list[list[tuple[int, int, int, int, int]]], interest: int
+) -> None:
+    planned = [0, 1, 2, 1024, 65535]
+    fast, slow = Ledger([5000, 5001], planned), Ledger([5000, 5001], planned)
+    fast.note_icmp(5000, 2, PROHIBITED)  # a settled cell that a receipt then opens
+    slow.note_icmp(5000, 2, PROHIBITED)
+    fast._cols[5001].received[1] = slow._cols[5001].received[1] = 0xFFFE  # near saturation
+    addrs = ["198.18.2.2", "198.19.0.9"]
+    for records in batches:
+        packed = b"".join(RECEIPT.pack(*r) for r in records)
+        got = fast.note_receipts_packed(packed, addrs, interest).tolist()
+        assert got == _credit_one_by_one(slow, records, addrs, interest)
+        assert _everything(fast) == _everything(slow)

@@ -249,6 +249,39 @@ async def test_blocking_client_gives_up_on_a_silent_coordinator() -> None:
         assert trio.current_time() - t0 < 5
 
 
+async def test_large_datagrams_come_in_bounded_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At full speed a batch is 4 ms of sending, but never more than BATCH_BYTES of
+    payload: 60 KB datagrams must not make batches of hundreds of megabytes."""
+    import probe.raw
+    from udpreach.runner import BATCH_BYTES
+
+    real_make_sender = probe.raw.make_sender
+    batch_bytes: list[int] = []
+
+    class Recording:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+            self.mode = inner.mode
+            self.linger = inner.linger
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def send_cells(self, batch: Any, now: float) -> Any:
+            batch_bytes.append(sum(len(p) for _, pl in batch.values() for p in pl))
+            return self.inner.send_cells(batch, now)
+
+    monkeypatch.setattr(probe.raw, "make_sender", lambda *a: Recording(real_make_sender(*a)))
+    with trio.fail_after(DEADLINE):
+        async with harness() as h:
+            doc = await _run(h, src_ports="30000-30199", size=60000, rate=1_000_000)
+    _check_contract(doc)
+    assert doc["summary"]["open"] == 200
+    assert BATCH_BYTES < 200 * 60000  # so the 200 ports cannot go in one batch
+    assert len(batch_bytes) > 1
+    assert max(batch_bytes) <= BATCH_BYTES
+
+
 async def test_a_source_port_the_kernel_keeps_refusing_is_untested_not_blocked(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -284,6 +284,17 @@ def test_partial_batches_report_backpressure_and_refusals_per_group(
 
 
 @needs_raw4
+@pytest.mark.parametrize("blocks", [False, True])
+@pytest.mark.parametrize("bad", [70000, -1])
+def test_a_source_port_out_of_range_is_refused_before_anything(blocks: bool, bad: int) -> None:
+    with raw(SRC4, DST4) as sender:
+        with pytest.raises(ValueError, match="source port"):
+            sender.send_cells(by_dst([(2000, [(9, b"x")]), (bad, [(9, b"y")])], blocks))
+        assert sender.sent == 0
+        assert not any(sender._sent_src)  # nothing marked as ours either
+
+
+@needs_raw4
 def test_closed_sender_sends_nothing_reaps_nothing_and_closes_twice() -> None:
     sender = RawSender(SRC4, DST4)
     sender.close()

@@ -1,6 +1,6 @@
 """Help pages rendered by typer for this source tree: `make help-pages` writes this."""
 
-KEY = '28a325d26769fc45ca22c8840bf9509a'
+KEY = 'e1649760c0338211f69d61bcfab96542'
 
 PAGES: dict[tuple[str, ...], str] = {
     (): 'Usage: udpreach [OPTIONS] COMMAND [ARGS]...\n\n  Measure which UDP source-port ranges and destination ports get through a\n  path (mail push-notification reachability: agent, probe, coordinator).\n\nOptions:\n  --help  Show this message and exit.\n\nCommands:\n  probe    Server side: host the coordinator and the UDP probe until...\n  agent    Client side: listen on UDP port(s), register with the...\n  run      Test the path from the probe to an agent and print the...\n  agents   List the agents registered with the coordinator.\n  demo     Start a probe and an agent, run a full sweep, print the matrix.\n  history  List the stored runs, newest first.\n  show     Print a stored run exactly as `run` printed it (--json: the...\n  diff     List the cells whose verdict changed from RUN_A to RUN_B; exit...\n  expect   Print an expectation file (TOML) that the stored run satisfies...\n  secret   Create shared secrets.\n  lab      The real-firewall lab: agent, router (an nftables firewall)...\n',

@@ -7,8 +7,8 @@ the page typer rendered for this very source tree (``udpreach/helppages.py``, wr
 typer CLI, which then renders the page itself:
 
 * the pages are keyed by a hash of the sources they are rendered from (``SOURCES``: the
-  CLI modules and typer's version); an edited CLI (a changed option, a new default) no
-  longer matches and takes the slow path;
+  CLI modules) and of typer's and click's installed versions; an edited CLI (a changed
+  option, a new default) no longer matches and takes the slow path;
 * click wraps help to the terminal's width, capped at 80 columns, and the pages are
   rendered at that cap: a narrower terminal takes the slow path;
 * only the exact forms ``udpreach --help`` and ``udpreach CMD [SUBCMD] --help`` qualify,
@@ -37,6 +37,7 @@ SOURCES = (
     "typer/__init__.py",
 )
 OWN_PACKAGES = ("udpreach", "agent", "probe")
+RENDERERS = ("typer", "click")  # their versions are part of the key as well
 
 
 def _locate(rel: str, root: Path) -> Path:
@@ -49,14 +50,35 @@ def _locate(rel: str, root: Path) -> Path:
     raise FileNotFoundError(rel)
 
 
+def installed_versions(names: tuple[str, ...] = RENDERERS) -> list[str]:
+    """The installed distributions of ``names`` as ``name-version`` (their dist-info
+    directories, first on ``sys.path`` as the import system finds them)."""
+    found: dict[str, str] = {}
+    for entry in sys.path:
+        try:
+            listing = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for item in listing:
+            if not item.endswith(".dist-info"):
+                continue
+            name = item.split("-", 1)[0].lower()
+            if name in names and name not in found:
+                found[name] = item.removesuffix(".dist-info")
+    return sorted(found.values())
+
+
 def source_key(root: Path | None = None, sources: tuple[str, ...] = SOURCES) -> str:
-    """A hash of the files the help pages are rendered from."""
+    """A hash of the files the help pages are rendered from, and of the versions of the
+    libraries that render them (typer, and click where typer does not bundle it)."""
     root = root or Path(__file__).resolve().parent.parent
     h = hashlib.blake2b(digest_size=16)
     for rel in sources:
         h.update(rel.encode() + b"\0")
         h.update(_locate(rel, root).read_bytes())
         h.update(b"\0")
+    for dist in installed_versions():
+        h.update(dist.encode() + b"\0")
     return h.hexdigest()
 
 

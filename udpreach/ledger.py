@@ -27,10 +27,13 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cache
 from itertools import compress, groupby
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+
 
 SLOTS = 65536
 _RUNS = re.compile(rb"(.)\1*", re.DOTALL)  # maximal runs of one byte value
@@ -69,8 +72,16 @@ _IS_PENDING = _table({PENDING: 1}, default=0)  # state -> 1 where pending, else 
 # A receipt in its wire form (``control.RECEIPT``): addr index, dst, src sent, attempt,
 # observed port.
 _RECORD_STRUCT = struct.Struct(">BHHBH")
-_NO_PORTS = np.zeros(0, dtype=np.intp)
-_RECORD = np.dtype([("ai", "u1"), ("dst", ">u2"), ("src", ">u2"), ("att", "u1"), ("port", ">u2")])
+
+
+@cache
+def _record_dtype() -> np.dtype[Any]:
+    """The numpy form of ``_RECORD_STRUCT`` (numpy is imported on first use: the CLI's
+    history commands read ledgers without ever booking a batch)."""
+    import numpy as np
+
+    return np.dtype([("ai", "u1"), ("dst", ">u2"), ("src", ">u2"), ("att", "u1"), ("port", ">u2")])
+
 
 SNAPSHOT_MAGIC = b"udpreach-ledger/1\n"
 _BYTE_COLUMNS = ("state", "first", "xlat")
@@ -117,8 +128,7 @@ class Ledger:
         self._planned_src = bytearray(SLOTS)
         for s in self.src_ports:
             self._planned_src[s] = 1
-        self._planned_np = np.frombuffer(self._planned_src, dtype=np.uint8)
-        self._scratch = np.zeros(SLOTS, dtype=np.intp)  # finds repeated cells in a batch
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None  # see _batch_arrays
         # Byte masks over the 65,536 source-port slots, for the C-speed queries below.
         self._planned_ff = bytes(self._planned_src.translate(_table({1: 0xFF}, default=0)))
         self._unplanned_ff = bytes(self._planned_src.translate(_table({0: 0xFF}, default=0)))
@@ -135,6 +145,16 @@ class Ledger:
         self.unplanned_receipts = 0
         self.closed = False
 
+    def _batch_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """numpy's view of the planned source ports, and a scratch array that finds a port
+        repeated within a batch (made on the first batch)."""
+        if self._arrays is None:
+            import numpy as np
+
+            planned = np.frombuffer(self._planned_src, dtype=np.uint8)
+            self._arrays = (planned, np.zeros(SLOTS, dtype=np.intp))
+        return self._arrays
+
     # -- events -------------------------------------------------------------------------
 
     def planned(self, dst: int, src: int) -> bool:
@@ -148,12 +168,14 @@ class Ledger:
 
     def note_sent_many(self, dst: int, srcs: Sequence[int]) -> None:
         """One more attempt sent for each cell (dst, s) of ``srcs``."""
+        import numpy as np
+
         if not len(srcs):
             return
+        _, slot = self._batch_arrays()
         sent = np.frombuffer(self._cols[dst].sent, dtype=np.uint16)
         cells = np.asarray(srcs, dtype=np.intp)
         index = np.arange(len(cells))
-        slot = self._scratch
         slot[cells] = index
         if np.array_equal(slot[cells], index):  # no port twice: the usual case
             was = sent[cells]
@@ -171,11 +193,18 @@ class Ledger:
     ) -> list[int]:
         """Credit receipts given as tuples ``(addr index, dst, src, attempt, observed port)``:
         ``note_receipts_packed`` for records not in wire form."""
-        packed = b"".join(
-            _RECORD_STRUCT.pack(ai, dst, src, min(attempt, 255), port)
-            for ai, dst, src, attempt, port in records
-        )
-        fresh: list[int] = self.note_receipts_packed(packed, addrs, attempt_of_interest).tolist()
+        if len(addrs) > 255:
+            raise ValueError("at most 255 addresses per batch, as on the wire")
+        wire: list[bytes] = []
+        nonsense = 0
+        for ai, dst, src, attempt, port in records:
+            if not (0 <= dst <= 0xFFFF and 0 <= src <= 0xFFFF and 0 <= port <= 0xFFFF):
+                nonsense += 1  # cannot be on the wire: only ever unplanned
+                continue
+            wire.append(_RECORD_STRUCT.pack(min(ai, len(addrs)), dst, src, min(attempt, 255), port))
+        self.unplanned_receipts += nonsense
+        interest = min(attempt_of_interest, 255)
+        fresh: list[int] = self.note_receipts_packed(b"".join(wire), addrs, interest).tolist()
         return fresh
 
     def note_receipts_packed(
@@ -194,14 +223,17 @@ class Ledger:
             first time with ``attempt == attempt_of_interest`` (the runner's per-window
             delivery count), in the order of their first records.
         """
-        rec = np.frombuffer(records, dtype=_RECORD)
+        import numpy as np
+
+        planned, slot = self._batch_arrays()
+        rec = np.frombuffer(records, dtype=_record_dtype())
         n = len(rec)
         if n == 0:
-            return _NO_PORTS
+            return np.zeros(0, dtype=np.intp)
         dst = rec["dst"].astype(np.int64)
         src = rec["src"].astype(np.intp)
         att = rec["att"]
-        ok = (self._planned_np[src] != 0) & (att != 0)
+        ok = (planned[src] != 0) & (att != 0)
         open_code = _CODE[Verdict.OPEN]
         received = opened = settled = 0
         # Cells credited for the first time: (record index, column, source port), per port.
@@ -214,7 +246,6 @@ class Ledger:
             s = src[k]
             received += len(k)
             rc = np.frombuffer(col.received, dtype=np.uint16)
-            slot = self._scratch
             index = np.arange(len(s))
             slot[s] = index
             if np.array_equal(slot[s], index):  # no cell twice: the usual case
@@ -243,12 +274,11 @@ class Ledger:
             opened += int(np.count_nonzero(was != open_code))
             settled += int(np.count_nonzero(was == PENDING))
             state[cells] = open_code
-        fresh = _NO_PORTS
+        fresh = np.zeros(0, dtype=np.intp)
         if firsts:
-            # Addresses enter the table on first credit, in batch order, as one by one.
-            order = np.concatenate([r for r, _, _ in firsts])
-            if len(firsts) > 1:
-                order.sort()
+            # Addresses enter the table on first credit, in batch order, as one by one (a
+            # column with a repeated cell lists its first records in port order: sort).
+            order = np.sort(np.concatenate([r for r, _, _ in firsts]))
             ai = np.minimum(rec["ai"], len(addrs))
             seen, at = np.unique(ai[order], return_index=True)
             names = [*addrs, "?"]
@@ -354,10 +384,13 @@ class Ledger:
     def owed_srcs(self, dst: int, attempt: int) -> list[int]:
         """Source ports of the pending cells of ``dst`` sent fewer than ``attempt`` times,
         ascending: the ones a round for that attempt still sends."""
+        import numpy as np
+
+        planned, _ = self._batch_arrays()
         col = self._cols[dst]
         owed = (
             (np.frombuffer(col.state, dtype=np.uint8) == PENDING)
-            & (self._planned_np != 0)
+            & (planned != 0)
             & (np.frombuffer(col.sent, dtype=np.uint16) < attempt)
         )
         ports: list[int] = np.flatnonzero(owed).tolist()

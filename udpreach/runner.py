@@ -40,6 +40,7 @@ log = logging.getLogger("udpreach.coordinator")
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 BATCH_SECONDS = 0.004  # send about this much per batch before a checkpoint
 MAX_BATCH_GROUPS = 4096  # so a batch is BATCH_SECONDS long even at a full-speed sweep
+BATCH_BYTES = 4 * 1024 * 1024  # and no batch holds more than this (large --size)
 REPLY_TIMEOUT = 10.0
 PROGRESS_EVERY = 0.1
 PORT_UNREACHABLE = ((3, 3), (1, 4))  # ICMP, ICMPv6
@@ -513,6 +514,8 @@ class RunExecution:
         n = len(srcs)
         dsts = list(self.plan.dst_ports)
         per_src = max(1, len(dsts))
+        # Several copies of a batch exist at once (payloads, packets): bound them in bytes.
+        max_groups = max(1, min(MAX_BATCH_GROUPS, BATCH_BYTES // ((self.plan.size + 48) * per_src)))
         while i < n:
             if session.lost.is_set():
                 raise AgentUnavailableError(f"agent {session.name!r} was lost during the run")
@@ -527,7 +530,7 @@ class RunExecution:
             else:
                 next_t = max(next_t, now - 0.01)  # never burst to catch up after a stall
                 await trio.lowlevel.checkpoint()
-            want = max(1, min(MAX_BATCH_GROUPS, int(rate * BATCH_SECONDS / per_src)))
+            want = max(1, min(max_groups, int(rate * BATCH_SECONDS / per_src)))
             if sender.free_slots() < want:
                 self._apply_icmp(sender.reap(now))
                 if sender.free_slots() <= 0:

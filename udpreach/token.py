@@ -153,8 +153,9 @@ class TokenCodec:
     def encode_block(self, dst_port: int, src_ports: Sequence[int], attempt: int) -> Block:
         """``encode_many`` as one ``Block``: the probe's batch form.
 
-        Only the MAC is computed datagram by datagram; the rest of each datagram (tag,
-        ports, attempt, padding) is laid out for the whole batch at once with numpy.
+        Only the MAC (and the 3-byte source port and attempt it covers) is made datagram
+        by datagram; the datagrams themselves are laid out for the whole batch at once with
+        numpy.
 
         Raises:
             ValueError: as ``encode_many``.
