@@ -235,3 +235,18 @@ def test_the_agent_imports_no_numpy() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert proc.stdout.strip() == "False"
+
+
+def test_reading_stored_runs_imports_no_numpy() -> None:
+    """history/show/diff read ledgers through the store: numpy only comes with a batch."""
+    code = (
+        "import sys, udpreach.store, udpreach.cli_history\n"
+        "from udpreach.ledger import Ledger\n"
+        "led = Ledger([5000], range(1024, 1100)); led.note_sent(5000, 1024); led.ranges()\n"
+        "Ledger.from_snapshot(led.snapshot(), range(1024, 1100))\n"
+        "print('numpy' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert proc.stdout.strip() == "False"
