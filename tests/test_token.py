@@ -197,6 +197,8 @@ def test_encode_many_is_encode_for_each(
     assert got == [codec.encode(dst, s, attempt) for s in srcs]
     block = codec.encode_block(dst, srcs, attempt)  # the probe's form: the same bytes
     assert (block.size, block.data) == (size, b"".join(got))
+    macs = codec.mac_block(dst, srcs, attempt)  # made ahead of time, as in the pilot
+    assert codec.encode_block(dst, srcs, attempt, macs).data == block.data
     for s, data in zip(srcs, got, strict=True):
         assert _reference_verify(key, size, data) == Cell(dst, s, attempt)
 
@@ -230,6 +232,10 @@ def test_encode_many_refuses_what_cannot_be_encoded(
         TokenCodec(KEY).encode_many(dst, srcs, attempt)
     with pytest.raises(ValueError, match=match):
         TokenCodec(KEY).encode_block(dst, srcs, attempt)
+    with pytest.raises(ValueError, match=match):
+        TokenCodec(KEY).encode_block(dst, srcs, attempt, bytes(8 * len(srcs)))
+    with pytest.raises(ValueError, match=match):
+        TokenCodec(KEY).mac_block(dst, srcs, attempt)
 
 
 def test_encode_refuses_out_of_range_as_before() -> None:

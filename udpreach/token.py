@@ -81,6 +81,16 @@ class Cell:
     attempt: int
 
 
+def _check_cells(dst_port: int, src_ports: Sequence[int], attempt: int) -> None:
+    if not 1 <= attempt <= MAX_ATTEMPT:
+        raise ValueError(f"attempt must be 1-{MAX_ATTEMPT}, got {attempt}")
+    if not 0 <= dst_port <= 0xFFFF:
+        raise ValueError(f"destination port must be 0-65535, got {dst_port}")
+    if src_ports and (min(src_ports) < 0 or max(src_ports) > 0xFFFF):
+        bad = next(s for s in src_ports if not 0 <= s <= 0xFFFF)
+        raise ValueError(f"source port must be 0-65535, got {bad}")
+
+
 class TokenCodec:
     """Encodes and verifies the datagrams of one run (one key, one size)."""
 
@@ -150,52 +160,64 @@ class TokenCodec:
                 append(prefix + cell + m.digest())
         return out
 
-    def encode_block(self, dst_port: int, src_ports: Sequence[int], attempt: int) -> Block:
+    def encode_block(
+        self, dst_port: int, src_ports: Sequence[int], attempt: int, macs: bytes | None = None
+    ) -> Block:
         """``encode_many`` as one ``Block``: the probe's batch form.
 
-        Only the MAC (and the 3-byte source port and attempt it covers) is made datagram
-        by datagram; the datagrams themselves are laid out for the whole batch at once with
-        numpy.
+        Only the MAC is made datagram by datagram (``macs``, when given, are those of
+        ``mac_block`` for the same arguments, made earlier); the datagrams themselves are
+        laid out for the whole batch at once with numpy.
+
+        Raises:
+            ValueError: as ``encode_many``, or ``macs`` of the wrong length.
+        """
+        import numpy as np  # the probe's path only: the agent never imports numpy
+
+        n = len(src_ports)
+        if macs is None:
+            macs = self.mac_block(dst_port, src_ports, attempt)
+        else:
+            _check_cells(dst_port, src_ports, attempt)
+        if len(macs) != n * MAC_LEN:
+            raise ValueError(f"{len(macs)} bytes of MACs for {n} datagrams")
+        if not n:
+            return Block(b"", self.size)
+        srcs = np.asarray(src_ports, dtype=np.int64)
+        rows = np.zeros((n, self.size), dtype=np.uint8)
+        rows[:, :3] = np.frombuffer(self.tag, dtype=np.uint8)
+        rows[:, 3] = dst_port >> 8
+        rows[:, 4] = dst_port & 0xFF
+        rows[:, 5] = srcs >> 8
+        rows[:, 6] = srcs & 0xFF
+        rows[:, 7] = attempt
+        rows[:, HEADER:MIN_SIZE] = np.frombuffer(macs, dtype=np.uint8).reshape(n, MAC_LEN)
+        return Block(rows.tobytes(), self.size)
+
+    def mac_block(self, dst_port: int, src_ports: Sequence[int], attempt: int) -> bytes:
+        """The MACs of ``encode_many(dst_port, src_ports, attempt)``, back to back.
 
         Raises:
             ValueError: as ``encode_many``.
         """
-        import numpy as np  # the probe's path only: the agent never imports numpy
-
-        if not 1 <= attempt <= MAX_ATTEMPT:
-            raise ValueError(f"attempt must be 1-{MAX_ATTEMPT}, got {attempt}")
-        if not 0 <= dst_port <= 0xFFFF:
-            raise ValueError(f"destination port must be 0-65535, got {dst_port}")
-        n = len(src_ports)
-        if not n:
-            return Block(b"", self.size)
-        if min(src_ports) < 0 or max(src_ports) > 0xFFFF:
-            bad = next(s for s in src_ports if not 0 <= s <= 0xFFFF)
-            raise ValueError(f"source port must be 0-65535, got {bad}")
+        _check_cells(dst_port, src_ports, attempt)
+        if not src_ports:
+            return b""
         ports = port_bytes()
-        prefix = self.tag + ports[dst_port]
         base = self._mac.copy()
-        base.update(prefix)
+        base.update(self.tag + ports[dst_port])
         copy = base.copy
         att = bytes((attempt,))
         padding = self._padding
-        cells: list[bytes] = []  # bytes 5..7 of each datagram: source port and attempt
         macs: list[bytes] = []
-        add_cell = cells.append
         add_mac = macs.append
         for s in src_ports:
-            cell = ports[s] + att
-            add_cell(cell)
             m = copy()
-            m.update(cell)
+            m.update(ports[s] + att)
             if padding:
                 m.update(padding)
             add_mac(m.digest())
-        rows = np.zeros((n, self.size), dtype=np.uint8)
-        rows[:, :5] = np.frombuffer(prefix, dtype=np.uint8)
-        rows[:, 5:HEADER] = np.frombuffer(b"".join(cells), dtype=np.uint8).reshape(n, 3)
-        rows[:, HEADER:MIN_SIZE] = np.frombuffer(b"".join(macs), dtype=np.uint8).reshape(n, MAC_LEN)
-        return Block(rows.tobytes(), self.size)
+        return b"".join(macs)
 
     def owns(self, data: bytes) -> bool:
         """True if *data* is a genuine datagram of this run (used to name other runs)."""
