@@ -13,7 +13,7 @@ which the core never reads). IPv6 addresses, v4-mapped ones included, come as th
 text ``inet_ntop`` makes, without a ``%scope`` suffix, which ``normalize_addr`` removes
 anyway.
 
-The message headers are laid out for LP64 little-endian Linux, as in ``probe.raw``; where
+The message headers are laid out for LP64 little-endian Linux (``udpreach.libc``); where
 that does not hold, ``available()`` is False and the agent uses ``recvfrom``.
 """
 
@@ -24,17 +24,15 @@ import errno
 import os
 import socket
 import struct
-import sys
 from array import array
 from collections.abc import Callable
 
+from udpreach.libc import IOVEC_WORDS, MMSGHDR_WORDS, libc_function
 from udpreach.token import MAX_SIZE
 
 SLOTS = 64  # datagrams per system call
 SLOT_SIZE = MAX_SIZE + 1  # as recvfrom(MAX_SIZE + 1): a longer datagram shows as too long
 _NAME_SIZE = 128  # sizeof(struct sockaddr_storage)
-_MMSGHDR_WORDS = 8  # sizeof(struct mmsghdr) == 64 on LP64
-_IOVEC_WORDS = 2
 _MSG_DONTWAIT = 0x40
 _V4 = struct.Struct("!2xH4s")  # sockaddr_in: family (host order), port, address
 _V6 = struct.Struct("!2xH4x16s")  # sockaddr_in6: family, port, flowinfo, address
@@ -43,16 +41,8 @@ _RecvMmsg = Callable[[int, int, int, int, None], int]
 
 
 def _load() -> _RecvMmsg | None:
-    if not sys.platform.startswith("linux") or sys.byteorder != "little":
-        return None
-    if struct.calcsize("P") != 8:
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).recvmmsg
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
+    argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
+    fn: _RecvMmsg | None = libc_function("recvmmsg", argtypes)
     return fn
 
 
@@ -79,13 +69,15 @@ class BatchReader:
         self._names_view = memoryview(self._names).cast("B")
         data_at = ctypes.addressof(self._data)
         names_at = ctypes.addressof(self._names)
-        self._iov = array("Q", bytes(8 * _IOVEC_WORDS * SLOTS))
+        self._iov = array("Q", bytes(8 * IOVEC_WORDS * SLOTS))
         self._iov[0::2] = array("Q", range(data_at, data_at + SLOTS * SLOT_SIZE, SLOT_SIZE))
         self._iov[1::2] = array("Q", [SLOT_SIZE]) * SLOTS
         iov_at = self._iov.buffer_info()[0]
-        self._hdr = array("Q", bytes(8 * _MMSGHDR_WORDS * SLOTS))
+        self._hdr = array("Q", bytes(8 * MMSGHDR_WORDS * SLOTS))
         self._hdr[0::8] = array("Q", range(names_at, names_at + SLOTS * _NAME_SIZE, _NAME_SIZE))
-        self._hdr[2::8] = array("Q", range(iov_at, iov_at + SLOTS * 16, 16))
+        self._hdr[2::8] = array(
+            "Q", range(iov_at, iov_at + SLOTS * 8 * IOVEC_WORDS, 8 * IOVEC_WORDS)
+        )
         self._hdr[3::8] = array("Q", [1]) * SLOTS
         self._hdr_at = self._hdr.buffer_info()[0]
         self._name_sizes = array("Q", [_NAME_SIZE]) * SLOTS
@@ -130,5 +122,5 @@ class BatchReader:
                 if len(hosts) >= 65536:  # bounded: a flood of spoofed sources
                     hosts.clear()
                 host = hosts[raw] = socket.inet_ntop(family, raw)
-            append((view[start : start + hdr[i * _MMSGHDR_WORDS + 7]].tobytes(), (host, port)))
+            append((view[start : start + hdr[i * MMSGHDR_WORDS + 7]].tobytes(), (host, port)))
         return out

@@ -39,7 +39,6 @@ import errno
 import ipaddress
 import socket
 import struct
-import sys
 from array import array
 from collections.abc import Callable, Sequence
 from itertools import accumulate
@@ -50,6 +49,7 @@ from probe.packet import UdpPacketBuilder
 from probe.sender import BatchResults, BindSender, CellBatch, GroupResult, IcmpEvent
 from udpreach.block import Block
 from udpreach.errors import ConfigError
+from udpreach.libc import IOVEC_WORDS, MMSGHDR_WORDS, libc_function
 
 __all__ = ["MODES", "RawSender", "make_sender", "raw_available"]
 
@@ -82,17 +82,9 @@ _SendMmsg = Callable[[int, int, int, int], int]
 
 
 def _load_sendmmsg() -> _SendMmsg | None:
-    # The mmsghdr arrays below are laid out for LP64 little-endian Linux (x86_64, aarch64).
-    if not sys.platform.startswith("linux") or sys.byteorder != "little":
+    fn = libc_function("sendmmsg", [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int])
+    if fn is None:
         return None
-    if struct.calcsize("P") != 8:
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sendmmsg
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
-    fn.restype = ctypes.c_int
 
     def call(fd: int, msgvec: int, vlen: int, flags: int) -> int:
         return int(fn(fd, msgvec, vlen, flags))
@@ -101,8 +93,6 @@ def _load_sendmmsg() -> _SendMmsg | None:
 
 
 _sendmmsg: _SendMmsg | None = _load_sendmmsg()
-_MMSGHDR_WORDS = 8  # sizeof(struct mmsghdr) == 64 on LP64
-_IOVEC_WORDS = 2  # sizeof(struct iovec) == 16
 
 
 def _address_of(data: bytes) -> int:
@@ -164,7 +154,7 @@ class _Transmitter:
         if _sendmmsg is None or len(packets) < 2:
             return _Packed(packets, b"", None, None)
         n = len(packets)
-        iov = array("Q", bytes(8 * _IOVEC_WORDS * n))
+        iov = array("Q", bytes(8 * IOVEC_WORDS * n))
         if isinstance(packets, Block):
             # One buffer, alive as long as the _Packed: the iovecs point into it.
             data = packets.data
@@ -179,10 +169,10 @@ class _Transmitter:
             iov[0::2] = starts[:-1]
             iov[1::2] = array("Q", map(len, packets))
         iov_addr = iov.buffer_info()[0]
-        hdr = array("Q", bytes(8 * _MMSGHDR_WORDS * n))
+        hdr = array("Q", bytes(8 * MMSGHDR_WORDS * n))
         hdr[0::8] = array("Q", [self._name_addr]) * n
         hdr[1::8] = array("Q", [self._name_len]) * n
-        hdr[2::8] = array("Q", range(iov_addr, iov_addr + 8 * _IOVEC_WORDS * n, 8 * _IOVEC_WORDS))
+        hdr[2::8] = array("Q", range(iov_addr, iov_addr + 8 * IOVEC_WORDS * n, 8 * IOVEC_WORDS))
         hdr[3::8] = array("Q", [1]) * n
         return _Packed(packets, data, iov, hdr)
 
@@ -202,7 +192,7 @@ class _Transmitter:
         while done < n:
             count = min(n - done, _MAX_VLEN)
             self.syscalls += 1
-            sent = sendmmsg(self.fd, hdr_addr + 8 * _MMSGHDR_WORDS * done, count, 0)
+            sent = sendmmsg(self.fd, hdr_addr + 8 * MMSGHDR_WORDS * done, count, 0)
             if sent > 0:
                 done += sent
                 continue
