@@ -39,10 +39,10 @@ import errno
 import ipaddress
 import socket
 import struct
-from array import array
 from collections.abc import Callable, Sequence
-from itertools import accumulate
 from typing import Final
+
+import numpy as np
 
 from probe.icmp import parse_icmp_packet
 from probe.packet import UdpPacketBuilder
@@ -112,8 +112,8 @@ class _Packed:
         self,
         packets: Sequence[bytes],
         data: bytes,
-        iov: array[int] | None,
-        hdr: array[int] | None,
+        iov: np.ndarray | None,
+        hdr: np.ndarray | None,
     ) -> None:
         self.packets = packets
         self.data = data  # the buffer the iovecs point into: kept alive here
@@ -154,26 +154,27 @@ class _Transmitter:
         if _sendmmsg is None or len(packets) < 2:
             return _Packed(packets, b"", None, None)
         n = len(packets)
-        iov = array("Q", bytes(8 * IOVEC_WORDS * n))
+        iov = np.empty((n, IOVEC_WORDS), dtype=np.uint64)
         if isinstance(packets, Block):
             # One buffer, alive as long as the _Packed: the iovecs point into it.
             data = packets.data
             base = _address_of(data)
             size = packets.size
-            iov[0::2] = array("Q", range(base, base + n * size, size))
-            iov[1::2] = array("Q", [size]) * n
+            iov[:, 0] = np.arange(base, base + n * size, size, dtype=np.uint64)
+            iov[:, 1] = size
         else:
             data = b"".join(packets)
             base = _address_of(data)
-            starts = array("Q", accumulate(map(len, packets), initial=base))
-            iov[0::2] = starts[:-1]
-            iov[1::2] = array("Q", map(len, packets))
-        iov_addr = iov.buffer_info()[0]
-        hdr = array("Q", bytes(8 * MMSGHDR_WORDS * n))
-        hdr[0::8] = array("Q", [self._name_addr]) * n
-        hdr[1::8] = array("Q", [self._name_len]) * n
-        hdr[2::8] = array("Q", range(iov_addr, iov_addr + 8 * IOVEC_WORDS * n, 8 * IOVEC_WORDS))
-        hdr[3::8] = array("Q", [1]) * n
+            lengths = np.fromiter(map(len, packets), dtype=np.uint64, count=n)
+            iov[:, 1] = lengths
+            iov[:, 0] = base
+            iov[1:, 0] += np.cumsum(lengths[:-1], dtype=np.uint64)
+        iov_addr = iov.ctypes.data
+        hdr = np.zeros((n, MMSGHDR_WORDS), dtype=np.uint64)
+        hdr[:, 0] = self._name_addr
+        hdr[:, 1] = self._name_len
+        hdr[:, 2] = np.arange(iov_addr, iov_addr + iov.nbytes, 8 * IOVEC_WORDS, dtype=np.uint64)
+        hdr[:, 3] = 1
         return _Packed(packets, data, iov, hdr)
 
     def send_packed(self, packed: _Packed, start: int) -> tuple[int, int]:
@@ -186,7 +187,7 @@ class _Transmitter:
         if packed.hdr is None or sendmmsg is None:
             return self._send_each(packed.packets[start:])
         n = len(packed.packets)
-        hdr_addr = packed.hdr.buffer_info()[0]
+        hdr_addr = packed.hdr.ctypes.data
         done = start
         interrupted = 0
         while done < n:
