@@ -212,6 +212,7 @@ class AgentCore:
     def end_run(self) -> AgentRun | None:
         run = self.current
         if run is not None:
+            run.codec.retire()  # from now on it only names replays: its tables can go
             self._previous.append(run.codec)
             self.current = None
         return run

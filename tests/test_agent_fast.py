@@ -9,8 +9,6 @@ accepted and rejected counts and every receipt batch, byte for byte, must be the
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import random
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -21,6 +19,7 @@ from unittest import mock
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenref import reference_verify
 
 import agent.core
 from agent.core import RECENT_RUNS, AgentCore, AgentRun
@@ -34,18 +33,6 @@ DSTS = [5000, 5001, 65535]
 
 def _key(run_id: str) -> bytes:
     return derive_run_key(SECRET, run_id, b"c" * 16, b"a" * 16)
-
-
-def _reference_verify(run_key: bytes, size: int, data: bytes) -> Cell | Reject:
-    if len(data) != size:
-        return Reject.MALFORMED
-    mac = hashlib.blake2b(data[:8] + data[16:], key=run_key, digest_size=8).digest()
-    if not hmac.compare_digest(mac, data[8:16]):
-        return Reject.BAD_MAC
-    dst, src, attempt = int.from_bytes(data[3:5], "big"), int.from_bytes(data[5:7], "big"), data[7]
-    if attempt == 0:
-        return Reject.BAD_MAC
-    return Cell(dst, src, attempt)
 
 
 class ReferenceRun:
@@ -69,12 +56,12 @@ class ReferenceRun:
 
     def _owned_by_previous(self, data: bytes) -> bool:
         return any(
-            data[:3] == run_tag(k) and isinstance(_reference_verify(k, s, data), Cell)
+            data[:3] == run_tag(k) and isinstance(reference_verify(k, s, data), Cell)
             for k, s in self.previous
         )
 
     def on_datagram(self, data: bytes, addr: str, port: int) -> Cell | Reject:
-        got = _reference_verify(self.key, self.size, data)
+        got = reference_verify(self.key, self.size, data)
         if isinstance(got, Reject):
             if self._owned_by_previous(data):
                 got = Reject.OTHER_RUN
@@ -351,6 +338,7 @@ def test_no_run_counts_every_datagram_of_a_chunk() -> None:
     core.on_datagrams(chunk)
     assert run.accepted == 2
     core.end_run()
+    assert codec._tables == {}  # retired: an ended run's MAC tables are freed
     core.on_datagrams(chunk)
     assert dict(core.idle_rejected) == {"no_run": 4}
 

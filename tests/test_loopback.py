@@ -249,27 +249,6 @@ async def test_blocking_client_gives_up_on_a_silent_coordinator() -> None:
         assert trio.current_time() - t0 < 5
 
 
-async def test_round_one_uses_macs_made_during_the_pilot(caplog: pytest.LogCaptureFixture) -> None:
-    """A run big enough for a pilot makes the first round's MACs while the pilot paces
-    itself; the datagrams built from them are genuine (every cell opens)."""
-    import logging
-    import re
-
-    caplog.set_level(logging.DEBUG, logger="udpreach.coordinator")
-    with trio.fail_after(DEADLINE):
-        async with harness() as h:
-            doc = await _run(h, src_ports="20000-22999", rate=200_000)
-    _check_contract(doc)
-    assert doc["summary"]["open"] == 3000
-    made = [
-        int(m.group(1))
-        for r in caplog.records
-        if (m := re.search(r"(\d+) MACs of round 1 were made during the pilot", r.getMessage()))
-    ]
-    assert made
-    assert made[0] > 0
-
-
 async def test_large_datagrams_come_in_bounded_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """At full speed a batch is 4 ms of sending, but never more than BATCH_BYTES of
     payload: 60 KB datagrams must not make batches of hundreds of megabytes."""

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import random
 import struct
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenref import reference_verify
 
 from udpreach.token import (
     MAX_SIZE,
+    MAX_TABLES,
     MIN_SIZE,
+    RETIRED_TABLES,
     Cell,
     Reject,
     TokenCodec,
@@ -170,16 +171,6 @@ def _apply(good: bytes, edits: list[tuple[int, int]]) -> bytes:
 # --- the bulk paths: encode_many and check_many ----------------------------------------
 
 
-def _reference_verify(run_key: bytes, size: int, data: bytes) -> Cell | Reject:
-    """``verify`` as it was written before the bulk paths, from the layout alone."""
-    if len(data) != size:
-        return Reject.MALFORMED
-    mac = hashlib.blake2b(data[:8] + data[16:], key=run_key, digest_size=8).digest()
-    if not hmac.compare_digest(mac, data[8:16]) or data[7] == 0:
-        return Reject.BAD_MAC
-    return Cell(int.from_bytes(data[3:5], "big"), int.from_bytes(data[5:7], "big"), data[7])
-
-
 @settings(max_examples=300)
 @given(
     key=st.binary(min_size=32, max_size=32),
@@ -197,10 +188,9 @@ def test_encode_many_is_encode_for_each(
     assert got == [codec.encode(dst, s, attempt) for s in srcs]
     block = codec.encode_block(dst, srcs, attempt)  # the probe's form: the same bytes
     assert (block.size, block.data) == (size, b"".join(got))
-    macs = codec.mac_block(dst, srcs, attempt)  # made ahead of time, as in the pilot
-    assert codec.encode_block(dst, srcs, attempt, macs).data == block.data
+    assert codec.mac_block(dst, srcs, attempt) == b"".join(d[8:16] for d in got)
     for s, data in zip(srcs, got, strict=True):
-        assert _reference_verify(key, size, data) == Cell(dst, s, attempt)
+        assert reference_verify(key, size, data) == Cell(dst, s, attempt)
 
 
 def test_encode_many_takes_any_sequence() -> None:
@@ -232,8 +222,6 @@ def test_encode_many_refuses_what_cannot_be_encoded(
         TokenCodec(KEY).encode_many(dst, srcs, attempt)
     with pytest.raises(ValueError, match=match):
         TokenCodec(KEY).encode_block(dst, srcs, attempt)
-    with pytest.raises(ValueError, match=match):
-        TokenCodec(KEY).encode_block(dst, srcs, attempt, bytes(8 * len(srcs)))
     with pytest.raises(ValueError, match=match):
         TokenCodec(KEY).mac_block(dst, srcs, attempt)
 
@@ -274,8 +262,53 @@ def test_check_many_and_verify_agree_with_the_reference(
     datagrams = genuine + noise + flipped + [other.encode(*c) for c in cells if c[2]]
     datagrams += [d[:-1] for d in genuine] + [d + b"\0" for d in genuine]
     random.Random(seed).shuffle(datagrams)
-    want = [_reference_verify(KEY, size, d) for d in datagrams]
+    want = [reference_verify(KEY, size, d) for d in datagrams]
     assert [codec.verify(d) for d in datagrams] == want
     assert codec.check_many(datagrams) == [None if isinstance(w, Cell) else w for w in want]
     assert [codec.check(d) for d in datagrams] == codec.check_many(iter(datagrams))
     assert [codec.owns(d) for d in datagrams] == [isinstance(w, Cell) for w in want]
+
+
+def test_the_mac_tables_stay_bounded_and_right_after_eviction() -> None:
+    """Datagrams naming many (dst port, attempt) pairs (a hostile sender can name any)
+    keep at most MAX_TABLES tables; a pair whose table went is made again, the same."""
+    codec, fresh = TokenCodec(KEY), TokenCodec(KEY)
+    pairs = [(dst, attempt) for dst in range(0, 65536, 997) for attempt in (1, 2, 255)]
+    assert len(pairs) > 2 * MAX_TABLES
+    datagrams = [fresh.encode(dst, dst ^ 0x5A5A, attempt) for dst, attempt in pairs]
+    assert codec.check_many(datagrams + datagrams) == [None] * (2 * len(datagrams))
+    assert len(codec._tables) <= MAX_TABLES
+    assert [codec.encode(dst, dst ^ 0x5A5A, a) for dst, a in pairs] == datagrams
+    assert codec.encode_block(0, [0x5A5A, 15, 16], 1).data == b"".join(
+        fresh.encode(0, s, 1) for s in (0x5A5A, 15, 16)
+    )
+
+
+def test_datagrams_without_the_run_tag_cost_no_hashing() -> None:
+    """The run tag, the attempt and the padding are checked before any MAC is made: noise
+    and other runs' datagrams make no MAC table at all."""
+    codec, other = TokenCodec(KEY, 40), TokenCodec(OTHER_KEY, 40)
+    genuine = TokenCodec(KEY, 40).encode(5000, 40000, 1)
+    junk = [
+        other.encode(5000, 40000, 1),  # another run: another tag
+        genuine[:7] + b"\0" + genuine[8:],  # attempt 0
+        genuine[:-1] + b"\1",  # padding that is not zero
+        bytes(40),
+    ]
+    assert codec.check_many(junk) == [Reject.BAD_MAC] * len(junk)
+    assert codec._tables == {}
+    assert codec.check(genuine) is None
+    assert len(codec._tables) == 1
+
+
+def test_a_retired_codec_frees_its_tables_and_keeps_few() -> None:
+    """When a run ends the agent keeps its codec only to name replays: its MAC tables go,
+    and replays to many (dst port, attempt) pairs keep at most RETIRED_TABLES."""
+    codec, fresh = TokenCodec(KEY), TokenCodec(KEY)
+    replays = [fresh.encode(dst, 1234, 1) for dst in range(5000, 5010)]
+    assert all(codec.owns(d) for d in replays)
+    assert len(codec._tables) == 10
+    codec.retire()
+    assert codec._tables == {}
+    assert all(codec.owns(d) for d in replays)
+    assert len(codec._tables) <= RETIRED_TABLES

@@ -23,7 +23,6 @@ import numpy as np
 import trio
 
 from probe.sender import BindSender, IcmpEvent
-from udpreach.block import Block
 from udpreach.control import RECEIPT, decode_receipts
 from udpreach.document import build_document
 from udpreach.errors import AgentUnavailableError, ProtocolError
@@ -31,7 +30,7 @@ from udpreach.ledger import IcmpInfo, Ledger
 from udpreach.loss import LossEstimate, attempts_needed, estimate_loss
 from udpreach.pacing import PILOT_CELLS, Pacer
 from udpreach.plan import Plan, RunLifecycle
-from udpreach.token import MAC_LEN, TokenCodec, derive_run_key
+from udpreach.token import MAX_TABLES, TokenCodec, derive_run_key
 
 if TYPE_CHECKING:
     from udpreach.coordinator import AgentSession
@@ -41,7 +40,6 @@ log = logging.getLogger("udpreach.coordinator")
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 BATCH_SECONDS = 0.004  # send about this much per batch before a checkpoint
 MAX_BATCH_GROUPS = 4096  # so a batch is BATCH_SECONDS long even at a full-speed sweep
-PREMAKE_CHUNK = 1024  # MACs made between checkpoints while the pilot runs (~1 ms)
 BATCH_BYTES = 4 * 1024 * 1024  # and no batch holds more than this (large --size)
 REPLY_TIMEOUT = 10.0
 PROGRESS_EVERY = 0.1
@@ -78,33 +76,6 @@ class RunFacts:
     icmp_errors: int = 0
     agent_stats: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-
-
-class _MacCache:
-    """Attempt 1's MACs per destination port, made ahead of the first round."""
-
-    def __init__(self, dst_ports: tuple[int, ...]) -> None:
-        self.tables = {d: np.zeros((65536, MAC_LEN), dtype=np.uint8) for d in dst_ports}
-        self.done = {d: np.zeros(65536, dtype=bool) for d in dst_ports}
-        self.used = 0
-
-    def fill(self, codec: TokenCodec, dst: int, srcs: list[int]) -> None:
-        idx = np.asarray(srcs, dtype=np.intp)
-        made = np.frombuffer(codec.mac_block(dst, srcs, 1), dtype=np.uint8)
-        self.tables[dst][idx] = made.reshape(len(srcs), MAC_LEN)
-        self.done[dst][idx] = True
-
-    def take(self, dst: int, srcs: list[int]) -> bytes | None:
-        """The MACs of these cells, if every one was made; else None."""
-        done = self.done.get(dst)
-        if done is None or not srcs:
-            return None
-        idx = np.asarray(srcs, dtype=np.intp)
-        if not done[idx].all():
-            return None
-        self.used += len(srcs)
-        macs: bytes = self.tables[dst][idx].tobytes()
-        return macs
 
 
 class RunExecution:
@@ -155,7 +126,6 @@ class RunExecution:
         self._next_checkpoint = 0.0
         self._next_tick = 0.0
         self._flush_seq = 0
-        self._macs: _MacCache | None = None  # round 1's MACs, made during the pilot
         self.rtt = 0.005
         self.started = time.time()
 
@@ -326,7 +296,9 @@ class RunExecution:
         if len(nonce_a) != 16:
             raise AgentUnavailableError("agent sent a malformed run_ready")
         key = derive_run_key(self.secret, self.run_id, nonce_c, nonce_a)
-        self._codec = TokenCodec(key, self.plan.size)
+        # A MAC table per (destination port, attempt): room for two attempts to every port.
+        tables = max(MAX_TABLES, 2 * len(self.plan.dst_ports))
+        self._codec = TokenCodec(key, self.plan.size, max_tables=tables)
         log.info(
             "run %s: %d cells to %s (%s) from %s",
             self.run_id,
@@ -363,16 +335,8 @@ class RunExecution:
         plan = self.plan
         led = self.ledger
         self.lifecycle.move("send")
-        first_order: list[int] | None = None
         if plan.cells >= 16 * PILOT_CELLS and plan.rate > self.pacer.pilot_rate:
-            # The first round's order is drawn now, so that its MACs can be made in that
-            # order while the pilot paces itself (the CPU is idle between its datagrams).
-            first_order = self._shuffled(list(plan.src_ports))
-            self._macs = _MacCache(plan.dst_ports)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._premake_macs, self._macs, first_order)
-                await self._pilot(sender)
-                nursery.cancel_scope.cancel()
+            await self._pilot(sender)
         attempt = 0
         opened_before = 0  # cells first seen in the previous round
         while True:
@@ -394,24 +358,13 @@ class RunExecution:
             self._round = attempt
             self.facts.rounds += 1
             self.facts.max_attempt = attempt
-            if attempt == 1 and first_order is not None:
-                owed = set(srcs)
-                srcs = [s for s in first_order if s in owed]
-            else:
-                srcs = self._shuffled(srcs)
+            srcs = self._shuffled(srcs)
             t0 = trio.current_time()
             open_at_start = led.open if attempt > 1 else 0
             # Only the first round sends to a random sample of the whole plan, so only there
             # does the pilot's delivery ratio apply; retries go to a population that is mostly
             # blocked and keep the rate the first round found.
             await self._send_round(sender, srcs, only, attempt, self.pacer.rate, judge=attempt == 1)
-            if self._macs is not None:
-                log.debug(
-                    "run %s: %d MACs of round 1 were made during the pilot",
-                    self.run_id,
-                    self._macs.used,
-                )
-                self._macs = None
             t1 = trio.current_time()
             self.lifecycle.move("settle")
             await self._settle(sender)
@@ -481,16 +434,6 @@ class RunExecution:
         order = np.random.default_rng(self.rng.getrandbits(64)).permutation(len(srcs))
         shuffled: list[int] = np.asarray(srcs)[order].tolist()
         return shuffled
-
-    async def _premake_macs(self, cache: _MacCache, order: list[int]) -> None:
-        """Make attempt 1's MACs in sending order, a chunk at a time, until cancelled."""
-        codec = self._codec
-        assert codec is not None
-        for i in range(0, len(order), PREMAKE_CHUNK):
-            chunk = order[i : i + PREMAKE_CHUNK]
-            for d in self.plan.dst_ports:
-                cache.fill(codec, d, chunk)
-                await trio.lowlevel.checkpoint()
 
     async def _pilot(self, sender: Any) -> None:
         """Send attempt 1 to a random sample at a gentle rate: the reference delivery ratio."""
@@ -563,12 +506,7 @@ class RunExecution:
     ) -> None:
         codec = self._codec
         assert codec is not None
-        encode_block = codec.encode_block
-        macs = self._macs if attempt == 1 else None
-
-        def encode(d: int, ss: list[int], attempt: int) -> Block:
-            made = macs.take(d, ss) if macs is not None else None
-            return encode_block(d, ss, attempt, made)
+        encode = codec.encode_block
 
         led = self.ledger
         session = self.session
