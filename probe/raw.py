@@ -341,6 +341,7 @@ class RawSender:
         # Which source ports and destination ports this sender has used: an ICMP error for
         # a datagram we never sent is someone else's.
         self._sent_src = bytearray(65536)
+        self._sent_src_np = np.frombuffer(self._sent_src, dtype=np.uint8)
         self._sent_dst: set[int] = set()
         self.sent = 0
         self.icmp_seen = 0
@@ -427,10 +428,10 @@ class RawSender:
             for dst, (srcs, payloads) in batch.items():
                 built += builder.build_many(srcs, dst, payloads)
             packets = built
-        sent_src = self._sent_src  # the ports are valid now: the builders checked them
+        # The ports are valid now (the builders checked them). Marked before sending: an ICMP
+        # error for them is never "foreign".
         for srcs, _ in batch.values():
-            for src in srcs:  # marked before sending: an ICMP error for them is never "foreign"
-                sent_src[src] = 1
+            self._sent_src_np[np.asarray(srcs, dtype=np.intp)] = 1
         self._sent_dst.update(batch)
         tx = self._tx
         packed = tx.pack(packets)

@@ -14,7 +14,6 @@ import logging
 import random
 import secrets
 import time
-from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -118,8 +117,7 @@ class RunExecution:
         self.send_mode = "bind"
         self._codec: TokenCodec | None = None
         self._round = 0
-        self._win_of_src = array("i", [-1]) * 65536  # the send loop's writes
-        self._win_of_np = np.frombuffer(self._win_of_src, dtype=np.int32)  # bulk reads
+        self._win_of_np = np.full(65536, -1, dtype=np.int32)  # source port -> its window
         self._windows: list[_Window] = []
         self._requeues: dict[int, int] = {}  # source port -> times requeued this round
         self._next_progress = 0.0
@@ -510,7 +508,7 @@ class RunExecution:
 
         led = self.ledger
         session = self.session
-        win_of = self._win_of_src
+        win_of = self._win_of_np
         windows = self._windows
         rate = start_rate
         window = windows[0]
@@ -565,9 +563,7 @@ class RunExecution:
                 sent_n = self._note_partial(results, only, dsts, srcs)
                 next_t += 0.001 * (len(srcs) - n)  # the kernel's buffer was full: ease off
                 n = len(srcs)
-            w = len(windows) - 1
-            for src in batch:
-                win_of[src] = w
+            win_of[np.asarray(batch, dtype=np.intp)] = len(windows) - 1
             window.sent += sent_n
             next_t += sent_n / rate if rate > 0 else 0
             if window.sent >= win_target:

@@ -204,11 +204,13 @@ class TokenCodec:
         """
         import numpy as np  # the probe's path only: the agent never imports numpy
 
-        _check_cells(dst_port, src_ports, attempt)
+        _check_cells(dst_port, (), attempt)
         n = len(src_ports)
         if not n:
             return Block(b"", self.size)
         srcs = np.asarray(src_ports, dtype=np.int64)
+        if srcs.min() < 0 or srcs.max() > 0xFFFF:
+            _check_cells(dst_port, src_ports, attempt)  # names the bad port
         table = self._table(dst_port, attempt)
         made = np.frombuffer(table[1], dtype=np.uint8)
         his = srcs >> CHUNK_SHIFT
