@@ -392,3 +392,17 @@ def test_raw_mode_refuses_a_source_address_that_is_not_ours() -> None:
         make_sender("raw", "198.19.2.1", DST4, 0.05)
     sender = make_sender("auto", "127.0.0.2", DST4, 0.05)
     sender.close()
+
+
+@needs_raw4
+def test_a_batch_of_payloads_of_many_lengths_arrives_exact() -> None:
+    """The general path: payloads one by one, each of its own length, laid out in one
+    buffer for sendmmsg (more than one call's worth) with iovecs of their lengths."""
+    payloads = [bytes([n % 251]) * n for n in range(1, 1301)]
+    srcs = list(range(20000, 20000 + len(payloads)))
+    with udp(DST4) as rx, raw(SRC4, DST4) as sender:
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 24)
+        port = rx.getsockname()[1]
+        assert sender.send_cells({port: (srcs, payloads)}) is None
+        got = receive(rx, len(payloads))
+    assert got == {p: (SRC4, s) for s, p in zip(srcs, payloads, strict=True)}

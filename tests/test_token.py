@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import struct
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -14,7 +16,6 @@ from udpreach.token import (
     MAX_SIZE,
     MAX_TABLES,
     MIN_SIZE,
-    RETIRED_TABLES,
     Cell,
     Reject,
     TokenCodec,
@@ -301,9 +302,9 @@ def test_datagrams_without_the_run_tag_cost_no_hashing() -> None:
     assert len(codec._tables) == 1
 
 
-def test_a_retired_codec_frees_its_tables_and_keeps_few() -> None:
+def test_a_retired_codec_frees_its_tables_and_keeps_none() -> None:
     """When a run ends the agent keeps its codec only to name replays: its MAC tables go,
-    and replays to many (dst port, attempt) pairs keep at most RETIRED_TABLES."""
+    and replays of it make none (each costs one chunk, nothing to churn)."""
     codec, fresh = TokenCodec(KEY), TokenCodec(KEY)
     replays = [fresh.encode(dst, 1234, 1) for dst in range(5000, 5010)]
     assert all(codec.owns(d) for d in replays)
@@ -311,4 +312,49 @@ def test_a_retired_codec_frees_its_tables_and_keeps_few() -> None:
     codec.retire()
     assert codec._tables == {}
     assert all(codec.owns(d) for d in replays)
-    assert len(codec._tables) <= RETIRED_TABLES
+    assert codec.encode_many(5000, [1234], 1) == replays[:1]
+    assert codec.encode_block(5000, [1234], 1).data == replays[0]
+    assert codec._tables == {}
+
+
+def test_forgeries_with_a_genuine_tag_make_no_table() -> None:
+    """A sender who copies the run tag off the wire and names any cell it likes costs the
+    agent one chunk per datagram, and never a table: only genuine datagrams are kept."""
+    codec, fresh = TokenCodec(KEY), TokenCodec(KEY)
+    rng = random.Random(5)
+    genuine = fresh.encode(5000, 1, 1)
+    forged = [
+        genuine[:3]
+        + struct.pack(">HHB", rng.randrange(65536), rng.randrange(65536), a)
+        + rng.randbytes(8)
+        for a in range(1, 256)
+    ]
+    assert codec.check_many(forged) == [Reject.BAD_MAC] * len(forged)
+    assert codec._tables == {}
+    assert codec.check_many([genuine, genuine]) == [None, None]
+    assert list(codec._tables) == [5000 << 8 | 1]
+
+
+def test_mac_tables_cost_memory_only_where_used() -> None:
+    """Many tables with one MAC each (a run to many destination ports from one source
+    port) take a page each, not the 512 KiB a full table holds."""
+    code = (
+        "import resource, sys\n"
+        "from udpreach.token import TokenCodec\n"
+        "def rss():\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith('VmRSS:'):\n"
+        "            return int(line.split()[1]) * 1024\n"
+        "codec = TokenCodec(bytes(32), max_tables=2000)\n"
+        "codec.encode(0, 40000, 1)\n"
+        "before = rss()\n"
+        "for d in range(1, 1001):\n"
+        "    codec.encode(d, 40000, 1)\n"
+        "print(len(codec._tables), rss() - before)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    tables, grown = map(int, out.stdout.split())
+    assert tables == 1001
+    assert grown < 64 * 2**20  # a page and a bitmap each: ~10 MB; zeroed tables: ~520 MB

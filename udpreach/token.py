@@ -28,19 +28,21 @@ almost nothing per datagram. The MACs of 16 neighbouring source ports are one 12
 (keyed SHAKE is a PRF, as in NIST's KMAC; one chunk is one squeeze of the sponge). One
 hashlib call makes 16 MACs, where a keyed hash per datagram cost a call each (1-1.5 us,
 the probe's largest Python cost per datagram). Both ends keep the chunks they made in a
-table per (dst, attempt), bounded in number (``max_tables``; a run that has ended keeps
-``RETIRED_TABLES``): ``encode_block`` gathers a batch's MACs from it with numpy,
+table per (dst, attempt), at most ``max_tables`` of them (the oldest go first), in memory
+that costs only what is used. ``encode_block`` gathers a batch's MACs from it with numpy;
 ``check_many`` verifies a received chunk of datagrams against it in one loop and answers
-with a verdict per datagram (None for genuine) rather than a Cell. A datagram with the
-wrong length, run tag, attempt 0 or padding costs no hashing at all; any other costs at
-most one chunk (2-4 us here, two or three times what one keyed BLAKE2b hash did: the price
-a sender who copies a genuine tag can make the agent pay per datagram).
+with a verdict per datagram (None for genuine) rather than a Cell. Only the probe's own
+encoding and genuine datagrams make or fill a table. A datagram with the wrong length, run
+tag, attempt 0 or padding costs no hashing at all; a forgery that copies a genuine tag
+costs one chunk made for it alone (2-4 us here, two or three keyed BLAKE2b hashes) and no
+memory. A codec that has been retired (its run has ended) keeps no table at all.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import mmap
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -59,8 +61,7 @@ CHUNK_SHIFT = 4
 CHUNK_PORTS = 1 << CHUNK_SHIFT  # source ports per chunk of MACs
 CHUNK_BYTES = CHUNK_PORTS * MAC_LEN  # 128: within one SHAKE128 squeeze (168 bytes)
 CHUNKS = 65536 >> CHUNK_SHIFT  # per (dst port, attempt)
-MAX_TABLES = 64  # (dst port, attempt) tables kept, 512 KiB each at most; then the oldest go
-RETIRED_TABLES = 2  # for a run that has ended (its codec only names replays of it)
+MAX_TABLES = 64  # (dst port, attempt) tables kept (512 KiB each if full); then the oldest go
 _CELL = struct.Struct(">HHB")
 
 
@@ -115,40 +116,46 @@ class TokenCodec:
     def __init__(
         self, run_key: bytes, size: int = MIN_SIZE, *, max_tables: int = MAX_TABLES
     ) -> None:
-        """``max_tables``: how many (dst port, attempt) MAC tables to keep; a run to more
-        destination ports than that would make each one again and again."""
+        """``max_tables``: how many (dst port, attempt) MAC tables to keep (0: none, every MAC
+        made when wanted); a run to more destination ports than that would make each
+        table again and again."""
         if not MIN_SIZE <= size <= MAX_SIZE:
             raise ValueError(f"datagram size must be {MIN_SIZE}-{MAX_SIZE} bytes, got {size}")
         self.size = size
         self.tag = run_tag(run_key)
         self._xof = hashlib.shake_128(MAC_DOMAIN + run_key)
         self._padding = bytes(size - MIN_SIZE)
-        # (dst << 8 | attempt) -> (MACs of every source port, which chunks of them are made)
-        self._tables: dict[int, tuple[bytearray, bytearray]] = {}
-        self.max_tables = max(1, max_tables)
+        # (dst << 8 | attempt) -> its _Table. Only the probe's own encoding and genuine
+        # datagrams make or fill one: what a forger sends is checked against a chunk made
+        # for it and kept nowhere.
+        self._tables: dict[int, _Table] = {}
+        self.max_tables = max(0, max_tables)
 
     def retire(self) -> None:
-        """Free the MAC tables of a run that has ended, and keep few from now on."""
+        """Free the MAC tables of a run that has ended and keep none from now on (its codec
+        only names replays of it: a chunk per datagram, as for a forgery)."""
         self._tables.clear()
-        self.max_tables = RETIRED_TABLES
+        self.max_tables = 0
 
-    def _table(self, dst_port: int, attempt: int) -> tuple[bytearray, bytearray]:
-        """The MAC table of one (dst port, attempt): its chunks are made on demand."""
+    def _table(self, dst_port: int, attempt: int) -> _Table | None:
+        """The MAC table of one (dst port, attempt), made if there is room (None if not)."""
         key = dst_port << 8 | attempt
         table = self._tables.get(key)
-        if table is None:
+        if table is None and self.max_tables:
             while len(self._tables) >= self.max_tables:
                 del self._tables[next(iter(self._tables))]  # the oldest
-            # Zeroed pages come from the kernel on first touch: untouched chunks cost nothing.
-            table = self._tables[key] = (bytearray(65536 * MAC_LEN), bytearray(CHUNKS))
+            table = self._tables[key] = _Table()
         return table
 
-    def _make(
-        self, table: tuple[bytearray, bytearray], dst_port: int, attempt: int, *his: int
-    ) -> None:
-        """Make chunks ``his`` (chunk ``hi``: source ports ``hi << 4`` on) of the table of
-        a (dst port, attempt)."""
-        macs, made = table
+    def _chunk(self, dst_port: int, attempt: int, hi: int) -> bytes:
+        """The MACs of source ports ``hi << 4`` to ``(hi << 4) + 15``: 128 bytes."""
+        m = self._xof.copy()
+        m.update(bytes((dst_port >> 8, dst_port & 0xFF, attempt, hi >> 8, hi & 0xFF)))
+        return m.digest(CHUNK_BYTES)
+
+    def _fill(self, table: _Table, dst_port: int, attempt: int, his: Iterable[int]) -> None:
+        """Make chunks ``his`` of the table of (dst port, attempt)."""
+        macs, made = table.macs, table.made
         copy = self._xof.copy
         ports = port_bytes()
         cell = bytes((dst_port >> 8, dst_port & 0xFF, attempt))
@@ -160,13 +167,21 @@ class TokenCodec:
             made[hi] = 1
 
     def mac(self, dst_port: int, src_port: int, attempt: int) -> bytes:
-        """The MAC of one cell attempt (ports 0-65535, attempt 0-255: not checked)."""
+        """The MAC of one cell attempt.
+
+        Raises:
+            ValueError: a port outside 0-65535 or an attempt outside 0-255.
+        """
+        if not (0 <= dst_port <= 0xFFFF and 0 <= src_port <= 0xFFFF and 0 <= attempt <= 0xFF):
+            raise ValueError(f"no such cell attempt: {dst_port}, {src_port}, {attempt}")
+        hi, at = src_port >> CHUNK_SHIFT, (src_port & (CHUNK_PORTS - 1)) * MAC_LEN
         table = self._table(dst_port, attempt)
-        hi = src_port >> CHUNK_SHIFT
-        if not table[1][hi]:
-            self._make(table, dst_port, attempt, hi)
-        at = src_port * MAC_LEN
-        return bytes(table[0][at : at + MAC_LEN])
+        if table is None:
+            return self._chunk(dst_port, attempt, hi)[at : at + MAC_LEN]
+        if not table.made[hi]:
+            self._fill(table, dst_port, attempt, (hi,))
+        at += hi * CHUNK_BYTES
+        return table.macs[at : at + MAC_LEN]
 
     def encode(self, dst_port: int, src_port: int, attempt: int) -> bytes:
         """The datagram for one cell attempt.
@@ -211,14 +226,14 @@ class TokenCodec:
         srcs = np.asarray(src_ports, dtype=np.int64)
         if srcs.min() < 0 or srcs.max() > 0xFFFF:
             _check_cells(dst_port, src_ports, attempt)  # names the bad port
-        table = self._table(dst_port, attempt)
-        made = np.frombuffer(table[1], dtype=np.uint8)
+        table = self._table(dst_port, attempt) or _Table()  # a codec that keeps none: scratch
+        made = np.frombuffer(table.made, dtype=np.uint8)
         his = srcs >> CHUNK_SHIFT
         missing = his[made[his] == 0]
         if len(missing):  # each missing chunk once (np.unique is slower, hashing)
             need = np.zeros(CHUNKS, dtype=bool)
             need[missing] = True
-            self._make(table, dst_port, attempt, *np.flatnonzero(need).tolist())
+            self._fill(table, dst_port, attempt, np.flatnonzero(need).tolist())
         rows = np.zeros((n, self.size), dtype=np.uint8)
         rows[:, :3] = np.frombuffer(self.tag, dtype=np.uint8)
         rows[:, 3] = dst_port >> 8
@@ -226,7 +241,7 @@ class TokenCodec:
         rows[:, 5] = srcs >> 8
         rows[:, 6] = srcs & 0xFF
         rows[:, 7] = attempt
-        macs = np.frombuffer(table[0], dtype=np.uint64)[srcs]
+        macs = np.frombuffer(table.macs, dtype=np.uint64)[srcs]
         rows[:, HEADER:MIN_SIZE] = macs.view(np.uint8).reshape(n, MAC_LEN)
         return Block(rows.tobytes(), self.size)
 
@@ -239,17 +254,16 @@ class TokenCodec:
         _check_cells(dst_port, src_ports, attempt)
         if not src_ports:
             return b""
-        table = self._table(dst_port, attempt)
-        macs, made = table
-        view = memoryview(macs)
-        out: list[memoryview] = []
+        table = self._table(dst_port, attempt) or _Table()  # a codec that keeps none: scratch
+        macs, made = table.macs, table.made
+        out: list[bytes] = []
         add = out.append
         for s in src_ports:
             hi = s >> CHUNK_SHIFT
             if not made[hi]:
-                self._make(table, dst_port, attempt, hi)
+                self._fill(table, dst_port, attempt, (hi,))
             at = s * MAC_LEN
-            add(view[at : at + MAC_LEN])
+            add(macs[at : at + MAC_LEN])
         return b"".join(out)
 
     def owns(self, data: bytes) -> bool:
@@ -288,9 +302,9 @@ class TokenCodec:
         compare = hmac.compare_digest
         malformed, bad_mac = Reject.MALFORMED, Reject.BAD_MAC
         unpack = _CELL.unpack_from
-        key = -1  # the (dst, attempt) whose table is at hand
-        macs = made = bytearray()
-        table = (macs, made)
+        tables = self._tables
+        key = -1  # the (dst, attempt) whose table (or None) is at hand
+        table: _Table | None = None
         out: list[Reject | None] = []
         append = out.append
         for data in datagrams:
@@ -305,15 +319,41 @@ class TokenCodec:
             dst, src, attempt = unpack(data, 3)
             if dst << 8 | attempt != key:
                 key = dst << 8 | attempt
-                table = self._table(dst, attempt)
-                macs, made = table
+                table = tables.get(key)
             hi = src >> CHUNK_SHIFT
-            if not made[hi]:
-                self._make(table, dst, attempt, hi)
             at = src * MAC_LEN
             # The MAC is always compared in full (constant time).
-            if compare(macs[at : at + MAC_LEN], data[HEADER:MIN_SIZE]):
-                append(None)
-            else:
-                append(bad_mac)
+            if table is not None and table.made[hi]:
+                append(
+                    None
+                    if compare(table.macs[at : at + MAC_LEN], data[HEADER:MIN_SIZE])
+                    else bad_mac
+                )
+                continue
+            chunk = self._chunk(dst, attempt, hi)
+            off = at - hi * CHUNK_BYTES
+            if not compare(chunk[off : off + MAC_LEN], data[HEADER:MIN_SIZE]):
+                append(bad_mac)  # kept nowhere: a forger makes this cost one chunk, no memory
+                continue
+            append(None)
+            if table is None:
+                table = self._table(dst, attempt)  # genuine: worth a table, if there is room
+            if table is not None:
+                table.macs[hi * CHUNK_BYTES : (hi + 1) * CHUNK_BYTES] = chunk
+                table.made[hi] = 1
         return out
+
+
+class _Table:
+    """The MACs of one (dst port, attempt) for every source port, made a chunk at a time.
+
+    The MACs are in anonymous memory the kernel zeroes page by page on first touch, so a
+    table costs real memory only for the source ports it has been used for (a bytearray
+    would be zeroed, all 512 KiB of it, when made).
+    """
+
+    __slots__ = ("macs", "made")
+
+    def __init__(self) -> None:
+        self.macs = mmap.mmap(-1, 65536 * MAC_LEN)
+        self.made = bytearray(CHUNKS)  # 1 where that chunk is in ``macs``
