@@ -390,7 +390,6 @@ def test_zero_length_frame_is_refused() -> None:
         frame(b"R" + bytes(20)),
         jframe({"type": "auth", "proof": "00" * 32}),  # auth before hello
         jframe({"type": "welcome"}),
-        jframe({"type": "hello", "proto": "udpreach/0", "purpose": "agent", "nonce": "11" * 16}),
         jframe({"type": "hello", "proto": PROTO, "purpose": "root", "nonce": "11" * 16}),
         jframe({"type": "hello", "proto": PROTO, "purpose": ["agent"], "nonce": "11" * 16}),
         jframe({"type": "hello", "proto": PROTO, "purpose": "agent", "nonce": "11" * 15}),
@@ -404,6 +403,20 @@ def test_garbage_to_a_fresh_server_is_a_protocol_error(data: bytes) -> None:
     with pytest.raises(ProtocolError):
         server.receive_data(data)
     assert server.data_to_send() == b""
+
+
+@pytest.mark.parametrize("proto", ["udpreach/1", "udpreach/0", None, 7])
+def test_a_client_of_another_version_is_told_so(proto: object) -> None:
+    """An older agent would verify datagrams differently and see every cell blocked: the
+    server refuses its hello, and says why in a plain error the client reports."""
+    server = ControlConnection("server", SECRET)
+    hello = {"type": "hello", "proto": proto, "purpose": "agent", "nonce": "11" * 16}
+    with pytest.raises(ProtocolError, match="unsupported protocol"):
+        server.receive_data(jframe(hello))
+    client = ControlConnection("client", SECRET, purpose="agent")
+    client.initiate()
+    with pytest.raises(AuthError, match=f"speaks {PROTO} and this client {proto}: run the same"):
+        client.receive_data(server.data_to_send())
 
 
 def test_second_hello_is_refused() -> None:

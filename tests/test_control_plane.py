@@ -17,6 +17,7 @@ import re
 import struct
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
+from functools import partial
 from typing import Any
 
 import pytest
@@ -403,6 +404,15 @@ async def test_nothing_is_revealed_before_authentication() -> None:
                 first = await s.receive_some(4096)  # the challenge, read before going on
                 await s.send_all(follow)
                 seen[label] = first + await read_to_close(s, within=4)
+            # Another version is told which one this is (a version is no secret), and no more.
+            assert frames(seen.pop("wrong-proto")) == [
+                {
+                    "type": "error",
+                    "code": "protocol",
+                    "message": f"the coordinator speaks {PROTO} and this client udpreach/0:"
+                    " run the same udpreach version on both ends",
+                }
+            ]
             for label, got in seen.items():
                 assert AGENT_NAME.encode() not in got, label
                 kinds = [f["type"] for f in frames(got)]
@@ -486,3 +496,26 @@ async def test_suppressed_failures_are_reported_even_when_the_burst_stops() -> N
             await trio.sleep(2.5)  # no further failures
     text = " ".join(r.getMessage() for r in records)
     assert re.search(r"\b19\b.*suppressed|suppressed.*\b19\b", text), text
+
+
+async def test_a_coordinator_that_closes_during_the_handshake_is_named_as_such() -> None:
+    """An older coordinator closes on our hello without a word: the client's error says
+    the handshake was cut and which protocol it speaks, not just "closed by peer"."""
+
+    async def hang_up(stream: trio.SocketStream) -> None:
+        with trio.move_on_after(5):
+            await stream.receive_some(4096)  # the hello
+        await stream.aclose()
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, host="127.0.0.1"), hang_up, 0)
+            listener = listeners[0]
+            assert isinstance(listener, trio.SocketListener)
+            port = listener.socket.getsockname()[1]
+            with pytest.raises(UnreachableError) as info:
+                await connect("127.0.0.1", port, SECRET, "control", within=5)
+            nursery.cancel_scope.cancel()
+    message = str(info.value)
+    assert "closed the connection during the handshake" in message
+    assert PROTO in message

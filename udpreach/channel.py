@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from udpreach.control import Authenticated, ControlConnection, Event, Message
+from udpreach.control import PROTO, Authenticated, ControlConnection, Event, Message
 from udpreach.errors import ProtocolError, UnreachableError
 
 READ_SIZE = 65536
@@ -136,6 +136,15 @@ async def connect(host: str, port: int, secret: bytes, purpose: str, within: flo
     except trio.TooSlowError:
         await chan.aclose()
         raise UnreachableError(f"coordinator {host}:{port}: handshake timed out") from None
+    except UnreachableError as exc:
+        await chan.aclose()
+        # A coordinator of an older version closes without a word, as does one at its
+        # connection limit (a newer one says which version it speaks).
+        raise UnreachableError(
+            f"coordinator {host}:{port} closed the connection during the handshake ({exc}):"
+            f" an older udpreach version there (this one speaks {PROTO}), or too many"
+            " connections from here"
+        ) from None
     except BaseException:
         await chan.aclose()
         raise

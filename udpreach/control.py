@@ -35,7 +35,7 @@ from typing import Any
 
 from udpreach.errors import AuthError, ProtocolError
 
-PROTO = "udpreach/1"
+PROTO = "udpreach/2"  # 2: datagram MACs from SHAKE128 chunks (udpreach.token)
 MAX_PREAUTH = 512
 MAX_FRAME = 8 * 1024 * 1024
 NONCE_LEN = 16
@@ -174,9 +174,9 @@ class ControlConnection:
         """Queue an authenticated binary receipt batch."""
         self._send_frame(b"R", payload)
 
-    def refuse(self, message: str) -> None:
+    def refuse(self, message: str, code: str = "auth") -> None:
         """Server: queue a plain error before authentication and close."""
-        self._out += _frame(b"J" + _json({"type": "error", "code": "auth", "message": message}))
+        self._out += _frame(b"J" + _json({"type": "error", "code": code, "message": message}))
         self.phase = Phase.CLOSED
 
     def _send_frame(self, kind: bytes, payload: bytes) -> None:
@@ -258,8 +258,16 @@ class ControlConnection:
 
     def _server_step(self, mtype: str, msg: dict[str, Any]) -> Event | None:
         if mtype == "hello":
-            if msg.get("proto") != PROTO:
-                raise ProtocolError(f"unsupported protocol {str(msg.get('proto'))[:40]!r}")
+            proto = str(msg.get("proto"))[:40]
+            if proto != PROTO:
+                # Said before authentication (a version is no secret): a peer of another
+                # version would otherwise take the closed connection for a wrong secret.
+                self.refuse(
+                    f"the coordinator speaks {PROTO} and this client {proto}: run the same"
+                    " udpreach version on both ends",
+                    code="protocol",
+                )
+                raise ProtocolError(f"unsupported protocol {proto!r}")
             purpose = msg.get("purpose")
             if purpose not in PURPOSES:
                 raise ProtocolError("unknown purpose in hello")
