@@ -339,7 +339,6 @@ def test_mac_tables_cost_memory_only_where_used() -> None:
     """Many tables with one MAC each (a run to many destination ports from one source
     port) take a page each, not the 512 KiB a full table holds."""
     code = (
-        "import resource, sys\n"
         "from udpreach.token import TokenCodec\n"
         "def rss():\n"
         "    for line in open('/proc/self/status'):\n"
