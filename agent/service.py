@@ -28,7 +28,7 @@ from agent.mmsg import BatchReader
 from udpreach.channel import Channel, connect
 from udpreach.control import Message
 from udpreach.errors import AuthError, ConfigError, ProtocolError, UnreachableError
-from udpreach.token import MAX_SIZE, MAX_TABLES, MIN_SIZE, TokenCodec, derive_run_key
+from udpreach.token import MAX_SIZE, MIN_SIZE, TokenCodec, derive_run_key
 
 log = logging.getLogger("udpreach.agent")
 
@@ -209,8 +209,7 @@ async def _handle(state: AgentState, cfg: AgentConfig, chan: Channel, msg: Messa
         await _send_batches(state, chan)
         nonce_a = secrets.token_bytes(16)
         key = derive_run_key(cfg.secret, run_id, nonce_c, nonce_a)
-        # A MAC table per (destination port, attempt): room for two attempts to every port.
-        codec = TokenCodec(key, size, max_tables=max(MAX_TABLES, 2 * len(cfg.ports)))
+        codec = TokenCodec(key, size)
         core.start_run(run_id, codec)
         log.info("run %s started by the coordinator (%d-byte datagrams)", run_id, size)
         await chan.send({"type": "run_ready", "run_id": run_id, "nonce": nonce_a.hex()})

@@ -29,7 +29,7 @@ from udpreach.ledger import IcmpInfo, Ledger
 from udpreach.loss import LossEstimate, attempts_needed, estimate_loss
 from udpreach.pacing import PILOT_CELLS, Pacer
 from udpreach.plan import Plan, RunLifecycle
-from udpreach.token import MAX_TABLES, TokenCodec, derive_run_key
+from udpreach.token import TokenCodec, derive_run_key
 
 if TYPE_CHECKING:
     from udpreach.coordinator import AgentSession
@@ -294,9 +294,7 @@ class RunExecution:
         if len(nonce_a) != 16:
             raise AgentUnavailableError("agent sent a malformed run_ready")
         key = derive_run_key(self.secret, self.run_id, nonce_c, nonce_a)
-        # A MAC table per (destination port, attempt): room for two attempts to every port.
-        tables = max(MAX_TABLES, 2 * len(self.plan.dst_ports))
-        self._codec = TokenCodec(key, self.plan.size, max_tables=tables)
+        self._codec = TokenCodec(key, self.plan.size)
         log.info(
             "run %s: %d cells to %s (%s) from %s",
             self.run_id,

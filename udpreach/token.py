@@ -61,7 +61,11 @@ CHUNK_SHIFT = 4
 CHUNK_PORTS = 1 << CHUNK_SHIFT  # source ports per chunk of MACs
 CHUNK_BYTES = CHUNK_PORTS * MAC_LEN  # 128: within one SHAKE128 squeeze (168 bytes)
 CHUNKS = 65536 >> CHUNK_SHIFT  # per (dst port, attempt)
-MAX_TABLES = 64  # (dst port, attempt) tables kept (512 KiB each if full); then the oldest go
+# (dst port, attempt) tables kept, then the oldest go: at most 32 MiB of MACs (512 KiB a
+# table if every source port is used). 64 is the most destination ports a run may have at
+# a full sweep (plan.MAX_CELLS), so only larger runs to sparser source ports, whose batches
+# are slow per datagram anyway, make a table's chunks more than once.
+MAX_TABLES = 64
 _CELL = struct.Struct(">HHB")
 
 
@@ -116,9 +120,8 @@ class TokenCodec:
     def __init__(
         self, run_key: bytes, size: int = MIN_SIZE, *, max_tables: int = MAX_TABLES
     ) -> None:
-        """``max_tables``: how many (dst port, attempt) MAC tables to keep (0: none, every MAC
-        made when wanted); a run to more destination ports than that would make each
-        table again and again."""
+        """``max_tables``: how many (dst port, attempt) MAC tables to keep (0: none, every
+        chunk of MACs made when wanted)."""
         if not MIN_SIZE <= size <= MAX_SIZE:
             raise ValueError(f"datagram size must be {MIN_SIZE}-{MAX_SIZE} bytes, got {size}")
         self.size = size
@@ -282,11 +285,8 @@ class TokenCodec:
         return Cell(*_CELL.unpack_from(data, 3))
 
     def check(self, data: bytes) -> Reject | None:
-        """``verify``'s verdict without the Cell: None if *data* is genuine.
-
-        The same steps as one round of ``check_many``'s loop (tests hold both to the same
-        reference).
-        """
+        """``verify``'s verdict without the Cell: None if *data* is genuine (``check_many``
+        of one datagram)."""
         return self.check_many((data,))[0]
 
     def check_many(self, datagrams: Iterable[bytes]) -> list[Reject | None]:
