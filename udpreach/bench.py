@@ -21,7 +21,11 @@ CAP_NET_RAW allows), and these alternate:
 * the baseline: a plain stdlib sender (bind + sendto + close per source port) against a
   plain receiver that counts distinct source ports and stops when all 64,512 arrived;
 * hping3 sending the same 64,512 datagrams (``--udp -s 1024 -c 64512 -i u1``), when
-  installed, against the same receiver.
+  installed, against the same receiver;
+* the kernel's ceiling: C sending prebuilt raw packets through ``sendmmsg``, against the
+  same receiver. Each round of the rotation pairs its send rate with udpreach's raw run of
+  that round, seconds apart, and the share of C is judged on the median of those pairs'
+  ratios: the machine's speed drifts too much over a bench for a ratio of medians.
 
 Then, on the lab (or loopback without root), the fastest mode's agent listens on 16 ports
 and sweeps to 1, 4 and 16 of them alternate: the cost per cell should stay flat. The peak
