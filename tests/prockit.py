@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +29,15 @@ def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     """``udpreach ARGS`` in the background, stdout and stderr into *log*."""
     with log.open("ab") as fh:
         return subprocess.Popen(udpreach_argv(*args), stdout=fh, stderr=subprocess.STDOUT)
+
+
+def python_output(code: str, timeout: float = 60) -> str:
+    """What ``python -c code`` prints, in a fresh interpreter (for what a process imports
+    or holds from its start); a failure raises with its stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, check=True
+    )
+    return proc.stdout
 
 
 def wait_for(pred: Any, what: str, timeout: float, every: float = 0.05) -> Any:

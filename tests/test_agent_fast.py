@@ -19,7 +19,7 @@ from unittest import mock
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenref import reference_verify
+from test_token import reference_verify
 
 import agent.core
 from agent.core import RECENT_RUNS, AgentCore, AgentRun

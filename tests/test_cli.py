@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli, udpreach_argv
-from prockit import stop
+from prockit import python_output, stop
 
 
 @pytest.mark.parametrize(
@@ -231,10 +231,7 @@ def test_audit_log_json_records_refusals(tmp_path: Path, secret_file: Path) -> N
 def test_the_agent_imports_no_numpy() -> None:
     """numpy serves the probe's batches; an agent on a client machine does without it."""
     code = "import sys, agent.service, agent.core; print('numpy' in sys.modules)"
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert proc.stdout.strip() == "False"
+    assert python_output(code).strip() == "False"
 
 
 def test_reading_stored_runs_imports_no_numpy() -> None:
@@ -246,7 +243,4 @@ def test_reading_stored_runs_imports_no_numpy() -> None:
         "Ledger.from_snapshot(led.snapshot(), range(1024, 1100))\n"
         "print('numpy' in sys.modules)"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert proc.stdout.strip() == "False"
+    assert python_output(code).strip() == "False"

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import random
 import struct
-import subprocess
-import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenref import reference_verify
+from prockit import python_output
 
 from udpreach.token import (
     MAX_SIZE,
@@ -170,6 +170,48 @@ def _apply(good: bytes, edits: list[tuple[int, int]]) -> bytes:
 
 
 # --- the bulk paths: encode_many and check_many ----------------------------------------
+
+
+# The datagram's authentication written from its layout alone (see ``udpreach.token``): the
+# reference the codec's fast paths, and the agent's batch path (test_agent_fast), are held to.
+
+
+def reference_mac(run_key: bytes, dst: int, src: int, attempt: int) -> bytes:
+    """64 bits of SHAKE128(domain || key || dst || attempt || src >> 4) at 8 * (src & 15)."""
+    stream = hashlib.shake_128(
+        b"udpreach/v2 datagram mac\0"
+        + run_key
+        + dst.to_bytes(2, "big")
+        + bytes([attempt])
+        + (src >> 4).to_bytes(2, "big")
+    ).digest(128)
+    return stream[8 * (src & 15) : 8 * (src & 15) + 8]
+
+
+def reference_verify(run_key: bytes, size: int, data: bytes) -> Cell | Reject:
+    """What a received datagram is, one datagram at a time."""
+    if len(data) != size:
+        return Reject.MALFORMED
+    tag = hashlib.blake2b(b"udpreach/v1 tag", key=run_key, digest_size=3).digest()
+    dst, src, attempt = int.from_bytes(data[3:5], "big"), int.from_bytes(data[5:7], "big"), data[7]
+    if data[:3] != tag or data[16:] != bytes(size - 16) or attempt == 0:
+        return Reject.BAD_MAC
+    if not hmac.compare_digest(reference_mac(run_key, dst, src, attempt), data[8:16]):
+        return Reject.BAD_MAC
+    return Cell(dst, src, attempt)
+
+
+def test_the_wire_format_is_pinned() -> None:
+    """Known answers: a datagram's bytes only change with the protocol version (an agent
+    and a probe of one version must agree byte for byte)."""
+    want = {
+        (16, 5000, 40000, 1): "b0181913889c4001d4a1171d29332aec",
+        (20, 65535, 15, 255): "b01819ffff000fffc02a4e0901ea0f2000000000",
+    }
+    for (size, dst, src, attempt), hexed in want.items():
+        data = bytes.fromhex(hexed)
+        assert TokenCodec(KEY, size).encode(dst, src, attempt) == data
+        assert reference_verify(KEY, size, data) == Cell(dst, src, attempt)
 
 
 @settings(max_examples=300)
@@ -351,9 +393,6 @@ def test_mac_tables_cost_memory_only_where_used() -> None:
         "    codec.encode(d, 40000, 1)\n"
         "print(len(codec._tables), rss() - before)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    tables, grown = map(int, out.stdout.split())
+    tables, grown = map(int, python_output(code).split())
     assert tables == 1001
     assert grown < 64 * 2**20  # a page and a bitmap each: ~10 MB; zeroed tables: ~520 MB
