@@ -110,14 +110,19 @@ def _run_service(main: Callable[[], Any]) -> None:
             await main()
             nursery.cancel_scope.cancel()
 
+    # Python before 3.11.4 wraps an exception raised inside ``except*`` in a new group
+    # (a traceback instead of our one line): take the error out, fail after the block.
+    failure: UdpreachError | None = None
     try:
         trio.run(wrapper)
     except* UdpreachError as group:
-        exc = group.exceptions[0]
+        exc: BaseException = group.exceptions[0]
         while isinstance(exc, BaseExceptionGroup):
             exc = exc.exceptions[0]
         assert isinstance(exc, UdpreachError)
-        fail(str(exc), exc.exit_code)
+        failure = exc
+    if failure is not None:
+        fail(str(failure), failure.exit_code)
 
 
 @app.command()
@@ -401,27 +406,37 @@ def _progress_bar() -> tuple[Any, Callable[[dict[str, Any]], None]]:
         return contextlib.nullcontext(), lambda p: None
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    # Every text column formats a field we set ourselves, as a string: rich's own
+    # ``task.total`` is None until the first progress message, and ``{None:,}`` raises.
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed:,}/{task.total:,} cells settled"),
+        TextColumn("{task.fields[settled]}"),
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
         console=_err_console(),
         transient=True,
     )
-    task = progress.add_task("sweep", total=None, info="")
+    task = progress.add_task("starting", total=None, settled="", info="")
 
     def on_progress(p: dict[str, Any]) -> None:
+        cells, settled = _count(p.get("cells")), _count(p.get("settled"))
         progress.update(
             task,
-            total=p.get("cells"),
-            completed=p.get("settled", 0),
-            description=f"round {p.get('round')}",
-            info=f"{p.get('sent', 0):,} sent, {p.get('open', 0):,} open, {p.get('rate', 0):,}/s",
+            total=cells or None,
+            completed=settled,
+            description=f"round {_count(p.get('round'))}",
+            settled=f"{settled:,}/{cells:,} cells settled",
+            info=f"{_count(p.get('sent')):,} sent, {_count(p.get('open')):,} open, "
+            f"{_count(p.get('rate')):,}/s",
         )
 
     return progress, on_progress
+
+
+def _count(value: Any) -> int:
+    """A progress counter as an int (0 for anything a coordinator should not have sent)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _emit_run(
