@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test lint bench bench-deps clean system-deps help-pages
+.PHONY: demo test lint bench bench-deps clean system-deps
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,8 +34,8 @@ test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check udpreach agent probe tests
-	$(BIN)/ruff format --check udpreach agent probe tests
+	$(BIN)/ruff check udpreach agent probe tests bench
+	$(BIN)/ruff format --check udpreach agent probe tests bench
 	$(BIN)/mypy
 
 # The bench also compares with hping3 (and a C sendmmsg sender, built with gcc when present).
@@ -46,12 +46,7 @@ bench-deps: system-deps
 	fi
 
 bench: $(STAMP) bench-deps
-	$(BIN)/python -m udpreach.bench
-
-# The console script prints these pages for `--help` without importing typer; a test
-# fails with a pointer here when an edit to the CLI leaves them stale.
-help-pages: $(STAMP)
-	$(BIN)/python -m udpreach.launch
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

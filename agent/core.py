@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any
 
-from udpreach.control import encode_receipts
-from udpreach.token import Cell, Reject, TokenCodec, port_bytes
+from udpreach.core.datagram import Cell, Reject, TokenCodec, port_bytes
+from udpreach.core.framing import encode_receipts
 
 BATCH_RECORDS = 8192  # flush when a batch gets this big, whatever the timer says
 RECENT_RUNS = 4

@@ -13,7 +13,7 @@ which the core never reads). IPv6 addresses, v4-mapped ones included, come as th
 text ``inet_ntop`` makes, without a ``%scope`` suffix, which ``normalize_addr`` removes
 anyway.
 
-The message headers are laid out for LP64 little-endian Linux (``udpreach.libc``); where
+The message headers are laid out for LP64 little-endian Linux (``udpreach.net.libc``); where
 that does not hold, ``available()`` is False and the agent uses ``recvfrom``.
 """
 
@@ -27,8 +27,8 @@ import struct
 from array import array
 from collections.abc import Callable
 
-from udpreach.libc import IOVEC_WORDS, MMSGHDR_WORDS, libc_function
-from udpreach.token import MAX_SIZE
+from udpreach.core.datagram import MAX_SIZE
+from udpreach.net.libc import IOVEC_WORDS, MMSGHDR_WORDS, libc_function
 
 SLOTS = 64  # datagrams per system call
 SLOT_SIZE = MAX_SIZE + 1  # as recvfrom(MAX_SIZE + 1): a longer datagram shows as too long

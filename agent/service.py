@@ -25,10 +25,10 @@ import trio
 from agent import mmsg
 from agent.core import AgentCore, Datagram
 from agent.mmsg import BatchReader
-from udpreach.channel import Channel, connect
-from udpreach.control import Message
-from udpreach.errors import AuthError, ConfigError, ProtocolError, UnreachableError
-from udpreach.token import MAX_SIZE, MIN_SIZE, TokenCodec, derive_run_key
+from udpreach.core.datagram import MAX_SIZE, MIN_SIZE, TokenCodec, derive_run_key
+from udpreach.core.errors import AuthError, ConfigError, ProtocolError, UnreachableError
+from udpreach.core.framing import Message
+from udpreach.net.channel import Channel, connect
 
 log = logging.getLogger("udpreach.agent")
 

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from udpreach.block import Block
+from udpreach.core.block import Block
 
 __all__ = [
     "IPV4_HEADER_LEN",

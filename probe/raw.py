@@ -47,9 +47,9 @@ import numpy as np
 from probe.icmp import parse_icmp_packet
 from probe.packet import UdpPacketBuilder
 from probe.sender import BatchResults, BindSender, CellBatch, GroupResult, IcmpEvent
-from udpreach.block import Block
-from udpreach.errors import ConfigError
-from udpreach.libc import IOVEC_WORDS, MMSGHDR_WORDS, libc_function
+from udpreach.core.block import Block
+from udpreach.core.errors import ConfigError
+from udpreach.net.libc import IOVEC_WORDS, MMSGHDR_WORDS, libc_function
 
 __all__ = ["MODES", "RawSender", "make_sender", "raw_available"]
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from udpreach.expect import merge_ranges, summarize
-from udpreach.portspec import parse_ports, ranges_of
+from udpreach.core.expect import merge_ranges, summarize
+from udpreach.core.portspec import parse_ports, ranges_of
 
 ICMP_ADMIN = {"type": 3, "code": 13, "from": "198.18.2.1"}
 ICMP_PORT = {"type": 3, "code": 3, "from": "198.18.1.2"}

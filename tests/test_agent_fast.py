@@ -24,8 +24,8 @@ from test_token import reference_verify
 import agent.core
 from agent.core import RECENT_RUNS, AgentCore, AgentRun
 from agent.service import DRAIN_CHUNK, AgentState, Listener, drain, normalize_addr
-from udpreach.control import RECEIPT, decode_receipts, encode_receipts
-from udpreach.token import Cell, Reject, TokenCodec, derive_run_key, run_tag
+from udpreach.core.datagram import Cell, Reject, TokenCodec, derive_run_key, run_tag
+from udpreach.core.framing import RECEIPT, decode_receipts, encode_receipts
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 DSTS = [5000, 5001, 65535]

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from udpreach.bench import Bench, BenchError, Sample, Series, _paired
+from bench.bench import Bench, BenchError, Sample, Series, _paired
 
 
 def _series(key: str, rates: dict[int, float]) -> Series:
@@ -63,7 +63,7 @@ def test_the_report_judges_the_c_share_on_pairs_and_shows_c_beside_the_rate() ->
     others, the pairs do not. The absolute target shows what C itself reached."""
     from rich.console import Console
 
-    from udpreach.bench import Results, render
+    from bench.bench import Results, render
 
     res = Results()
     for key, label, rates in (

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from udpreach.block import Block
+from udpreach.core.block import Block
 
 
 @given(st.integers(1, 9), st.data())

@@ -46,7 +46,7 @@ try:
     main()
 except SystemExit:
     pass
-heavy = ("trio", "rich", "numpy", "udpreach.lab", "udpreach.coordinator", "udpreach.report")
+heavy = ("trio", "rich", "numpy", "udpreach.lab", "probe.coordinator", "udpreach.render.terminal")
 print("loaded:", " ".join(sorted(m for m in sys.modules if m.split(".")[0] in heavy or m in heavy)))
 """
 
@@ -237,8 +237,8 @@ def test_the_agent_imports_no_numpy() -> None:
 def test_reading_stored_runs_imports_no_numpy() -> None:
     """history/show/diff read ledgers through the store: numpy only comes with a batch."""
     code = (
-        "import sys, udpreach.store, udpreach.cli_history\n"
-        "from udpreach.ledger import Ledger\n"
+        "import sys, udpreach.store, udpreach.cli.history\n"
+        "from udpreach.core.ledger import Ledger\n"
         "led = Ledger([5000], range(1024, 1100)); led.note_sent(5000, 1024); led.ranges()\n"
         "Ledger.from_snapshot(led.snapshot(), range(1024, 1100))\n"
         "print('numpy' in sys.modules)"

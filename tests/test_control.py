@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from udpreach.control import (
+from udpreach.core.errors import AuthError, ProtocolError
+from udpreach.core.framing import (
     MAX_FRAME,
     MAX_PREAUTH,
     PROTO,
@@ -23,7 +24,6 @@ from udpreach.control import (
     decode_receipts,
     encode_receipts,
 )
-from udpreach.errors import AuthError, ProtocolError
 
 SECRET = b"correct horse battery staple 0123456789"
 WRONG = b"incorrect donkey battery staple 987654"

@@ -24,11 +24,11 @@ import pytest
 import trio
 
 from agent.service import AgentConfig, run_agent
-from udpreach.channel import connect
-from udpreach.client import list_agents, request_run
-from udpreach.control import MAX_FRAME, MAX_PREAUTH, PROTO
-from udpreach.coordinator import Coordinator, ProbeConfig
-from udpreach.errors import UnreachableError
+from probe.coordinator import Coordinator, ProbeConfig
+from udpreach.core.errors import UnreachableError
+from udpreach.core.framing import MAX_FRAME, MAX_PREAUTH, PROTO
+from udpreach.net.channel import connect
+from udpreach.net.client import list_agents, request_run
 
 SECRET = b"control-plane-test-secret-0123456789"
 AGENT_NAME = "hidden-agent-7f3e"  # must never reach an unauthenticated client

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from agent.core import BATCH_RECORDS, RECENT_RUNS, AgentCore, AgentRun
 from agent.service import DRAIN_CHUNK
-from udpreach.control import RECEIPT, decode_receipts
-from udpreach.ledger import Ledger
-from udpreach.token import TokenCodec, derive_run_key
+from udpreach.core.datagram import TokenCodec, derive_run_key
+from udpreach.core.framing import RECEIPT, decode_receipts
+from udpreach.core.ledger import Ledger
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 PROBE_ADDR = "198.18.2.2"

@@ -11,8 +11,8 @@ from docsamples import BASELINE_EXPECT, baseline, build_doc, cell_verdicts, docs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from udpreach.errors import ConfigError
-from udpreach.expect import (
+from udpreach.core.errors import ConfigError
+from udpreach.core.expect import (
     ExpectEntry,
     cut_range,
     expect_from,
@@ -22,7 +22,7 @@ from udpreach.expect import (
     parse_expect,
     summarize_judgement,
 )
-from udpreach.portspec import parse_ports
+from udpreach.core.portspec import parse_ports
 
 # ---------------------------------------------------------------------------------------
 # Parsing.

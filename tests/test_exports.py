@@ -18,8 +18,9 @@ import pytest
 from docsamples import BASELINE_EXPECT, after_change, baseline, build_doc, cell_verdicts, docs
 from hypothesis import given, settings
 
-from udpreach.expect import judge, merge_ranges, parse_expect
-from udpreach.exports import (
+from udpreach.core.expect import judge, merge_ranges, parse_expect
+from udpreach.core.recommend import MULTIPORT_SLOTS, iptables_rules, recommend
+from udpreach.render.exports import (
     bucket_counts,
     buckets_for,
     diff_runs,
@@ -28,7 +29,6 @@ from udpreach.exports import (
     write_junit,
     write_markdown,
 )
-from udpreach.recommend import MULTIPORT_SLOTS, iptables_rules, recommend
 
 # ---------------------------------------------------------------------------------------
 # The diff.

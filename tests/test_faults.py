@@ -35,10 +35,10 @@ from agent.service import (
     open_listeners,
     run_agent,
 )
-from udpreach.channel import connect
-from udpreach.client import request_run
-from udpreach.coordinator import Coordinator, ProbeConfig
-from udpreach.errors import UnreachableError
+from probe.coordinator import Coordinator, ProbeConfig
+from udpreach.core.errors import UnreachableError
+from udpreach.net.channel import connect
+from udpreach.net.client import request_run
 
 SLOW = ("--src-ports", "1024-65535", "--rate", "5000", "--json")
 RUN_STARTED = r"run (\S+): \d+ cells to"

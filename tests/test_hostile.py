@@ -36,9 +36,9 @@ from agent.service import (
     _receive_loop,
     open_listeners,
 )
-from udpreach.channel import connect
-from udpreach.client import request_run
-from udpreach.coordinator import Coordinator, ProbeConfig
+from probe.coordinator import Coordinator, ProbeConfig
+from udpreach.net.channel import connect
+from udpreach.net.client import request_run
 
 SECRET = b"hostile-test-secret-0123456789abcdef"
 

@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 from docsamples import build_doc
 
-from udpreach.expect import judge, parse_expect
-from udpreach.exports import COLOURS, write_html
+from udpreach.core.expect import judge, parse_expect
+from udpreach.render.exports import COLOURS, write_html
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ import typer
 from typer.testing import CliRunner
 
 from udpreach import lab as labmod
-from udpreach.cli_lab import lab_app
-from udpreach.errors import ConfigError
+from udpreach.cli.lab import lab_app
+from udpreach.core.errors import ConfigError
 from udpreach.lab import Lab, bundled_policy, list_namespaces, render_policy
 
 try:

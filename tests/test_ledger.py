@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from udpreach.control import RECEIPT
-from udpreach.ledger import VERDICTS, IcmpInfo, Ledger, SnapshotError
+from udpreach.core.framing import RECEIPT
+from udpreach.core.ledger import VERDICTS, IcmpInfo, Ledger, SnapshotError
 
 PROHIBITED = IcmpInfo(3, 13, "198.18.2.1")
 UNREACHABLE = IcmpInfo(3, 3, "198.18.1.2")

@@ -16,10 +16,10 @@ import pytest
 import trio
 
 from agent.service import AgentConfig, run_agent
-from udpreach.client import list_agents, request_run
-from udpreach.coordinator import Coordinator, ProbeConfig
-from udpreach.errors import AgentUnavailableError, AuthError, ConfigError
-from udpreach.portspec import format_ports, parse_ports
+from probe.coordinator import Coordinator, ProbeConfig
+from udpreach.core.errors import AgentUnavailableError, AuthError, ConfigError
+from udpreach.core.portspec import format_ports, parse_ports
+from udpreach.net.client import list_agents, request_run
 
 SECRET = b"loopback-test-secret-0123456789"
 DEADLINE = 120
@@ -199,7 +199,7 @@ async def test_busy_source_port_is_untested_not_blocked() -> None:
 async def test_blocking_client_runs_lists_and_refuses_like_the_trio_client() -> None:
     from functools import partial
 
-    from udpreach import blocking_client
+    from udpreach.net import blocking as blocking_client
 
     with trio.fail_after(DEADLINE):
         async with harness() as h:
@@ -233,8 +233,8 @@ async def test_blocking_client_runs_lists_and_refuses_like_the_trio_client() -> 
 
 async def test_blocking_client_gives_up_on_a_silent_coordinator() -> None:
     """A listener that accepts and never answers: the handshake times out, no hang."""
-    from udpreach import blocking_client
-    from udpreach.errors import UnreachableError
+    from udpreach.core.errors import UnreachableError
+    from udpreach.net import blocking as blocking_client
 
     listener = trio.socket.socket()
     await listener.bind(("127.0.0.1", 0))
@@ -253,7 +253,7 @@ async def test_large_datagrams_come_in_bounded_batches(monkeypatch: pytest.Monke
     """At full speed a batch is 4 ms of sending, but never more than BATCH_BYTES of
     payload: 60 KB datagrams must not make batches of hundreds of megabytes."""
     import probe.raw
-    from udpreach.runner import BATCH_BYTES
+    from probe.runner import BATCH_BYTES
 
     real_make_sender = probe.raw.make_sender
     batch_bytes: list[int] = []
@@ -353,8 +353,8 @@ def test_blocking_client_bounds_a_name_lookup(monkeypatch: pytest.MonkeyPatch) -
     import socket
     import time
 
-    from udpreach import blocking_client
-    from udpreach.errors import UnreachableError
+    from udpreach.core.errors import UnreachableError
+    from udpreach.net import blocking as blocking_client
 
     real = socket.getaddrinfo
 

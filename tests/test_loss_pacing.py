@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from udpreach.loss import LossEstimate, attempts_needed, estimate_loss, wilson_upper
-from udpreach.pacing import MIN_DROP, MIN_WINDOW, PILOT_RATE, Pacer
+from udpreach.core.loss import LossEstimate, attempts_needed, estimate_loss, wilson_upper
+from udpreach.core.pacing import MIN_DROP, MIN_WINDOW, PILOT_RATE, Pacer
 
 TARGET = 0.01
 FULL_SWEEP = 64512

@@ -20,7 +20,7 @@ from probe.packet import (
     udp_checksum_ipv6,
     with_src_port,
 )
-from udpreach.block import Block
+from udpreach.core.block import Block
 
 TIMEOUT = 2.0
 

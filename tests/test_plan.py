@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from udpreach.errors import ConfigError, PortSpecError
-from udpreach.plan import (
+from udpreach.core.errors import ConfigError, PortSpecError
+from udpreach.core.plan import (
     AUTO_COPIES_CEILING,
     DEFAULT_RATE,
     MAX_CELLS,
@@ -18,7 +18,7 @@ from udpreach.plan import (
     RunPhase,
     plan_from_request,
 )
-from udpreach.portspec import format_ports, parse_ports
+from udpreach.core.portspec import format_ports, parse_ports
 
 AGENT_PORTS = (5000, 5001, 6000)
 LIMITS = {"max_rate": 200_000, "max_datagrams": 50_000_000}

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from udpreach.errors import ConfigError, PortSpecError
-from udpreach.portspec import (
+from udpreach.core.errors import ConfigError, PortSpecError
+from udpreach.core.portspec import (
     HIGH_FIRST,
     HIGH_PORTS,
     PORT_LAST,

@@ -17,8 +17,8 @@ import pytest
 import probe.raw
 from probe.raw import RawSender, make_sender, raw_available
 from probe.sender import BindSender, CellBatch, GroupResult, IcmpEvent
-from udpreach.block import Block
-from udpreach.errors import ConfigError
+from udpreach.core.block import Block
+from udpreach.core.errors import ConfigError
 
 RAW4 = raw_available()
 RAW6 = raw_available(ipv6=True)

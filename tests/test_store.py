@@ -19,10 +19,10 @@ import typer
 from docsamples import after_change, baseline, build_doc
 from typer.testing import CliRunner
 
-from udpreach.cli_history import register
-from udpreach.errors import ConfigError
-from udpreach.expect import judge, parse_expect
-from udpreach.ledger import IcmpInfo, Ledger
+from udpreach.cli.history import register
+from udpreach.core.errors import ConfigError
+from udpreach.core.expect import judge, parse_expect
+from udpreach.core.ledger import IcmpInfo, Ledger
 from udpreach.store import MIGRATIONS, RunStore, StoreError, UnknownRunError, default_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -311,7 +311,7 @@ def test_show_json_is_the_stored_document(cli: typer.Typer, filled: Path) -> Non
 def test_show_prints_what_run_printed(cli: typer.Typer, filled: Path) -> None:
     from rich.console import Console
 
-    from udpreach.report import render_run
+    from udpreach.render.terminal import render_run
 
     buf = io.StringIO()
     render_run(after_change(), Console(file=buf, highlight=False, width=80))

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prockit import python_output
 
-from udpreach.token import (
+from udpreach.core.datagram import (
     MAX_SIZE,
     MAX_TABLES,
     MIN_SIZE,
@@ -172,7 +172,7 @@ def _apply(good: bytes, edits: list[tuple[int, int]]) -> bytes:
 # --- the bulk paths: encode_many and check_many ----------------------------------------
 
 
-# The datagram's authentication written from its layout alone (see ``udpreach.token``): the
+# The datagram's authentication written from its layout alone (see ``udpreach.core.datagram``): the
 # reference the codec's fast paths, and the agent's batch path (test_agent_fast), are held to.
 
 
@@ -381,7 +381,7 @@ def test_mac_tables_cost_memory_only_where_used() -> None:
     """Many tables with one MAC each (a run to many destination ports from one source
     port) take a page each, not the 512 KiB a full table holds."""
     code = (
-        "from udpreach.token import TokenCodec\n"
+        "from udpreach.core.datagram import TokenCodec\n"
         "def rss():\n"
         "    for line in open('/proc/self/status'):\n"
         "        if line.startswith('VmRSS:'):\n"

@@ -1,3 +1,3 @@
-from udpreach.launch import main
+from udpreach.cli import main
 
 main()

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from udpreach.errors import UnreachableError
+from udpreach.core.errors import UnreachableError
 
 READY_TIMEOUT = 20.0
 
@@ -135,7 +135,7 @@ def _lab_demo() -> int:
     from rich.syntax import Syntax
 
     from udpreach.lab import Lab, bundled_policy
-    from udpreach.report import render_run
+    from udpreach.render.terminal import render_run
     from udpreach.secret import new_secret
 
     policy = bundled_policy("demo")

@@ -47,7 +47,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, get_args
 
-from udpreach.errors import ConfigError, UdpreachError
+from udpreach.core.errors import ConfigError, UdpreachError
 
 __all__ = [
     "STATE_DIR",

@@ -12,7 +12,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from udpreach.errors import ConfigError
+from udpreach.core.errors import ConfigError
 
 MIN_SECRET_BYTES = 16
 ENV_VAR = "UDPREACH_SECRET_FILE"

@@ -31,10 +31,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from udpreach.errors import ConfigError, PortSpecError, UdpreachError
-from udpreach.expect import merge_ranges, planned_intervals, subtract, summarize, union
-from udpreach.ledger import Ledger, SnapshotError
-from udpreach.portspec import parse_ports
+from udpreach.core.errors import ConfigError, PortSpecError, UdpreachError
+from udpreach.core.expect import merge_ranges, planned_intervals, subtract, summarize, union
+from udpreach.core.ledger import Ledger, SnapshotError
+from udpreach.core.portspec import parse_ports
 
 SCHEMA = "udpreach/run-v1"
 

@@ -159,7 +159,7 @@ _SENDER_ONLY = r"""
 import sys, time
 from probe.raw import RawSender
 from probe.sender import BindSender
-from udpreach.token import TokenCodec
+from udpreach.core.datagram import TokenCodec
 kind, src, dst, port, first, last = sys.argv[1:4] + [int(a) for a in sys.argv[4:7]]
 codec = TokenCodec(bytes(32), 16)
 batch = [(sp, [(port, codec.encode(port, sp, 1))]) for sp in range(first, last + 1)]
@@ -187,64 +187,7 @@ print(f"seconds={elapsed:.6f}")
 
 # The kernel's ceiling for comparison: prebuilt raw IPv4/UDP packets through sendmmsg, 1024
 # per call, from C (no interpreter in the way). argv: source, destination, destination port.
-_KERNEL_REFERENCE_C = r"""
-#define _GNU_SOURCE
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <sys/uio.h>
-#include <time.h>
-enum { N = 64512, FIRST = 1024, LEN = 20 + 8 + 16 };
-static unsigned short fold(unsigned long s) {
-    while (s >> 16) s = (s & 0xffff) + (s >> 16);
-    return (unsigned short)~s;
-}
-int main(int argc, char **argv) {
-    if (argc != 4) return 2;
-    int s = socket(AF_INET, SOCK_RAW, IPPROTO_RAW), size = 4 << 20;
-    if (s < 0) { perror("socket"); return 1; }
-    setsockopt(s, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof size);
-    struct sockaddr_in to = {.sin_family = AF_INET};
-    struct in_addr src;
-    if (inet_pton(AF_INET, argv[1], &src) != 1 || inet_pton(AF_INET, argv[2], &to.sin_addr) != 1)
-        return 2;
-    unsigned dport = (unsigned)atoi(argv[3]);
-    unsigned char *buf = calloc(N, LEN);
-    struct mmsghdr *m = calloc(N, sizeof *m);
-    struct iovec *io = calloc(N, sizeof *io);
-    if (!buf || !m || !io) return 1;
-    for (int i = 0; i < N; i++) {
-        unsigned char *p = buf + (size_t)i * LEN, *u = p + 20;
-        unsigned sport = FIRST + i;
-        p[0] = 0x45; p[2] = 0; p[3] = LEN; p[6] = 0x40; p[8] = 64; p[9] = 17;
-        memcpy(p + 12, &src, 4); memcpy(p + 16, &to.sin_addr, 4);
-        u[0] = sport >> 8; u[1] = sport & 0xff; u[2] = dport >> 8; u[3] = dport & 0xff;
-        u[4] = 0; u[5] = 24;
-        unsigned long sum = 17 + 24;
-        for (int k = 12; k < 20; k += 2) sum += (p[k] << 8) | p[k + 1];
-        for (int k = 0; k < 24; k += 2) sum += (u[k] << 8) | u[k + 1];
-        unsigned short c = fold(sum);
-        if (!c) c = 0xffff;
-        u[6] = c >> 8; u[7] = c & 0xff;
-        io[i].iov_base = p; io[i].iov_len = LEN;
-        m[i].msg_hdr.msg_iov = &io[i]; m[i].msg_hdr.msg_iovlen = 1;
-        m[i].msg_hdr.msg_name = &to; m[i].msg_hdr.msg_namelen = sizeof to;
-    }
-    struct timespec a, b;
-    clock_gettime(CLOCK_MONOTONIC, &a);
-    for (int done = 0; done < N;) {
-        int r = sendmmsg(s, m + done, N - done > 1024 ? 1024 : N - done, 0);
-        if (r <= 0) { perror("sendmmsg"); return 1; }
-        done += r;
-    }
-    clock_gettime(CLOCK_MONOTONIC, &b);
-    printf("seconds=%.6f\n", (double)(b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9);
-    return 0;
-}
-"""
+_KERNEL_REFERENCE_C = Path(__file__).with_name("kernel_ref.c")
 
 
 def build_kernel_reference(work: Path, bench: Bench) -> Path | None:
@@ -254,7 +197,7 @@ def build_kernel_reference(work: Path, bench: Bench) -> Path | None:
         bench.results.notes.append("no C compiler: the kernel-ceiling row is missing")
         return None
     source, binary = work / "kernel_ref.c", work / "kernel_ref"
-    source.write_text(_KERNEL_REFERENCE_C)
+    source.write_text(_KERNEL_REFERENCE_C.read_text())
     try:
         proc = subprocess.run(
             [cc, "-O2", "-o", str(binary), str(source)],
@@ -1107,7 +1050,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m udpreach.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--repeat", type=int, default=5, help="runs per measurement (>= 1)")
     parser.add_argument(
         "--rate", type=int, default=1_000_000, help="udpreach run --rate (datagrams/s)"

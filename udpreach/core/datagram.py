@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import cache
 
-from udpreach.block import Block
+from udpreach.core.block import Block
 
 HEADER = 8
 MAC_LEN = 8

@@ -15,7 +15,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from udpreach.errors import ConfigError, UdpreachError
+from udpreach.core.errors import ConfigError, UdpreachError
 
 app = typer.Typer(
     name="udpreach",
@@ -199,7 +199,7 @@ def probe(
 
     host, port, secret, nets = guarded(setup)
 
-    from udpreach.coordinator import Coordinator, ProbeConfig
+    from probe.coordinator import Coordinator, ProbeConfig
 
     cfg = ProbeConfig(
         host=host,
@@ -262,9 +262,9 @@ def agent(
     import socket
 
     from agent.service import AgentConfig, run_agent
-    from udpreach.coordinator import NAME_RE
+    from probe.coordinator import NAME_RE
+    from udpreach.core.portspec import parse_ports
     from udpreach.logs import setup_logging
-    from udpreach.portspec import parse_ports
     from udpreach.secret import load_secret
 
     def setup() -> AgentConfig:
@@ -334,9 +334,9 @@ def run(
     ] = None,
 ) -> None:
     """Test the path from the probe to an agent and print the pass/fail matrix."""
-    from udpreach.portspec import format_ports, parse_ports
+    from udpreach.core.datagram import MAX_SIZE, MIN_SIZE
+    from udpreach.core.portspec import format_ports, parse_ports
     from udpreach.secret import load_secret
-    from udpreach.token import MAX_SIZE, MIN_SIZE
 
     def setup() -> tuple[str, int, bytes, dict[str, Any], list[Any]]:
         host, port = parse_endpoint(coordinator, "--coordinator")
@@ -352,7 +352,7 @@ def run(
             raise ConfigError("--wait must not be negative")
         entries: list[Any] = []
         if expect is not None:
-            from udpreach.expect import parse_expect
+            from udpreach.core.expect import parse_expect
 
             try:
                 text = expect.read_text()
@@ -383,7 +383,7 @@ def _do_run(
     entries: list[Any],
     quiet: bool,
 ) -> dict[str, Any]:
-    from udpreach.blocking_client import request_run
+    from udpreach.net.blocking import request_run
 
     progress, on_progress = _progress_bar()
     with progress:
@@ -455,11 +455,11 @@ def _emit_run(
     else:
         from rich.console import Console
 
-        from udpreach.report import render_run
+        from udpreach.render.terminal import render_run
 
         render_run(doc, Console(highlight=False))
     if junit or markdown or csv_out or html:
-        from udpreach.exports import write_reports
+        from udpreach.render.exports import write_reports
 
         guarded(lambda: write_reports(doc, entries, junit, markdown, csv_out, html))
     if not doc.get("complete"):
@@ -477,7 +477,7 @@ def agents(
     as_json: JsonOpt = False,
 ) -> None:
     """List the agents registered with the coordinator."""
-    from udpreach.blocking_client import list_agents
+    from udpreach.net.blocking import list_agents
     from udpreach.secret import load_secret
 
     def go() -> list[dict[str, Any]]:
@@ -490,7 +490,7 @@ def agents(
     else:
         from rich.console import Console
 
-        from udpreach.report import render_agents
+        from udpreach.render.terminal import render_agents
 
         render_agents(found, Console(highlight=False))
 
@@ -522,8 +522,8 @@ def demo(
 
 
 def _register_extras() -> None:
-    from udpreach.cli_history import register
-    from udpreach.cli_lab import lab_app
+    from udpreach.cli.history import register
+    from udpreach.cli.lab import lab_app
 
     app.add_typer(lab_app)
     register(app)

@@ -6,7 +6,7 @@ of answers; nothing else happens at the same time in the requesting process. So 
 drives the sans-IO ``ControlConnection`` with a plain blocking socket whose every read has a
 deadline, and never imports trio (about a quarter of a second of start-up on a small
 machine). The interpretation of the coordinator's answers (``RunReply``, ``agents_from``) is
-shared with the trio client in ``udpreach.client``, which the services' tests and library
+shared with the trio client in ``udpreach.net.client``, which the services' tests and library
 users drive from inside a trio program.
 """
 
@@ -21,13 +21,13 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from udpreach.control import Authenticated, ControlConnection, Event, Message
-from udpreach.errors import (
+from udpreach.core.errors import (
     AgentUnavailableError,
     ConfigError,
     ProtocolError,
     UnreachableError,
 )
+from udpreach.core.framing import Authenticated, ControlConnection, Event, Message
 
 CONNECT_TIMEOUT = 10.0
 STALL_TIMEOUT = 60.0  # no word from the coordinator for this long during a run: give up

@@ -1,6 +1,6 @@
 """The requesting side of the control channel for trio programs (the tests, library use).
 
-The CLI uses the blocking twin in ``udpreach.blocking_client`` (no trio import at start-up);
+The CLI uses the blocking twin in ``udpreach.net.blocking`` (no trio import at start-up);
 both interpret the coordinator's answers with the same sans-IO ``RunReply``.
 """
 
@@ -11,15 +11,15 @@ from typing import Any
 
 import trio
 
-from udpreach.blocking_client import (
+from udpreach.core.errors import UnreachableError
+from udpreach.net.blocking import (
     CONNECT_TIMEOUT,
     STALL_TIMEOUT,
     RunReply,
     agents_from,
     run_request,
 )
-from udpreach.channel import connect
-from udpreach.errors import UnreachableError
+from udpreach.net.channel import connect
 
 
 async def list_agents(host: str, port: int, secret: bytes) -> list[dict[str, Any]]:

@@ -39,8 +39,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from udpreach.errors import ConfigError
-from udpreach.expect import (
+from udpreach.core.errors import ConfigError
+from udpreach.core.expect import (
     VERDICTS,
     ExpectEntry,
     Interval,
@@ -51,8 +51,8 @@ from udpreach.expect import (
     summarize_judgement,
     union,
 )
-from udpreach.portspec import format_ports
-from udpreach.recommend import recommend
+from udpreach.core.portspec import format_ports
+from udpreach.core.recommend import recommend
 
 DIFF_SCHEMA = "udpreach/diff-v1"
 RUN_SCHEMA = "udpreach/run-v1"

@@ -21,7 +21,7 @@ import ipaddress
 from collections import defaultdict
 from typing import Any
 
-from udpreach.expect import Interval, cells_of, ranges_by_dst, union
+from udpreach.core.expect import Interval, cells_of, ranges_by_dst, union
 
 FIXED_PORT_FIRST = 1024  # FixedUDPPortValue must lie in 1024-65535
 MULTIPORT_SLOTS = 15

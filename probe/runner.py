@@ -22,19 +22,19 @@ import numpy as np
 import trio
 
 from probe.sender import BindSender, IcmpEvent
-from udpreach.control import RECEIPT, decode_receipts
-from udpreach.document import build_document
-from udpreach.errors import AgentUnavailableError, ProtocolError
-from udpreach.ledger import IcmpInfo, Ledger
-from udpreach.loss import LossEstimate, attempts_needed, estimate_loss
-from udpreach.pacing import PILOT_CELLS, Pacer
-from udpreach.plan import Plan, RunLifecycle
-from udpreach.token import TokenCodec, derive_run_key
+from udpreach.core.datagram import TokenCodec, derive_run_key
+from udpreach.core.document import build_document
+from udpreach.core.errors import AgentUnavailableError, ProtocolError
+from udpreach.core.framing import RECEIPT, decode_receipts
+from udpreach.core.ledger import IcmpInfo, Ledger
+from udpreach.core.loss import LossEstimate, attempts_needed, estimate_loss
+from udpreach.core.pacing import PILOT_CELLS, Pacer
+from udpreach.core.plan import Plan, RunLifecycle
 
 if TYPE_CHECKING:
-    from udpreach.coordinator import AgentSession
+    from probe.coordinator import AgentSession
 
-log = logging.getLogger("udpreach.coordinator")
+log = logging.getLogger("udpreach.runner")
 
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 BATCH_SECONDS = 0.004  # send about this much per batch before a checkpoint

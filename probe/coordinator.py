@@ -23,18 +23,18 @@ from typing import Any
 
 import trio
 
+from probe.runner import RunExecution
 from probe.sender import route_source
-from udpreach.channel import Channel
-from udpreach.control import ControlConnection, Message, Receipts
-from udpreach.errors import (
+from udpreach.core.errors import (
     AgentUnavailableError,
     AuthError,
     ConfigError,
     ProtocolError,
     UnreachableError,
 )
-from udpreach.plan import plan_from_request
-from udpreach.runner import RunExecution
+from udpreach.core.framing import ControlConnection, Message, Receipts
+from udpreach.core.plan import plan_from_request
+from udpreach.net.channel import Channel
 
 log = logging.getLogger("udpreach.coordinator")
 
@@ -457,7 +457,7 @@ class Coordinator:
         if doc is None:
             return
         if entries:
-            from udpreach.expect import judge
+            from udpreach.core.expect import judge
 
             doc["expect"] = [e.to_json() for e in entries]
             doc["deviations"] = judge(doc, entries)
@@ -498,7 +498,7 @@ def _parse_registration(body: dict[str, Any]) -> tuple[str, str, tuple[int, ...]
 def _expect_entries(raw: Any) -> list[Any]:
     if not raw:
         return []
-    from udpreach.expect import ExpectEntry
+    from udpreach.core.expect import ExpectEntry
 
     if not isinstance(raw, list):
         raise ConfigError("malformed expectations")

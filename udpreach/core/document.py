@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from udpreach.ledger import Ledger
+from udpreach.core.ledger import Ledger
 
 SCHEMA = "udpreach/run-v1"
 DIFF_SCHEMA = "udpreach/diff-v1"

@@ -17,9 +17,9 @@ from enum import Enum
 from functools import cached_property
 from typing import Any
 
-from udpreach.errors import ConfigError
-from udpreach.portspec import HIGH_FIRST, PORT_LAST, format_ports, parse_ports
-from udpreach.token import MAX_SIZE, MIN_SIZE
+from udpreach.core.datagram import MAX_SIZE, MIN_SIZE
+from udpreach.core.errors import ConfigError
+from udpreach.core.portspec import HIGH_FIRST, PORT_LAST, format_ports, parse_ports
 
 DEFAULT_SRC = f"{HIGH_FIRST}-{PORT_LAST}"
 DEFAULT_RATE = 100_000

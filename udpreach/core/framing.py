@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from udpreach.errors import AuthError, ProtocolError
+from udpreach.core.errors import AuthError, ProtocolError
 
-PROTO = "udpreach/2"  # 2: datagram MACs from SHAKE128 chunks (udpreach.token)
+PROTO = "udpreach/2"  # 2: datagram MACs from SHAKE128 chunks (udpreach.core.datagram)
 MAX_PREAUTH = 512
 MAX_FRAME = 8 * 1024 * 1024
 NONCE_LEN = 16

@@ -30,8 +30,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from udpreach.errors import ConfigError, PortSpecError
-from udpreach.portspec import format_ports, parse_ports, ranges_of
+from udpreach.core.errors import ConfigError, PortSpecError
+from udpreach.core.portspec import format_ports, parse_ports, ranges_of
 
 VERDICTS = ("open", "blocked", "rejected", "untested", "unknown")
 EXPECTABLE = ("open", "blocked", "rejected")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from udpreach.errors import ConfigError, UdpreachError
+from udpreach.core.errors import ConfigError, UdpreachError
 
 if TYPE_CHECKING:
     from udpreach.lab import LabInfo, Role

@@ -14,7 +14,7 @@ import random
 import re
 from collections.abc import Iterable
 
-from udpreach.errors import PortSpecError
+from udpreach.core.errors import PortSpecError
 
 HIGH_FIRST = 1024
 PORT_LAST = 65535

@@ -1,7 +1,7 @@
 """The history commands: ``history``, ``show``, ``diff`` and ``expect --from``.
 
-Thin commands over ``udpreach.store`` (the SQLite run history), ``udpreach.exports`` and
-``udpreach.expect``: open the database, one call, one render. Results go to stdout (with
+Thin commands over ``udpreach.store`` (the SQLite run history), ``udpreach.render`` and
+``udpreach.core.expect``: open the database, one call, one render. Results go to stdout (with
 ``--json``: one JSON document and nothing else); notes and errors go to stderr, errors as
 one line with the contract's exit code (2 for a bad option, an unusable database or an
 unknown or ambiguous run id). ``diff`` exits 1 when any verdict changed.
@@ -16,7 +16,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from udpreach.errors import UdpreachError
+from udpreach.core.errors import UdpreachError
 
 T = TypeVar("T")
 
@@ -76,7 +76,7 @@ def _print_json(obj: Any) -> None:
 
 
 def _write(doc: dict[str, Any], *paths: Path | None) -> None:
-    from udpreach.exports import write_reports
+    from udpreach.render.exports import write_reports
 
     write_reports(doc, None, *paths)
 
@@ -158,7 +158,7 @@ def show(
     if as_json:
         _print_json(doc)
     else:
-        from udpreach.report import render_run
+        from udpreach.render.terminal import render_run
 
         render_run(doc, _stdout())
     _note_unfinished(doc)
@@ -176,7 +176,7 @@ def diff(
     html: HtmlOpt = None,
 ) -> None:
     """List the cells whose verdict changed from RUN_A to RUN_B; exit 1 if any did."""
-    from udpreach.exports import diff_runs
+    from udpreach.render.exports import diff_runs
 
     doc_a, doc_b = _guard(lambda: _load(db, run_a, run_b))
     d = diff_runs(doc_a, doc_b)
@@ -202,7 +202,7 @@ def _render_diff(d: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from udpreach.report import COLOURS
+    from udpreach.render.terminal import COLOURS
 
     out = _stdout()
     changes = d["changes"]
@@ -245,7 +245,7 @@ def expect_from_run(
     db: DbOpt = None,
 ) -> None:
     """Print an expectation file (TOML) that the stored run satisfies exactly."""
-    from udpreach.expect import expect_from
+    from udpreach.core.expect import expect_from
 
     (doc,) = _guard(lambda: _load(db, from_run))
     sys.stdout.write(expect_from(doc))

@@ -12,8 +12,8 @@ from typing import Any
 
 import trio
 
-from udpreach.control import PROTO, Authenticated, ControlConnection, Event, Message
-from udpreach.errors import ProtocolError, UnreachableError
+from udpreach.core.errors import ProtocolError, UnreachableError
+from udpreach.core.framing import PROTO, Authenticated, ControlConnection, Event, Message
 
 READ_SIZE = 65536
 WRITE_TIMEOUT = 10.0

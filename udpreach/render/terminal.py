@@ -244,7 +244,7 @@ def run_renderables(doc: dict[str, Any]) -> list[Any]:
 
 
 def _recommendations(doc: dict[str, Any]) -> Any:
-    from udpreach.recommend import recommend
+    from udpreach.core.recommend import recommend
 
     rec = recommend(doc)
     fixed = rec.get("fixed_ports") or []
