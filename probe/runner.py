@@ -126,6 +126,12 @@ class RunExecution:
         self._flush_seq = 0
         self.rtt = 0.005
         self.started = time.time()
+        self._cancel_scope = trio.CancelScope()
+
+    def cancel(self) -> None:
+        """Stop the run as soon as possible; ``execute`` then returns the incomplete
+        document (cells not yet settled are ``unknown``)."""
+        self._cancel_scope.cancel()
 
     # -- receipts (called synchronously by the session's reader task) --------------------
 
@@ -206,12 +212,15 @@ class RunExecution:
                     agent=self._agent_json(),
                     probe=self._probe_json(self.send_mode),
                 )
-            await self._start()
-            linger = max(0.05, 4 * self.rtt)
-            sender = self._sender_factory(self.source, self.target, linger)
-            self.send_mode = str(getattr(sender, "mode", "bind"))
-            await self._rounds(sender)
-            complete = True
+            with self._cancel_scope:
+                await self._start()
+                linger = max(0.05, 4 * self.rtt)
+                sender = self._sender_factory(self.source, self.target, linger)
+                self.send_mode = str(getattr(sender, "mode", "bind"))
+                await self._rounds(sender)
+                complete = True
+            if self._cancel_scope.cancelled_caught:
+                self.facts.warnings.append("the run was cancelled by its requester")
         except* AgentUnavailableError as group:
             # From _send_round's nursery it arrives wrapped in an ExceptionGroup.
             exc: BaseException = group
