@@ -143,6 +143,8 @@ class QuotedError:
     dst_port: int
     proto: int = _IPPROTO_UDP
     ipv6: bool = False
+    quote: bytes = b""  # the quoted UDP payload, as much of it as the error carried
+    mtu: int = 0  # next-hop MTU of "fragmentation needed" / "packet too big", else 0
 
 
 @dataclass(frozen=True)
@@ -294,6 +296,9 @@ def _parse_icmpv4(packet: bytes, from_addr: str) -> QuotedError | None:
     if len(inner) < inner_ihl + 4:
         return None
     src_port, dst_port = struct.unpack_from("!HH", inner, inner_ihl)
+    (inner_total,) = _U16.unpack_from(inner, 2)
+    quote = inner[inner_ihl + 8 : max(inner_ihl + 8, min(len(inner), inner_total))]
+    mtu = _U16.unpack_from(message, 6)[0] if (icmp_type, code) == (3, 4) else 0
     return QuotedError(
         type=icmp_type,
         code=code,
@@ -304,6 +309,8 @@ def _parse_icmpv4(packet: bytes, from_addr: str) -> QuotedError | None:
         dst_port=dst_port,
         proto=_IPPROTO_UDP,
         ipv6=False,
+        quote=bytes(quote),
+        mtu=mtu,
     )
 
 
@@ -339,6 +346,9 @@ def _parse_icmpv6(packet: bytes, from_addr: str) -> QuotedError | None:
     if len(inner) < offset + 4:
         return None
     src_port, dst_port = struct.unpack_from("!HH", inner, offset)
+    (payload_length,) = _U16.unpack_from(inner, 4)
+    quote = inner[offset + 8 : max(offset + 8, min(len(inner), 40 + payload_length))]
+    mtu = struct.unpack_from("!I", packet, 4)[0] if icmp_type == 2 else 0
     return QuotedError(
         type=icmp_type,
         code=code,
@@ -349,6 +359,8 @@ def _parse_icmpv6(packet: bytes, from_addr: str) -> QuotedError | None:
         dst_port=dst_port,
         proto=_IPPROTO_UDP,
         ipv6=True,
+        quote=bytes(quote),
+        mtu=min(mtu, 0xFFFF),
     )
 
 

@@ -292,6 +292,7 @@ class UdpPacketBuilder:
                 self.build(sp, dst_port, pl) for sp, pl in zip(src_ports, payloads, strict=True)
             ]
         (length,) = lengths
+        src_ports = [int(sp) for sp in src_ports]  # numpy integers would overflow the sums
         prefix, residue = self._fixed(length)
         pack = struct.Struct(f"!{len(prefix)}sHHHH{length}s").pack
         udp_len = UDP_HEADER_LEN + length

@@ -46,7 +46,15 @@ import numpy as np
 
 from probe.icmp import parse_icmp_packet
 from probe.packet import UdpPacketBuilder
-from probe.sender import BatchResults, BindSender, CellBatch, GroupResult, IcmpEvent
+from probe.sender import (
+    BatchResults,
+    BindSender,
+    CellBatch,
+    Group,
+    GroupResult,
+    IcmpEvent,
+    groups_of,
+)
 from udpreach.core.block import Block
 from udpreach.core.errors import ConfigError
 from udpreach.net.libc import IOVEC_WORDS, MMSGHDR_WORDS, libc_function
@@ -417,22 +425,23 @@ class RawSender:
         packets: Sequence[bytes]
         builder = self.builder
         blocks: list[Block] = []
-        for dst, (srcs, payloads) in batch.items():
+        groups = groups_of(batch)
+        for dst, srcs, payloads in groups:
             if not isinstance(payloads, Block):  # payloads one by one: the general path
                 break
             blocks.append(builder.build_block(srcs, dst, payloads))
-        if blocks and len(blocks) == len(batch) and len({b.size for b in blocks}) == 1:
+        if blocks and len(blocks) == len(groups) and len({b.size for b in blocks}) == 1:
             packets = blocks[0] if len(blocks) == 1 else Block.join(blocks)
         else:
             built: list[bytes] = []
-            for dst, (srcs, payloads) in batch.items():
+            for dst, srcs, payloads in groups:
                 built += builder.build_many(srcs, dst, payloads)
             packets = built
         # The ports are valid now (the builders checked them). Marked before sending: an ICMP
         # error for them is never "foreign".
-        for srcs, _ in batch.values():
+        for dst, srcs, _ in groups:
             self._sent_src_np[np.asarray(srcs, dtype=np.intp)] = 1
-        self._sent_dst.update(batch)
+            self._sent_dst.add(dst)
         tx = self._tx
         packed = tx.pack(packets)
         done, err = tx.send_packed(packed, 0)
@@ -444,12 +453,12 @@ class RawSender:
         self.sent += done - len(failed)
         if done == len(packets) and not failed:
             return None
-        return self._partial(batch, done, failed)
+        return self._partial(groups, done, failed)
 
     @staticmethod
-    def _partial(batch: CellBatch, done: int, failed: dict[int, str]) -> BatchResults:
+    def _partial(groups: list[Group], done: int, failed: dict[int, str]) -> BatchResults:
         # Packet i is the i-th (dst, src) of the batch in iteration order, as built above.
-        order = [(src, dst) for dst, (srcs, _) in batch.items() for src in srcs]
+        order = [(src, dst) for dst, srcs, _ in groups for src in srcs]
         results: dict[int, GroupResult] = {}
         for i, (src, dst) in enumerate(order):
             result = results.get(src)
@@ -502,7 +511,14 @@ class RawSender:
                 continue
             events.append(
                 IcmpEvent(
-                    quoted.dst_port, quoted.src_port, quoted.type, quoted.code, quoted.offender
+                    quoted.dst_port,
+                    quoted.src_port,
+                    quoted.type,
+                    quoted.code,
+                    quoted.offender,
+                    quote=quoted.quote,
+                    mtu=quoted.mtu,
+                    ipv6=quoted.ipv6,
                 )
             )
         self.icmp_seen += len(events)

@@ -32,6 +32,7 @@ from probe.icmp import (
     LocalError,
     parse_errqueue_message,
 )
+from udpreach.core.sweep import IcmpReport
 
 IP_RECVERR = 11
 _NONBLOCK_DGRAM = socket.SOCK_DGRAM | getattr(socket, "SOCK_NONBLOCK", 0)
@@ -47,15 +48,8 @@ _RETRYABLE_SEND = {
 }
 
 
-@dataclass(frozen=True)
-class IcmpEvent:
-    """An ICMP error that quoted one of our datagrams."""
-
-    dst_port: int
-    src_port: int
-    type: int
-    code: int
-    sender: str
+#: An ICMP error that quoted one of our datagrams (the engine's event type).
+IcmpEvent = IcmpReport
 
 
 @dataclass
@@ -67,20 +61,28 @@ class GroupResult:
     backpressure: bool = False  # the kernel ran out of buffer: retry the rest later
 
 
-#: A batch of datagrams by destination port: ``{dst: (source ports, payloads)}``, the
-#: payloads in the order of the source ports. Every source port appears at most once per
-#: destination port.
-CellBatch = Mapping[int, tuple[Sequence[int], Sequence[bytes]]]
+#: A batch of datagrams: groups of ``(dst port, source ports, payloads)`` sent in that order
+#: (or the same as a mapping ``{dst: (source ports, payloads)}``), the payloads in the order
+#: of the source ports. A destination port may have several groups (different attempts).
+Group = tuple[int, Sequence[int], Sequence[bytes]]
+CellBatch = Sequence[Group] | Mapping[int, tuple[Sequence[int], Sequence[bytes]]]
 
 #: What ``send_cells`` reports when not everything went out: one result per source port of
 #: the batch, in first-appearance order.
 BatchResults = list[tuple[int, GroupResult]]
 
 
+def groups_of(batch: CellBatch) -> list[Group]:
+    """A batch's groups in sending order, whichever form it came in."""
+    if isinstance(batch, Mapping):
+        return [(dst, srcs, payloads) for dst, (srcs, payloads) in batch.items()]
+    return list(batch)
+
+
 def by_source(batch: CellBatch) -> dict[int, list[tuple[int, bytes]]]:
     """A batch regrouped per source port: ``{src: [(dst, payload), ...]}``, in batch order."""
     out: dict[int, list[tuple[int, bytes]]] = {}
-    for dst, (srcs, payloads) in batch.items():
+    for dst, srcs, payloads in groups_of(batch):
         for src, payload in zip(srcs, payloads, strict=True):
             items = out.get(src)
             if items is None:
@@ -212,7 +214,19 @@ class BindSender:
             err = m.error
             if isinstance(err, IcmpError):
                 dst = m.destination[1]  # where we sent it; the socket's port is the source
-                out.append(IcmpEvent(dst, src, err.type, err.code, err.offender or "?"))
+                pmtu = (err.type, err.code) in ((3, 4), (2, 0))
+                out.append(
+                    IcmpEvent(
+                        dst,
+                        src,
+                        err.type,
+                        err.code,
+                        err.offender or "?",
+                        quote=m.payload,  # what the error quoted, after the UDP header
+                        mtu=err.info if pmtu else 0,
+                        ipv6=err.ipv6,
+                    )
+                )
             elif isinstance(err, LocalError):
                 continue  # never left this host; the cell stays pending and is retried
         self.icmp_seen += len(out)

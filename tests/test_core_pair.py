@@ -360,6 +360,8 @@ def test_no_run_no_credit() -> None:
 def test_high_attempt_numbers_are_deduplicated_too() -> None:
     core = AgentCore()
     probe, run = start(core, "high", [5000], [1024, 1025])
+    for _ in range(255):  # the ledger credits only what was sent
+        probe.ledger.note_sent(5000, 1024)
     for attempt in (7, 8, 9, 200, 255):
         data = probe.codec.encode(5000, 1024, attempt)
         assert run.on_datagram(data, PROBE_ADDR, 1024) is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import select
@@ -288,9 +289,12 @@ def test_parse_icmpv4_whole_quote_and_short_read() -> None:
     parsed = parse_icmp_packet(whole, ipv6=False, from_addr="198.19.2.1")
     assert parsed is not None
     assert (parsed.type, parsed.code, parsed.src_port) == (3, 13, 40_000)
-    # A receive buffer that cut the message short still yields the ports.
+    assert parsed.quote == b"token-0123456789"  # the whole payload: its MAC can be checked
+    # A receive buffer that cut the message short still yields the ports, and what it
+    # holds of the quote.
     short = parse_icmp_packet(whole[:52], ipv6=False, from_addr="198.19.2.1")
-    assert short == parsed
+    assert short is not None
+    assert short == dataclasses.replace(parsed, quote=b"")  # cut inside the UDP header
 
 
 def test_parse_icmpv4_time_exceeded_and_parameter_problem() -> None:
@@ -336,6 +340,7 @@ def test_parse_icmpv6_port_unreachable() -> None:
         dst_port=5000,
         proto=17,
         ipv6=True,
+        quote=b"token-0123456789",
     )
 
 

@@ -17,6 +17,15 @@ PROHIBITED = IcmpInfo(3, 13, "198.18.2.1")
 UNREACHABLE = IcmpInfo(3, 3, "198.18.1.2")
 
 
+def sent(led: Ledger, times: int = 4) -> Ledger:
+    """Note ``times`` datagrams sent for every planned cell: only what was sent can be
+    credited."""
+    for d in led.dst_ports:
+        for _ in range(times):
+            led.note_sent_many(d, led.src_ports)
+    return led
+
+
 def expand(ranges: list[dict[str, Any]]) -> list[tuple[int, int]]:
     return [(r["dst_port"], s) for r in ranges for s in range(r["first"], r["last"] + 1)]
 
@@ -35,7 +44,7 @@ def test_a_receipt_for_attempt_zero_credits_nothing() -> None:
 def test_a_batch_in_wire_form_credits_as_record_by_record() -> None:
     """The coordinator's path: packed records, an address index past the batch's list
     (named "?"), several destination ports interleaved, a cell twice in one batch."""
-    led = Ledger([5000, 5001], range(1024, 1030))
+    led = sent(Ledger([5000, 5001], range(1024, 1030)))
     records = [
         (1, 5001, 1025, 2, 1025),
         (0, 5000, 1024, 3, 40000),  # translated on the way
@@ -60,7 +69,7 @@ def test_a_batch_in_wire_form_credits_as_record_by_record() -> None:
 def test_a_repeated_cell_in_one_column_keeps_batch_order() -> None:
     """One destination port, a cell twice: fresh ports and new addresses still come in the
     order of their first records, not in port order (a bug the review found)."""
-    led = Ledger([5000], [1024, 1025])
+    led = sent(Ledger([5000], [1024, 1025]))
     records = [(1, 5000, 1025, 1, 1025), (0, 5000, 1024, 1, 1024), (1, 5000, 1025, 2, 1025)]
     packed = b"".join(RECEIPT.pack(*r) for r in records)
     fresh = led.note_receipts_packed(packed, ["198.18.0.1", "198.18.0.2"], 1)
@@ -69,16 +78,17 @@ def test_a_repeated_cell_in_one_column_keeps_batch_order() -> None:
 
 
 def test_tuples_that_cannot_be_on_the_wire_count_as_unplanned() -> None:
-    led = Ledger([5000], [1024])
+    led = sent(Ledger([5000], [1024]))
     assert led.note_receipts([(0, 70000, 1024, 1, 1024), (0, 5000, 1024, 1, -1)], ["a"], 1) == []
     assert not led.note_receipt(70000, 1024, 1, "a", 1024)
     assert (led.unplanned_receipts, led.open) == (3, 0)
+    sent(led, 255)
     assert led.note_receipts([(9, 5000, 1024, 300, 1024)], ["a"], 300) == [1024]  # 255 at most
     assert led.observed_addresses() == ["?"]
 
 
 def test_a_damaged_snapshot_is_refused() -> None:
-    led = Ledger([5000], [1024])
+    led = sent(Ledger([5000], [1024]))
     led.note_receipt(5000, 1024, 1, "198.18.2.2", 1024)
     data = led.snapshot()
     for bad in (b"", b"junk", data[:-1], data[:30] + bytes(10) + data[40:], data + b"x"):
@@ -123,7 +133,7 @@ def test_contract_example() -> None:
 
 
 def test_receipt_beats_an_earlier_icmp_error() -> None:
-    led = Ledger([5000], [1024])
+    led = sent(Ledger([5000], [1024]))
     assert led.note_icmp(5000, 1024, PROHIBITED)
     assert led.verdict(5000, 1024) == "rejected"
     assert led.note_receipt(5000, 1024, 2, "198.19.0.1", 1024)
@@ -135,7 +145,7 @@ def test_receipt_beats_an_earlier_icmp_error() -> None:
 
 
 def test_icmp_after_a_receipt_changes_nothing() -> None:
-    led = Ledger([5000], [1024])
+    led = sent(Ledger([5000], [1024]))
     led.note_receipt(5000, 1024, 1, "198.19.0.1", 1024)
     assert not led.note_icmp(5000, 1024, PROHIBITED)
     led.finish(complete=True)
@@ -151,7 +161,7 @@ def test_icmp_settles_a_pending_cell() -> None:
     assert led.ranges() == [
         {"dst_port": 5000, "first": 1024, "last": 1024, "verdict": "rejected",
          "translated": False, "sent": 0, "received": 0,
-         "icmp": {"type": 3, "code": 13, "from": "198.18.2.1"}},
+         "icmp": {"type": 3, "code": 13, "from": "198.18.2.1", "verified": True}},
         {"dst_port": 5000, "first": 1025, "last": 1025, "verdict": "blocked",
          "translated": False, "sent": 0, "received": 0},
     ]  # fmt: skip
@@ -202,7 +212,7 @@ def test_untested_without_a_reason_still_says_why() -> None:
 
 
 def test_untested_does_not_override_a_settled_cell() -> None:
-    led = Ledger([5000], [1024, 1025])
+    led = sent(Ledger([5000], [1024, 1025]))
     led.note_receipt(5000, 1024, 1, "a", 1024)
     led.note_icmp(5000, 1025, PROHIBITED)
     led.note_untested(1024, "in use")
@@ -212,7 +222,7 @@ def test_untested_does_not_override_a_settled_cell() -> None:
 
 def test_finish_complete_is_blocked_incomplete_is_unknown() -> None:
     for complete, verdict in ((True, "blocked"), (False, "unknown")):
-        led = Ledger([5000], [1024, 1025])
+        led = sent(Ledger([5000], [1024, 1025]))
         led.note_receipt(5000, 1024, 1, "a", 1024)
         led.finish(complete=complete)
         assert led.verdict(5000, 1025) == verdict
@@ -222,7 +232,7 @@ def test_finish_complete_is_blocked_incomplete_is_unknown() -> None:
 
 
 def test_pending_cells_read_as_unknown_or_are_left_out() -> None:
-    led = Ledger([5000], range(1024, 1030))
+    led = sent(Ledger([5000], range(1024, 1030)))
     led.note_receipt(5000, 1024, 1, "a", 1024)
     led.note_receipt(5000, 1029, 1, "a", 1029)
     assert [(r["first"], r["last"], r["verdict"]) for r in led.ranges()] == [
@@ -238,7 +248,7 @@ def test_pending_cells_read_as_unknown_or_are_left_out() -> None:
 
 
 def test_translated_when_the_agent_saw_another_source_port() -> None:
-    led = Ledger([5000], range(1024, 1030))
+    led = sent(Ledger([5000], range(1024, 1030)))
     for s in range(1024, 1030):
         port = s if s < 1027 else 30000 + s  # NAT rewrites the upper half
         led.note_receipt(5000, s, 1, "198.19.113.9", port)
@@ -254,7 +264,7 @@ def test_translated_when_the_agent_saw_another_source_port() -> None:
 
 
 def test_translated_sticks_once_seen() -> None:
-    led = Ledger([5000], [1024])
+    led = sent(Ledger([5000], [1024]))
     led.note_receipt(5000, 1024, 1, "a", 1024)
     led.note_receipt(5000, 1024, 2, "a", 40000)
     (r,) = led.ranges()
@@ -264,7 +274,7 @@ def test_translated_sticks_once_seen() -> None:
 
 
 def test_observed_addresses_are_collected() -> None:
-    led = Ledger([5000], [1024, 1025])
+    led = sent(Ledger([5000], [1024, 1025]))
     led.note_receipt(5000, 1024, 1, "198.18.2.2", 1024)
     led.note_receipt(5000, 1025, 1, "198.18.9.9", 1025)
     (r,) = led.ranges()
@@ -273,7 +283,7 @@ def test_observed_addresses_are_collected() -> None:
 
 
 def test_repeat_receipt_is_not_new_but_counted() -> None:
-    led = Ledger([5000], [1024])
+    led = sent(Ledger([5000], [1024]))
     assert led.note_receipt(5000, 1024, 2, "a", 1024)
     assert not led.note_receipt(5000, 1024, 1, "a", 1024)
     assert led.open == 1
@@ -296,7 +306,7 @@ def test_unplanned_receipts_are_ignored() -> None:
 
 
 def test_first_attempt_histogram() -> None:
-    led = Ledger([5000, 5001], range(1024, 1034))
+    led = sent(Ledger([5000, 5001], range(1024, 1034)))
     for i, s in enumerate(range(1024, 1034)):
         led.note_receipt(5000, s, 1 + i % 3, "a", s)
     led.note_receipt(5001, 1024, 4, "a", 1024)
@@ -408,13 +418,20 @@ def test_ranges_property(
             _, d, s, attempt, addr, nat = ev
             port = s + 20000 if nat else s
             c = (d, s)
+            # Only what was sent is credited, at most once per datagram.
+            credited = (
+                d in dsts
+                and s in srcs
+                and attempt <= model.sent.get(c, 0)
+                and model.received.get(c, 0) < model.sent.get(c, 0)
+            )
             if batched:
                 pending_receipts.append((addr_list.index(addr), d, s, attempt, port))
-                if d in dsts and s in srcs and c not in model.first_receipt and attempt == 2:
+                if credited and c not in model.first_receipt and attempt == 2:
                     fresh_expected.append(s)
             else:
                 led.note_receipt(d, s, attempt, addr, port)
-            if d in dsts and s in srcs:
+            if credited:
                 model.received[c] = model.received.get(c, 0) + 1
                 model.first_receipt.setdefault(c, (addr, port))
                 model.first_attempt[c] = min(attempt, model.first_attempt.get(c, attempt))
@@ -534,6 +551,9 @@ def _credit_one_by_one(
         if col is None or not led._planned_src[src] or attempt == 0:
             led.unplanned_receipts += 1
             continue
+        if attempt > col.sent[src] or col.received[src] >= col.sent[src]:
+            led.refused_receipts += 1  # never sent, or more receipts than datagrams
+            continue
         led.received_total += 1
         col.received[src] = min(col.received[src] + 1, 0xFFFF)
         if port != src:
@@ -566,7 +586,13 @@ def _everything(led: Ledger) -> tuple[Any, ...]:
         )
         for d in led.dst_ports
     }
-    counters = (led.open, led.settled, led.received_total, led.unplanned_receipts)
+    counters = (
+        led.open,
+        led.settled,
+        led.received_total,
+        led.unplanned_receipts,
+        led.refused_receipts,
+    )
     return arrays, led.observed_addresses(), counters
 
 
@@ -592,10 +618,11 @@ def test_batch_credit_equals_record_by_record(
     batches: list[list[tuple[int, int, int, int, int]]], interest: int
 ) -> None:
     planned = [0, 1, 2, 1024, 65535]
-    fast, slow = Ledger([5000, 5001], planned), Ledger([5000, 5001], planned)
+    fast, slow = sent(Ledger([5000, 5001], planned), 3), sent(Ledger([5000, 5001], planned), 3)
     fast.note_icmp(5000, 2, PROHIBITED)  # a settled cell that a receipt then opens
     slow.note_icmp(5000, 2, PROHIBITED)
     fast._cols[5001].received[1] = slow._cols[5001].received[1] = 0xFFFE  # near saturation
+    fast._cols[5001].sent[1] = slow._cols[5001].sent[1] = 0xFFFF
     addrs = ["198.18.2.2", "198.19.0.9"]
     for records in batches:
         packed = b"".join(RECEIPT.pack(*r) for r in records)

@@ -195,8 +195,8 @@ def test_bind_mode_maps_port_unreachable_to_its_cell_and_reads_only_flagged_sock
         bind.close()
     assert sorted(events, key=lambda e: e.src_port) == sorted(
         [
-            IcmpEvent(dst_port=dead, src_port=srcs[0], type=3, code=3, sender=DST4),
-            IcmpEvent(dst_port=dead, src_port=srcs[2], type=3, code=3, sender=DST4),
+            IcmpEvent(dead, srcs[0], 3, 3, DST4, quote=b"a" * 16),
+            IcmpEvent(dead, srcs[2], 3, 3, DST4, quote=b"c" * 16),
         ],
         key=lambda e: e.src_port,
     )
@@ -227,8 +227,8 @@ def test_raw_ipv4_port_unreachable_is_mapped_to_its_cell() -> None:
         )
         events = collect(sender, want=2)
     assert sorted(events, key=lambda e: e.src_port) == [
-        IcmpEvent(dst_port=dead, src_port=3001, type=3, code=3, sender=DST4),
-        IcmpEvent(dst_port=dead, src_port=3002, type=3, code=3, sender=DST4),
+        IcmpEvent(dead, 3001, 3, 3, DST4, quote=b"a" * 16),  # the quote: what a MAC is read from
+        IcmpEvent(dead, 3002, 3, 3, DST4, quote=b"c"),
     ]
 
 
@@ -325,7 +325,7 @@ def test_raw_ipv6_delivers_and_maps_port_unreachable() -> None:
         got = receive(rx, 2)
         events = collect(sender, want=1)
     assert got == {b"six-busy": ("::1", busy_port), b"six": ("::1", 40000)}
-    assert events == [IcmpEvent(dst_port=dead, src_port=busy_port, type=1, code=4, sender="::1")]
+    assert events == [IcmpEvent(dead, busy_port, 1, 4, "::1", quote=b"x" * 16, ipv6=True)]
 
 
 @needs_raw6

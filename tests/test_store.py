@@ -147,7 +147,7 @@ def test_a_ledger_snapshot_checkpoint_rebuilds_scattered_settled_cells(store: Ru
     assert got["summary"]["rejected"] == 1
     assert got["summary"]["unknown"] == 129024 - 32256 - 1
     rejected = next(r for r in got["ranges"] if r["verdict"] == "rejected")
-    assert rejected["icmp"] == {"type": 3, "code": 13, "from": "198.18.2.1"}
+    assert rejected["icmp"] == {"type": 3, "code": 13, "from": "198.18.2.1", "verified": True}
 
 
 def test_a_damaged_snapshot_leaves_every_cell_unknown_with_a_note(store: RunStore) -> None:

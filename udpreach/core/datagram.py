@@ -48,8 +48,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import cache
+from typing import TYPE_CHECKING
 
 from udpreach.core.block import Block
+
+if TYPE_CHECKING:
+    import numpy as np
 
 HEADER = 8
 MAC_LEN = 8
@@ -104,7 +108,7 @@ class Cell:
     attempt: int
 
 
-def _check_cells(dst_port: int, src_ports: Sequence[int], attempt: int) -> None:
+def _check_cells(dst_port: int, src_ports: Sequence[int] | np.ndarray, attempt: int) -> None:
     if not 1 <= attempt <= MAX_ATTEMPT:
         raise ValueError(f"attempt must be 1-{MAX_ATTEMPT}, got {attempt}")
     if not 0 <= dst_port <= 0xFFFF:
@@ -213,7 +217,9 @@ class TokenCodec:
             for i, s in zip(range(0, len(macs), MAC_LEN), src_ports, strict=True)
         ]
 
-    def encode_block(self, dst_port: int, src_ports: Sequence[int], attempt: int) -> Block:
+    def encode_block(
+        self, dst_port: int, src_ports: Sequence[int] | np.ndarray, attempt: int
+    ) -> Block:
         """``encode_many`` as one ``Block``: the probe's batch form, laid out for the whole
         batch at once with numpy (the MACs gathered from the table).
 
@@ -248,7 +254,9 @@ class TokenCodec:
         rows[:, HEADER:MIN_SIZE] = macs.view(np.uint8).reshape(n, MAC_LEN)
         return Block(rows.tobytes(), self.size)
 
-    def mac_block(self, dst_port: int, src_ports: Sequence[int], attempt: int) -> bytes:
+    def mac_block(
+        self, dst_port: int, src_ports: Sequence[int] | np.ndarray, attempt: int
+    ) -> bytes:
         """The MACs of ``encode_many(dst_port, src_ports, attempt)``, back to back.
 
         Raises:
@@ -283,6 +291,25 @@ class TokenCodec:
         if why is not None:
             return why
         return Cell(*_CELL.unpack_from(data, 3))
+
+    def verify_quote(self, quote: bytes) -> Cell | None:
+        """The cell attempt an ICMP error's quote authenticates, or None.
+
+        A router quotes our datagram, whole or cut short (RFC 1812: as much as fits in 576
+        bytes). The first ``MIN_SIZE`` bytes (tag, cell, MAC) must be there and genuine, and
+        whatever of the zero padding came along must be zeros. Never raises.
+        """
+        if len(quote) < MIN_SIZE or len(quote) > self.size:
+            return None
+        if quote[:3] != self.tag or not quote[7] or any(quote[MIN_SIZE:]):
+            return None
+        dst, src, attempt = _CELL.unpack_from(quote, 3)
+        # A chunk made for this quote alone: a forged quote makes no table.
+        hi, at = src >> CHUNK_SHIFT, (src & (CHUNK_PORTS - 1)) * MAC_LEN
+        mac = self._chunk(dst, attempt, hi)[at : at + MAC_LEN]
+        if not hmac.compare_digest(mac, quote[HEADER:MIN_SIZE]):
+            return None
+        return Cell(dst, src, attempt)
 
     def check(self, data: bytes) -> Reject | None:
         """``verify``'s verdict without the Cell: None if *data* is genuine (``check_many``

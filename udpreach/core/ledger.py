@@ -6,10 +6,17 @@ planned destination port, flat arrays indexed by source port (65,536 slots), so 
 (sent, receipt, ICMP error, could-not-send) and only move a cell forward:
 
     pending --receipt--> open            (a receipt always wins, even after an ICMP error)
-    pending --ICMP-----> rejected        (settled: not retried)
+    pending --verified ICMP--> rejected  (settled: not retried)
+    pending --unverified ICMP--> pending (weak evidence: kept, still retried)
     pending --bind/send refused--> untested
-    pending --run ends, every attempt spent--> blocked
+    pending --run ends, every attempt spent--> blocked (rejected, unverified, on weak evidence)
     pending --run ends early--> unknown
+
+Each cell also says *how* it got its verdict: from evidence of its own (0), inferred from
+confirming samples of its range (1), or silent only while an ICMP sender on the path was
+rate-limiting and not confirmed within the run's budget (2). Receipts are checked against
+what was sent: a receipt for an attempt never sent, or more receipts than datagrams, is
+refused and counted (``refused_receipts``), never credited.
 
 ``ranges()`` compresses the planned cells of each destination port into maximal runs of
 consecutive source ports sharing verdict, ``translated`` flag and ICMP or reason details,
@@ -83,8 +90,10 @@ def _record_dtype() -> np.dtype[Any]:
     return np.dtype([("ai", "u1"), ("dst", ">u2"), ("src", ">u2"), ("att", "u1"), ("port", ">u2")])
 
 
-SNAPSHOT_MAGIC = b"udpreach-ledger/1\n"
-_BYTE_COLUMNS = ("state", "first", "xlat")
+SNAPSHOT_MAGIC = b"udpreach-ledger/2\n"
+_SNAPSHOT_V1 = b"udpreach-ledger/1\n"  # before the ``how`` column: still read
+_BYTE_COLUMNS = ("state", "first", "xlat", "how")
+OBSERVED, INFERRED, ICMP_LIMITED = 0, 1, 2  # the values of the ``how`` column
 _WORD_COLUMNS = ("sent", "received", "icmp", "obs_addr", "obs_port")
 
 
@@ -94,18 +103,57 @@ class SnapshotError(ValueError):
 
 @dataclass(frozen=True)
 class IcmpInfo:
+    """An ICMP error's details. ``verified``: its quote carried our datagram's MAC."""
+
     type: int
     code: int
     sender: str
+    verified: bool = True
 
     def as_json(self) -> dict[str, Any]:
-        return {"type": self.type, "code": self.code, "from": self.sender}
+        return {
+            "type": self.type,
+            "code": self.code,
+            "from": self.sender,
+            "verified": self.verified,
+        }
+
+
+@cache
+def _zero_base() -> np.ndarray:
+    import numpy as np
+
+    zeros = np.zeros(SLOTS, dtype=np.uint16)
+    zeros.flags.writeable = False
+    return zeros
+
+
+@dataclass(frozen=True)
+class ColumnView:
+    """numpy views of one destination port's arrays, indexed by source port."""
+
+    state: np.ndarray  # uint8: PENDING or a verdict code
+    sent: np.ndarray  # uint16: datagrams sent (the cell's attempts are 1..sent)
+    first: np.ndarray  # uint8: lowest attempt credited, 0 for none
+    icmp: np.ndarray  # uint16: index of its ICMP details, 0 for none
+    how: np.ndarray  # uint8: OBSERVED, INFERRED or ICMP_LIMITED
+    base: np.ndarray  # uint16: attempts of earlier epochs (0 in the first)
 
 
 class _Column:
     """The arrays of one destination port."""
 
-    __slots__ = ("first", "icmp", "obs_addr", "obs_port", "received", "sent", "state", "xlat")
+    __slots__ = (
+        "first",
+        "how",
+        "icmp",
+        "obs_addr",
+        "obs_port",
+        "received",
+        "sent",
+        "state",
+        "xlat",
+    )
 
     def __init__(self) -> None:
         self.state = bytearray(SLOTS)
@@ -113,6 +161,7 @@ class _Column:
         self.received = array("H", bytes(2 * SLOTS))
         self.first = bytearray(SLOTS)  # lowest attempt number credited (0: none)
         self.xlat = bytearray(SLOTS)  # 1: the agent saw another source port than we sent
+        self.how = bytearray(SLOTS)  # OBSERVED, INFERRED or ICMP_LIMITED
         self.icmp = array("H", bytes(2 * SLOTS))  # index into the ICMP table, 0: none
         self.obs_addr = array("H", bytes(2 * SLOTS))  # index into the address table
         self.obs_port = array("H", bytes(2 * SLOTS))
@@ -143,7 +192,14 @@ class Ledger:
         self.sent_total = 0
         self.received_total = 0
         self.unplanned_receipts = 0
+        self.refused_receipts = 0  # for attempts never sent, or beyond one per datagram
+        self.stale_receipts = 0  # for attempts of an earlier epoch (see ``new_epoch``)
         self.closed = False
+        # The address the probe sends from: a datagram credited from another address was
+        # translated on the way, as one from another source port ("" : not known).
+        self.expected_source = ""
+        self._base: dict[int, np.ndarray] = {}  # per dst: attempts of earlier epochs
+        self.last_accepted: np.ndarray | None = None  # of the last batch: records credited
 
     def _batch_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """numpy's view of the planned source ports, and a scratch array that finds a port
@@ -166,7 +222,7 @@ class Ledger:
             col.sent[src] += 1
         self.sent_total += 1
 
-    def note_sent_many(self, dst: int, srcs: Sequence[int]) -> None:
+    def note_sent_many(self, dst: int, srcs: Sequence[int] | np.ndarray) -> None:
         """One more attempt sent for each cell (dst, s) of ``srcs``."""
         import numpy as np
 
@@ -208,7 +264,10 @@ class Ledger:
         return fresh
 
     def note_receipts_packed(
-        self, records: bytes | memoryview, addrs: Sequence[str], attempt_of_interest: int
+        self,
+        records: bytes | memoryview,
+        addrs: Sequence[str],
+        attempt_of_interest: int | None = None,
     ) -> np.ndarray:
         """Credit a batch of receipts in their wire form (``control.RECEIPT`` records).
 
@@ -220,8 +279,9 @@ class Ledger:
 
         Returns:
             the source ports (an integer array) of the cells this batch credited for the
-            first time with ``attempt == attempt_of_interest`` (the runner's per-window
-            delivery count), in the order of their first records.
+            first time with ``attempt == attempt_of_interest`` (None: with the cell's latest
+            attempt sent; the engine's per-window delivery count), in the order of their
+            first records.
         """
         import numpy as np
 
@@ -234,6 +294,16 @@ class Ledger:
         src = rec["src"].astype(np.intp)
         att = rec["att"]
         ok = (planned[src] != 0) & (att != 0)
+        latest = np.zeros(n, dtype=bool)  # the record is for its cell's latest attempt
+        accepted = np.zeros(n, dtype=bool)  # the record was credited (not refused)
+        self.last_accepted = accepted
+        refused = stale = 0
+        # Per address index (the last one: past the batch's list), whether it is another
+        # address than the probe's own.
+        foreign = np.full(256, bool(self.expected_source))
+        foreign[: len(addrs)] = [
+            bool(self.expected_source) and a != self.expected_source for a in addrs
+        ]
         open_code = _CODE[Verdict.OPEN]
         received = opened = settled = 0
         # Cells credited for the first time: (record index, column, source port), per port.
@@ -243,9 +313,38 @@ class Ledger:
             if col is None:
                 continue
             k = np.flatnonzero(ok & (dst == d))  # this column's records, in batch order
-            s = src[k]
-            received += len(k)
             rc = np.frombuffer(col.received, dtype=np.uint16)
+            sent = np.frombuffer(col.sent, dtype=np.uint16)
+            # Only what was sent can be received, once per datagram: an attempt beyond the
+            # cell's sends, or a receipt beyond its datagrams, is refused (never credited).
+            s = src[k]
+            fits = att[k].astype(np.int64) <= sent[s]
+            old = np.zeros(len(k), dtype=bool)
+            base = self._base.get(d)
+            if base is not None:  # an earlier epoch's attempt: not evidence any more
+                old = (att[k].astype(np.int64) <= base[s]) & fits
+                stale += int(np.count_nonzero(old))
+                fits &= ~old
+            index = np.arange(len(s))
+            slot[s] = index
+            if np.array_equal(slot[s], index):  # no cell twice: the usual case
+                fits &= rc[s] < sent[s]
+            else:  # the n-th receipt of a cell in this batch needs n more datagrams
+                order = np.argsort(s, kind="stable")
+                ss = s[order]
+                start = np.r_[0, np.flatnonzero(ss[1:] != ss[:-1]) + 1]
+                rank = np.arange(len(ss)) - np.repeat(start, np.diff(np.r_[start, len(ss)]))
+                nth = np.empty(len(ss), dtype=np.int64)
+                nth[order] = rank
+                fits &= rc[s].astype(np.int64) + nth < sent[s]
+            refused += int(np.count_nonzero(~fits)) - int(np.count_nonzero(old))
+            k = k[fits]
+            s = src[k]
+            if not len(k):
+                continue
+            latest[k] = att[k].astype(np.int64) == sent[s]
+            accepted[k] = True
+            received += len(k)
             index = np.arange(len(s))
             slot[s] = index
             if np.array_equal(slot[s], index):  # no cell twice: the usual case
@@ -260,7 +359,7 @@ class Ledger:
                 lowest = np.full(len(cells), 255, dtype=np.uint8)
                 np.minimum.at(lowest, which, att[k])
             port = rec["port"][k].astype(np.intp)
-            moved = s[port != s]
+            moved = s[(port != s) | foreign[rec["ai"][k]]]
             if len(moved):
                 np.frombuffer(col.xlat, dtype=np.uint8)[moved] = 1
             first = np.frombuffer(col.first, dtype=np.uint8)
@@ -274,6 +373,7 @@ class Ledger:
             opened += int(np.count_nonzero(was != open_code))
             settled += int(np.count_nonzero(was == PENDING))
             state[cells] = open_code
+            np.frombuffer(col.how, dtype=np.uint8)[cells] = OBSERVED
         fresh = np.zeros(0, dtype=np.intp)
         if firsts:
             # Addresses enter the table on first credit, in batch order, as one by one (a
@@ -288,12 +388,45 @@ class Ledger:
             for r, col, cells in firsts:
                 np.frombuffer(col.obs_addr, dtype=np.uint16)[cells] = lut[ai[r]]
                 np.frombuffer(col.obs_port, dtype=np.uint16)[cells] = rec["port"][r]
-            fresh = src[order[att[order] == attempt_of_interest]]
-        self.unplanned_receipts += n - received
+            if attempt_of_interest is None:
+                fresh = src[order[latest[order]]]
+            else:
+                fresh = src[order[att[order] == attempt_of_interest]]
+        self.unplanned_receipts += n - received - refused - stale
+        self.stale_receipts += stale
+        self.refused_receipts += refused
         self.received_total += received
         self.open += opened
         self.settled += settled
         return fresh
+
+    def current(self, dst: int, src: int, attempt: int) -> bool:
+        """Whether evidence about this attempt counts in this epoch (see ``new_epoch``)."""
+        base = self._base.get(dst)
+        return base is None or attempt > int(base[src])
+
+    def new_epoch(self) -> Ledger:
+        """A fresh ledger for a repeat of the sweep (the path changed during the run).
+
+        Attempt numbers go on from this one's (the agent de-duplicates by attempt), and only
+        evidence about later attempts counts in the new one: a late receipt of the first
+        sweep is stale there, not a verdict.
+        """
+        import numpy as np
+
+        new = Ledger(self.dst_ports, self.src_ports)
+        new.expected_source = self.expected_source
+        for d in self.dst_ports:
+            old, col = self._cols[d], new._cols[d]
+            col.sent[:] = old.sent
+            col.received[:] = old.received
+            new._base[d] = np.frombuffer(old.sent, dtype=np.uint16).copy()
+        new.sent_total = self.sent_total
+        new.received_total = self.received_total
+        new.refused_receipts = self.refused_receipts
+        new.unplanned_receipts = self.unplanned_receipts
+        new.stale_receipts = self.stale_receipts
+        return new
 
     def note_receipt(self, dst: int, src: int, attempt: int, addr: str, port: int) -> bool:
         """Credit one authenticated, de-duplicated datagram. Returns True if the cell is new."""
@@ -304,12 +437,20 @@ class Ledger:
         return bool(self.note_receipts([(0, dst, src, attempt, port)], [addr], attempt))
 
     def note_icmp(self, dst: int, src: int, info: IcmpInfo) -> bool:
-        """An ICMP error quoted our datagram for this cell. Returns True if it settled it."""
+        """An ICMP error quoted our datagram for this cell. Returns True if it settled it.
+
+        A verified error (its quote carried our MAC) settles a pending cell as rejected. An
+        unverified one (headers only: anyone can forge it) is kept as weak evidence and
+        settles nothing: the cell is still retried, and a verified error replaces it.
+        """
         col = self._cols.get(dst)
         if col is None or not 0 <= src < SLOTS or not self._planned_src[src]:
             return False
-        if col.icmp[src] == 0:
+        held = self._icmp[col.icmp[src]]
+        if held is None or (info.verified and not held.verified):
             col.icmp[src] = self._icmp_idx(info)
+        if not info.verified:
+            return False
         if col.state[src] == PENDING:
             col.state[src] = _CODE[Verdict.REJECTED]
             self.settled += 1
@@ -341,6 +482,7 @@ class Ledger:
             col = self._cols[d]
             if col.state[src] == PENDING:
                 col.state[src] = _CODE[Verdict.UNTESTED]
+                col.how[src] = OBSERVED
                 self._reasons[(d, src)] = reason
                 self.settled += 1
 
@@ -399,12 +541,96 @@ class Ledger:
     def attempts(self, dst: int, src: int) -> int:
         return self._cols[dst].sent[src]
 
+    def view(self, dst: int) -> ColumnView:
+        """numpy views of one destination port's arrays (writes go to the ledger)."""
+        import numpy as np
+
+        col = self._cols[dst]
+        base = self._base.get(dst)
+        return ColumnView(
+            state=np.frombuffer(col.state, dtype=np.uint8),
+            sent=np.frombuffer(col.sent, dtype=np.uint16),
+            first=np.frombuffer(col.first, dtype=np.uint8),
+            icmp=np.frombuffer(col.icmp, dtype=np.uint16),
+            how=np.frombuffer(col.how, dtype=np.uint8),
+            base=base if base is not None else _zero_base(),
+        )
+
+    def planned_mask(self) -> np.ndarray:
+        """A boolean array over the 65,536 source-port slots: True where planned."""
+        planned, _ = self._batch_arrays()
+        mask: np.ndarray = planned != 0
+        return mask
+
+    def icmp_info(self, index: int) -> IcmpInfo | None:
+        """The ICMP details behind a cell's ``icmp`` index (0: none)."""
+        return self._icmp[index] if 0 <= index < len(self._icmp) else None
+
+    def settle(
+        self,
+        dst: int,
+        srcs: np.ndarray,
+        verdict: Verdict,
+        how: int,
+        icmp: IcmpInfo | None = None,
+    ) -> int:
+        """Give pending cells ``(dst, s)`` of ``srcs`` a verdict the run inferred (rejected or
+        blocked, from confirming samples of their range). Returns how many it settled."""
+        import numpy as np
+
+        v = self.view(dst)
+        cells = np.asarray(srcs, dtype=np.intp)
+        cells = cells[(v.state[cells] == PENDING) & self.planned_mask()[cells]]
+        if not len(cells):
+            return 0
+        v.state[cells] = _CODE[verdict]
+        v.how[cells] = how
+        if icmp is not None:
+            v.icmp[cells] = self._icmp_idx(icmp)
+        self.settled += len(cells)
+        return len(cells)
+
+    def mark(self, dst: int, srcs: np.ndarray, how: int) -> None:
+        """Say how pending cells will get their verdict when the run ends (``how`` column)."""
+        import numpy as np
+
+        v = self.view(dst)
+        cells = np.asarray(srcs, dtype=np.intp)
+        v.how[cells[v.state[cells] == PENDING]] = how
+
+    def reopen(self, dst: int, srcs: np.ndarray) -> int:
+        """Return settled rejected or blocked cells to pending (newer evidence is coming)."""
+        import numpy as np
+
+        v = self.view(dst)
+        cells = np.asarray(srcs, dtype=np.intp)
+        codes = (_CODE[Verdict.REJECTED], _CODE[Verdict.BLOCKED])
+        cells = cells[np.isin(v.state[cells], codes)]
+        v.state[cells] = PENDING
+        v.how[cells] = OBSERVED
+        v.icmp[cells] = 0
+        self.settled -= len(cells)
+        return len(cells)
+
     def verdict(self, dst: int, src: int) -> str:
         return _NAME[self._cols[dst].state[src]]
 
     def first_attempt_histogram(self) -> dict[int, int]:
-        """How many credited cells were first seen at each attempt number."""
+        """How many credited cells were first seen at each attempt number (counted from the
+        start of this epoch)."""
         hist: dict[int, int] = {}
+        if self._base:
+            import numpy as np
+
+            planned = self.planned_mask()
+            for d in self.dst_ports:
+                v = self.view(d)
+                first = v.first.astype(np.int64) - v.base
+                seen = planned & (v.first > 0) & (first > 0)
+                values, counts = np.unique(first[seen], return_counts=True)
+                for a, k in zip(values.tolist(), counts.tolist(), strict=True):
+                    hist[a] = hist.get(a, 0) + k
+            return hist
         for d in self.dst_ports:
             first = _and(self._cols[d].first, self._planned_ff)
             for a in range(1, max(first) + 1):
@@ -417,10 +643,23 @@ class Ledger:
         return self._addrs[1:]
 
     def finish(self, *, complete: bool) -> None:
-        """Settle every pending cell: blocked if the run finished its plan, else unknown."""
+        """Settle every pending cell: blocked if the run finished its plan (rejected, not
+        verified, where only unverified ICMP errors came back for it), else unknown."""
         final = _CODE[Verdict.BLOCKED] if complete else _CODE_UNKNOWN
         for d in self.dst_ports:
-            st = self._cols[d].state
+            col = self._cols[d]
+            st = col.state
+            if complete:
+                import numpy as np
+
+                state = np.frombuffer(st, dtype=np.uint8)
+                weak = (
+                    (state == PENDING)
+                    & (np.frombuffer(self._planned_src, dtype=np.uint8) != 0)
+                    & (np.frombuffer(col.icmp, dtype=np.uint16) != 0)
+                )
+                if weak.any():
+                    state[weak] = _CODE[Verdict.REJECTED]
             # Each pending byte is 1 in the mask; times ``final`` (< 256) it becomes ``final``
             # without carrying into its neighbours, and OR puts it where the 0 was.
             fill = int.from_bytes(self._pending_mask(d), "little") * final
@@ -456,7 +695,9 @@ class Ledger:
             "byteorder": sys.byteorder,
             "dst_ports": list(self.dst_ports),
             "addrs": self._addrs,
-            "icmp": [None if i is None else [i.type, i.code, i.sender] for i in self._icmp],
+            "icmp": [
+                None if i is None else [i.type, i.code, i.sender, i.verified] for i in self._icmp
+            ],
             "reasons": [[d, s, r] for (d, s), r in self._reasons.items()],
             "counters": [self.open, self.settled, self.sent_total, self.received_total],
         }
@@ -475,7 +716,12 @@ class Ledger:
         Raises:
             SnapshotError: not a snapshot, or a damaged one.
         """
-        if not data.startswith(SNAPSHOT_MAGIC):
+        byte_columns: tuple[str, ...]
+        if data.startswith(SNAPSHOT_MAGIC):
+            byte_columns = _BYTE_COLUMNS
+        elif data.startswith(_SNAPSHOT_V1):
+            byte_columns = _BYTE_COLUMNS[:3]
+        else:
             raise SnapshotError("not a ledger snapshot")
         try:
             inflate = zlib.decompressobj()
@@ -488,7 +734,7 @@ class Ledger:
             pos = 4 + n
             for d in led.dst_ports:
                 col = led._cols[d]
-                for name in _BYTE_COLUMNS:
+                for name in byte_columns:
                     getattr(col, name)[:] = raw[pos : pos + SLOTS]
                     pos += SLOTS
                 for name in _WORD_COLUMNS:
@@ -503,7 +749,7 @@ class Ledger:
             led._addrs = [str(a) for a in header["addrs"]]
             led._addr_index = {a: i for i, a in enumerate(led._addrs) if i}
             led._icmp = [
-                None if i is None else IcmpInfo(int(i[0]), int(i[1]), str(i[2]))
+                None if i is None else IcmpInfo(int(i[0]), int(i[1]), str(i[2]), *map(bool, i[3:4]))
                 for i in header["icmp"]
             ]
             led._icmp_index = {info: i for i, info in enumerate(led._icmp) if info is not None}
@@ -580,6 +826,14 @@ class Ledger:
             info = self._icmp[icmp_i]
             if info is not None:
                 doc["icmp"] = info.as_json()
+        if code in (2, 3):
+            how = col.how[first:end]
+            inferred = how.count(INFERRED)
+            if inferred:
+                doc["inferred"] = inferred
+            limited = how.count(ICMP_LIMITED) if code == 2 else 0
+            if limited:
+                doc["icmp_limited"] = limited
         if code == 4:
             doc["reason"] = reason or "could not send"
         if code == 1:  # exactly the credited cells (first > 0) are open
