@@ -253,7 +253,7 @@ async def test_large_datagrams_come_in_bounded_batches(monkeypatch: pytest.Monke
     """At full speed a batch is 4 ms of sending, but never more than BATCH_BYTES of
     payload: 60 KB datagrams must not make batches of hundreds of megabytes."""
     import probe.raw
-    from probe.runner import BATCH_BYTES
+    from udpreach.core.sweep import BATCH_BYTES
 
     real_make_sender = probe.raw.make_sender
     batch_bytes: list[int] = []
@@ -268,7 +268,9 @@ async def test_large_datagrams_come_in_bounded_batches(monkeypatch: pytest.Monke
             return getattr(self.inner, name)
 
         def send_cells(self, batch: Any, now: float) -> Any:
-            batch_bytes.append(sum(len(p) for _, pl in batch.values() for p in pl))
+            from probe.sender import groups_of
+
+            batch_bytes.append(sum(len(p) for _, _, pl in groups_of(batch) for p in pl))
             return self.inner.send_cells(batch, now)
 
     monkeypatch.setattr(probe.raw, "make_sender", lambda *a: Recording(real_make_sender(*a)))
@@ -289,7 +291,7 @@ async def test_a_source_port_the_kernel_keeps_refusing_is_untested_not_blocked(
     of times; a port still refused after that is 'untested' with the reason, never 'blocked',
     and the run ends."""
     import probe.raw
-    from probe.sender import GroupResult
+    from probe.sender import GroupResult, groups_of
 
     stuck = {20005, 20050}
     real_make_sender = probe.raw.make_sender
@@ -305,20 +307,22 @@ async def test_a_source_port_the_kernel_keeps_refusing_is_untested_not_blocked(
             return getattr(self.inner, name)
 
         def send_cells(self, batch: Any, now: float) -> Any:
-            keep = {
-                d: (
+            groups = groups_of(batch)
+            keep = [
+                (
+                    d,
                     [s for s in ss if s not in stuck],
                     [p for s, p in zip(ss, pl, strict=True) if s not in stuck],
                 )
-                for d, (ss, pl) in batch.items()
-            }
-            held = sorted({s for ss, _ in batch.values() for s in ss if s in stuck})
+                for d, ss, pl in groups
+            ]
+            held = sorted({s for _, ss, _ in groups for s in ss if s in stuck})
             if not held:
                 return self.inner.send_cells(batch, now)
             self.refused += 1
             sent = self.inner.send_cells(keep, now)
             results = dict(sent or [])
-            for d, (ss, _) in keep.items():
+            for d, ss, _ in keep:
                 for s in ss:
                     results.setdefault(s, GroupResult([]))
                     if sent is None:

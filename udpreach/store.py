@@ -25,6 +25,7 @@ import json
 import os
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,6 +120,9 @@ class RunStore:
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
         self.path = path
+        # The probe writes from worker threads (a slow disk never stalls sending): one
+        # connection, one statement at a time.
+        self._lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -151,7 +155,7 @@ class RunStore:
             ) from None
         conn: sqlite3.Connection | None = None
         try:
-            conn = sqlite3.connect(p, timeout=5.0, isolation_level=None)
+            conn = sqlite3.connect(p, timeout=5.0, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA busy_timeout = 5000")
             conn.execute("PRAGMA journal_mode = WAL")
@@ -186,7 +190,8 @@ class RunStore:
 
     def _write(self, sql: str, args: Sequence[Any]) -> int:
         try:
-            cur = self._conn.execute(sql, args)
+            with self._lock:
+                cur = self._conn.execute(sql, args)
         except sqlite3.Error as exc:
             raise StoreError(f"run database {self.path}: {exc}") from None
         return cur.rowcount
@@ -272,7 +277,8 @@ class RunStore:
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         try:
-            return list(self._conn.execute(sql, args))
+            with self._lock:
+                return list(self._conn.execute(sql, args))
         except sqlite3.Error as exc:
             raise StoreError(f"run database {self.path}: {exc}") from None
 

@@ -1,14 +1,24 @@
-"""How many copies are enough: the path's loss rate, estimated from the run itself.
+"""How many copies are enough: the path's loss, estimated where the retries are.
 
 Theory of operation: "blocked" must never mean "lost". Each unseen cell is retried in rounds;
-an open cell that is still unseen after k attempts has had every one of them lost, which
-happens with probability p**k for a per-datagram loss rate p. The run estimates p from its
-own evidence: every cell that was finally credited at attempt a tells us of a-1 losses and
-one delivery (a geometric sample). With S open cells seen, the chance that any open cell is
-still unseen after k attempts is at most about S * p**k; we keep retrying the unseen cells
-until that bound, computed with a one-sided 99% upper confidence limit for p, falls below
-the target (1% by default), or the user's ceiling on copies is reached, in which case the
-report says the confidence was not reached.
+an open cell still unseen after k attempts has had every one of them lost. Every cell finally
+credited at attempt a tells of a-1 losses and one delivery, so the run measures loss from its
+own evidence. But loss is rarely uniform (a policer on one port band, one lossy member of an
+ECMP bundle): an estimate pooled over the whole plan is dominated by the clean part and stops
+retrying too early. So the evidence is kept per *block* (one destination port, a run of
+consecutive planned source ports), and two models bound each block's false "blocked" cells:
+
+* the first-attempt model: with per-datagram loss p (a one-sided 99% upper limit from the
+  block's first attempts), S open cells leave about S * p**k unseen after k attempts;
+* the retry model: the loss among cells that *needed* a retry (the population still being
+  retried: in an ECMP mixture, the lossy member's flows) is that population's own hazard h,
+  so the n cells that needed a retry leave about n * h**(k-1) unseen. A block with few such
+  cells borrows strength from the whole plan's hazard (a prior of ``PRIOR_TRIALS`` trials).
+
+A block's bound is the larger of the two; the run's bound is their sum. Retries go on per
+block until its bound is under its share of the target, or the copies run out, and the report
+says whether the target was reached. With no delivery at all, the loss is unknown: nothing
+is claimed about it.
 """
 
 from __future__ import annotations
@@ -18,35 +28,29 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 Z_99 = 2.326  # one-sided 99% normal quantile
+PRIOR_TRIALS = 10.0  # weight of the whole plan's retry hazard in a block's estimate
 
 
 @dataclass(frozen=True)
 class LossEstimate:
-    """The loss seen on open cells, and what it means for the unseen ones."""
+    """The loss seen on open cells (pooled over the plan, for the report)."""
 
     losses: int  # attempts lost before a cell's first credited attempt
     deliveries: int  # cells credited
     estimate: float  # maximum-likelihood per-datagram loss rate
     upper: float  # one-sided 99% upper confidence limit
 
-    def false_blocked_bound(self, attempts: int, unseen: int) -> float:
-        """Upper bound on the chance that any of *unseen* cells is open after *attempts* each.
-
-        With no delivery at all there is no evidence of loss (and nothing to say it is not
-        all blocked): the bound is reported as 0 and the report says the loss is unknown.
-        """
-        if unseen <= 0 or self.deliveries == 0:
-            return 0.0
-        if attempts <= 0:
-            return 1.0
-        return min(1.0, self.deliveries * self.upper**attempts)
+    @property
+    def known(self) -> bool:
+        """False when nothing was ever delivered: then the loss is unknown."""
+        return self.deliveries > 0
 
 
-def wilson_upper(failures: int, trials: int, z: float = Z_99) -> float:
+def wilson_upper(failures: float, trials: float, z: float = Z_99) -> float:
     """One-sided Wilson score upper limit for a proportion."""
     if trials <= 0:
         return 1.0
-    phat = failures / trials
+    phat = min(1.0, max(0.0, failures / trials))
     denom = 1 + z * z / trials
     centre = phat + z * z / (2 * trials)
     half = z * math.sqrt(phat * (1 - phat) / trials + z * z / (4 * trials * trials))
@@ -62,13 +66,91 @@ def estimate_loss(first_attempts: Mapping[int, int]) -> LossEstimate:
     return LossEstimate(losses, deliveries, est, wilson_upper(losses, trials))
 
 
-def attempts_needed(est: LossEstimate, target: float, ceiling: int, floor: int = 2) -> int:
-    """Attempts per unseen cell needed to push the false-blocked bound under *target*."""
-    if est.deliveries == 0:
-        return min(floor, ceiling)
-    if est.upper <= 0.0:
-        return min(floor, ceiling)
-    if est.upper >= 1.0:
-        return ceiling
-    k = math.log(target / est.deliveries) / math.log(est.upper)
-    return max(floor, min(ceiling, math.ceil(k)))
+@dataclass(frozen=True)
+class BlockEvidence:
+    """One block's loss evidence (see the module docstring)."""
+
+    opened: int  # cells credited
+    losses: int  # attempts lost before each credited cell's first credit, summed
+    retried: int  # credited cells that needed two attempts or more
+    retry_losses: int  # attempts lost after the first, among those
+    unseen: int  # cells still unseen (no receipt, no ICMP error)
+    attempts: int  # attempts each unseen cell has had (the fewest)
+
+    @property
+    def retry_trials(self) -> int:
+        return self.retry_losses + self.retried
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The whole plan's evidence, which a block uses unless its own says it differs."""
+
+    losses: int
+    trials: int
+    retry_losses: int
+    retry_trials: int
+
+    @classmethod
+    def of(cls, blocks: list[BlockEvidence]) -> Pool:
+        return cls(
+            sum(b.losses for b in blocks),
+            sum(b.losses + b.opened for b in blocks),
+            sum(b.retry_losses for b in blocks),
+            sum(b.retry_trials for b in blocks),
+        )
+
+
+def _differs(failures: int, trials: int, pooled_failures: int, pooled_trials: int) -> bool:
+    """Whether a block's loss is significantly above the plan's (3 sigma, one-sided)."""
+    if trials <= 0:
+        return False
+    p0 = pooled_failures / pooled_trials if pooled_trials else 0.0
+    expect = trials * p0
+    return failures > expect + 3 * math.sqrt(trials * p0 * (1 - p0)) + 1
+
+
+def _upper(failures: int, trials: int, pooled_failures: int, pooled_trials: int) -> float:
+    """A block's loss upper limit: its own where it differs from the plan's, else the
+    plan's (whose evidence is much larger)."""
+    if _differs(failures, trials, pooled_failures, pooled_trials):
+        return wilson_upper(failures, trials)
+    return wilson_upper(pooled_failures, pooled_trials)
+
+
+def loss_upper(b: BlockEvidence, pool: Pool) -> float:
+    """A block's per-datagram loss, one-sided 99% upper limit (its own or the plan's)."""
+    return _upper(b.losses, b.losses + b.opened, pool.losses, pool.trials)
+
+
+def block_bound(b: BlockEvidence, pool: Pool) -> float:
+    """Expected open cells among the block's unseen ones, bounded from above (see the
+    module docstring)."""
+    if b.unseen <= 0 or b.opened <= 0:
+        return 0.0
+    k = max(0, b.attempts)
+    p1 = _upper(b.losses, b.losses + b.opened, pool.losses, pool.trials)
+    first = b.opened * p1**k
+    if b.retried <= 0 or k <= 1:
+        return min(float(b.unseen), first)
+    if _differs(b.retry_losses, b.retry_trials, pool.retry_losses, pool.retry_trials):
+        h = wilson_upper(b.retry_losses, b.retry_trials)
+    else:
+        h = (
+            wilson_upper(
+                b.retry_losses + PRIOR_TRIALS * (pool.retry_losses / max(1, pool.retry_trials)),
+                b.retry_trials + PRIOR_TRIALS,
+            )
+            if pool.retry_trials < 10 * PRIOR_TRIALS
+            else wilson_upper(pool.retry_losses, pool.retry_trials)
+        )
+    left = h ** (k - 1)
+    retry = b.retried * left / max(1e-12, 1.0 - left)
+    return min(float(b.unseen), max(first, retry))
+
+
+def false_blocked_bound(blocks: list[BlockEvidence]) -> float:
+    """The chance that any unseen cell of the plan is in fact open, bounded from above (the
+    expected number of such cells, by the union bound)."""
+    pool = Pool.of(blocks)
+    return min(1.0, sum(block_bound(b, pool) for b in blocks))

@@ -1,0 +1,369 @@
+"""The run engine over a simulated path: every behaviour of real paths, in milliseconds.
+
+Each test runs the real ``Sweep`` against the real agent core through ``simpath`` (a fake
+clock, the numbers of ``realpaths.md``) and compares every (dst, src) verdict with the
+path's truth. Times are of the fake clock; the physical minimum of a policed sweep is
+cells / rate.
+"""
+
+from __future__ import annotations
+
+import pytest
+from simpath import AGENT, ROUTER, Path, Rule, SimRun, mismatches, truth, verdicts
+
+from udpreach.core.sweep import (
+    TRANSITIONS,
+    Finished,
+    Phase,
+    Send,
+    SweepSettings,
+    Wait,
+)
+
+FULL = range(1024, 65536)
+DEMO = [Rule("drop", (40000, 49999)), Rule("reject", (30000, 30999))]
+
+
+def run(path: Path, **kw: object) -> tuple[SimRun, dict]:
+    sim = SimRun(path, **kw)  # type: ignore[arg-type]
+    return sim, sim.run()
+
+
+def right(sim: SimRun, doc: dict, path: Path, at: float = 0.0) -> None:
+    srcs = sorted(set(sim.plan.src_ports))
+    bad = mismatches(doc, truth(path, sim.plan.dst_ports, srcs, at))
+    assert bad == [], f"{len(bad)} wrong, e.g. {bad[:5]}"
+
+
+# -- the phase table ------------------------------------------------------------------------
+
+
+def test_the_phase_table_drives_the_run() -> None:
+    sim = SimRun(Path(), src_ports="1024-1100")
+    sweep = sim.sweep
+    assert sweep.phase is Phase.SENDING
+    with pytest.raises(RuntimeError, match="illegal run transition"):
+        sweep._move("finish")  # sending -> complete is not in the table
+    assert (Phase.SETTLING, "finish") in TRANSITIONS
+    doc = sim.run()
+    assert sweep.phase is Phase.COMPLETE
+    assert doc["complete"] is True
+    assert isinstance(sweep.next_action(sim.now), Finished)
+
+
+def test_actions_say_what_to_send_and_when() -> None:
+    sim = SimRun(Path(), src_ports="1024-1100", rate=1000)
+    act = sim.sweep.next_action(0.0)
+    assert isinstance(act, Send)
+    (dst, attempt, srcs), *_ = act.groups
+    assert dst == 5000
+    assert attempt == 1
+    assert len(srcs) >= 1
+    sim.sweep.on_sent(act, None, 0.0)
+    nxt = sim.sweep.next_action(0.0)
+    assert isinstance(nxt, Wait)
+    assert nxt.until > 0.0
+
+
+# -- kind paths and plain firewalls ----------------------------------------------------------
+
+
+def test_clean_path_everything_open_in_one_round() -> None:
+    _sim, doc = run(Path())
+    assert doc["summary"]["open"] == 64512
+    assert doc["probe_stats"]["rounds"] == 1
+    assert doc["probe_stats"]["sent"] <= 64512 + 128  # the end's recheck: a sample again
+    assert doc["loss"]["confidence_reached"] is True
+    assert doc["warnings"] == []
+
+
+def test_drop_and_reject_with_unlimited_icmp_need_no_tests() -> None:
+    """A kinder world, set up on purpose: a router that answers every datagram."""
+    path = Path(rules=DEMO, icmp_unlimited=True)
+    sim, doc = run(path)
+    right(sim, doc, path)
+    assert doc["probe_stats"]["icmp_tests"] == 0
+    assert all("inferred" not in r for r in doc["ranges"])
+
+
+def test_two_destination_ports_with_different_policies() -> None:
+    path = Path(
+        rules=[Rule("drop", (2000, 2999), dsts=(5000,)), Rule("reject", (2500, 2599), dsts=(5001,))]
+    )
+    sim, doc = run(path, src_ports="1024-4095", dst_ports=(5000, 5001))
+    right(sim, doc, path)
+
+
+# -- rejects under rate-limited ICMP (Linux: 1/s, burst 6) -----------------------------------
+
+
+def test_reject_range_under_the_kernels_icmp_limit_is_rejected_with_inferred_cells() -> None:
+    path = Path(rules=DEMO)
+    sim, doc = run(path)
+    right(sim, doc, path)
+    rejected = [r for r in doc["ranges"] if r["verdict"] == "rejected"]
+    assert [(r["first"], r["last"]) for r in rejected] == [(30000, 30999)]
+    assert rejected[0]["icmp"] == {"type": 3, "code": 13, "from": ROUTER, "verified": True}
+    assert 0 < rejected[0]["inferred"] < 1000  # samples of its own, the rest inferred
+    assert doc["probe_stats"]["icmp_tests"] >= 1
+    assert any("rate-limited" in w for w in doc["warnings"])
+    assert sim.now < 30  # tens of seconds, not nmap's hours
+
+
+def test_two_runs_of_an_unchanged_policy_agree() -> None:
+    path = Path(rules=DEMO)
+    docs = [SimRun(path, seed=seed).run() for seed in (1, 2)]
+    assert verdicts(docs[0]) == verdicts(docs[1])
+
+
+def test_a_reject_next_to_a_drop_is_split_at_the_right_port() -> None:
+    path = Path(rules=[Rule("reject", (30000, 30999)), Rule("drop", (31000, 31999))])
+    sim, doc = run(path)
+    right(sim, doc, path)
+
+
+def test_a_reject_island_in_a_drop_range_is_found_or_said_to_be_unknown() -> None:
+    path = Path(rules=[Rule("drop", (40000, 49999)), Rule("reject", (45000, 45099))])
+    sim, doc = run(path)
+    right(sim, doc, path)  # icmp_limited cells count as right only where truth is dark
+
+
+def test_icmp_budget_zero_reports_icmp_limited_never_a_plain_blocked() -> None:
+    path = Path(rules=DEMO)
+    sim, doc = run(path, settings=SweepSettings(icmp_budget=0))
+    right(sim, doc, path)
+    limited = sum(r.get("icmp_limited", 0) for r in doc["ranges"])
+    assert limited > 900  # the reject range's silent cells: not known to be drops
+    assert doc["probe_stats"]["icmp_tests"] == 0
+    assert any("icmp_limited" in w for w in doc["warnings"])
+
+
+def test_forged_header_only_errors_never_settle_a_cell_alone() -> None:
+    """An off-path forger (no secret) can only quote headers: such errors are weak
+    evidence, retried past, and never make a lossy open cell rejected."""
+    path = Path(rules=[Rule("drop", (40000, 40999))], loss=[((20000, 20999), 0.3)], forged_icmp=0.2)
+    _sim, doc = run(path, src_ports="1024-65535")
+    got = verdicts(doc)
+    assert all(got[(5000, s)] == "open" for s in range(20000, 21000))
+    weak = [r for r in doc["ranges"] if r["verdict"] == "rejected"]
+    assert all(r["icmp"]["verified"] is False for r in weak)
+    assert doc["probe_stats"]["icmp_unverified"] > 0
+
+
+def test_a_quote_with_a_wrong_mac_is_forged_and_ignored() -> None:
+    from udpreach.core.sweep import IcmpReport
+
+    sim = SimRun(Path(), src_ports="1024-1100")
+    sweep = sim.sweep
+    act = sweep.next_action(0.0)
+    assert isinstance(act, Send)
+    sweep.on_sent(act, None, 0.0)
+    dst, attempt, srcs = act.groups[0]
+    genuine = sim.codec.encode(dst, int(srcs[0]), attempt)
+    forged = genuine[:8] + bytes(8)
+    sweep.on_icmp([IcmpReport(dst, int(srcs[0]), 3, 13, ROUTER, quote=forged)], 0.001)
+    assert sweep.facts.icmp_forged == 1
+    assert sweep.ledger.verdict(dst, int(srcs[0])) == "unknown"  # still pending
+    sweep.on_icmp([IcmpReport(dst, int(srcs[0]), 3, 13, ROUTER, quote=genuine)], 0.002)
+    assert sweep.ledger.verdict(dst, int(srcs[0])) == "rejected"
+
+
+# -- loss where it is -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        Path(loss=[((20000, 29999), 0.5)], rules=[Rule("drop", (40000, 49999))]),
+        Path(ecmp_loss=(4, 0.5)),
+        Path(loss=[((1024, 65535), 0.2)]),
+    ],
+    ids=["one-band-50%", "one-ecmp-member-50%", "uniform-20%"],
+)
+def test_loss_is_not_a_block(path: Path) -> None:
+    sim, doc = run(path)
+    right(sim, doc, path)
+    assert doc["loss"]["confidence_reached"] is True
+    assert doc["loss"]["false_blocked_bound"] <= 0.01
+
+
+def test_no_delivery_at_all_means_loss_unknown_not_zero() -> None:
+    _sim, doc = run(Path(rules=[Rule("drop", (0, 65535))]), src_ports="1024-2047")
+    assert doc["summary"]["blocked"] == 1024
+    assert doc["loss"]["estimate"] is None
+    assert doc["loss"]["false_blocked_bound"] is None
+    assert doc["loss"]["confidence_reached"] is False
+
+
+def test_retries_stop_at_the_copies_ceiling_and_say_the_target_was_missed() -> None:
+    path = Path(loss=[((1024, 65535), 0.8)])
+    _sim, doc = run(path, src_ports="1024-3071", copies=3)
+    assert doc["loss"]["attempts"] <= 3
+    assert doc["probe_stats"]["sent"] <= 3 * 2048
+    assert doc["loss"]["confidence_reached"] is False
+
+
+# -- late datagrams ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("delay", [0.1, 1.0])
+def test_udp_delay_is_measured_from_receipts(delay: float) -> None:
+    """UDP delayed (the control channel not): the rounds wait for what is in flight."""
+    path = Path(udp_delay=delay, rules=[Rule("drop", (40000, 49999))])
+    sim, doc = run(path, src_ports="random:500")
+    right(sim, doc, path)
+    assert doc["probe_stats"]["udp_delay"] >= delay
+    assert doc["loss"]["estimate"] == 0.0
+
+
+def test_delay_beyond_max_delay_with_no_evidence_yet_can_be_raised() -> None:
+    path = Path(udp_delay=2.5)
+    sim, doc = run(path, src_ports="random:200", settings=SweepSettings(max_delay=3.0))
+    right(sim, doc, path)
+
+
+# -- path MTU ---------------------------------------------------------------------------------
+
+
+def test_fragmentation_needed_is_a_path_mtu_finding_not_a_reject() -> None:
+    path = Path(mtu=1280)
+    _sim, doc = run(path, size=1472, src_ports="1024-3023")
+    assert doc["summary"]["open"] == 2000
+    assert doc["path_mtu"] == {"mtu": 1280, "from": ROUTER, "size": 1472}
+    assert any("path MTU" in w for w in doc["warnings"])
+
+
+def test_a_firewall_that_drops_fragments_gives_blocked_with_the_mtu_warning() -> None:
+    path = Path(mtu=1280, drop_fragments=True)
+    _sim, doc = run(path, size=1472, src_ports="1024-3023")
+    assert doc["summary"]["blocked"] == 2000
+    assert doc["path_mtu"]["mtu"] == 1280
+
+
+# -- paths that change or fill up ---------------------------------------------------------------
+
+
+def test_a_policy_change_mid_run_is_said_and_the_latest_evidence_wins() -> None:
+    path = Path(later=(0.4, [Rule("drop", (40000, 49999))]))
+    sim, doc = run(path)
+    right(sim, doc, path, at=1e9)
+    assert doc["probe_stats"]["epochs"] == 2
+    assert any("path changed during the run" in w for w in doc["warnings"])
+    assert len(doc["ranges"]) == 3
+
+
+def test_a_session_limit_is_reported_by_time_not_as_a_blocked_range() -> None:
+    sim, doc = run(Path(session_limit=2000))
+    assert doc["complete"] is False
+    assert doc["summary"]["blocked"] == 0
+    assert doc["summary"]["open"] == 2000
+    assert any("stopped by time" in w and "2,000 flows" in w for w in doc["warnings"])
+    assert sim.now < 5
+
+
+# -- as fast as the path allows -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate", [5000, 50000])
+def test_a_policer_on_the_whole_path_is_found_and_followed(rate: int) -> None:
+    path = Path(police=(rate, 5))
+    sim, doc = run(path)
+    right(sim, doc, path)
+    clean = SimRun(Path()).run()
+    fixed = clean["finished"]
+    assert sim.now <= 1.5 * 64512 / rate + fixed
+    assert doc["loss"]["limiter_rate"] == pytest.approx(rate, rel=0.25)
+
+
+def test_a_policer_on_one_band_slows_only_the_retries() -> None:
+    path = Path(band_police=((20000, 29999), 1000, 5))
+    sim, doc = run(path)
+    right(sim, doc, path)
+    assert sim.now < 20  # about 10,000 band cells at 1,000/s
+
+
+def test_a_band_going_dark_is_not_a_reason_to_slow_down() -> None:
+    path = Path(later=(0.3, [Rule("drop", (40000, 49999))]))
+    sim = SimRun(path)
+    sim.run()
+    assert sim.sweep.pacer.limit_found is None
+
+
+# -- the agent and the requester -------------------------------------------------------------------
+
+
+def test_a_lost_agent_leaves_unknown_not_blocked() -> None:
+    _sim, doc = run(Path(agent_lost_at=0.3))
+    assert doc["complete"] is False
+    assert doc["summary"]["blocked"] == 0
+    assert doc["summary"]["unknown"] > 0
+    assert doc["summary"]["open"] > 0
+
+
+def test_an_agent_that_reports_what_was_never_sent_is_refused_and_flagged() -> None:
+    _sim, doc = run(Path(), agent="liar", src_ports="1024-9999")
+    assert doc["complete"] is False
+    assert doc["probe_stats"]["refused_receipts"] > 0
+    assert any("never sent" in w for w in doc["warnings"])
+
+
+def test_cancel_ends_the_run_incomplete() -> None:
+    sim = SimRun(Path())
+    sweep = sim.sweep
+    act = sweep.next_action(0.0)
+    assert isinstance(act, Send)
+    sweep.on_sent(act, None, 0.0)
+    sweep.cancel(0.01)
+    assert isinstance(sweep.next_action(0.01), Finished)
+    assert sweep.phase is Phase.INCOMPLETE
+    assert "cancelled" in sweep.facts.warnings[-1]
+
+
+def test_an_agent_that_stops_answering_flushes_ends_the_run() -> None:
+    sim = SimRun(Path(), src_ports="1024-1100")
+    sweep = sim.sweep
+    now = 0.0
+    while True:
+        act = sweep.next_action(now)
+        if isinstance(act, Send):
+            sweep.on_sent(act, None, now)
+        elif isinstance(act, Wait):
+            now = act.until
+        elif isinstance(act, Finished):
+            break
+        assert now < 60
+    assert sweep.phase is Phase.INCOMPLETE
+    assert any("did not answer" in w for w in sweep.facts.warnings)
+
+
+# -- ceilings ----------------------------------------------------------------------------------
+
+
+def test_max_datagrams_stops_before_a_round_that_would_pass_it() -> None:
+    path = Path(rules=[Rule("drop", (2000, 2999))])
+    _sim, doc = run(path, src_ports="1024-3071", settings=SweepSettings(max_datagrams=2500))
+    assert doc["probe_stats"]["sent"] <= 2500
+    assert any("2500 datagrams" in w for w in doc["warnings"])
+    assert doc["loss"]["confidence_reached"] is False
+
+
+def test_a_byte_cap_counts_headers_and_payload() -> None:
+    path = Path(rules=[Rule("drop", (2000, 2999))])
+    cap = 2048 * (1000 + 28) + 100
+    _sim, doc = run(path, src_ports="1024-3071", size=1000, settings=SweepSettings(max_bytes=cap))
+    assert doc["probe_stats"]["bytes"] <= cap
+    assert any("bytes" in w for w in doc["warnings"])
+
+
+def test_a_byte_rate_ceiling_paces_big_datagrams() -> None:
+    sim = SimRun(
+        Path(), src_ports="1024-2047", size=9000, settings=SweepSettings(byte_rate=10_000_000)
+    )
+    assert sim.sweep.pacer.ceiling == pytest.approx(10_000_000 / 9028)
+    sim.run()
+    assert sim.now >= 1024 * 9028 / 10_000_000 * 0.9
+
+
+def test_the_document_names_the_agent_target() -> None:
+    _sim, doc = run(Path(), src_ports="1024-1100")
+    assert doc["probe"]["target"] == AGENT

@@ -1,0 +1,264 @@
+"""What a silent cell means when ICMP errors are rate-limited.
+
+Theory of operation. Every router limits the ICMP errors it sends: Linux answers one
+destination (our probe's address) about once a second after a burst of six, Cisco once per
+500 ms. In a full sweep into a ``reject`` rule almost every datagram therefore meets an empty
+bucket and comes back silent: silence there is not a drop. What the run does know:
+
+* a cell with a verified ICMP error of its own is rejected (observed);
+* a cell probed while the sender *could* answer, and still silent, is dropped.
+
+"Could answer" is tested without guessing the sender's bucket: a *test burst* sends the
+silent cells to test back to back, then one *control* per ICMP sender (a cell that sender
+rejected before). Only rejected datagrams spend tokens, and tokens only come back with time,
+so if any datagram later in the burst drew an error from a sender, that sender had a token
+for every earlier datagram of the burst: each earlier cell that stayed silent would have
+been answered had that sender rejected it. A cell is confirmed dropped when that holds for
+every sender, twice, in two bursts (a datagram lost before the router must not pass for a
+drop). A burst costs one token per rejected datagram in it, so it holds every cell expected
+to be dropped and only as many expected rejects as the sender has had time to refill.
+
+The cells are not tested one by one. A *dark run* is a maximal run of planned source ports
+of one destination port between open (or untested) cells. Its cells carry labels: R (an
+error of its own, by ICMP type, code and sender), D (confirmed dropped) or none. A run is
+settled when both of its ends are labelled, every quarter of it holds a label, and no two
+neighbouring labels differ without an unlabelled cell between them being searched: between
+an R and a D (or two R of different details) the midpoint is tested, so a boundary costs
+about log2 of the run's length tests (binary search). Unlabelled cells between two labels of
+the same kind take that kind, *inferred*. The time spent is capped by the run's ICMP budget;
+what the budget cannot settle is ``icmp_limited``: dropped or rejected is not known.
+
+This module is pure: it reads the ledger's arrays and returns cells to test and the
+conclusions; the engine (``udpreach.core.sweep``) sends, waits and feeds back what came.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+
+import numpy as np
+
+from udpreach.core.ledger import (
+    ICMP_LIMITED,
+    INFERRED,
+    OBSERVED,
+    PENDING,
+    IcmpInfo,
+    Ledger,
+    Verdict,
+)
+
+U, D = 0, 1  # label kinds: unlabelled, confirmed dropped; R labels are 2 + the ICMP index
+_OPEN, _BLOCKED, _REJECTED, _UNTESTED = 1, 2, 3, 4  # ledger state codes
+CONFIRMATIONS = 2  # silent tests a cell must pass to be a confirmed drop
+SEGMENTS = 4  # a settled run holds a label in each of this many equal parts
+MAX_BURST_CELLS = 256  # silent cells per test burst: the burst lasts a few ms at most
+DEFAULT_PERIOD = 1.0  # Linux's default: one error per second per destination
+MIN_PERIOD, MAX_PERIOD = 0.01, 8.0
+DEFAULT_BURST = 6  # Linux's XRLIM_BURST_FACTOR
+
+
+@dataclass
+class SenderBucket:
+    """What the run knows of one ICMP sender's rate limit."""
+
+    address: str
+    period: float = DEFAULT_PERIOD  # seconds per token, as estimated
+    last_error: float = -1e9  # when its last error arrived
+    errors: int = 0
+    times: list[float] = field(default_factory=list)
+    control: tuple[int, int] | None = None  # (dst, src) of a cell it rejected (verified)
+    unanswered: int = 0  # test bursts whose controls it left silent
+
+    def note(self, now: float) -> None:
+        self.errors += 1
+        self.last_error = now
+        if len(self.times) < 4096:
+            self.times.append(now)
+
+    def measured_period(self) -> float | None:
+        """The sustained period from arrival times, once it was capped (gaps of a burst
+        are left out); None until there are a few gaps to go by."""
+        gaps = [b - a for a, b in zip(self.times, self.times[1:], strict=False) if b - a > 0.02]
+        if len(gaps) < 3:
+            return None
+        gaps.sort()
+        return min(MAX_PERIOD, max(MIN_PERIOD, gaps[len(gaps) // 2]))
+
+    def ready_at(self, tokens: int) -> float:
+        """When it will have refilled ``tokens`` tokens since it last answered."""
+        return self.last_error + self.period * max(1, tokens)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One dark run: planned source ports ``srcs`` (ascending) of destination ``dst`` and
+    their labels (U, D, or 2 + ICMP index)."""
+
+    dst: int
+    srcs: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def unlabelled(self) -> int:
+        return int(np.count_nonzero(self.labels == U))
+
+
+@dataclass(frozen=True)
+class Need:
+    """A cell to test: (dst, src), whether a reject is expected (it spends a token), and
+    the size of its run (bigger runs first)."""
+
+    dst: int
+    src: int
+    costly: bool
+    weight: int
+
+
+def dark_runs(ledger: Ledger, confirms: dict[int, np.ndarray]) -> Iterator[Run]:
+    """Every dark run of the ledger, with its labels (see the module docstring)."""
+    planned = np.flatnonzero(ledger.planned_mask())
+    for d in ledger.dst_ports:
+        v = ledger.view(d)
+        state = v.state[planned]
+        dark = (state == PENDING) | (state == _REJECTED)
+        if not dark.any():
+            continue
+        labels = np.zeros(len(planned), dtype=np.int64)
+        rejected = state == _REJECTED
+        labels[rejected] = 2 + v.icmp[planned][rejected].astype(np.int64)
+        conf = confirms.get(d)
+        if conf is not None:
+            dropped = (state == PENDING) & (conf[planned] >= CONFIRMATIONS)
+            labels[dropped] = D
+        edges = np.diff(np.r_[0, dark.astype(np.int8), 0])
+        for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True):
+            yield Run(d, planned[a:b], labels[a:b])
+
+
+def _nearest_u(labels: np.ndarray, lo: int, hi: int, at: int) -> int | None:
+    """The unlabelled position in [lo, hi) nearest to ``at``."""
+    idx = np.flatnonzero(labels[lo:hi] == U)
+    if not len(idx):
+        return None
+    return lo + int(idx[np.argmin(np.abs(idx + lo - at))])
+
+
+def needs(run: Run) -> list[tuple[int, bool]]:
+    """Positions in the run to test next, each with whether a reject is expected there."""
+    labels = run.labels
+    n = len(labels)
+    if not (labels == U).any():
+        return []
+    out: dict[int, bool] = {}
+    labelled = np.flatnonzero(labels != U)
+
+    def expect_at(pos: int) -> bool:
+        if not len(labelled):
+            return False
+        near = labelled[np.argmin(np.abs(labelled - pos))]
+        return bool(labels[near] >= 2)
+
+    for pos in (0, n - 1):  # both ends
+        if labels[pos] == U:
+            out[pos] = expect_at(pos)
+    for k in range(min(SEGMENTS, n)):  # every quarter holds a label
+        lo, hi = k * n // SEGMENTS, (k + 1) * n // SEGMENTS
+        if hi > lo and not (labels[lo:hi] != U).any():
+            mid = _nearest_u(labels, lo, hi, (lo + hi) // 2)
+            if mid is not None:
+                out.setdefault(mid, expect_at(mid))
+    for a, b in pairwise(labelled.tolist()):  # boundaries: binary search
+        if labels[a] != labels[b] and b - a > 1:
+            mid = _nearest_u(labels, a + 1, b, (a + b) // 2)
+            if mid is not None:
+                out[mid] = True  # either kind: budget for a reject
+    return sorted(out.items())
+
+
+def all_needs(runs: Iterable[Run]) -> list[Need]:
+    """The needs of every run, bigger runs first."""
+    found: list[Need] = []
+    for run in runs:
+        for pos, costly in needs(run):
+            found.append(Need(run.dst, int(run.srcs[pos]), costly, len(run.srcs)))
+    found.sort(key=lambda x: (-x.weight, x.dst, x.src))
+    return found
+
+
+def limited(runs: Sequence[Run]) -> bool:
+    """Whether silence is in doubt: some dark run holds both a verified reject of its own
+    and unlabelled cells (a sender that answered some of its cells and not others)."""
+    return any((r.labels >= 2).any() and (r.labels == U).any() for r in runs)
+
+
+@dataclass
+class Conclusion:
+    """What ``conclude`` settled."""
+
+    inferred_rejected: int = 0
+    inferred_blocked: int = 0
+    dropped: int = 0  # confirmed by tests of their own
+    icmp_limited: int = 0
+
+
+def conclude(ledger: Ledger, runs: Sequence[Run]) -> Conclusion:
+    """Settle what the labels allow and mark the rest (see the module docstring).
+
+    Confirmed drops are blocked (observed); unlabelled cells between two labels of the same
+    kind take that kind (inferred); other unlabelled cells without ICMP evidence of their own
+    are ``icmp_limited``.
+    """
+    out = Conclusion()
+    for run in runs:
+        labels = run.labels
+        srcs = run.srcs
+        dropped = srcs[labels == D]
+        if len(dropped):
+            out.dropped += ledger.settle(run.dst, dropped, Verdict.BLOCKED, OBSERVED)
+        labelled = np.flatnonzero(labels != U)
+        covered = np.zeros(len(labels), dtype=bool)
+        for a, b in pairwise(labelled.tolist()):
+            if b - a <= 1 or labels[a] != labels[b]:
+                continue
+            gap = srcs[a + 1 : b][labels[a + 1 : b] == U]
+            covered[a + 1 : b] = True
+            if labels[a] == D:
+                out.inferred_blocked += ledger.settle(run.dst, gap, Verdict.BLOCKED, INFERRED)
+            else:
+                info = ledger.icmp_info(int(labels[a]) - 2)
+                if info is not None:
+                    out.inferred_rejected += ledger.settle(
+                        run.dst, gap, Verdict.REJECTED, INFERRED, info
+                    )
+        rest = srcs[(labels == U) & ~covered]
+        if len(rest):
+            v = ledger.view(run.dst)
+            rest = rest[(v.state[rest] == PENDING) & (v.icmp[rest] == 0)]
+            ledger.mark(run.dst, rest, ICMP_LIMITED)
+            out.icmp_limited += len(rest)
+    return out
+
+
+def verified_senders(ledger: Ledger) -> dict[str, tuple[int, int]]:
+    """Each sender of a verified ICMP error, with one cell it rejected (a control)."""
+    found: dict[str, tuple[int, int]] = {}
+    planned = ledger.planned_mask()
+    for d in ledger.dst_ports:
+        v = ledger.view(d)
+        rejected = np.flatnonzero((v.state == _REJECTED) & planned)
+        if not len(rejected):
+            continue
+        idx = v.icmp[rejected]
+        for i in np.unique(idx).tolist():
+            info = ledger.icmp_info(int(i))
+            if info is None or not info.verified or info.sender in found:
+                continue
+            found[info.sender] = (d, int(rejected[np.flatnonzero(idx == i)[0]]))
+    return found
+
+
+def describe(info: IcmpInfo) -> str:
+    return f"type {info.type} code {info.code} from {info.sender}"

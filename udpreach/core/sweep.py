@@ -1,0 +1,1356 @@
+"""The run engine: one sweep as a synchronous state machine (no trio, no sockets, no clock).
+
+Theory of operation. ``Sweep`` owns everything that decides a run: the plan, the ledger, the
+pacing, the loss model, when a round is settled, what to send next and when to stop. The
+shell (``probe.runner``) only moves bytes: it asks ``next_action(now)`` and performs what it
+gets, and feeds back what happened (``on_sent``, ``on_receipts``, ``on_icmp``, ``on_flushed``,
+``on_agent_lost``, ``cancel``), always with the time as an argument (as aioquic's connection
+takes ``now``). So every decision is testable in milliseconds against a simulated path with
+a fake clock (``tests/simpath.py``).
+
+A run goes through *stages*, each sending something and then settling it:
+
+1. **pilot** (big plans): 128 random cells at a gentle rate, one datagram at a time: the
+   reference delivery ratio for the pacer, and the first measurement of the UDP delay.
+2. **sweep rounds**: round 1 sends every cell once in a random order; later rounds retry the
+   cells still unseen in the blocks of source ports whose loss says they need it
+   (``udpreach.core.loss``), at a rate the path accepts (``udpreach.core.pacing``).
+3. **recheck**: a sample of settled cells is sent again; a verdict that changed means the
+   path changed during the run: the sweep is run once more and the latest evidence wins.
+4. **ICMP tests** (``udpreach.core.silence``): when a sender's ICMP errors were rate-limited,
+   silent cells are tested in paced bursts, within the run's ICMP budget.
+
+A stage is *settled* once its last datagram has had time to arrive, by the UDP delay measured
+from the receipts themselves (credit time minus send time, both on the probe's clock; with
+no evidence yet, ``max_delay`` plus a margin), and the agent has then answered a flush: a
+round trip on the ordered control channel, so every receipt the agent held is in the ledger.
+The phase table below drives the run; any other move is a bug and raises.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+import numpy as np
+
+from udpreach.core import silence
+from udpreach.core.datagram import MIN_SIZE, TokenCodec
+from udpreach.core.document import build_document
+from udpreach.core.errors import ProtocolError
+from udpreach.core.framing import decode_receipts
+from udpreach.core.ledger import PENDING, IcmpInfo, Ledger
+from udpreach.core.loss import (
+    BlockEvidence,
+    LossEstimate,
+    Pool,
+    block_bound,
+    estimate_loss,
+    false_blocked_bound,
+    loss_upper,
+)
+from udpreach.core.pacing import PILOT_CELLS, Pacer, Window
+from udpreach.core.plan import Plan
+from udpreach.core.portspec import format_ports
+
+BLOCK = 256  # planned source ports per loss block
+BATCH_BYTES = 4 * 1024 * 1024  # the most a batch of datagrams may hold
+FLUSH_EVERY = 0.02  # seconds between flushes while sending (the pacer's window judgements)
+REPLY_TIMEOUT = 10.0  # the agent answers a flush within this, or is lost
+CHECKPOINT_EVERY = 2.0
+FIRST_CHECKPOINT = 1.0
+MAX_REQUEUES = 8  # per source port and stage; then the rest is untested
+SETTLE_MARGIN = 0.02  # seconds added to the measured delay before a round is judged
+DELAY_FACTOR = 1.25
+RECHECK_SAMPLE = 128  # settled cells of each kind sent again at the end
+RECHECK_TRIES = 3  # attempts an open cell gets in the recheck before it counts as changed
+MAX_RECHECK_TRIES = 8  # on a lossy path
+MAX_EPOCHS = 2  # sweeps of one run: the first, and one more if the path changed
+COLLAPSE_WINDOWS = 4  # windows in a row that delivered nothing: delivery stopped by time
+PORT_UNREACHABLE = ((3, 3), (1, 4))  # ICMP, ICMPv6
+PMTU_ERRORS = ((3, 4, False), (2, 0, True))  # (type, code, ipv6): fragmentation needed
+
+
+class Phase(Enum):
+    PLANNED = "planned"
+    SENDING = "sending"
+    SETTLING = "settling"
+    COMPLETE = "complete"
+    INCOMPLETE = "incomplete"
+
+
+class Stage(Enum):
+    PILOT = "pilot"
+    SWEEP = "sweep"
+    RECHECK = "recheck"
+    PROBE = "icmp"
+
+
+_P = Phase
+#: (phase, event) -> the next phase. What the engine does in a phase is decided by it.
+TRANSITIONS: dict[tuple[Phase, str], Phase] = {
+    (_P.PLANNED, "send"): _P.SENDING,
+    (_P.SENDING, "drain"): _P.SETTLING,
+    (_P.SETTLING, "send"): _P.SENDING,
+    (_P.SETTLING, "finish"): _P.COMPLETE,
+    (_P.PLANNED, "abort"): _P.INCOMPLETE,
+    (_P.SENDING, "abort"): _P.INCOMPLETE,
+    (_P.SETTLING, "abort"): _P.INCOMPLETE,
+}
+
+
+# -- actions: what the shell is asked to do -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send these datagrams now, in this order: ``(dst port, attempt, source ports)``."""
+
+    groups: tuple[tuple[int, int, np.ndarray], ...]
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """Ask the agent to flush its receipts (``seq``); ``final``: first collect every ICMP
+    error the sender holds (the stage is over: nothing more is in flight)."""
+
+    seq: int
+    final: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Nothing to do before ``until`` unless an event comes."""
+
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Store the ledger as it is (a crash keeps what was settled)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    complete: bool
+
+
+Action = Send | Flush | Wait | Checkpoint | Finished
+
+
+# -- events: what the shell reports ---------------------------------------------------------
+
+
+class SendResult(Protocol):
+    """What happened to one source port's datagrams of a ``Send`` (``probe.sender``)."""
+
+    sent: list[int]
+    untested: str | None
+    backpressure: bool
+
+
+@dataclass(frozen=True, slots=True)
+class IcmpReport:
+    """An ICMP error that named one of our cells (the shell matched its ports)."""
+
+    dst_port: int
+    src_port: int
+    type: int
+    code: int
+    sender: str
+    quote: bytes = b""  # the quoted UDP payload, as much as the error carried
+    mtu: int = 0  # the next-hop MTU of a "fragmentation needed" / "packet too big"
+    ipv6: bool = False
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """A run's limits and knobs beyond the plan."""
+
+    max_datagrams: int | None = None
+    max_bytes: int | None = None  # a byte cap per run (payload plus IP/UDP headers)
+    byte_rate: float | None = None  # bytes per second ceiling
+    max_delay: float = 1.0  # UDP one-way delay verdicts stay right up to, before evidence
+    icmp_budget: float = 20.0  # seconds for tests of silent cells under limited ICMP
+    recheck: bool = True
+    header_bytes: int = 28  # IPv4 + UDP (48 for IPv6)
+    control_rtt: float = 0.005  # the control channel's round trip, measured at the start
+
+
+@dataclass
+class _Burst:
+    """One ICMP test burst: the cells in sending order, and what answered."""
+
+    order: list[tuple[int, int, int]]  # (dst, src, attempt)
+    candidates: set[tuple[int, int]]
+    answers: dict[str, int] = field(default_factory=dict)  # sender -> last index answered
+    sent_at: float = 0.0
+
+
+@dataclass
+class Facts:
+    """What the run learnt, beyond the ledger."""
+
+    rounds: int = 0
+    max_attempt: int = 0
+    stale_receipts: int = 0
+    malformed_batches: int = 0
+    icmp_errors: int = 0
+    icmp_forged: int = 0
+    icmp_unverified: int = 0
+    agent_stats: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    path_mtu: dict[str, Any] | None = None
+    icmp_tests: int = 0
+    epochs: int = 1
+    bound: float | None = None
+    collapse: int | None = None  # flows after which delivery stopped
+
+
+class Sweep:
+    """One run of a plan: the engine (see the module docstring)."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        codec: TokenCodec,
+        *,
+        now: float,
+        seed: int,
+        settings: SweepSettings | None = None,
+        run_id: str = "",
+        source: str = "",
+        target: str = "",
+        warnings: Sequence[str] = (),
+    ) -> None:
+        self.plan = plan
+        self.run_id = run_id
+        self.target = target
+        self.codec = codec
+        self.settings = settings or SweepSettings()
+        self.source = source
+        self.ledger = Ledger(plan.dst_ports, plan.src_ports)
+        self.ledger.expected_source = source
+        self.facts = Facts(warnings=list(warnings))
+        self.rng = random.Random(seed)
+        ceiling = float(plan.rate)
+        s = self.settings
+        self.datagram_bytes = plan.size + s.header_bytes
+        if s.byte_rate is not None:
+            ceiling = min(ceiling, max(1.0, s.byte_rate / self.datagram_bytes))
+        self.pacer = Pacer(ceiling=ceiling)
+        self.rate_cap: float | None = None  # the shell's share of the probe's global ceiling
+        self.phase = Phase.PLANNED
+        self.stage = Stage.SWEEP
+        self.started = now
+        self._per_src = len(plan.dst_ports)
+        self._planned = np.asarray(plan.src_ports, dtype=np.intp)
+        self._block_of = np.full(65536, -1, dtype=np.int64)
+        self._block_of[np.sort(self._planned)] = np.arange(len(self._planned)) // BLOCK
+        # Sending: the stage's source ports in order, and the destinations of those that do
+        # not go to every planned destination port.
+        self._queue: np.ndarray = np.zeros(0, dtype=np.intp)
+        self._only: dict[int, list[int]] = {}
+        self._qpos = 0
+        self._requeues: dict[int, int] = {}
+        self._next_send = now
+        self._last_send = now
+        self._last_send_call = now
+        self._burst: _Burst | None = None
+        # Windows (pacing and delay): per source port, the window it was last sent in.
+        self._windows: list[Window] = []
+        self._win_of = np.full(65536, -1, dtype=np.int64)
+        self._sent_at = np.full(65536, np.nan)  # per source port, when it was last sent
+        self._judged = 0
+        self._judging = False
+        self._stage_window = 0
+        # Flushes.
+        self._flush_seq = 0
+        self._flush_out: tuple[int, float, bool] | None = None  # seq, sent at, final
+        self._last_flush = now
+        self._settle_at = now
+        self._next_checkpoint = now + FIRST_CHECKPOINT
+        self._checkpoint_due = False
+        # Delay evidence (seconds from send to credit, on the probe's clock).
+        self.delay_samples = 0
+        self.delay_high = 0.0
+        # Rounds.
+        self.round = 0
+        self._opened_rounds: list[int] = []  # cells first credited in each round
+        self._round_rate = 0.0
+        self._round_started = now
+        # ICMP.
+        self.senders: dict[str, silence.SenderBucket] = {}
+        self._confirms: dict[int, np.ndarray] = {}
+        self._probe_started: float | None = None
+        self._probe_idle = 0
+        self.conclusion: silence.Conclusion | None = None
+        # Recheck.
+        self._recheck: dict[tuple[int, int], str] = {}  # cell -> verdict before
+        self._recheck_seen: set[tuple[int, int]] = set()
+        self._recheck_tries = 0
+        self._recheck_att: dict[tuple[int, int], int] = {}
+        self._recheck_sent: dict[tuple[int, int], int] = {}  # tries each cell got
+        self._changed: list[tuple[int, int, str, str]] = []
+        self._bytes_capped = False
+        self._finished: bool | None = None
+        self.loss: LossEstimate | None = None
+        self._start_first_stage(now)
+
+    # -- the phase table --------------------------------------------------------------------
+
+    def _move(self, event: str) -> None:
+        nxt = TRANSITIONS.get((self.phase, event))
+        if nxt is None:
+            raise RuntimeError(f"illegal run transition {self.phase.value} --{event}-->")
+        self.phase = nxt
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in (Phase.COMPLETE, Phase.INCOMPLETE)
+
+    # -- what next ----------------------------------------------------------------------------
+
+    def next_action(self, now: float) -> Action:
+        """What the shell should do now (see the actions above)."""
+        if self.finished:
+            return Finished(self.phase is Phase.COMPLETE)
+        out = self._flush_out
+        if out is not None and now - out[1] >= REPLY_TIMEOUT:
+            self.abort(f"agent did not answer within {REPLY_TIMEOUT:g}s", now)
+            return Finished(False)
+        if self._checkpoint_due or now >= self._next_checkpoint:
+            self._checkpoint_due = False
+            self._next_checkpoint = now + CHECKPOINT_EVERY
+            return Checkpoint()
+        if self.phase is Phase.SENDING:
+            if self._judging and out is None and now - self._last_flush >= FLUSH_EVERY:
+                return self._flush(now, final=False)
+            if self._qpos < len(self._queue):
+                if now < self._next_send:
+                    return Wait(self._next_send)
+                return self._send_batch(now)
+            self._move("drain")
+        # Settling: wait for the last datagrams to arrive (by the delay measured so far),
+        # then a flush barrier.
+        self._settle_at = self._last_send + self.settle_wait()
+        if now < self._settle_at:
+            if self._judging and out is None and now - self._last_flush >= FLUSH_EVERY:
+                return self._flush(now, final=False)
+            return Wait(self._settle_at)
+        if out is None:
+            return self._flush(now, final=True)
+        return Wait(out[1] + REPLY_TIMEOUT)
+
+    def settle_wait(self) -> float:
+        """How long after its last datagram a stage is judged: the measured UDP delay with
+        a margin; before any evidence, ``max_delay`` and a margin."""
+        rtt = self.settings.control_rtt
+        if self.delay_samples == 0:
+            return self.settings.max_delay + SETTLE_MARGIN + rtt
+        return max(2 * rtt, DELAY_FACTOR * self.delay_high + SETTLE_MARGIN)
+
+    def linger(self) -> float:
+        """How long a bind-mode socket should stay open for an ICMP error to come back."""
+        return max(0.05, 4 * self.settings.control_rtt, min(2.0, self.settle_wait()))
+
+    def _flush(self, now: float, *, final: bool) -> Flush:
+        self._flush_seq += 1
+        self._flush_out = (self._flush_seq, now, final)
+        self._last_flush = now
+        return Flush(self._flush_seq, final)
+
+    def _rate(self) -> float:
+        rate = self.pacer.rate
+        if self.rate_cap is not None:
+            rate = min(rate, self.rate_cap)
+        return max(1.0, rate)
+
+    def _send_batch(self, now: float) -> Action:
+        if self._burst is not None and self._qpos == 0:
+            return self._send_burst(now)
+        rate = self.pilot_rate if self.stage is Stage.PILOT else self._rate()
+        want = 1 if self.stage is Stage.PILOT else self.pacer.batch_size(rate, self._per_src)
+        # Several copies of a batch exist at once (payloads, packets): bounded in bytes.
+        want = min(want, max(1, BATCH_BYTES // (self.datagram_bytes * self._per_src)))
+        srcs = self._queue[self._qpos : self._qpos + want]
+        dsts = self.plan.dst_ports
+        groups: list[tuple[int, int, np.ndarray]] = []
+        if self._only:
+            per: dict[int, list[int]] = {}
+            for s in srcs.tolist():
+                for d in self._only.get(s, dsts):
+                    per.setdefault(d, []).append(s)
+            owed = [(d, np.asarray(ss, dtype=np.intp)) for d, ss in per.items()]
+        else:
+            owed = [(d, srcs) for d in dsts]
+        count = 0
+        for d, ss in owed:
+            attempts = self.ledger.view(d).sent[ss].astype(np.int64) + 1
+            lo, hi = int(attempts.min()), int(attempts.max())
+            if lo == hi:
+                groups.append((d, lo, ss))
+            else:
+                for a in np.unique(attempts).tolist():
+                    groups.append((d, int(a), ss[attempts == a]))
+            count += len(ss)
+        self._qpos += len(srcs)
+        return Send(tuple(groups), count)
+
+    @property
+    def pilot_rate(self) -> float:
+        return min(self._rate(), self.pacer.pilot_rate)
+
+    def _cap_left(self) -> int | None:
+        """Datagrams the run may still send (None: no cap)."""
+        s = self.settings
+        caps = []
+        if s.max_datagrams is not None:
+            caps.append(s.max_datagrams - self.ledger.sent_total)
+        if s.max_bytes is not None:
+            caps.append(
+                (s.max_bytes - self.ledger.sent_total * self.datagram_bytes) // self.datagram_bytes
+            )
+        return max(0, min(caps)) if caps else None
+
+    def _fits(self, datagrams: int) -> bool:
+        """Whether a stage of this many datagrams fits the run's caps; if not, say so once
+        and send nothing more."""
+        cap = self._cap_left()
+        if cap is None or datagrams <= cap:
+            return True
+        if not self._bytes_capped:
+            self._stop_for_cap()
+        return False
+
+    def _stop_for_cap(self) -> None:
+        s = self.settings
+        what = []
+        if s.max_datagrams is not None:
+            what.append(f"{s.max_datagrams} datagrams (--max-datagrams)")
+        if s.max_bytes is not None:
+            what.append(f"{s.max_bytes} bytes (--max-bytes)")
+        self.facts.warnings.append(
+            f"stopped sending after {self.ledger.sent_total:,} datagrams: the probe's "
+            f"ceiling per run is {' and '.join(what)}"
+        )
+        self._bytes_capped = True
+
+    # -- events -------------------------------------------------------------------------------
+
+    def on_sent(self, send: Send, results: list[tuple[int, SendResult]] | None, now: float) -> None:
+        """``send`` went to the sender at ``now``; ``results`` is None when every datagram
+        went out, else one result per source port (what went, and why the rest did not)."""
+        led = self.ledger
+        window = self._window(now)
+        self._last_send_call = now
+        if results is None:
+            for d, _, srcs in send.groups:
+                led.note_sent_many(d, srcs)
+                self._win_of[srcs] = len(self._windows) - 1
+                self._sent_at[srcs] = now
+            sent_n = send.count
+        else:
+            sent_n = self._note_partial(send, results)
+            self._next_send += 0.001  # the kernel's buffer was full: ease off
+        window.sent += sent_n
+        self._last_send = now
+        rate = self.pilot_rate if self.stage is Stage.PILOT else self._rate()
+        self._next_send = max(self._next_send, now - 0.01) + sent_n / rate
+        if window.sent >= self.pacer.window_size():
+            window.end = now
+            self._windows.append(Window(rate, now, burst=self.pacer.burst))
+
+    def _window(self, now: float) -> Window:
+        if not self._windows:
+            rate = self.pilot_rate if self.stage is Stage.PILOT else self._rate()
+            self._windows.append(Window(rate, now, burst=self.pacer.burst))
+        return self._windows[-1]
+
+    def _note_partial(self, send: Send, results: list[tuple[int, SendResult]]) -> int:
+        led = self.ledger
+        wanted: dict[int, list[int]] = {}
+        for d, _, srcs in send.groups:
+            for s in srcs.tolist():
+                wanted.setdefault(s, []).append(d)
+        sent_n = 0
+        window = len(self._windows) - 1
+        requeue: list[int] = []
+        for src, res in results:
+            for d in res.sent:
+                led.note_sent(d, src)
+            if res.sent:
+                self._win_of[src] = window
+                self._sent_at[src] = self._last_send_call
+            sent_n += len(res.sent)
+            left = [d for d in wanted.get(src, []) if d not in res.sent]
+            if not left:
+                continue
+            if res.untested:
+                led.note_untested(src, res.untested, left)
+            elif res.backpressure and self._requeues.get(src, 0) < MAX_REQUEUES:
+                self._requeues[src] = self._requeues.get(src, 0) + 1
+                if len(left) != self._per_src:
+                    self._only[src] = left
+                requeue.append(src)
+            elif res.backpressure:  # never "blocked" for want of sending: say what happened
+                led.note_untested(src, "the probe host's send buffer stayed full", left)
+        if requeue:
+            self._queue = np.concatenate([self._queue, np.asarray(requeue, dtype=np.intp)])
+        return sent_n
+
+    def on_receipts(self, payload: bytes, now: float) -> None:
+        """A batch of receipts from the agent (``framing.encode_receipts``)."""
+        try:
+            run_id, addrs, recs = decode_receipts(payload)
+        except ProtocolError:
+            self.facts.malformed_batches += 1
+            return
+        if run_id != self.run_id:
+            self.facts.stale_receipts += len(recs) // 8
+            return
+        self.on_records(recs, addrs, now)
+
+    def on_records(self, recs: bytes | memoryview, addrs: Sequence[str], now: float) -> None:
+        """Receipt records in their wire form (``framing.RECEIPT``)."""
+        led = self.ledger
+        if len(recs) and self._recheck:
+            self._note_recheck(recs)
+        # The delay is read off what the ledger credited (a receipt it refused, or a repeat,
+        # says nothing about when a datagram arrived): latest attempts only, before they
+        # are counted.
+        if len(recs):
+            latest = self._latest(recs)
+        fresh = led.note_receipts_packed(recs, addrs)
+        if len(recs) and led.last_accepted is not None:
+            self._note_delays(recs, latest & led.last_accepted, now)
+        if len(fresh) and self._windows:
+            of = self._win_of[fresh]
+            of = of[(of >= 0) & (of < len(self._windows))]
+            if len(of):
+                counts = np.bincount(of)
+                wins = self._windows
+                for w in np.flatnonzero(counts).tolist():
+                    wins[w].delivered += int(counts[w])
+
+    def _latest(self, recs: bytes | memoryview) -> np.ndarray:
+        """Which records are for their cell's latest attempt (only those date from when
+        that attempt was sent)."""
+        rec = np.frombuffer(recs, dtype=_RECORD)
+        srcs = rec["src"].astype(np.intp)
+        latest = np.zeros(len(rec), dtype=bool)
+        for d in np.unique(rec["dst"]).tolist():
+            if d not in self.ledger.dst_ports:
+                continue
+            m = rec["dst"] == d
+            latest[m] = rec["att"][m] == self.ledger.view(int(d)).sent[srcs[m]]
+        return latest
+
+    def _note_delays(self, recs: bytes | memoryview, use: np.ndarray, now: float) -> None:
+        rec = np.frombuffer(recs, dtype=_RECORD)
+        sent_at = self._sent_at[rec["src"].astype(np.intp)]
+        use = use & ~np.isnan(sent_at)
+        if not use.any():
+            return
+        high = now - float(sent_at[use].min())
+        self.delay_samples += int(np.count_nonzero(use))
+        if high > self.delay_high:
+            self.delay_high = min(high, 10 * max(1.0, self.settings.max_delay))
+
+    def on_icmp(self, reports: Sequence[IcmpReport], now: float) -> None:
+        """ICMP errors the sender matched to our cells (after the end: ignored)."""
+        if self.finished:
+            return
+        for r in reports:
+            self._one_icmp(r, now)
+
+    def _one_icmp(self, r: IcmpReport, now: float) -> None:
+        self.facts.icmp_errors += 1
+        attempt = 0
+        verified = False
+        if len(r.quote) >= MIN_SIZE:
+            cell = self.codec.verify_quote(r.quote)
+            if cell is None or (cell.dst_port, cell.src_port) != (r.dst_port, r.src_port):
+                self.facts.icmp_forged += 1  # it quotes a payload that is not ours: forged
+                return
+            attempt, verified = cell.attempt, True
+        if (r.type, r.code, r.ipv6) in PMTU_ERRORS:
+            self._note_pmtu(r)
+            return
+        if not verified:
+            self.facts.icmp_unverified += 1
+        info = IcmpInfo(r.type, r.code, r.sender, verified)
+        self.ledger.note_icmp(r.dst_port, r.src_port, info)
+        if not verified:
+            return
+        bucket = self.senders.get(r.sender)
+        if bucket is None:
+            bucket = self.senders[r.sender] = silence.SenderBucket(r.sender)
+        bucket.note(now)
+        if bucket.control is None:
+            bucket.control = (r.dst_port, r.src_port)
+        burst = self._burst
+        if burst is not None:
+            key = (r.dst_port, r.src_port, attempt)
+            for i, sent in enumerate(burst.order):
+                if sent == key:
+                    burst.answers[r.sender] = max(burst.answers.get(r.sender, -1), i)
+                    break
+
+    def _note_pmtu(self, r: IcmpReport) -> None:
+        found = self.facts.path_mtu
+        if r.mtu and (found is None or r.mtu < found["mtu"]):
+            self.facts.path_mtu = {"mtu": r.mtu, "from": r.sender, "size": self.plan.size}
+
+    def on_flushed(self, seq: int, now: float, stats: dict[str, Any] | None = None) -> None:
+        """The agent answered flush ``seq``: every receipt it held then is in."""
+        out = self._flush_out
+        if out is None or out[0] != seq:
+            return
+        self._flush_out = None
+        if isinstance(stats, dict):
+            self.facts.agent_stats = stats
+        _, sent_at, final = out
+        self._judge_windows(sent_at, now)
+        if self.finished:
+            return
+        if final and self.phase is Phase.SETTLING and sent_at >= self._settle_at:
+            self._settled(now)
+
+    def on_agent_lost(self, why: str, now: float) -> None:
+        """The agent went away: the run ends incomplete."""
+        self.abort(why, now)
+
+    def cancel(self, now: float) -> None:
+        """The requester asked to stop: the run ends incomplete."""
+        self.abort("the run was cancelled by its requester", now)
+
+    def abort(self, why: str, now: float) -> None:
+        """End the run incomplete (agent lost, cancelled, no answer): unsettled cells are
+        unknown."""
+        if self.finished:
+            return
+        self.facts.warnings.append(why)
+        # The agent's host answers "port unreachable" once the agent is dead: in a run that
+        # did not finish, that is the agent gone, not the path rejecting.
+        n = self.ledger.unsettle_icmp(
+            lambda i: (i.type, i.code) in PORT_UNREACHABLE and i.sender == self.target
+        )
+        if n:
+            self.facts.warnings.append(
+                f"{n} cells drew port-unreachable from the agent's host after the agent went "
+                "away; they are unknown"
+            )
+        self._move("abort")
+        self._finish(False)
+
+    # -- pacing judgements ----------------------------------------------------------------------
+
+    def _judge_windows(self, flushed_at: float, now: float) -> None:
+        """Judge the windows the agent has provably reported on: those that ended at least
+        the delay before the flush was asked for."""
+        if not self._judging:
+            return
+        wins = self._windows
+        delay = self.settle_wait()
+        while self._judged < len(wins) - 1 and wins[self._judged].end + delay <= flushed_at:
+            self.pacer.on_window(wins[self._judged], now)
+            self._judged += 1
+        if self.stage is Stage.SWEEP and self.round == 1 and self._collapsed():
+            self._queue = self._queue[: self._qpos]  # delivery stopped: stop sending
+
+    def _collapsed(self) -> bool:
+        """Whether delivery stopped by time in round 1: windows that delivered nothing, in
+        a row, after windows that delivered (a session or NAT limit, not a port band)."""
+        if self.facts.collapse is not None:
+            return True
+        judged = self._windows[self._stage_window : self._judged]
+        if len(judged) < COLLAPSE_WINDOWS + 2:
+            return False
+        tail = judged[-COLLAPSE_WINDOWS:]
+        if any(w.delivered for w in tail):
+            return False
+        before = judged[:-COLLAPSE_WINDOWS]
+        k = len(before)
+        while k and before[k - 1].delivered == 0:
+            k -= 1
+        sent_before = sum(w.sent for w in before[:k])
+        delivered_before = sum(w.delivered for w in before[:k])
+        if k < 1 or delivered_before < 0.2 * sent_before or sent_before < 200:
+            return False
+        self.facts.collapse = sent_before // max(1, self._per_src)
+        return True
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def _start_first_stage(self, now: float) -> None:
+        plan = self.plan
+        if plan.cells >= 16 * PILOT_CELLS and plan.rate > self.pacer.pilot_rate:
+            k = max(1, PILOT_CELLS // self._per_src)
+            sample = self.rng.sample(list(plan.src_ports), min(k, len(plan.src_ports)))
+            self._begin(Stage.PILOT, np.asarray(sample, dtype=np.intp), {}, now, judging=False)
+        else:
+            self._begin_round(now)
+
+    def _begin(
+        self,
+        stage: Stage,
+        srcs: np.ndarray,
+        only: dict[int, list[int]],
+        now: float,
+        *,
+        judging: bool,
+        shuffle: bool = True,
+    ) -> None:
+        self.stage = stage
+        if shuffle and len(srcs) > 1:
+            order = np.random.default_rng(self.rng.getrandbits(64)).permutation(len(srcs))
+            srcs = srcs[order]
+        self._queue = srcs
+        self._only = only
+        self._qpos = 0
+        self._requeues = {}
+        # Windows are kept across stages (receipts name them); a new stage opens its own.
+        if self._windows and self._windows[-1].sent:
+            self._windows[-1].end = now
+            self._windows.append(Window(self._rate(), now, burst=self.pacer.burst))
+        self._judged = max(self._judged, len(self._windows) - 1)
+        self._stage_window = len(self._windows) - 1 if self._windows else 0
+        self._judging = judging
+        self._next_send = max(self._next_send, now)
+        self._move("send")
+
+    def _begin_round(self, now: float) -> bool:
+        """Start the next sweep round if any cell needs one; False when none does."""
+        srcs, only = self._owed(self.round + 1)
+        if not len(srcs):
+            return False
+        count = len(srcs) * self._per_src - sum(self._per_src - len(d) for d in only.values())
+        if not self._fits(count):
+            return False
+        self.round += 1
+        self.facts.rounds = self.round
+        self.facts.max_attempt = max(self.facts.max_attempt, self.round)
+        self._round_rate = self._rate()
+        self._round_started = now
+        self._begin(Stage.SWEEP, srcs, only, now, judging=self.round == 1)
+        return True
+
+    def _owed(self, rnd: int) -> tuple[np.ndarray, dict[int, list[int]]]:
+        """The source ports the next round sends (and, for those that do not go to every
+        destination port, the ones they go to)."""
+        led = self.ledger
+        planned = self._planned
+        copies = self.plan.copies
+        dsts = self.plan.dst_ports
+        if rnd == 1:  # every cell not yet sent in this epoch
+            per = {}
+            for d in dsts:
+                v = led.view(d)
+                per[d] = planned[
+                    (v.sent[planned] == v.base[planned]) & (v.state[planned] == PENDING)
+                ]
+        else:
+            need = self._blocks_needing()
+            per = {}
+            for d in dsts:
+                v = led.view(d)
+                tries = v.sent[planned].astype(np.int64) - v.base[planned]
+                pending = planned[(v.state[planned] == PENDING) & (tries < copies)]
+                blocks = self._block_of[pending]
+                per[d] = pending[need[d][blocks]] if len(pending) else pending
+        first = per[dsts[0]]
+        if all(np.array_equal(per[d], first) for d in dsts[1:]):
+            return first, {}
+        members: dict[int, list[int]] = {}
+        for d in dsts:
+            for s in per[d].tolist():
+                members.setdefault(s, []).append(d)
+        srcs = np.asarray(sorted(members), dtype=np.intp)
+        full = len(dsts)
+        return srcs, {s: ds for s, ds in members.items() if len(ds) != full}
+
+    def block_evidence(self) -> dict[int, list[BlockEvidence]]:
+        """Each destination port's loss evidence per block of source ports."""
+        out: dict[int, list[BlockEvidence]] = {}
+        planned = np.sort(self._planned)
+        nblocks = int(self._block_of[planned].max()) + 1 if len(planned) else 0
+        for d in self.plan.dst_ports:
+            v = self.ledger.view(d)
+            blk = self._block_of[planned]
+            state = v.state[planned]
+            base = v.base[planned].astype(np.int64)
+            first = v.first[planned].astype(np.int64) - base
+            opened = (state == 1) & (first > 0)
+            unseen = state == PENDING
+            sent = v.sent[planned].astype(np.int64) - base
+
+            def count(
+                mask: np.ndarray, weights: np.ndarray | None = None, blk: np.ndarray = blk
+            ) -> np.ndarray:
+                return np.bincount(blk[mask], weights=weights, minlength=nblocks)
+
+            n_open = count(opened)
+            losses = count(opened, (first - 1)[opened].astype(float))
+            retried_mask = opened & (first >= 2)
+            retried = count(retried_mask)
+            retry_losses = count(retried_mask, (first - 2)[retried_mask].astype(float))
+            n_unseen = count(unseen)
+            fewest = np.full(nblocks, 255, dtype=np.int64)
+            if unseen.any():
+                np.minimum.at(fewest, blk[unseen], sent[unseen])
+            out[d] = [
+                BlockEvidence(
+                    int(n_open[b]),
+                    int(losses[b]),
+                    int(retried[b]),
+                    int(retry_losses[b]),
+                    int(n_unseen[b]),
+                    int(fewest[b]) if n_unseen[b] else 0,
+                )
+                for b in range(nblocks)
+            ]
+        return out
+
+    def _blocks_needing(self) -> dict[int, np.ndarray]:
+        """Per destination port, a boolean per block: does it need another attempt?"""
+        evidence = self.block_evidence()
+        flat = [b for bs in evidence.values() for b in bs]
+        pool = Pool.of(flat)
+        active = sum(1 for b in flat if b.unseen and b.opened)
+        share = self.plan.confidence / max(1, active)
+        floor = min(2, self.plan.copies)
+        out: dict[int, np.ndarray] = {}
+        for d, blocks in evidence.items():
+            need = np.zeros(len(blocks) + 1, dtype=bool)
+            for i, b in enumerate(blocks):
+                if not b.unseen:
+                    continue
+                need[i] = b.attempts < floor or block_bound(b, pool) > share
+            out[d] = need
+        return out
+
+    def _settled(self, now: float) -> None:
+        """The stage's datagrams have all had time to arrive and the agent has flushed."""
+        self._checkpoint_due = True
+        stage = self.stage
+        if stage is Stage.PILOT:
+            self._after_pilot(now)
+        elif stage is Stage.SWEEP:
+            self._after_round(now)
+        elif stage is Stage.RECHECK:
+            self._after_recheck(now)
+        else:
+            self._after_burst(now)
+
+    def _after_pilot(self, now: float) -> None:
+        led = self.ledger
+        srcs = self._queue
+        delivered = sum(
+            int(np.count_nonzero(led.view(d).state[srcs] == 1)) for d in self.plan.dst_ports
+        )
+        self.pacer.set_reference(delivered, len(srcs) * self._per_src, self.pilot_rate)
+        if not self._begin_round(now):
+            self._after_sweep(now)
+
+    def _after_round(self, now: float) -> None:
+        led = self.ledger
+        opened = 0
+        for d in self.plan.dst_ports:
+            v = led.view(d)
+            first = v.first[self._planned].astype(np.int64) - v.base[self._planned]
+            opened += int(np.count_nonzero(first == self.round))
+        self._opened_rounds.append(opened)
+        if self.round >= 3:
+            duration = max(1e-3, self._last_send - self._round_started)
+            self.pacer.on_retry_round(self._round_rate, duration, opened, self._opened_rounds[-2])
+        self.loss = estimate_loss(led.first_attempt_histogram())
+        if self.round == 1 and self._collapsed():
+            self._note_collapse()
+            self.abort(self.facts.warnings.pop(), now)
+            return
+        if self._bytes_capped:
+            self._after_sweep(now)
+            return
+        if self._begin_round(now):
+            return
+        self._after_sweep(now)
+
+    def _note_collapse(self) -> None:
+        n = self.facts.collapse or 0
+        self.facts.warnings.append(
+            f"delivery stopped by time, not by port range, after about {n:,} flows: a session, "
+            "NAT-pool or connection-tracking limit on the path (or a policy that now drops "
+            "everything); cells sent after it are unknown"
+        )
+
+    def _after_sweep(self, now: float) -> None:
+        """The rounds are over: recheck, then ICMP tests, then the end."""
+        if self.settings.recheck and not self._bytes_capped and self._start_recheck(now):
+            return
+        self._start_probe(now)
+
+    # -- recheck ------------------------------------------------------------------------------
+
+    def _start_recheck(self, now: float) -> bool:
+        if self.plan.cells < 4 * RECHECK_SAMPLE or self._recheck:
+            return False
+        led = self.ledger
+        picks: dict[tuple[int, int], str] = {}
+        for verdict, code in (("open", 1), ("dark", PENDING)):
+            cells = self._sample_cells(code)
+            if len(cells) > RECHECK_SAMPLE:
+                cells = self.rng.sample(cells, RECHECK_SAMPLE)
+            for c in cells:
+                picks[c] = verdict
+        copies_left = [c for c in picks if self._may_send(*c)]
+        if not copies_left or not self._fits(RECHECK_TRIES * len(copies_left)):
+            return False
+        self._recheck = {c: picks[c] for c in copies_left}
+        self._recheck_tries = 0
+        self._recheck_sent = {}
+        self._recheck_seen = set()
+        self._recheck_att = {c: int(led.view(c[0]).sent[c[1]]) + 1 for c in self._recheck}
+        return self._send_recheck(now)
+
+    def _may_send(self, dst: int, src: int) -> bool:
+        """Whether a cell may get one more datagram: never more than --copies a cell in an
+        epoch, never past the attempt numbers a datagram can carry."""
+        v = self.ledger.view(dst)
+        sent = int(v.sent[src])
+        return sent < 255 and sent - int(v.base[src]) < self.plan.copies
+
+    def _sample_cells(self, code: int) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for d in self.plan.dst_ports:
+            srcs = self._planned[self.ledger.view(d).state[self._planned] == code]
+            if len(srcs):
+                pick = self.rng.sample(srcs.tolist(), min(RECHECK_SAMPLE, len(srcs)))
+                out += [(d, s) for s in pick]
+        return out
+
+    def _send_recheck(self, now: float) -> bool:
+        todo = [
+            c
+            for c, v in self._recheck.items()
+            if c not in self._recheck_seen and (v == "open" or self._recheck_tries == 0)
+        ]
+        todo = [c for c in todo if self._may_send(*c)]
+        if not todo:
+            return False
+        self._recheck_tries += 1
+        by_src: dict[int, list[int]] = {}
+        for d, s in todo:
+            self._recheck_sent[(d, s)] = self._recheck_sent.get((d, s), 0) + 1
+            by_src.setdefault(s, []).append(d)
+        srcs = np.asarray(sorted(by_src), dtype=np.intp)
+        full = len(self.plan.dst_ports)
+        only = {s: ds for s, ds in by_src.items() if len(ds) != full}
+        self._begin(Stage.RECHECK, srcs, only, now, judging=False)
+        return True
+
+    def _note_recheck(self, recs: bytes | memoryview) -> None:
+        rec = np.frombuffer(recs, dtype=_RECORD)
+        for d, s, a in zip(
+            rec["dst"].tolist(), rec["src"].tolist(), rec["att"].tolist(), strict=True
+        ):
+            need = self._recheck_att.get((d, s))
+            if need is not None and a >= need:
+                self._recheck_seen.add((d, s))
+
+    def _recheck_tries_needed(self) -> int:
+        """Tries an open cell gets in the recheck before its silence means a change: enough
+        that the path's loss (the worst block's) leaves a one-in-a-thousand chance."""
+        flat = [b for bs in self.block_evidence().values() for b in bs if b.opened]
+        pool = Pool.of(flat)
+        worst = max((loss_upper(b, pool) for b in flat), default=0.0)
+        if worst <= 0.0:
+            return RECHECK_TRIES
+        if worst >= 0.95:
+            return MAX_RECHECK_TRIES
+        need = math.ceil(math.log(1e-3) / math.log(worst))
+        return max(RECHECK_TRIES, min(MAX_RECHECK_TRIES, need))
+
+    def _after_recheck(self, now: float) -> None:
+        pending_open = [
+            c for c, v in self._recheck.items() if v == "open" and c not in self._recheck_seen
+        ]
+        if (
+            pending_open
+            and self._recheck_tries < self._recheck_tries_needed()
+            and self._send_recheck(now)
+        ):
+            return
+        opened_blocks = {
+            (d, i) for d, bs in self.block_evidence().items() for i, b in enumerate(bs) if b.opened
+        }
+        changed = []
+        needed = self._recheck_tries_needed()
+        for (d, s), v in self._recheck.items():
+            seen = (d, s) in self._recheck_seen
+            if v == "open" and not seen:
+                if self._recheck_sent.get((d, s), 0) >= needed:  # else --copies cut it short
+                    changed.append((d, s, v, "dark"))
+            elif v == "dark" and seen and (d, int(self._block_of[s])) not in opened_blocks:
+                # A dark cell among open ones that got through is loss the rounds missed (it
+                # is open now, and stays so); one in a block with nothing open is a change.
+                changed.append((d, s, v, "open"))
+        self._recheck = {}
+        if len(changed) < 2:
+            changed = []  # one odd cell is loss's business, not a changed policy
+        if changed and self.facts.epochs < MAX_EPOCHS:
+            self._changed = changed
+            self.facts.warnings.append(
+                "the path changed during the run: "
+                + _describe_changes(changed)
+                + "; the sweep was repeated and the verdicts are from the repeat"
+            )
+            self.facts.epochs += 1
+            self.ledger = self.ledger.new_epoch()
+            self.round = 0
+            self._opened_rounds = []
+            self.senders = {}
+            self._confirms = {}
+            if not self._begin_round(now):
+                self._start_probe(now)
+            return
+        if changed:
+            self.facts.warnings.append(
+                "the path kept changing during the run: "
+                + _describe_changes(changed)
+                + "; the verdicts are the latest sweep's"
+            )
+        self._start_probe(now)
+
+    # -- ICMP tests ----------------------------------------------------------------------------
+
+    def _start_probe(self, now: float) -> None:
+        if self._bytes_capped or self.settings.icmp_budget <= 0:
+            self._conclude(now, tested=False)
+            return
+        runs = list(silence.dark_runs(self.ledger, self._confirms))
+        if not silence.limited(runs):
+            self._conclude(now, tested=False)
+            return
+        self._probe_started = now
+        for address, cell in silence.verified_senders(self.ledger).items():
+            bucket = self.senders.get(address)
+            if bucket is None:
+                bucket = self.senders[address] = silence.SenderBucket(address)
+            bucket.control = cell
+            measured = bucket.measured_period()
+            if measured is not None:
+                bucket.period = measured
+        if not self._next_burst(now, runs):
+            self._conclude(now, tested=True)
+
+    def _next_burst(self, now: float, runs: list[silence.Run]) -> bool:
+        budget = self.settings.icmp_budget
+        started = self._probe_started if self._probe_started is not None else now
+        if now - started >= budget:
+            return False
+        wanted = silence.all_needs(runs)
+        pending_confirms = self._unconfirmed(runs)
+        if not wanted and not pending_confirms:
+            return False
+        controls = {s: b.control for s, b in self.senders.items() if b.control is not None}
+        if not controls:
+            return False
+        cheap = [(n.dst, n.src) for n in wanted if not n.costly]
+        cheap += [c for c in pending_confirms if c not in cheap]
+        cheap = cheap[: silence.MAX_BURST_CELLS]
+        costly = [(n.dst, n.src) for n in wanted if n.costly and (n.dst, n.src) not in cheap]
+        main = max(self.senders.values(), key=lambda b: b.errors)
+        tokens = max(1, min(silence.DEFAULT_BURST - 1, len(costly)))
+        costly = costly[:tokens]
+        ready = max(b.ready_at(tokens + 1 if b is main else 1) for b in self.senders.values())
+        if ready - started >= budget:
+            return False
+        order: list[tuple[int, int]] = cheap + costly + [c for c in controls.values() if c]
+        led = self.ledger
+        seq: list[tuple[int, int, int]] = []
+        for d, s in order:
+            if self._may_send(d, s):
+                seq.append((d, s, int(led.view(d).sent[s]) + 1))
+        if not seq or not self._fits(len(seq)):
+            return False
+        self._burst = _Burst(seq, set(cheap + costly), sent_at=max(now, ready))
+        # One burst, sent by _send_burst in a single Send: a queue of one.
+        self._begin(Stage.PROBE, np.zeros(1, dtype=np.intp), {}, now, judging=False)
+        self._next_send = max(now, ready)
+        self.facts.icmp_tests += 1
+        return True
+
+    def _send_burst(self, now: float) -> Send:
+        burst = self._burst
+        assert burst is not None
+        groups: list[tuple[int, int, np.ndarray]] = []
+        run: list[int] = []
+        key: tuple[int, int] | None = None
+        for d, s, a in burst.order:
+            if key != (d, a) and run:
+                assert key is not None
+                groups.append((key[0], key[1], np.asarray(run, dtype=np.intp)))
+                run = []
+            key = (d, a)
+            run.append(s)
+        if run and key is not None:
+            groups.append((key[0], key[1], np.asarray(run, dtype=np.intp)))
+        self._qpos = 1
+        burst.sent_at = now
+        return Send(tuple(groups), len(burst.order))
+
+    def _unconfirmed(self, runs: list[silence.Run]) -> list[tuple[int, int]]:
+        """Cells confirmed dropped once, awaiting their second test."""
+        out: list[tuple[int, int]] = []
+        for d, conf in self._confirms.items():
+            v = self.ledger.view(d)
+            once = np.flatnonzero(
+                (conf > 0) & (conf < silence.CONFIRMATIONS) & (v.state == PENDING)
+            )
+            out += [(d, int(s)) for s in once]
+        return out
+
+    def _after_burst(self, now: float) -> None:
+        burst = self._burst
+        self._burst = None
+        if burst is not None:
+            self._judge_burst(burst)
+        runs = list(silence.dark_runs(self.ledger, self._confirms))
+        if not self._next_burst(now, runs):
+            self._conclude(now, tested=True)
+
+    def _judge_burst(self, burst: _Burst) -> None:
+        led = self.ledger
+        answered_all = all(s in burst.answers for s in self.senders if self.senders[s].control)
+        for address, bucket in self.senders.items():
+            last = burst.answers.get(address)
+            if bucket.control is None:
+                continue
+            if last is None:
+                bucket.unanswered += 1
+                bucket.period = min(silence.MAX_PERIOD, bucket.period * 2)
+        if not burst.answers:
+            return
+        # A candidate is confirmed dropped when every sender answered something after it.
+        horizon = min(
+            (burst.answers.get(s, -1) for s, b in self.senders.items() if b.control is not None),
+            default=-1,
+        )
+        for i, (d, s, _a) in enumerate(burst.order):
+            if i >= horizon:
+                break
+            if (d, s) not in burst.candidates:
+                continue
+            v = led.view(d)
+            if v.state[s] != PENDING:
+                continue  # answered (rejected) or credited (open)
+            conf = self._confirms.get(d)
+            if conf is None:
+                conf = self._confirms[d] = np.zeros(65536, dtype=np.uint8)
+            conf[s] = min(255, int(conf[s]) + 1)
+        if answered_all:
+            for address in burst.answers:
+                b = self.senders[address]
+                b.period = max(silence.MIN_PERIOD, b.period * 0.9)
+
+    def _conclude(self, now: float, *, tested: bool) -> None:
+        runs = list(silence.dark_runs(self.ledger, self._confirms))
+        if tested or silence.limited(runs):
+            self.conclusion = silence.conclude(self.ledger, runs)
+            self._icmp_warnings(tested)
+        self._finish(True)
+
+    def _icmp_warnings(self, tested: bool) -> None:
+        c = self.conclusion
+        if c is None:
+            return
+        rates = ", ".join(
+            f"{b.address} about 1 per {b.period:.2g}s" for b in self.senders.values() if b.errors
+        )
+        parts = [f"ICMP errors were rate-limited on the path ({rates})"]
+        if c.inferred_rejected or c.inferred_blocked:
+            parts.append(
+                f"{c.inferred_rejected + c.inferred_blocked:,} cells take their verdict from "
+                f"{self.facts.icmp_tests} paced test bursts of their ranges (inferred)"
+            )
+        if c.icmp_limited:
+            why = (
+                "--icmp-budget 0"
+                if not tested
+                else f"the {self.settings.icmp_budget:g}s ICMP budget"
+            )
+            parts.append(
+                f"{c.icmp_limited:,} silent cells could not be told dropped or rejected "
+                f"within {why} (icmp_limited)"
+            )
+        self.facts.warnings.append("; ".join(parts))
+
+    # -- the end ------------------------------------------------------------------------------
+
+    def _finish(self, complete: bool) -> None:
+        led = self.ledger
+        if complete and led.refused_receipts:
+            # An agent that reports what was never sent cannot vouch for what was: the
+            # verdicts stand as evidence, but the run is not complete.
+            self._move("abort")
+            complete = False
+        if self.phase is Phase.SETTLING and complete:
+            self._move("finish")
+        if complete:
+            evidence = [b for bs in self.block_evidence().values() for b in bs]
+            self.facts.bound = false_blocked_bound(evidence)
+        led.finish(complete=complete)
+        self._finished = complete
+        self.loss = estimate_loss(led.first_attempt_histogram())
+        if self.facts.path_mtu is not None:
+            m = self.facts.path_mtu
+            self.facts.warnings.append(
+                f"the datagram size ({self.plan.size} bytes) exceeds the path MTU: {m['from']} "
+                f"reported a next-hop MTU of {m['mtu']}; datagrams went out fragmented, as a "
+                "server's UDP socket sends them"
+            )
+        if led.refused_receipts:
+            self.facts.warnings.append(
+                f"the agent reported {led.refused_receipts:,} receipts for datagrams never sent "
+                "(or more receipts than datagrams): they were refused, and the run is not "
+                "complete (the agent's reports cannot be trusted)"
+            )
+        self._scattered_warning()
+
+    def _scattered_warning(self) -> None:
+        """Flag blocked cells scattered among open ones: loss, not a firewall rule."""
+        spans: list[str] = []
+        for d in self.plan.dst_ports:
+            v = self.ledger.view(d)
+            state = v.state[np.sort(self._planned)]
+            ports = np.sort(self._planned)
+            for b in range(0, len(ports), BLOCK):
+                st = state[b : b + BLOCK]
+                blocked = int(np.count_nonzero(st == 2))
+                opened = int(np.count_nonzero(st == 1))
+                if blocked and opened and blocked <= opened // 4:
+                    runs = int(np.count_nonzero(np.diff((st == 2).astype(np.int8)) == 1))
+                    if runs >= 3:
+                        spans.append(f"{d}: {ports[b]}-{ports[min(len(ports), b + BLOCK) - 1]}")
+        if spans:
+            shown = ", ".join(spans[:8]) + (f" and {len(spans) - 8} more" if len(spans) > 8 else "")
+            self.facts.warnings.append(
+                "blocked cells lie scattered among open ones (loss, not a rule?) in " + shown
+            )
+
+    def progress(self) -> dict[str, Any]:
+        led = self.ledger
+        return {
+            "type": "progress",
+            "run_id": self.run_id,
+            "round": self.round,
+            "stage": self.stage.value,
+            "cells": led.cells,
+            "settled": led.settled,
+            "open": led.open,
+            "sent": led.sent_total,
+            "rate": round(self._rate()),
+        }
+
+    def document(
+        self,
+        *,
+        agent: dict[str, Any],
+        probe: dict[str, Any],
+        started: float,
+        finished: float,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The run document (``udpreach/run-v1``), from the engine alone."""
+        led = self.ledger
+        facts = self.facts
+        est = self.loss or estimate_loss(led.first_attempt_histogram())
+        loss: dict[str, Any]
+        bound = facts.bound
+        if not est.known:
+            loss = {
+                "estimate": None,
+                "upper": None,
+                "attempts": facts.max_attempt,
+                "false_blocked_bound": None,
+                "confidence_target": self.plan.confidence,
+                "confidence_reached": led.summary()["blocked"] == 0 and bool(self._finished),
+            }
+        else:
+            b = bound if bound is not None else 1.0
+            loss = {
+                "estimate": round(est.estimate, 5),
+                "upper": round(est.upper, 5),
+                "attempts": facts.max_attempt,
+                "false_blocked_bound": round(b, 6),
+                "confidence_target": self.plan.confidence,
+                "confidence_reached": bool(self._finished)
+                and not self._bytes_capped
+                and b <= self.plan.confidence,
+            }
+        loss["rate_found"] = round(self.pacer.rate)
+        loss["rate_backoffs"] = self.pacer.backoffs
+        if self.pacer.limit_found is not None:
+            loss["limiter_rate"] = round(self.pacer.limit_found)
+        out: dict[str, Any] = {
+            "started": started,
+            "finished": finished,
+            "duration": round(finished - started, 3),
+            "loss": loss,
+            "probe_stats": {
+                "sent": led.sent_total,
+                "bytes": led.sent_total * self.datagram_bytes,
+                "rounds": facts.rounds,
+                "epochs": facts.epochs,
+                "icmp_errors": facts.icmp_errors,
+                "icmp_unverified": facts.icmp_unverified,
+                "icmp_forged": facts.icmp_forged,
+                "icmp_tests": facts.icmp_tests,
+                "stale_receipts": facts.stale_receipts,
+                "refused_receipts": led.refused_receipts,
+                "udp_delay": round(self.delay_high, 4) if self.delay_samples else None,
+            },
+            "agent_stats": facts.agent_stats,
+            "observed_sources": led.observed_addresses(),
+            "warnings": list(facts.warnings),
+        }
+        if facts.path_mtu is not None:
+            out["path_mtu"] = dict(facts.path_mtu)
+        if self.senders:
+            out["icmp_senders"] = {
+                a: {"errors": b.errors, "period": round(b.period, 3)}
+                for a, b in self.senders.items()
+                if b.errors
+            }
+        if extra:
+            out.update(extra)
+        return build_document(
+            run_id=self.run_id,
+            complete=self.phase is Phase.COMPLETE,
+            agent=agent,
+            probe=probe,
+            plan=self.plan.to_json(),
+            ledger=led,
+            extra=out,
+        )
+
+
+_RECORD = np.dtype([("ai", "u1"), ("dst", ">u2"), ("src", ">u2"), ("att", "u1"), ("port", ">u2")])
+
+
+def _describe_changes(changed: list[tuple[int, int, str, str]]) -> str:
+    by: dict[tuple[int, str, str], list[int]] = {}
+    for d, s, before, after in changed:
+        by.setdefault((d, before, after), []).append(s)
+    parts = []
+    for (d, before, after), srcs in sorted(by.items()):
+        parts.append(
+            f"dst {d} source ports {format_ports(sorted(srcs))} were {before}, now {after}"
+        )
+    return "; ".join(parts)
