@@ -57,8 +57,8 @@ def test_reject_is_rejected_with_the_icmp_details(tmp_path: Path) -> None:
         (r["first"], r["last"]): r["icmp"] for r in doc["ranges"] if r["verdict"] == "rejected"
     }
     assert rejected == {
-        (30000, 30999): {"type": 3, "code": 13, "from": ROUTER_PROBE_SIDE},
-        (31000, 31999): {"type": 3, "code": 3, "from": ROUTER_PROBE_SIDE},
+        (30000, 30999): {"type": 3, "code": 13, "from": ROUTER_PROBE_SIDE, "verified": True},
+        (31000, 31999): {"type": 3, "code": 3, "from": ROUTER_PROBE_SIDE, "verified": True},
     }
 
 
