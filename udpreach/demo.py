@@ -5,6 +5,11 @@ probe in three network namespaces), runs the real ``udpreach probe`` and ``udpre
 processes inside it, sweeps every high source port, and prints the policy beside the
 matrix. Otherwise it does the same over loopback and says so. Everything it starts is
 stopped, and the lab is torn down, however the demo ends.
+
+Ctrl-C: every process the demo starts runs in a session of its own, so the terminal's
+SIGINT reaches the demo alone; the demo hands it on to the sweep (``udpreach run``), which
+asks the coordinator to stop and prints what was settled, while the probe and the agent stay
+up long enough to answer. A second Ctrl-C is handed on too and ends the sweep at once.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 from udpreach.core.errors import UnreachableError
 
 READY_TIMEOUT = 20.0
+SWEEP_TIMEOUT = 600.0
 
 
 def cli_argv(*args: str) -> list[str]:
@@ -50,11 +56,43 @@ def stop(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM) -> int |
 def background(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Run a service in the background; SIGTERM (then SIGKILL) it on the way out."""
     with log.open("wb") as fh:
-        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            argv,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     try:
         yield proc
     finally:
         stop(proc)
+
+
+def sweep(argv: list[str], *, capture: bool = False) -> subprocess.CompletedProcess[bytes]:
+    """Run the sweep (``udpreach run``) in its own session; a Ctrl-C of the demo is handed
+    on to it (see the module's docstring). Bounded: the sweep ends within seconds of a
+    second SIGINT, and is killed after ``SWEEP_TIMEOUT``."""
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE if capture else None,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + SWEEP_TIMEOUT
+    out = b""
+    try:
+        while True:
+            try:
+                out, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+                break
+            except KeyboardInterrupt:
+                proc.send_signal(signal.SIGINT)
+            except subprocess.TimeoutExpired:
+                raise UnreachableError(f"the sweep took more than {SWEEP_TIMEOUT:g}s") from None
+    finally:
+        stop(proc, signal.SIGKILL)
+    return subprocess.CompletedProcess(argv, proc.returncode, out or b"")
 
 
 def wait_ready(path: Path, proc: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
@@ -118,7 +156,7 @@ def _loopback_demo() -> int:
                     "run", "--coordinator", endpoint, "--secret-file", str(secret),
                     "--agent", "demo-agent", "--wait", "15",
                 )  # fmt: skip
-                return subprocess.run(run_argv, timeout=600, check=False).returncode
+                return sweep(run_argv).returncode
 
 
 def _policy_rules(policy: str) -> str:
@@ -183,9 +221,7 @@ def _lab_demo() -> int:
                             "--agent", "demo-agent", "--wait", "15", "--json",
                         ),
                     )  # fmt: skip
-                    proc = subprocess.run(
-                        run_argv, timeout=600, check=False, stdout=subprocess.PIPE
-                    )
+                    proc = sweep(run_argv, capture=True)
         if not proc.stdout.strip():
             return proc.returncode or 3
         doc = json.loads(proc.stdout)
