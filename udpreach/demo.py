@@ -110,17 +110,28 @@ def wait_ready(path: Path, proc: subprocess.Popen[bytes], log: Path) -> dict[str
     raise UnreachableError("probe did not start listening in time")
 
 
+def say(text: str) -> None:
+    """A note on stderr, wrapped at word boundaries to the terminal's width."""
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(text, markup=False)
+
+
 def run_demo(*, loopback: bool = False) -> int:
-    """Run the demo; returns the exit code of the sweep."""
+    """Run the demo; returns the exit code of the sweep.
+
+    SIGTERM ends it like Ctrl-C before the sweep (an interruption, exit 3), so that what
+    it started is stopped and the lab torn down on the way out.
+    """
     from udpreach.lab import lab_available
 
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     reason = "--loopback given" if loopback else lab_available()
     if reason is None:
         return _lab_demo()
-    print(
+    say(
         f"udpreach demo: over loopback ({reason}); run as root with nftables for the "
-        "real-firewall lab",
-        file=sys.stderr,
+        "real-firewall lab"
     )
     return _loopback_demo()
 
@@ -147,10 +158,9 @@ def _loopback_demo() -> int:
                 "--log-level", "warning",
             )  # fmt: skip
             with background(agent_argv, agent_log):
-                print(
+                say(
                     "udpreach demo: probe (127.0.0.2) and agent (127.0.0.1) running; "
-                    "sweeping source ports 1024-65535",
-                    file=sys.stderr,
+                    "sweeping source ports 1024-65535"
                 )
                 run_argv = cli_argv(
                     "run", "--coordinator", endpoint, "--secret-file", str(secret),
@@ -186,10 +196,9 @@ def _lab_demo() -> int:
         probe_log, agent_log = d / "probe.log", d / "agent.log"
         with Lab.create(policy) as lab:
             info = lab.info
-            print(
+            say(
                 f"udpreach demo: lab {info.name}: agent {info.agent_addr} <-> router "
-                f"(nftables policy below) <-> probe {info.probe_addr}",
-                file=sys.stderr,
+                f"(nftables policy below) <-> probe {info.probe_addr}"
             )
             control = f"{info.probe_addr}:7870"
             probe_argv = lab.ns_argv(
@@ -210,10 +219,7 @@ def _lab_demo() -> int:
                     ),
                 )  # fmt: skip
                 with background(agent_argv, agent_log):
-                    print(
-                        "udpreach demo: sweeping source ports 1024-65535 to ports 5000,5001",
-                        file=sys.stderr,
-                    )
+                    say("udpreach demo: sweeping source ports 1024-65535 to ports 5000,5001")
                     run_argv = lab.ns_argv(
                         "probe",
                         cli_argv(

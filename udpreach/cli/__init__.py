@@ -81,7 +81,7 @@ def _main(argv: list[str]) -> int:
     """Run the app; click's own usage errors become one line (exit 2), like every other
     error, and with ``--json`` the error document too."""
     try:
-        code = app(standalone_mode=False)
+        code = app(prog_name="udpreach", standalone_mode=False)
     except click_errors.UsageError as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `udpreach`: the help, exit 2
             exc.show()

@@ -190,8 +190,6 @@ def probe(
         send_mode=send_mode,
     )
     store = RunStore.open(db)
-    log.info("run database: %s", store.path)
-    log.info("%s", _send_mode_line(send_mode))
 
     async def main() -> None:
         import trio
@@ -199,6 +197,9 @@ def probe(
         coord = Coordinator(cfg, store=store)
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(coord.serve)
+            # Once listening: a probe that cannot start says only why.
+            log.info("run database: %s", store.path)
+            log.info("%s", _send_mode_line(send_mode))
             if ready_file is not None:
                 ready_file.write_text(json.dumps({"host": bound[0], "port": bound[1]}))
 
