@@ -379,3 +379,28 @@ def test_a_plan_with_nothing_testable_exits_3_with_the_reason(
     assert doc["summary"]["untested"] == doc["summary"]["cells"] == 10
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("udpreach: no cell could be tested: "), line
+
+
+@pytest.mark.parametrize("width", [12, 20, 40, 41, 60, 80, 120, 200])
+def test_progress_line_fits_every_width(width: int) -> None:
+    """The live line is laid out for the terminal: never wider, the elapsed time never cut,
+    and what it leaves out goes least useful first."""
+    from udpreach.cli.progress import RunProgress, fit_line
+
+    state = RunProgress()
+    state.update(
+        {"round": 12, "cells": 1_032_192, "settled": 999_999, "sent": 12_345_678,
+         "open": 987_654, "rate": 1_000_000}
+    )  # fmt: skip
+    line = "".join(text for text, _ in fit_line(state, width, state.started + 3725.5))
+    assert len(line) <= width - 1, line
+    if width >= 20:
+        assert line.startswith("round 12 ")
+        assert line.endswith(" 1:02:05"), line
+    if width >= 40:
+        assert "999,999/1,032,192" in line, line
+    if width >= 120:
+        assert "cells settled" in line
+        assert "1,000,000/s" in line
+    if width < 60:
+        assert "1,000,000/s" not in line

@@ -114,8 +114,17 @@ def run(
     plan = _plan(src_ports, dst_ports, copies, rate, size, wait)
     entries = _expectations(expect)
     secret = load_secret(secret_file)
+    cancelled: list[float] = []
+
+    def on_cancel(grace: float) -> None:
+        cancelled.append(grace)
+        progress.notice(
+            f"interrupted: the coordinator is stopping the run; waiting up to {grace:g}s "
+            "for what was settled (Ctrl-C again to quit now)"
+        )
+
     with ProgressDisplay() as progress:
-        outcome = request_run(
+        doc = request_run(
             host,
             port,
             secret,
@@ -124,9 +133,8 @@ def run(
             wait=wait,
             expect=[e.to_json() for e in entries],
             on_progress=progress.update,
-            on_notice=progress.notice,
+            on_cancel=on_cancel,
         )
-    doc = outcome.doc
     if as_json:
         print_json(doc)
     else:
@@ -139,7 +147,7 @@ def run(
         write_reports(doc, entries, junit, markdown, csv_out, html)
     summary = doc.get("summary") or {}
     cells, untested = _int(summary.get("cells")), _int(summary.get("untested"))
-    if outcome.interrupted:
+    if cancelled:
         fail(
             f"interrupted: the run was stopped with {_settled(summary):,} of {cells:,} cells "
             "settled; the rest are unknown",

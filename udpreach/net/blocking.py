@@ -21,7 +21,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -317,15 +316,6 @@ def list_agents(host: str, port: int, secret: bytes) -> list[dict[str, Any]]:
     return agents_from(msg)
 
 
-@dataclass
-class RunOutcome:
-    """A run's document, and whether the user interrupted it (the document then holds what
-    was settled before the coordinator stopped the run)."""
-
-    doc: dict[str, Any]
-    interrupted: bool = False
-
-
 def request_run(
     host: str,
     port: int,
@@ -336,16 +326,17 @@ def request_run(
     wait: float,
     expect: list[dict[str, Any]] | None,
     on_progress: Callable[[dict[str, Any]], None],
-    on_notice: Callable[[str], None] = lambda text: None,
+    on_cancel: Callable[[float], None] = lambda grace: None,
     cancel_grace: float = CANCEL_GRACE,
-) -> RunOutcome:
+) -> dict[str, Any]:
     """Ask the coordinator for a run and return its document (see ``RunReply.feed``).
 
     Until the run has started (its first progress message), the coordinator may be waiting
     up to *wait* seconds for the agent to register or to be free, so the read deadline is
     that much longer. A first Ctrl-C (in the main thread) asks the coordinator to cancel the
-    run and waits up to *cancel_grace* seconds for the incomplete document; a second one, or
-    no document in time, gives up at once.
+    run, calls ``on_cancel(cancel_grace)``, and waits up to *cancel_grace* seconds for the
+    incomplete document, which it returns; a second one, or no document in time, gives up
+    at once.
 
     Raises:
         RunInterruptedError: interrupted, and no document to show (exit 3).
@@ -360,7 +351,7 @@ def request_run(
                 RunReply(on_progress),
                 wait,
                 interrupts,
-                on_notice,
+                on_cancel,
                 cancel_grace,
             )
         finally:
@@ -373,9 +364,9 @@ def _follow_run(
     reply: RunReply,
     wait: float,
     interrupts: Interrupts,
-    on_notice: Callable[[str], None],
+    on_cancel: Callable[[float], None],
     grace: float,
-) -> RunOutcome:
+) -> dict[str, Any]:
     if interrupts.count:
         raise RunInterruptedError("interrupted before the run started")
     chan.send(request)
@@ -394,10 +385,7 @@ def _follow_run(
                 chan.send({"type": "cancel"})
             except UnreachableError as exc:
                 raise RunInterruptedError(f"interrupted; and {exc}") from None
-            on_notice(
-                f"interrupted: the coordinator is stopping the run; waiting up to {grace:g}s "
-                "for what was settled (Ctrl-C again to quit now)"
-            )
+            on_cancel(grace)
             cancel_by = time.monotonic() + grace
         now = time.monotonic()
         if cancel_by is not None:
@@ -424,4 +412,4 @@ def _follow_run(
             started = True
         doc = reply.feed(msg)
         if doc is not None:
-            return RunOutcome(doc, interrupted=cancel_by is not None)
+            return doc
