@@ -10,34 +10,26 @@ never sends UDP: its sockets are only ever read.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import logging
 import random
 import secrets
-import socket
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from agent import mmsg
-from agent.core import AgentCore, Datagram
-from agent.mmsg import BatchReader
+from agent.core import AgentCore
+from agent.listen import DRAIN_CHUNK as DRAIN_CHUNK
+from agent.listen import DRAIN_MAX, RCVBUF_WANTED, Listener, drain, normalize_addr, open_listeners
 from udpreach.core.datagram import MAX_SIZE, MIN_SIZE, TokenCodec, derive_run_key
-from udpreach.core.errors import AuthError, ConfigError, ProtocolError, UnreachableError
+from udpreach.core.errors import AuthError, ProtocolError, UnreachableError
 from udpreach.core.framing import Message
 from udpreach.net.channel import Channel, connect
 
 log = logging.getLogger("udpreach.agent")
 
-RCVBUF_WANTED = 16 * 1024 * 1024
 FLUSH_INTERVAL = 0.01
 COORDINATOR_SILENCE = 120.0  # the coordinator pings every 30 s when idle, ticks every 10 s in runs
-DRAIN_MAX = 4096  # datagrams per drain pass before yielding to other tasks
-DRAIN_CHUNK = mmsg.SLOTS  # datagrams handed to the core at once: one recvmmsg's worth
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 @dataclass
@@ -53,68 +45,6 @@ class AgentConfig:
     once: bool = False  # tests: give up instead of reconnecting
 
 
-@functools.lru_cache(maxsize=4096)
-def normalize_addr(addr: str) -> str:
-    """'::ffff:198.18.2.2' -> '198.18.2.2'; strips IPv6 scope ids."""
-    addr = addr.split("%", 1)[0]
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
-        return addr
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
-
-
-@dataclass
-class Listener:
-    sock: socket.socket
-    port: int
-    rcvbuf: int
-    batch: BatchReader | None = None  # recvmmsg where available (shared by the listeners)
-
-
-def open_listeners(ports: Sequence[int], listen: str) -> list[Listener]:
-    """Bind one UDP socket per port with a large receive buffer.
-
-    Raises:
-        ConfigError: a port cannot be bound (in use, not permitted).
-    """
-    family = socket.AF_INET6 if ":" in listen else socket.AF_INET
-    out: list[Listener] = []
-    try:
-        for p in ports:
-            s = socket.socket(family, socket.SOCK_DGRAM)
-            out.append(Listener(s, p, 0))
-            if family == socket.AF_INET6:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
-                try:
-                    s.setsockopt(socket.SOL_SOCKET, opt, RCVBUF_WANTED)
-                    break
-                except OSError:
-                    continue
-            try:
-                s.bind((listen, p))
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot listen on UDP {listen}:{p}: {exc.strerror or exc}"
-                ) from None
-            s.setblocking(False)
-            out[-1].port = s.getsockname()[1]
-            # The kernel reports twice what it books; report what was granted.
-            out[-1].rcvbuf = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
-    except BaseException:
-        for li in out:
-            li.sock.close()
-        raise
-    if mmsg.available():
-        reader = BatchReader()
-        for li in out:
-            li.batch = reader
-    return out
-
-
 @dataclass
 class AgentState:
     core: AgentCore = field(default_factory=AgentCore)
@@ -122,43 +52,6 @@ class AgentState:
     chan: Channel | None = None
     connected_since: float | None = None
     registrations: int = 0
-
-
-def drain(state: AgentState, listener: Listener, limit: int = DRAIN_MAX) -> int:
-    """Read datagrams until the socket would block (or *limit*); returns how many.
-
-    The core gets them DRAIN_CHUNK at a time (its per-datagram cost is lower in bulk), so at
-    most that many are held at once, whatever their size.
-    """
-    core = state.core
-    sock = listener.sock
-    recvfrom = sock.recvfrom
-    batch = listener.batch
-    n = 0
-    more = True
-    while more and n < limit:
-        chunk: list[Datagram] = []
-        want = min(DRAIN_CHUNK, limit - n)
-        if batch is not None:  # the chunk in one recvmmsg
-            try:
-                chunk.extend(batch.read(sock, want))
-                more = len(chunk) == want
-            except OSError:
-                more = False  # e.g. a queued ICMP error on the socket; nothing to credit
-        else:
-            while len(chunk) < want:
-                try:
-                    chunk.append(recvfrom(MAX_SIZE + 1))
-                except (BlockingIOError, InterruptedError):
-                    more = False
-                    break
-                except OSError:
-                    more = False  # e.g. a queued ICMP error on the socket
-                    break
-        n += len(chunk)
-        if chunk:
-            core.on_datagrams(chunk, normalize_addr)
-    return n
 
 
 def drain_all(state: AgentState) -> None:

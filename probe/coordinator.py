@@ -349,8 +349,14 @@ class Coordinator:
         async with trio.open_nursery() as nursery:
 
             async def watch_requester() -> None:
+                # {"type": "cancel"}: stop early and still send the (incomplete) document.
                 with contextlib.suppress(UnreachableError, ProtocolError):
-                    await chan.next_event()
+                    while True:
+                        ev = await chan.next_event()
+                        if not (isinstance(ev, Message) and ev.type == "cancel"):
+                            break
+                        log.info("requester of run %s cancelled it", execution.run_id)
+                        execution.cancel()
                 log.warning("requester of run %s went away; stopping it", execution.run_id)
                 nursery.cancel_scope.cancel()
 

@@ -212,3 +212,103 @@ class Background:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+# --- a pseudo-terminal, as a person runs the CLI --------------------------------------------
+
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][0-9A-B]")
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+@dataclass
+class PtyResult:
+    """What a command wrote to its terminal, and how it ended."""
+
+    returncode: int
+    raw: str  # everything written, escape sequences included
+    seconds: float
+
+    @property
+    def text(self) -> str:
+        """The output without escape sequences and carriage returns (each redraw of a live
+        line becomes a line of its own)."""
+        return strip_ansi(self.raw).replace("\r\n", "\n").replace("\r", "\n")
+
+    def segments(self) -> list[str]:
+        """Every stretch of text between line breaks and carriage returns."""
+        return [s for s in self.text.split("\n") if s.strip()]
+
+
+def run_pty(
+    argv: list[str],
+    *,
+    cols: int,
+    rows: int = 50,
+    env: dict[str, str] | None = None,
+    timeout: float = 180,
+    interrupt_when: Any = None,
+    interrupts: int = 1,
+    interrupt_gap: float = 0.0,
+) -> PtyResult:
+    """Run *argv* on a fresh pseudo-terminal of *cols* x *rows* (stdin, stdout and stderr
+    all on it) and collect what it writes until it exits.
+
+    Args:
+        env: variables to set on top of ours (TERM defaults to xterm-256color; COLUMNS,
+            LINES and NO_COLOR are removed unless given here).
+        interrupt_when: a predicate on the output so far; the first time it holds, the child
+            gets SIGINT *interrupts* times, *interrupt_gap* seconds apart (as Ctrl-C does).
+    """
+    import fcntl
+    import os
+    import select
+    import struct
+    import termios
+
+    e = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "NO_COLOR")}
+    e["TERM"] = "xterm-256color"
+    e.update(env or {})
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        argv, stdin=slave, stdout=slave, stderr=slave, env=e, start_new_session=True
+    )
+    os.close(slave)
+    out = bytearray()
+    fired = False
+    try:
+        deadline = t0 + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{argv[2:4]} still running after {timeout}s: {bytes(out)!r}")
+            ready, _, _ = select.select([master], [], [], min(left, 0.05))
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every writer closed its end
+                    data = b""
+                if not data:
+                    break
+                out += data
+            if (
+                not fired
+                and interrupt_when is not None
+                and interrupt_when(out.decode(errors="replace"))
+            ):
+                fired = True
+                for i in range(interrupts):
+                    if i:
+                        time.sleep(interrupt_gap)
+                    proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+    finally:
+        stop(proc)
+        os.close(master)
+    if interrupt_when is not None:
+        assert fired, f"the moment to interrupt never came: {bytes(out)!r}"
+    return PtyResult(code, out.decode(errors="replace"), time.monotonic() - t0)

@@ -244,3 +244,163 @@ def test_reading_stored_runs_imports_no_numpy() -> None:
         "print('numpy' in sys.modules)"
     )
     assert python_output(code).strip() == "False"
+
+
+# --- conventions (issue 12, item 6) ----------------------------------------------------------
+
+
+def test_version_and_short_help() -> None:
+    from udpreach import __version__
+
+    version = run_cli("--version")
+    assert version.returncode == 0
+    assert version.stdout.strip() == f"udpreach {__version__}"
+    for argv in (["-h"], ["run", "-h"], ["lab", "up", "-h"], ["secret", "new", "-h"]):
+        proc = run_cli(*argv)
+        assert proc.returncode == 0, (argv, proc.stderr)
+        assert proc.stdout.startswith("Usage: udpreach"), proc.stdout
+        assert "-h, --help" in proc.stdout
+
+
+def test_shell_completion_through_typer() -> None:
+    script = run_cli(
+        "--show-completion", "bash", env={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    )
+    assert script.returncode == 0, script.stderr
+    assert "_UDPREACH_COMPLETE=complete_bash" in script.stdout
+    words = run_cli(
+        env={"_UDPREACH_COMPLETE": "complete_bash", "COMP_WORDS": "udpreach ag", "COMP_CWORD": "1"}
+    )
+    assert words.returncode == 0, words.stderr
+    assert set(words.stdout.split()) == {"agent", "agents"}
+
+
+def test_coordinator_and_secret_from_the_environment(secret_file: Path) -> None:
+    env = {"UDPREACH_COORDINATOR": "127.0.0.1:9", "UDPREACH_SECRET_FILE": str(secret_file)}
+    proc = run_cli("agents", env=env)
+    assert proc.returncode == 3, proc.stderr
+    assert "cannot reach coordinator 127.0.0.1:9" in proc.stderr
+    help_text = run_cli("run", "-h").stdout
+    assert "UDPREACH_COORDINATOR" in help_text
+    assert "UDPREACH_SECRET_FILE" in help_text
+    missing = run_cli("agents", env={"UDPREACH_COORDINATOR": "", "UDPREACH_SECRET_FILE": ""})
+    assert missing.returncode == 2
+    (line,) = missing.stderr.strip().splitlines()
+    assert line.startswith("udpreach: Missing option '--coordinator'"), line
+    assert line.endswith("(see 'udpreach agents -h')"), line
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["agents", "--coordinator", "127.0.0.1:9"], 3),  # unreachable
+        (["agents", "--coordinator", "nohostport"], 2),  # bad configuration
+        (["history", "--db", "/nonexistent/runs.sqlite3"], 2),
+        (["agents"], 2),  # click's own usage error
+    ],
+)
+def test_json_failures_print_the_error_document(
+    secret_file: Path, args: list[str], code: int
+) -> None:
+    proc = run_cli(*args, "--json", env={"UDPREACH_SECRET_FILE": str(secret_file)})
+    assert proc.returncode == code, proc.stderr
+    doc = json.loads(proc.stdout)
+    (line,) = proc.stderr.strip().splitlines()
+    assert doc == {
+        "schema": "udpreach/error-v1",
+        "error": line.removeprefix("udpreach: "),
+        "exit": code,
+    }
+
+
+def test_messages_are_not_read_as_markup(tmp_path: Path, secret_file: Path) -> None:
+    """An expectation error quotes the file's `[[expect]]`: rich used to eat it as markup."""
+    bad = tmp_path / "e.toml"
+    bad.write_text('[[expect]]\ndst_ports = "5000"\nverdict = "open"\n')
+    proc = run_cli(
+        "run", "--coordinator", "127.0.0.1:9", "--secret-file", str(secret_file),
+        "--agent", "x", "--expect", str(bad),
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "[[expect]] #1" in proc.stderr, proc.stderr
+
+
+def test_agent_name_rule_is_the_coordinators() -> None:
+    from probe.coordinator import NAME_RE
+    from udpreach.cli.service import AGENT_NAME_RE
+
+    assert AGENT_NAME_RE.pattern == NAME_RE.pattern
+
+
+def test_unexpected_errors_are_one_line_and_exit_3(tmp_path: Path) -> None:
+    """A bug still reaches the user as one line (the traceback with UDPREACH_DEBUG=1)."""
+    code = (
+        "import sys\n"
+        "import udpreach.render.terminal as t\n"
+        "def boom(*a, **k): raise TypeError('unsupported format string')\n"
+        "t.render_run = boom\n"
+        "import udpreach.cli.history as h\n"
+        "h._load = lambda db, *ids: [{}]\n"
+        "sys.argv = ['udpreach', 'show', 'x']\n"
+        "from udpreach.cli import main\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("udpreach: internal error: TypeError: unsupported format string")
+    debug = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "UDPREACH_DEBUG": "1"},
+    )  # fmt: skip
+    assert "Traceback" in debug.stderr
+
+
+def test_a_plan_with_nothing_testable_exits_3_with_the_reason(
+    tmp_path: Path, secret_file: Path
+) -> None:
+    """Every source port taken (bind mode cannot send from it): all untested, so the run
+    says why and exits 3 instead of reporting 'no cell blocked'."""
+    from prockit import loopback_services
+
+    held = []
+    try:
+        with loopback_services(tmp_path, secret_file, probe_args=("--send-mode", "bind")) as svc:
+            for port in range(40100, 40110):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                held.append(s)
+                s.bind(("127.0.0.2", port))
+            proc = run_cli(*svc.run_argv("--src-ports", "40100-40109", "--json")[3:], timeout=120)
+    finally:
+        for s in held:
+            s.close()
+    assert proc.returncode == 3, proc.stderr
+    doc = json.loads(proc.stdout)  # the run's own document, and only it
+    assert doc["summary"]["untested"] == doc["summary"]["cells"] == 10
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("udpreach: no cell could be tested: "), line
+
+
+@pytest.mark.parametrize("width", [12, 20, 40, 41, 60, 80, 120, 200])
+def test_progress_line_fits_every_width(width: int) -> None:
+    """The live line is laid out for the terminal: never wider, the elapsed time never cut,
+    and what it leaves out goes least useful first."""
+    from udpreach.cli.progress import RunProgress, fit_line
+
+    state = RunProgress()
+    state.update(
+        {"round": 12, "cells": 1_032_192, "settled": 999_999, "sent": 12_345_678,
+         "open": 987_654, "rate": 1_000_000}
+    )  # fmt: skip
+    line = "".join(text for text, _ in fit_line(state, width, state.started + 3725.5))
+    assert len(line) <= width - 1, line
+    if width >= 20:
+        assert line.startswith("round 12 ")
+        assert line.endswith(" 1:02:05"), line
+    if width >= 40:
+        assert "999,999/1,032,192" in line, line
+    if width >= 120:
+        assert "cells settled" in line
+        assert "1,000,000/s" in line
+    if width < 60:
+        assert "1,000,000/s" not in line

@@ -176,7 +176,9 @@ def test_probe_ceilings_clamp_rate_and_refuse_big_plans(tmp_path: Path, secret_f
         # A plan that could send more than --max-datagrams is refused before anything is sent.
         big = run("--src-ports", "1024-3071", "--copies", "3", "--json")  # 6,144 > 5,000
         assert big.returncode == 2, big.stderr
-        assert big.stdout == ""
+        refusal = json.loads(big.stdout)  # --json: the error document, and nothing else
+        assert refusal["schema"] == "udpreach/error-v1"
+        assert refusal["exit"] == 2
         assert "Traceback" not in big.stderr
         assert len(big.stderr.strip().splitlines()) == 1
         assert "--max-datagrams" in big.stderr

@@ -86,7 +86,7 @@ def test_cli_without_root_is_a_one_line_error_exit_2(monkeypatch):
     app.command()(lambda: None)  # a second command, so "lab" stays a subcommand
     result = CliRunner().invoke(app, ["lab", "up"])
     assert result.exit_code == 2
-    assert result.stderr.strip() == "error: the lab needs root (network namespaces, nftables)"
+    assert result.stderr.strip() == "udpreach: the lab needs root (network namespaces, nftables)"
     assert result.stdout == ""
 
 

@@ -5,6 +5,11 @@ probe in three network namespaces), runs the real ``udpreach probe`` and ``udpre
 processes inside it, sweeps every high source port, and prints the policy beside the
 matrix. Otherwise it does the same over loopback and says so. Everything it starts is
 stopped, and the lab is torn down, however the demo ends.
+
+Ctrl-C: every process the demo starts runs in a session of its own, so the terminal's
+SIGINT reaches the demo alone; the demo hands it on to the sweep (``udpreach run``), which
+asks the coordinator to stop and prints what was settled, while the probe and the agent stay
+up long enough to answer. A second Ctrl-C is handed on too and ends the sweep at once.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 from udpreach.core.errors import UnreachableError
 
 READY_TIMEOUT = 20.0
+SWEEP_TIMEOUT = 600.0
 
 
 def cli_argv(*args: str) -> list[str]:
@@ -50,11 +56,43 @@ def stop(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM) -> int |
 def background(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Run a service in the background; SIGTERM (then SIGKILL) it on the way out."""
     with log.open("wb") as fh:
-        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            argv,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     try:
         yield proc
     finally:
         stop(proc)
+
+
+def sweep(argv: list[str], *, capture: bool = False) -> subprocess.CompletedProcess[bytes]:
+    """Run the sweep (``udpreach run``) in its own session; a Ctrl-C of the demo is handed
+    on to it (see the module's docstring). Bounded: the sweep ends within seconds of a
+    second SIGINT, and is killed after ``SWEEP_TIMEOUT``."""
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE if capture else None,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + SWEEP_TIMEOUT
+    out = b""
+    try:
+        while True:
+            try:
+                out, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+                break
+            except KeyboardInterrupt:
+                proc.send_signal(signal.SIGINT)
+            except subprocess.TimeoutExpired:
+                raise UnreachableError(f"the sweep took more than {SWEEP_TIMEOUT:g}s") from None
+    finally:
+        stop(proc, signal.SIGKILL)
+    return subprocess.CompletedProcess(argv, proc.returncode, out or b"")
 
 
 def wait_ready(path: Path, proc: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
@@ -72,17 +110,28 @@ def wait_ready(path: Path, proc: subprocess.Popen[bytes], log: Path) -> dict[str
     raise UnreachableError("probe did not start listening in time")
 
 
+def say(text: str) -> None:
+    """A note on stderr, wrapped at word boundaries to the terminal's width."""
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(text, markup=False)
+
+
 def run_demo(*, loopback: bool = False) -> int:
-    """Run the demo; returns the exit code of the sweep."""
+    """Run the demo; returns the exit code of the sweep.
+
+    SIGTERM ends it like Ctrl-C before the sweep (an interruption, exit 3), so that what
+    it started is stopped and the lab torn down on the way out.
+    """
     from udpreach.lab import lab_available
 
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     reason = "--loopback given" if loopback else lab_available()
     if reason is None:
         return _lab_demo()
-    print(
+    say(
         f"udpreach demo: over loopback ({reason}); run as root with nftables for the "
-        "real-firewall lab",
-        file=sys.stderr,
+        "real-firewall lab"
     )
     return _loopback_demo()
 
@@ -109,16 +158,15 @@ def _loopback_demo() -> int:
                 "--log-level", "warning",
             )  # fmt: skip
             with background(agent_argv, agent_log):
-                print(
+                say(
                     "udpreach demo: probe (127.0.0.2) and agent (127.0.0.1) running; "
-                    "sweeping source ports 1024-65535",
-                    file=sys.stderr,
+                    "sweeping source ports 1024-65535"
                 )
                 run_argv = cli_argv(
                     "run", "--coordinator", endpoint, "--secret-file", str(secret),
                     "--agent", "demo-agent", "--wait", "15",
                 )  # fmt: skip
-                return subprocess.run(run_argv, timeout=600, check=False).returncode
+                return sweep(run_argv).returncode
 
 
 def _policy_rules(policy: str) -> str:
@@ -148,10 +196,9 @@ def _lab_demo() -> int:
         probe_log, agent_log = d / "probe.log", d / "agent.log"
         with Lab.create(policy) as lab:
             info = lab.info
-            print(
+            say(
                 f"udpreach demo: lab {info.name}: agent {info.agent_addr} <-> router "
-                f"(nftables policy below) <-> probe {info.probe_addr}",
-                file=sys.stderr,
+                f"(nftables policy below) <-> probe {info.probe_addr}"
             )
             control = f"{info.probe_addr}:7870"
             probe_argv = lab.ns_argv(
@@ -172,10 +219,7 @@ def _lab_demo() -> int:
                     ),
                 )  # fmt: skip
                 with background(agent_argv, agent_log):
-                    print(
-                        "udpreach demo: sweeping source ports 1024-65535 to ports 5000,5001",
-                        file=sys.stderr,
-                    )
+                    say("udpreach demo: sweeping source ports 1024-65535 to ports 5000,5001")
                     run_argv = lab.ns_argv(
                         "probe",
                         cli_argv(
@@ -183,9 +227,7 @@ def _lab_demo() -> int:
                             "--agent", "demo-agent", "--wait", "15", "--json",
                         ),
                     )  # fmt: skip
-                    proc = subprocess.run(
-                        run_argv, timeout=600, check=False, stdout=subprocess.PIPE
-                    )
+                    proc = sweep(run_argv, capture=True)
         if not proc.stdout.strip():
             return proc.returncode or 3
         doc = json.loads(proc.stdout)

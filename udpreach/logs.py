@@ -1,4 +1,9 @@
-"""Logging for the long-running commands: readable lines or JSON lines on stderr."""
+"""Logging for the long-running commands: readable lines or JSON lines on stderr.
+
+Readable lines start with the time in UTC, ISO 8601 with its ``Z``, so lines from a probe and
+an agent in different time zones can be put side by side; JSON lines carry ``ts``, seconds
+since the epoch.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +33,9 @@ def setup_logging(level: str = "info", as_json: bool = False) -> None:
     if as_json:
         handler.setFormatter(JsonFormatter())
     else:
-        fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+        fmt = logging.Formatter(
+            "%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%SZ"
+        )
         fmt.converter = time.gmtime
         handler.setFormatter(fmt)
     root = logging.getLogger("udpreach")

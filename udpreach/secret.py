@@ -3,6 +3,9 @@
 Theory of operation: the secret never travels. Both ends read it from a file (like an ssh
 key: a file readable by anyone else is refused) and use it only as a MAC key for the control
 handshake and for deriving per-run datagram keys.
+
+Windows has no POSIX permission bits (``st_mode`` says 0o666 for every writable file); there
+the file's ACL is what protects it (see the README), and the mode check is skipped.
 """
 
 from __future__ import annotations
@@ -15,33 +18,27 @@ from pathlib import Path
 from udpreach.core.errors import ConfigError
 
 MIN_SECRET_BYTES = 16
-ENV_VAR = "UDPREACH_SECRET_FILE"
-
-
-def resolve_secret_path(path: str | Path | None) -> Path:
-    """The secret file named by --secret-file, else by $UDPREACH_SECRET_FILE."""
-    if path is None or str(path) == "":
-        env = os.environ.get(ENV_VAR)
-        if not env:
-            raise ConfigError(f"no secret file: pass --secret-file FILE or set {ENV_VAR}")
-        path = env
-    return Path(path)
+ENV_VAR = "UDPREACH_SECRET_FILE"  # the CLI's --secret-file reads it (typer's envvar=)
+POSIX_MODES = os.name == "posix"  # whether permission bits mean anything here
 
 
 def load_secret(path: str | Path | None) -> bytes:
     """Read a secret file, refusing loose permissions.
 
     Raises:
-        ConfigError: missing, unreadable, too short, or readable by group/others.
+        ConfigError: none named, missing, unreadable, too short, or (where permission bits
+            exist) readable by group/others.
     """
-    p = resolve_secret_path(path)
+    if path is None or str(path) == "":
+        raise ConfigError(f"no secret file: pass --secret-file FILE or set {ENV_VAR}")
+    p = Path(path)
     try:
         st = p.stat()
     except OSError as exc:
         raise ConfigError(f"cannot read secret file {p}: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"secret file {p} is not a regular file")
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if POSIX_MODES and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(
             f"secret file {p} is accessible by group or others "
             f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {p}"
@@ -73,7 +70,8 @@ def new_secret(path: str | Path, *, force: bool = False) -> Path:
     except OSError as exc:
         raise ConfigError(f"cannot create secret file {p}: {exc.strerror}") from None
     try:
-        os.fchmod(fd, 0o600)
+        if hasattr(os, "fchmod"):  # not on Windows before 3.13: the ACL protects it there
+            os.fchmod(fd, 0o600)
         os.write(fd, (secrets.token_hex(32) + "\n").encode())
     finally:
         os.close(fd)

@@ -4,21 +4,18 @@ Thin commands over ``udpreach.store`` (the SQLite run history), ``udpreach.rende
 ``udpreach.core.expect``: open the database, one call, one render. Results go to stdout (with
 ``--json``: one JSON document and nothing else); notes and errors go to stderr, errors as
 one line with the contract's exit code (2 for a bad option, an unusable database or an
-unknown or ambiguous run id). ``diff`` exits 1 when any verdict changed.
+unknown or ambiguous run id) through the one error mapper. ``diff`` exits 1 when any verdict
+changed. Times are UTC, and say so.
 """
 
-import json
 import sys
-from collections.abc import Callable
-from datetime import datetime
+import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-from udpreach.core.errors import UdpreachError
-
-T = TypeVar("T")
+from udpreach.cli.common import JsonOpt, err_console, fail, mapped, out_console, print_json
 
 DbOpt = Annotated[
     Path | None,
@@ -28,39 +25,12 @@ DbOpt = Annotated[
         show_default=False,
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")]
 JunitOpt = Annotated[Path | None, typer.Option("--junit", help="Write a JUnit XML report.")]
 MarkdownOpt = Annotated[
     Path | None, typer.Option("--markdown", help="Write a Markdown summary (for a ticket).")
 ]
 CsvOpt = Annotated[Path | None, typer.Option("--csv", help="Write the ranges as CSV.")]
 HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML page.")]
-
-
-def _stderr() -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def _stdout() -> Any:
-    from rich.console import Console
-
-    return Console(highlight=False)
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    from rich.markup import escape
-
-    _stderr().print(f"[bold red]udpreach:[/] {escape(message)}", markup=True)
-    raise typer.Exit(code)
-
-
-def _guard(fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except UdpreachError as exc:
-        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
 
 
 def _load(db: Path | None, *run_ids: str) -> list[dict[str, Any]]:
@@ -70,28 +40,24 @@ def _load(db: Path | None, *run_ids: str) -> list[dict[str, Any]]:
         return [store.load(r) for r in run_ids]
 
 
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
 def _write(doc: dict[str, Any], *paths: Path | None) -> None:
     from udpreach.render.exports import write_reports
 
     write_reports(doc, None, *paths)
 
 
-def _local(ts: Any) -> str:
+def _when(ts: Any) -> str:
+    """A stored time as the run report prints it: UTC, with its zone."""
     if not isinstance(ts, int | float):
         return "?"
-    return datetime.fromtimestamp(float(ts)).strftime("%Y-%m-%d %H:%M:%S")
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(ts)))
 
 
 def _note_unfinished(doc: dict[str, Any]) -> None:
     status = doc.get("status")
     if status in ("running", "interrupted"):
         what = "is still running" if status == "running" else "was interrupted"
-        _stderr().print(
+        err_console().print(
             f"note: run {doc.get('run_id')} {what}; cells not settled are shown as unknown",
             markup=False,
         )
@@ -113,14 +79,14 @@ def history(
 
     from rich.markup import escape
 
-    runs = _guard(fetch)
+    runs = fetch()
     if as_json:
-        _print_json({"schema": "udpreach/history-v1", "runs": runs})
+        print_json({"schema": "udpreach/history-v1", "runs": runs})
         return
     if not runs:
-        _stderr().print("no runs recorded yet")
+        err_console().print("no runs recorded yet")
         return
-    out = _stdout()
+    out = out_console()
     # Two lines a run (like `git log`), readable at any terminal width.
     for r in runs:
         s = r.get("summary") or {}
@@ -138,7 +104,7 @@ def history(
             "" if devs is None else f", [bold]{devs:,}[/] deviating" if devs else ", as expected"
         )
         out.print(
-            f"[bold]{escape(str(r['run_id']))}[/]  {_local(r.get('started'))}  "
+            f"[bold]{escape(str(r['run_id']))}[/]  {_when(r.get('started'))}  "
             f"agent {escape(str(r.get('agent') or '?'))}  [{style}]{status}[/]"
         )
         out.print(f"    {int(s.get('cells', 0)):,} cells: {counts or 'none'}{judged}")
@@ -154,15 +120,15 @@ def show(
     html: HtmlOpt = None,
 ) -> None:
     """Print a stored run exactly as `run` printed it (--json: the same document)."""
-    (doc,) = _guard(lambda: _load(db, run_id))
+    (doc,) = _load(db, run_id)
     if as_json:
-        _print_json(doc)
+        print_json(doc)
     else:
         from udpreach.render.terminal import render_run
 
-        render_run(doc, _stdout())
+        render_run(doc, out_console())
     _note_unfinished(doc)
-    _guard(lambda: _write(doc, junit, markdown, csv_out, html))
+    _write(doc, junit, markdown, csv_out, html)
 
 
 def diff(
@@ -178,22 +144,22 @@ def diff(
     """List the cells whose verdict changed from RUN_A to RUN_B; exit 1 if any did."""
     from udpreach.render.exports import diff_runs
 
-    doc_a, doc_b = _guard(lambda: _load(db, run_a, run_b))
+    doc_a, doc_b = _load(db, run_a, run_b)
     d = diff_runs(doc_a, doc_b)
     if as_json:
-        _print_json(d)
+        print_json(d)
     else:
         _render_diff(d)
-    err = _stderr()
+    err = err_console()
     for key, which in (("only_a", d["run_a"]), ("only_b", d["run_b"])):
         n = sum(r["last"] - r["first"] + 1 for r in d[key])
         if n:
             err.print(
                 f"note: {n:,} cells planned only in run {which} were not compared", markup=False
             )
-    _guard(lambda: _write(d, junit, markdown, csv_out, html))
+    _write(d, junit, markdown, csv_out, html)
     if not d["compared"]:
-        _fail(f"runs {d['run_a']} and {d['run_b']} have no planned cell in common", 2)
+        fail(f"runs {d['run_a']} and {d['run_b']} have no planned cell in common", 2)
     if d["changes"]:
         raise typer.Exit(1)
 
@@ -204,7 +170,7 @@ def _render_diff(d: dict[str, Any]) -> None:
 
     from udpreach.render.terminal import COLOURS
 
-    out = _stdout()
+    out = out_console()
     changes = d["changes"]
     n = sum(r["last"] - r["first"] + 1 for r in changes)
     if changes:
@@ -247,13 +213,13 @@ def expect_from_run(
     """Print an expectation file (TOML) that the stored run satisfies exactly."""
     from udpreach.core.expect import expect_from
 
-    (doc,) = _guard(lambda: _load(db, from_run))
+    (doc,) = _load(db, from_run)
     sys.stdout.write(expect_from(doc))
     sys.stdout.flush()
     s = doc.get("summary") or {}
     left = int(s.get("untested", 0)) + int(s.get("unknown", 0))
     if not doc.get("complete") or left:
-        _stderr().print(
+        err_console().print(
             f"note: run {doc.get('run_id')} has {left:,} untested or unknown cells; "
             "they are left out (not judged)",
             markup=False,
@@ -262,7 +228,7 @@ def expect_from_run(
 
 def register(app: typer.Typer) -> None:
     """Add ``history``, ``show``, ``diff`` and ``expect`` to the application."""
-    app.command("history")(history)
-    app.command("show")(show)
-    app.command("diff")(diff)
-    app.command("expect")(expect_from_run)
+    app.command("history")(mapped(history))
+    app.command("show")(mapped(show))
+    app.command("diff")(mapped(diff))
+    app.command("expect")(mapped(expect_from_run))

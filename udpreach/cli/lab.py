@@ -1,18 +1,18 @@
 """``udpreach lab up|down|exec``: the real-firewall lab from the command line.
 
 Thin on purpose: each command makes one call into `udpreach.lab` and renders the result.
-Results go to stdout; errors are one line on stderr, with the exit code of their
-`UdpreachError` family (2 for configuration, including "not root").
+Results go to stdout; errors are one line on stderr through the one error mapper, with the
+exit code of their `UdpreachError` family (2 for configuration, including "not root").
 """
 
-import json
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from udpreach.core.errors import ConfigError, UdpreachError
+from udpreach.cli.common import mapped, print_json
+from udpreach.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from udpreach.lab import LabInfo, Role
@@ -55,11 +55,6 @@ _ROLES: "dict[LabRole, Role]" = {
 }
 
 
-def _fail(exc: UdpreachError) -> NoReturn:
-    _console(stderr=True).print(f"error: {_escape(str(exc))}")
-    raise typer.Exit(exc.exit_code) from None
-
-
 def _policy_text(policy: str | None) -> tuple[str, str]:
     """The policy's text and a label for it: a file, else a bundled policy's name."""
     from udpreach import lab
@@ -79,6 +74,7 @@ def _policy_text(policy: str | None) -> tuple[str, str]:
 
 
 @lab_app.command()
+@mapped
 def up(
     policy: Annotated[
         str | None,
@@ -106,14 +102,11 @@ def up(
     """Build a lab and leave it running (until `udpreach lab down`)."""
     from udpreach import lab
 
-    try:
-        lab.require_root()
-        text, label = _policy_text(policy)
-        info = lab.lab_up(text, ipv6, name=name)
-    except UdpreachError as exc:
-        _fail(exc)
+    lab.require_root()
+    text, label = _policy_text(policy)
+    info = lab.lab_up(text, ipv6, name=name)
     if as_json:
-        print(json.dumps(info.to_json(), indent=2))
+        print_json(info.to_json())
         return
     _render(info, label)
 
@@ -168,6 +161,7 @@ def _render(info: "LabInfo", policy_label: str) -> None:
 
 
 @lab_app.command()
+@mapped
 def down(
     name: Annotated[
         str | None,
@@ -179,10 +173,7 @@ def down(
     """Remove a lab: its namespaces, whatever runs in them, its firewall."""
     from udpreach import lab
 
-    try:
-        removed = lab.lab_down(name)
-    except UdpreachError as exc:
-        _fail(exc)
+    removed = lab.lab_down(name)
     if not removed:
         _console(stderr=True).print(f"no lab named {_escape(name)}" if name else "no lab to remove")
     for lab_name in removed:
@@ -190,6 +181,7 @@ def down(
 
 
 @lab_app.command("exec")
+@mapped
 def exec_(
     role: Annotated[LabRole, typer.Argument(help="Where to run: agent, router or probe.")],
     cmd: Annotated[
@@ -203,8 +195,4 @@ def exec_(
     """Run a command inside one of the lab's namespaces; exits with its status."""
     from udpreach import lab
 
-    try:
-        code = lab.lab_exec(_ROLES[role], cmd, name=name)
-    except UdpreachError as exc:
-        _fail(exc)
-    raise typer.Exit(code)
+    raise typer.Exit(lab.lab_exec(_ROLES[role], cmd, name=name))

@@ -37,7 +37,3 @@ class UnreachableError(UdpreachError):
 
 class AgentUnavailableError(UdpreachError):
     """The named agent is not registered, or was lost during the run."""
-
-
-class RunIncompleteError(UdpreachError):
-    """The run ended before every cell was settled (the report is still printed)."""

@@ -14,24 +14,33 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
+import signal
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from types import FrameType, TracebackType
 from typing import Any
 
 from udpreach.core.errors import (
     AgentUnavailableError,
     ConfigError,
     ProtocolError,
+    UdpreachError,
     UnreachableError,
 )
 from udpreach.core.framing import Authenticated, ControlConnection, Event, Message
 
 CONNECT_TIMEOUT = 10.0
 STALL_TIMEOUT = 60.0  # no word from the coordinator for this long during a run: give up
+CANCEL_GRACE = 5.0  # after Ctrl-C, how long to wait for the coordinator's partial document
 READ_SIZE = 65536
+
+
+class RunInterruptedError(UdpreachError):
+    """The user interrupted a run before its document could be had (exit 3)."""
 
 
 class RunReply:
@@ -88,6 +97,69 @@ def agents_from(msg: Message) -> list[dict[str, Any]]:
     return agents
 
 
+class Interrupts:
+    """Counts SIGINTs while active and wakes a waiting ``select`` when one arrives.
+
+    The handler only counts: the requester decides at a safe point what an interrupt means
+    (ask the coordinator to cancel, or give up). ``signal.set_wakeup_fd`` writes to a socket
+    pair, so the same ``select`` that waits for the coordinator wakes on Ctrl-C, on Windows
+    as well. Outside the main thread (where signals cannot be handled) it stays inert.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._pair: tuple[socket.socket, socket.socket] | None = None
+        self._old_handler: Any = None
+        self._old_fd = -1
+
+    def __enter__(self) -> Interrupts:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        pair = socket.socketpair()
+        for s in pair:
+            s.setblocking(False)
+        try:
+            self._old_fd = signal.set_wakeup_fd(pair[1].fileno(), warn_on_full_buffer=False)
+            self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        except (ValueError, OSError):
+            for s in pair:
+                s.close()
+            return self
+        self._pair = pair
+        return self
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._pair is None:
+            return
+        signal.signal(signal.SIGINT, self._old_handler)
+        signal.set_wakeup_fd(self._old_fd)
+        for s in self._pair:
+            s.close()
+        self._pair = None
+
+    def fileno(self) -> int | None:
+        """The socket that becomes readable when a signal arrives (None when inert)."""
+        return self._pair[0].fileno() if self._pair is not None else None
+
+    def drain(self) -> None:
+        if self._pair is not None:
+            with contextlib.suppress(OSError):
+                while self._pair[0].recv(64):
+                    pass
+
+
+class _Woken(Exception):
+    """A wait ended early because a signal arrived."""
+
+
 class BlockingChannel:
     """A control connection over a blocking socket; every read has a deadline."""
 
@@ -107,19 +179,28 @@ class BlockingChannel:
             except OSError as exc:
                 raise UnreachableError(f"control connection lost: {exc}") from None
 
-    def next_event(self, timeout: float, what: str) -> Event:
+    def next_event(self, timeout: float, what: str, wake: Interrupts | None = None) -> Event:
         """The next event from the peer, within ``timeout`` seconds.
 
         Raises:
             UnreachableError: nothing in time (``what`` says what was awaited), or the
                 connection closed or broke.
             ProtocolError, AuthError: from the protocol core.
+            _Woken: a signal arrived on *wake* first.
         """
         deadline = time.monotonic() + timeout
+        wake_fd = wake.fileno() if wake is not None else None
         while not self._events:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise UnreachableError(what)
+            if wake is not None and wake_fd is not None:
+                ready, _, _ = select.select([self.sock.fileno(), wake_fd], [], [], left)
+                if wake_fd in ready:
+                    wake.drain()
+                    raise _Woken
+                if not ready:
+                    continue
             self.sock.settimeout(left)
             try:
                 data = self.sock.recv(READ_SIZE)
@@ -138,8 +219,8 @@ class BlockingChannel:
             self._events.extend(events)
         return self._events.popleft()
 
-    def next_message(self, timeout: float, what: str) -> Message:
-        ev = self.next_event(timeout, what)
+    def next_message(self, timeout: float, what: str, wake: Interrupts | None = None) -> Message:
+        ev = self.next_event(timeout, what, wake)
         if not isinstance(ev, Message):
             raise ProtocolError("expected a control message")
         return ev
@@ -245,20 +326,90 @@ def request_run(
     wait: float,
     expect: list[dict[str, Any]] | None,
     on_progress: Callable[[dict[str, Any]], None],
+    on_cancel: Callable[[float], None] = lambda grace: None,
+    cancel_grace: float = CANCEL_GRACE,
 ) -> dict[str, Any]:
-    """Ask the coordinator for a run and return its document (see ``RunReply.feed``)."""
+    """Ask the coordinator for a run and return its document (see ``RunReply.feed``).
+
+    Until the run has started (its first progress message), the coordinator may be waiting
+    up to *wait* seconds for the agent to register or to be free, so the read deadline is
+    that much longer. A first Ctrl-C (in the main thread) asks the coordinator to cancel the
+    run, calls ``on_cancel(cancel_grace)``, and waits up to *cancel_grace* seconds for the
+    incomplete document, which it returns; a second one, or no document in time, gives up
+    at once.
+
+    Raises:
+        RunInterruptedError: interrupted, and no document to show (exit 3).
+        UdpreachError: as ``RunReply.feed`` and ``connect_blocking``.
+    """
     chan = connect_blocking(host, port, secret, "control", CONNECT_TIMEOUT)
-    try:
-        chan.send(run_request(agent, plan, wait, expect))
-        reply = RunReply(on_progress)
-        stall = STALL_TIMEOUT + wait
-        while True:
-            msg = chan.next_message(
-                stall, f"coordinator sent nothing for {stall:g}s during the run"
+    with Interrupts() as interrupts:
+        try:
+            return _follow_run(
+                chan,
+                run_request(agent, plan, wait, expect),
+                RunReply(on_progress),
+                wait,
+                interrupts,
+                on_cancel,
+                cancel_grace,
             )
-            stall = STALL_TIMEOUT
-            doc = reply.feed(msg)
-            if doc is not None:
-                return doc
-    finally:
-        chan.close()
+        finally:
+            chan.close()
+
+
+def _follow_run(
+    chan: BlockingChannel,
+    request: dict[str, Any],
+    reply: RunReply,
+    wait: float,
+    interrupts: Interrupts,
+    on_cancel: Callable[[float], None],
+    grace: float,
+) -> dict[str, Any]:
+    if interrupts.count:
+        raise RunInterruptedError("interrupted before the run started")
+    chan.send(request)
+    start_by = time.monotonic() + wait + STALL_TIMEOUT
+    started = False
+    cancel_by: float | None = None
+    seen = 0
+    while True:
+        if interrupts.count > seen:
+            seen = interrupts.count
+            if not started:
+                raise RunInterruptedError("interrupted before the run started")
+            if cancel_by is not None:
+                raise RunInterruptedError("interrupted again: quit without the partial report")
+            try:
+                chan.send({"type": "cancel"})
+            except UnreachableError as exc:
+                raise RunInterruptedError(f"interrupted; and {exc}") from None
+            on_cancel(grace)
+            cancel_by = time.monotonic() + grace
+        now = time.monotonic()
+        if cancel_by is not None:
+            timeout = cancel_by - now
+            what = f"interrupted: no partial report from the coordinator within {grace:g}s"
+        elif not started:
+            timeout = max(STALL_TIMEOUT, start_by - now)
+            what = f"coordinator sent nothing for {timeout:g}s: the run did not start"
+        else:
+            timeout = STALL_TIMEOUT
+            what = f"coordinator sent nothing for {timeout:g}s during the run"
+        try:
+            msg = chan.next_message(max(0.0, timeout), what, interrupts)
+        except _Woken:
+            continue
+        except UnreachableError as exc:
+            if cancel_by is not None:
+                text = str(exc)
+                raise RunInterruptedError(
+                    text if text.startswith("interrupted") else f"interrupted; {text}"
+                ) from None
+            raise
+        if msg.type == "progress":
+            started = True
+        doc = reply.feed(msg)
+        if doc is not None:
+            return doc

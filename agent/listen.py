@@ -1,0 +1,199 @@
+"""The agent's UDP listeners: bind, size the receive buffer, drain into the receive core.
+
+Theory of operation: the agent runs where mail clients run (Windows, macOS, Linux), so
+nothing here depends on one system without a fallback:
+
+- Reading: ``recvmmsg`` (``agent.mmsg``: 64 datagrams per system call) where it exists, which
+  is LP64 little-endian Linux; ``recvfrom`` one datagram at a time everywhere else.
+- The receive buffer: Linux's ``SO_RCVBUFFORCE`` lets root pass ``net.core.rmem_max``; every
+  system has ``SO_RCVBUF``, which the kernel may cap. The size granted is reported as the
+  kernel books it (Linux books twice what it is asked for and reports that).
+- Errors while reading: a UDP socket can hold an error left by an ICMP message (Linux:
+  ``ECONNREFUSED``; Windows: ``WSAECONNRESET``, ``ConnectionResetError``, after a port
+  unreachable). It says nothing about the datagrams behind it, so it only ends the current
+  drain pass; the listener wakes again at once while datagrams are waiting, and reads on.
+- Binding: a port that cannot be bound is a configuration error with what to do about it
+  (Windows reserves ranges for Hyper-V and WinNAT, where binding fails with WinError 10013;
+  ports below 1024 need privileges on Linux; a port in use names the tool that shows who).
+
+``Features`` says which of the fast paths to use; tests force the portable ones.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import ipaddress
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from agent import mmsg
+from agent.core import AgentCore, Datagram
+from agent.mmsg import BatchReader
+from udpreach.core.datagram import MAX_SIZE
+from udpreach.core.errors import ConfigError
+
+RCVBUF_WANTED = 16 * 1024 * 1024
+DRAIN_MAX = 4096  # datagrams per drain pass before yielding to other tasks
+DRAIN_CHUNK = mmsg.SLOTS  # datagrams handed to the core at once: one recvmmsg's worth
+SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; Python's socket module does not name it
+WSAEACCES = 10013  # what Windows says for a reserved (excluded) port
+WSAEADDRINUSE = 10048
+
+
+@dataclass(frozen=True)
+class Features:
+    """Which platform-specific calls the listeners use."""
+
+    recvmmsg: bool
+    rcvbufforce: bool
+    rcvbuf_doubled: bool  # the kernel reports twice the buffer it was asked for (Linux)
+
+
+def platform_features(platform: str = sys.platform) -> Features:
+    linux = platform.startswith("linux")
+    return Features(recvmmsg=linux and mmsg.available(), rcvbufforce=linux, rcvbuf_doubled=linux)
+
+
+FEATURES = platform_features()
+
+
+@functools.lru_cache(maxsize=4096)
+def normalize_addr(addr: str) -> str:
+    """'::ffff:198.18.2.2' -> '198.18.2.2'; strips IPv6 scope ids."""
+    addr = addr.split("%", 1)[0]
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return addr
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+@dataclass
+class Listener:
+    sock: socket.socket
+    port: int
+    rcvbuf: int
+    batch: BatchReader | None = None  # recvmmsg where available (shared by the listeners)
+
+
+def bind_error(exc: OSError, listen: str, port: int, platform: str = sys.platform) -> ConfigError:
+    """A failed bind as one line that says what to do about it."""
+    what = f"cannot listen on UDP {listen}:{port}"
+    winerror = getattr(exc, "winerror", None)
+    if winerror == WSAEACCES or exc.errno in (errno.EACCES, errno.EPERM):
+        if platform == "win32":
+            hint = (
+                "Windows reserves port ranges (Hyper-V, WinNAT, Docker); see them with "
+                "`netsh int ipv4 show excludedportrange protocol=udp` and choose a port "
+                "outside them"
+            )
+        elif 0 < port < 1024:
+            hint = (
+                "ports below 1024 need root or CAP_NET_BIND_SERVICE; mail clients listen "
+                "on 1024-65535"
+            )
+        else:
+            hint = "a security policy forbids it"
+        return ConfigError(f"{what}: permission denied; {hint}")
+    if winerror == WSAEADDRINUSE or exc.errno == errno.EADDRINUSE:
+        tool = {
+            "win32": "netstat -ano -p udp",
+            "darwin": "lsof -nP -iUDP",
+        }.get(platform, "ss -uapn")
+        return ConfigError(f"{what}: the port is in use by another program (`{tool}` shows it)")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(f"{what}: {listen} is not an address of this host")
+    return ConfigError(f"{what}: {exc.strerror or exc}")
+
+
+def open_listeners(
+    ports: Sequence[int], listen: str, features: Features | None = None
+) -> list[Listener]:
+    """Bind one UDP socket per port with a large receive buffer.
+
+    Raises:
+        ConfigError: a port cannot be bound (in use, reserved, not permitted).
+    """
+    feats = features or FEATURES
+    family = socket.AF_INET6 if ":" in listen else socket.AF_INET
+    options = (SO_RCVBUFFORCE, socket.SO_RCVBUF) if feats.rcvbufforce else (socket.SO_RCVBUF,)
+    out: list[Listener] = []
+    try:
+        for p in ports:
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            out.append(Listener(s, p, 0))
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            for opt in options:
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, opt, RCVBUF_WANTED)
+                    break
+                except OSError:
+                    continue
+            try:
+                s.bind((listen, p))
+            except OSError as exc:
+                raise bind_error(exc, listen, p) from None
+            s.setblocking(False)
+            out[-1].port = s.getsockname()[1]
+            granted = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            out[-1].rcvbuf = granted // 2 if feats.rcvbuf_doubled else granted
+    except BaseException:
+        for li in out:
+            li.sock.close()
+        raise
+    if feats.recvmmsg and mmsg.available():
+        reader = BatchReader()
+        for li in out:
+            li.batch = reader
+    return out
+
+
+class HasCore(Protocol):
+    core: AgentCore
+
+
+def drain(state: HasCore, listener: Listener, limit: int = DRAIN_MAX) -> int:
+    """Read datagrams until the socket would block (or *limit*); returns how many.
+
+    The core gets them DRAIN_CHUNK at a time (its per-datagram cost is lower in bulk), so at
+    most that many are held at once, whatever their size. An error the socket holds (see the
+    module's docstring) ends the pass without losing what was read.
+    """
+    core = state.core
+    sock = listener.sock
+    recvfrom = sock.recvfrom
+    batch = listener.batch
+    n = 0
+    more = True
+    while more and n < limit:
+        chunk: list[Datagram] = []
+        want = min(DRAIN_CHUNK, limit - n)
+        if batch is not None:  # the chunk in one recvmmsg
+            try:
+                chunk.extend(batch.read(sock, want))
+                more = len(chunk) == want
+            except OSError:
+                more = False  # e.g. a queued ICMP error on the socket; nothing to credit
+        else:
+            while len(chunk) < want:
+                try:
+                    chunk.append(recvfrom(MAX_SIZE + 1))
+                except (BlockingIOError, InterruptedError):
+                    more = False
+                    break
+                except OSError:
+                    # A queued ICMP error (ECONNREFUSED; WSAECONNRESET on Windows), or
+                    # anything else: the listener reads on at its next wake-up.
+                    more = False
+                    break
+        n += len(chunk)
+        if chunk:
+            core.on_datagrams(chunk, normalize_addr)
+    return n

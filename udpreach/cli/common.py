@@ -1,0 +1,218 @@
+"""What every command shares: its options, endpoint parsing, and the one error mapper.
+
+Theory of operation: a command's body raises ``UdpreachError`` (or a subclass) for anything
+that goes wrong in a way a user can act on. ``@mapped`` turns that, an interrupt, and even an
+unexpected exception into one line on stderr and the contract's exit code (0 done, 1
+deviations, 2 bad usage or configuration, 3 could not complete); with ``--json`` the line
+also goes to stdout as ``{"schema": "udpreach/error-v1", ...}`` so a pipeline always gets
+JSON. ``main`` in ``udpreach.cli`` does the same for click's own usage errors. Messages are
+printed as plain text: nothing in them is read as rich markup.
+
+This module imports typer only; rich, trio and numpy load when a command needs them, so
+``udpreach --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
+
+import typer
+
+from udpreach.core.errors import ConfigError, UdpreachError
+
+try:  # typer 0.28 vendors click; older releases depend on it
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as click_errors  # type: ignore[no-redef,import-not-found,unused-ignore]
+
+__all__ = [
+    "CoordinatorOpt",
+    "JsonOpt",
+    "LogJsonOpt",
+    "LogLevelOpt",
+    "SecretOpt",
+    "check_log_level",
+    "click_errors",
+    "err_console",
+    "fail",
+    "map_error",
+    "mapped",
+    "note",
+    "one_line",
+    "out_console",
+    "parse_endpoint",
+    "print_json",
+]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+ERROR_SCHEMA = "udpreach/error-v1"
+DEBUG_ENV = "UDPREACH_DEBUG"  # set to 1: unexpected errors show their traceback
+
+CoordinatorOpt = Annotated[
+    str,
+    typer.Option(
+        "--coordinator",
+        envvar="UDPREACH_COORDINATOR",
+        help="HOST:PORT of the coordinator.",
+        show_default=False,
+    ),
+]
+SecretOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--secret-file",
+        envvar="UDPREACH_SECRET_FILE",
+        help="File holding the shared secret (mode 0600).",
+        show_default=False,
+    ),
+]
+LogLevelOpt = Annotated[
+    str, typer.Option("--log-level", help="debug, info, warning or error.", show_default=True)
+]
+LogJsonOpt = Annotated[bool, typer.Option("--log-json", help="Log JSON lines on stderr.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")]
+
+
+def err_console() -> Any:
+    """rich's console on stderr (progress, notes, errors)."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def out_console() -> Any:
+    """rich's console on stdout (reports)."""
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def one_line(message: str) -> str:
+    """The first non-empty line of *message* (an error is always one line)."""
+    for line in message.splitlines():
+        if line.strip():
+            return line.strip()
+    return "error"
+
+
+def note(message: str) -> None:
+    """A plain line on stderr, never read as markup."""
+    err_console().print(message, markup=False)
+
+
+class _Stdout:
+    """Whether this command has printed its JSON document (then an error after it goes to
+    stderr only: stdout holds exactly one document)."""
+
+    has_document = False
+
+
+def fail(message: str, code: int, *, as_json: bool = False) -> NoReturn:
+    """Say *message* as one line on stderr (and, with --json, as the error document on
+    stdout unless a document is already there), then exit with *code*."""
+    line = one_line(message)
+    if as_json and not _Stdout.has_document:
+        sys.stdout.write(json.dumps({"schema": ERROR_SCHEMA, "error": line, "exit": code}) + "\n")
+        sys.stdout.flush()
+    from rich.text import Text
+
+    text = Text("udpreach: ", style="bold red")
+    text.append(line)
+    err_console().print(text)
+    raise typer.Exit(code)
+
+
+def map_error(exc: BaseException, *, as_json: bool = False) -> NoReturn:
+    """The one error mapper: *exc* as one line and its exit code.
+
+    ``UdpreachError`` carries its own exit code; an interrupt could not complete (3); any
+    other exception is a bug, still one line and exit 3 (``UDPREACH_DEBUG=1`` re-raises it
+    for its traceback).
+    """
+    if isinstance(exc, UdpreachError):
+        fail(str(exc) or type(exc).__name__, exc.exit_code, as_json=as_json)
+    if isinstance(exc, KeyboardInterrupt):
+        fail("interrupted", 3, as_json=as_json)
+    if isinstance(exc, BrokenPipeError):
+        # Whoever read our output went away (`udpreach history | head`): nobody to tell.
+        _silence_stdout()
+        raise typer.Exit(3)
+    if os.environ.get(DEBUG_ENV) == "1":
+        raise exc
+    fail(
+        f"internal error: {type(exc).__name__}: {exc} (run with {DEBUG_ENV}=1 for the details)",
+        3,
+        as_json=as_json,
+    )
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+_PASS_THROUGH: tuple[type[BaseException], ...] = (
+    typer.Exit,
+    typer.Abort,
+    click_errors.ClickException,
+)
+
+
+def mapped(fn: Callable[P, T]) -> Callable[P, T]:
+    """Decorate a command: every error it raises goes through ``map_error`` (``--json``
+    taken from its ``as_json`` parameter)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        _Stdout.has_document = False
+        try:
+            return fn(*args, **kwargs)
+        except _PASS_THROUGH:
+            raise
+        except (Exception, KeyboardInterrupt) as exc:
+            map_error(exc, as_json=bool(kwargs.get("as_json", False)))
+
+    return wrapper
+
+
+def parse_endpoint(text: str, what: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[V6]:PORT' -> (host, port).
+
+    Raises:
+        ConfigError: not of that form, or the port is out of range.
+    """
+    host, sep, port_s = text.rpartition(":")
+    if not sep or not host or not port_s.isdigit():
+        raise ConfigError(f"{what} must be HOST:PORT, got {text!r}")
+    port = int(port_s)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{what}: port {port} out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
+
+
+def check_log_level(level: str) -> str:
+    from udpreach.logs import LEVELS
+
+    if level.lower() not in LEVELS:
+        raise ConfigError(f"--log-level must be one of {', '.join(LEVELS)}")
+    return level.lower()
+
+
+def print_json(obj: Any) -> None:
+    """The command's JSON document on stdout (one line)."""
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+    _Stdout.has_document = True

@@ -1,0 +1,218 @@
+"""``udpreach run``, ``udpreach agents`` and ``udpreach demo``: asking the coordinator.
+
+``run`` checks its options, asks the coordinator for a run over a blocking socket (no trio at
+start-up), shows the progress on stderr while it lasts, prints the report (or, with
+``--json``, the document and nothing else on stdout), writes the requested files, and exits
+with the run's status: 0 done (as expected), 1 deviations, 3 incomplete, interrupted, or no
+cell could be tested at all. Ctrl-C asks the coordinator to stop the run and prints what was
+settled by then.
+"""
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from udpreach.cli.common import (
+    CoordinatorOpt,
+    JsonOpt,
+    SecretOpt,
+    fail,
+    mapped,
+    out_console,
+    parse_endpoint,
+    print_json,
+)
+from udpreach.core.errors import ConfigError
+
+
+def _plan(
+    src_ports: str, dst_ports: str | None, copies: int | None, rate: int, size: int, wait: float
+) -> dict[str, Any]:
+    """The plan the coordinator is asked for, checked here first (exit 2 on a bad one)."""
+    from udpreach.core.datagram import MAX_SIZE, MIN_SIZE
+    from udpreach.core.portspec import format_ports, parse_ports
+
+    src = parse_ports(src_ports, allow_random=True)
+    dst = format_ports(parse_ports(dst_ports)) if dst_ports is not None else None
+    if copies is not None and not 1 <= copies <= 255:
+        raise ConfigError(f"--copies must be 1-255, got {copies}")
+    if rate <= 0:
+        raise ConfigError(f"--rate must be positive, got {rate}")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ConfigError(f"--size must be {MIN_SIZE}-{MAX_SIZE} bytes, got {size}")
+    if wait < 0:
+        raise ConfigError("--wait must not be negative")
+    return {
+        "src_ports": format_ports(src),
+        "dst_ports": dst,
+        "copies": copies,
+        "rate": rate,
+        "size": size,
+    }
+
+
+def _expectations(expect: Path | None) -> list[Any]:
+    if expect is None:
+        return []
+    from udpreach.core.expect import parse_expect
+
+    try:
+        text = expect.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {expect}: {exc.strerror}") from None
+    return parse_expect(text, str(expect))
+
+
+@mapped
+def run(
+    coordinator: CoordinatorOpt,
+    agent: Annotated[str, typer.Option("--agent", help="Name of the agent to test.")],
+    secret_file: SecretOpt = None,
+    src_ports: Annotated[
+        str,
+        typer.Option("--src-ports", help="Source ports: 1024-65535, a list, or random:N."),
+    ] = "1024-65535",
+    dst_ports: Annotated[
+        str | None,
+        typer.Option("--dst-ports", help="Destination ports (default: all of the agent's)."),
+    ] = None,
+    copies: Annotated[
+        int | None,
+        typer.Option(
+            "--copies",
+            help="Most datagrams per cell (default: as many as the measured loss needs, <= 16).",
+        ),
+    ] = None,
+    rate: Annotated[int, typer.Option("--rate", help="Pacing ceiling, datagrams/s.")] = 100_000,
+    size: Annotated[int, typer.Option("--size", help="Payload bytes (16-65507).")] = 16,
+    wait: Annotated[
+        float,
+        typer.Option(
+            "--wait", help="Seconds to wait for the agent to register, or to be free if busy."
+        ),
+    ] = 0.0,
+    as_json: JsonOpt = False,
+    expect: Annotated[
+        Path | None, typer.Option("--expect", help="Judge the result against this TOML file.")
+    ] = None,
+    junit: Annotated[Path | None, typer.Option("--junit", help="Write a JUnit XML report.")] = None,
+    markdown: Annotated[
+        Path | None, typer.Option("--markdown", help="Write a Markdown summary.")
+    ] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the ranges as CSV.")] = None,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Write a self-contained HTML page.")
+    ] = None,
+) -> None:
+    """Test the path from the probe to an agent and print the pass/fail matrix."""
+    from udpreach.cli.progress import ProgressDisplay
+    from udpreach.net.blocking import request_run
+    from udpreach.secret import load_secret
+
+    host, port = parse_endpoint(coordinator, "--coordinator")
+    plan = _plan(src_ports, dst_ports, copies, rate, size, wait)
+    entries = _expectations(expect)
+    secret = load_secret(secret_file)
+    cancelled: list[float] = []
+
+    def on_cancel(grace: float) -> None:
+        cancelled.append(grace)
+        progress.notice(
+            f"interrupted: the coordinator is stopping the run; waiting up to {grace:g}s "
+            "for what was settled (Ctrl-C again to quit now)"
+        )
+
+    with ProgressDisplay() as progress:
+        doc = request_run(
+            host,
+            port,
+            secret,
+            agent=agent,
+            plan=plan,
+            wait=wait,
+            expect=[e.to_json() for e in entries],
+            on_progress=progress.update,
+            on_cancel=on_cancel,
+        )
+    if as_json:
+        print_json(doc)
+    else:
+        from udpreach.render.terminal import render_run
+
+        render_run(doc, out_console())
+    if junit or markdown or csv_out or html:
+        from udpreach.render.exports import write_reports
+
+        write_reports(doc, entries, junit, markdown, csv_out, html)
+    summary = doc.get("summary") or {}
+    cells, untested = _int(summary.get("cells")), _int(summary.get("untested"))
+    if cancelled:
+        fail(
+            f"interrupted: the run was stopped with {_settled(summary):,} of {cells:,} cells "
+            "settled; the rest are unknown",
+            3,
+            as_json=as_json,
+        )
+    if not doc.get("complete"):
+        fail(
+            "the run ended before every cell was settled (unsettled cells are 'unknown')",
+            3,
+            as_json=as_json,
+        )
+    if cells and untested == cells:
+        fail(f"no cell could be tested: {_untested_reason(doc)}", 3, as_json=as_json)
+    if doc.get("deviations"):
+        raise typer.Exit(1)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _settled(summary: dict[str, Any]) -> int:
+    return _int(summary.get("cells")) - _int(summary.get("unknown"))
+
+
+def _untested_reason(doc: dict[str, Any]) -> str:
+    """Why cells were untested, from the document's untested ranges (the first reason, and
+    how many others there are)."""
+    reasons: list[str] = []
+    for r in doc.get("ranges") or []:
+        reason = r.get("reason") if r.get("verdict") == "untested" else None
+        if reason and str(reason) not in reasons:
+            reasons.append(str(reason))
+    if not reasons:
+        return "the probe could not send from any planned source port"
+    more = f" (and {len(reasons) - 1} other reasons)" if len(reasons) > 1 else ""
+    return reasons[0] + more
+
+
+@mapped
+def agents(
+    coordinator: CoordinatorOpt, secret_file: SecretOpt = None, as_json: JsonOpt = False
+) -> None:
+    """List the agents registered with the coordinator."""
+    from udpreach.net.blocking import list_agents
+    from udpreach.secret import load_secret
+
+    host, port = parse_endpoint(coordinator, "--coordinator")
+    found = list_agents(host, port, load_secret(secret_file))
+    if as_json:
+        print_json({"agents": found})
+    else:
+        from udpreach.render.terminal import render_agents
+
+        render_agents(found, out_console())
+
+
+@mapped
+def demo(
+    loopback: Annotated[
+        bool, typer.Option("--loopback", help="Use loopback even when the lab is available.")
+    ] = False,
+) -> None:
+    """Start a probe and an agent, run a full sweep, print the matrix."""
+    from udpreach.demo import run_demo
+
+    raise typer.Exit(run_demo(loopback=loopback))

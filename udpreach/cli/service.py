@@ -1,0 +1,260 @@
+"""``udpreach probe`` and ``udpreach agent``: the two long-running services.
+
+Each parses its options into a config (errors are one line and exit 2), then runs under trio
+until SIGINT or SIGTERM, after which it exits 0 without a traceback. A failure inside the
+service (a port that cannot be bound, a refused secret) leaves trio as an exception group;
+``run_service`` takes the error out with a plain ``except`` (Python before 3.11.4 wraps an
+exception raised inside ``except*`` in a new group) and hands it to the one error mapper.
+"""
+
+import ipaddress
+import json
+import logging
+import re
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from udpreach.cli.common import (
+    CoordinatorOpt,
+    LogJsonOpt,
+    LogLevelOpt,
+    SecretOpt,
+    check_log_level,
+    mapped,
+    parse_endpoint,
+)
+from udpreach.core.errors import ConfigError, UdpreachError
+
+log = logging.getLogger("udpreach.probe")
+
+# The coordinator's rule for agent names (probe.coordinator.NAME_RE), checked here so that
+# the agent's host never imports the probe; tests/test_cli.py keeps the two equal.
+AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SEND_MODES = ("auto", "raw", "bind")
+
+
+def first_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The error to report from a group: its first ``UdpreachError``, else its first leaf
+    that is not a cancellation, else its first leaf."""
+    leaves: list[BaseException] = []
+    todo: list[BaseException] = [group]
+    while todo:
+        exc = todo.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            todo[:0] = exc.exceptions
+        else:
+            leaves.append(exc)
+    for kind in (UdpreachError, KeyboardInterrupt):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    for leaf in leaves:
+        if type(leaf).__name__ != "Cancelled":
+            return leaf
+    return leaves[0] if leaves else group
+
+
+def run_service(main: Callable[[], Awaitable[None]]) -> None:
+    """Run a trio service until SIGINT/SIGTERM (Ctrl-Break on Windows), then return."""
+    import trio
+
+    wanted = [signal.SIGINT, signal.SIGTERM]
+    if hasattr(signal, "SIGBREAK"):  # Windows: Ctrl-Break, and what service managers send
+        wanted.append(signal.SIGBREAK)
+
+    async def wrapper() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def signals() -> None:
+                with trio.open_signal_receiver(*wanted) as sigs:
+                    async for _ in sigs:
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(signals)
+            await main()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(wrapper)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+
+
+def _send_mode_line(send_mode: str) -> str:
+    """What the probe will send with, said once at start-up."""
+    from probe.raw import raw_available
+
+    why = raw_available()
+    if send_mode == "bind":
+        return "send mode: bind (a socket bound per source port; busy ports are untested)"
+    if why is None:
+        return f"send mode: {send_mode} -> raw sockets (any source port, even busy ones)"
+    return (
+        f"send mode: auto -> bind ({why}); source ports below 1024 and ports in use here "
+        "will be untested"
+    )
+
+
+@mapped
+def probe(
+    control: Annotated[
+        str, typer.Option("--control", help="HOST:PORT of the TCP control endpoint to listen on.")
+    ],
+    secret_file: SecretOpt = None,
+    db: Annotated[
+        Path | None,
+        typer.Option(
+            "--db",
+            help="Run history database (SQLite; default $XDG_DATA_HOME/udpreach/runs.sqlite3).",
+            show_default=False,
+        ),
+    ] = None,
+    source: Annotated[
+        str | None,
+        typer.Option("--source", help="Local address to send from (default: the routed one)."),
+    ] = None,
+    allow_target: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-target",
+            help="CIDR an agent's registered address may be in when it differs from the "
+            "address its connection came from (repeatable).",
+        ),
+    ] = None,
+    max_rate: Annotated[
+        int, typer.Option("--max-rate", help="Global ceiling, datagrams per second.")
+    ] = 1_000_000,
+    max_datagrams: Annotated[
+        int, typer.Option("--max-datagrams", help="Ceiling on datagrams sent in one run.")
+    ] = 50_000_000,
+    send_mode: Annotated[
+        str,
+        typer.Option(
+            "--send-mode",
+            help="auto (raw socket when permitted, else bind), raw (needs CAP_NET_RAW: any "
+            "source port, even busy ones) or bind (a socket bound per source port).",
+        ),
+    ] = "auto",
+    ready_file: Annotated[
+        Path | None, typer.Option("--ready-file", hidden=True, help="Write the bound address.")
+    ] = None,
+    log_level: LogLevelOpt = "info",
+    log_json: LogJsonOpt = False,
+) -> None:
+    """Server side: host the coordinator and the UDP probe until SIGINT/SIGTERM."""
+    from udpreach.logs import setup_logging
+    from udpreach.secret import load_secret
+
+    setup_logging(check_log_level(log_level), log_json)
+    host, port = parse_endpoint(control, "--control")
+    secret = load_secret(secret_file)
+    nets = []
+    for cidr in allow_target or []:
+        try:
+            nets.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError:
+            raise ConfigError(f"--allow-target: not a CIDR: {cidr!r}") from None
+    if send_mode not in SEND_MODES:
+        raise ConfigError(f"--send-mode must be auto, raw or bind, got {send_mode!r}")
+    if send_mode == "raw":
+        from probe.raw import raw_available
+
+        why = raw_available()
+        if why is not None:
+            raise ConfigError(f"--send-mode raw: {why}")
+    if max_rate <= 0 or max_datagrams <= 0:
+        raise ConfigError("--max-rate and --max-datagrams must be positive")
+    if source is not None:
+        try:
+            ipaddress.ip_address(source)
+        except ValueError:
+            raise ConfigError(f"--source: not an IP address: {source!r}") from None
+
+    from probe.coordinator import Coordinator, ProbeConfig
+    from udpreach.store import RunStore
+
+    cfg = ProbeConfig(
+        host=host,
+        port=port,
+        secret=secret,
+        db=str(db) if db else None,
+        source=source,
+        max_rate=max_rate,
+        max_datagrams=max_datagrams,
+        allow_targets=nets,
+        send_mode=send_mode,
+    )
+    store = RunStore.open(db)
+
+    async def main() -> None:
+        import trio
+
+        coord = Coordinator(cfg, store=store)
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(coord.serve)
+            # Once listening: a probe that cannot start says only why.
+            log.info("run database: %s", store.path)
+            log.info("%s", _send_mode_line(send_mode))
+            if ready_file is not None:
+                ready_file.write_text(json.dumps({"host": bound[0], "port": bound[1]}))
+
+    try:
+        run_service(main)
+    finally:
+        store.close()
+
+
+@mapped
+def agent(
+    coordinator: CoordinatorOpt,
+    port: Annotated[
+        str,
+        typer.Option(
+            "--port", help="UDP port(s) to listen on: 5000, 5000,5001,6000-6002, or 0 (ephemeral)."
+        ),
+    ],
+    secret_file: SecretOpt = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Agent name (default: the host name).")
+    ] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option("--listen", help="Local address to listen on (default: all addresses)."),
+    ] = None,
+    log_level: LogLevelOpt = "info",
+    log_json: LogJsonOpt = False,
+) -> None:
+    """Client side: listen on UDP port(s), register with the coordinator, report receipts."""
+    import socket
+
+    from agent.service import AgentConfig, run_agent
+    from udpreach.core.portspec import parse_ports
+    from udpreach.logs import setup_logging
+    from udpreach.secret import load_secret
+
+    setup_logging(check_log_level(log_level), log_json)
+    host, cport = parse_endpoint(coordinator, "--coordinator")
+    ports = parse_ports(port, allow_zero=True)
+    if len(ports) > 1024:
+        raise ConfigError("an agent listens on at most 1024 ports")
+    agent_name = name or socket.gethostname().split(".")[0]
+    if not AGENT_NAME_RE.match(agent_name):
+        raise ConfigError(f"--name {agent_name!r}: use letters, digits, '.', '_' or '-'")
+    cfg = AgentConfig(
+        host=host,
+        port=cport,
+        secret=load_secret(secret_file),
+        ports=ports,
+        name=agent_name,
+        listen=listen,
+    )
+
+    async def main() -> None:
+        await run_agent(cfg)
+
+    run_service(main)
