@@ -65,14 +65,16 @@ __all__ = [
     "expect_from",
     "judge",
     "judged_cells",
-    # The range algebra lives in udpreach.core.intervals; the store and older callers
-    # import these three from here.
+    # The range algebra lives in udpreach.core.intervals; the store still imports these
+    # five from here.
     "merge_ranges",
     "parse_expect",
     "planned_intervals",
     "satisfies",
+    "subtract",
     "summarize",
     "summarize_judgement",
+    "union",
 ]
 
 CLOSED = ("blocked", "rejected")
