@@ -18,17 +18,14 @@ import pytest
 from docsamples import BASELINE_EXPECT, after_change, baseline, build_doc, cell_verdicts, docs
 from hypothesis import given, settings
 
-from udpreach.core.expect import judge, merge_ranges, parse_expect
+from udpreach.core.diff import diff_runs
+from udpreach.core.expect import judge, parse_expect
+from udpreach.core.intervals import merge_ranges
 from udpreach.core.recommend import MULTIPORT_SLOTS, iptables_rules, recommend
-from udpreach.render.exports import (
-    bucket_counts,
-    buckets_for,
-    diff_runs,
-    write_csv,
-    write_html,
-    write_junit,
-    write_markdown,
-)
+from udpreach.render.csv import write_csv
+from udpreach.render.html import bucket_counts, buckets_for, write_html
+from udpreach.render.junit import write_junit
+from udpreach.render.markdown import write_markdown
 
 # ---------------------------------------------------------------------------------------
 # The diff.
