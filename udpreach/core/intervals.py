@@ -78,7 +78,7 @@ def merge_ranges(ranges: Iterable[Range]) -> list[Range]:
     """
     ordered = sorted(ranges, key=lambda r: (int(r["dst_port"]), int(r["first"])))
     out: list[Range] = []
-    prev_key: object = None
+    prev_key: dict[str, Any] | None = None
     last: Range = {}
     for r in ordered:
         key = merge_key(r)
@@ -110,9 +110,11 @@ def freeze(v: Any) -> Any:
     return v
 
 
-def merge_key(r: Range) -> object:
-    """What two neighbouring ranges must share to be one range."""
-    return tuple(sorted((k, freeze(v)) for k, v in r.items() if k not in _UNKEYED))
+def merge_key(r: Range) -> dict[str, Any]:
+    """What two neighbouring ranges must share to be one range (compare with ``==``: a
+    dict, since a full sweep's tens of thousands of ranges make sorting each one's keys
+    the cost of the whole merge)."""
+    return {k: v for k, v in r.items() if k not in _UNKEYED}
 
 
 def _merge_observed(a: Any, b: Any) -> Any:

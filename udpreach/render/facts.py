@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from udpreach.core.errors import PortSpecError
-from udpreach.core.intervals import Range, is_sampled
+from udpreach.core.intervals import Range, is_sampled, planned_spans
 from udpreach.core.portspec import format_ports, parse_ports, ranges_of
 from udpreach.render.fold import Folded, Row
 
@@ -308,13 +308,23 @@ def agent_text(doc: dict[str, Any], *, sep: str = ",") -> str:
     return text + (f", ports {ports})" if ports != "?" else ")")
 
 
+def sampled(doc: dict[str, Any]) -> bool:
+    """Whether the document's plan sampled its source ports (``random:N``)."""
+    try:
+        return is_sampled(ranges_of(parse_ports(str((doc.get("plan") or {})["src_ports"]))))
+    except (KeyError, PortSpecError):
+        return is_sampled(planned_spans(doc.get("ranges") or []))
+
+
 def summary_extras(doc: dict[str, Any]) -> list[str]:
     """What the summary counts do not show: how many verdicts rest on samples, and how
     many blocked cells could be rejects whose ICMP errors were rate-limited."""
     inferred = limited = 0
     for r in doc.get("ranges") or []:
-        inferred += _int(r.get("inferred")) or 0
-        limited += _int(r.get("icmp_limited")) or 0
+        if "inferred" in r:
+            inferred += _int(r["inferred"]) or 0
+        if "icmp_limited" in r:
+            limited += _int(r["icmp_limited"]) or 0
     out = []
     if limited:
         out.append(

@@ -106,7 +106,7 @@ def fold(
     ranges: Sequence[Range],
     cap: int,
     *,
-    label: Callable[[Range], str] = lambda r: str(r["verdict"]),
+    label: Callable[[Range], str] | None = None,
     wildcard: str | None = "unknown",
     sampled: bool = False,
 ) -> Folded:
@@ -114,13 +114,16 @@ def fold(
     as fits (see the module comment).
 
     Args:
-        label: what a row's cells are counted by (the verdict by default).
+        label: what a row's cells are counted by (None: the verdict).
         wildcard: the label that agrees with any other in step 2 (None: skip step 2).
         sampled: the ranges come from a sampled plan (step 1 applies).
     """
-    items: list[_Item] = [
-        (int(r["dst_port"]), int(r["first"]), int(r["last"]), label(r), _n(r), [r]) for r in ranges
-    ]
+    items: list[_Item] = []
+    append = items.append
+    for r in ranges:  # the one pass over every range: kept plain, it is most of the cost
+        first, last = int(r["first"]), int(r["last"])
+        lab = str(r["verdict"]) if label is None else label(r)
+        append((int(r["dst_port"]), first, last, lab, last - first + 1, [r]))
     if len(items) <= cap:
         return Folded([_row(it) for it in items], len(ranges))
     how = None
@@ -151,7 +154,7 @@ def _n(r: Range) -> int:
 
 def _merge_gaps(items: list[_Item]) -> list[_Item]:
     out: list[_Item] = []
-    prev_key: object = None
+    prev_key: dict[str, Any] | None = None
     for it in items:
         key = merge_key(it[5][0])
         if out and out[-1][0] == it[0] and key == prev_key:
@@ -240,23 +243,28 @@ def _merge_row(group: Iterable[_Item]) -> Row:
     group = list(group)
     d, first = group[0][0], group[0][1]
     row = Row(d, first, group[-1][2])
-    keys: set[Any] = set()
+    key = merge_key(group[0][5][0])
+    alike = True  # every range shares the first one's details
+    counts = row.counts
+    sent = received = 0
     for _, _, _, lab, n, rs in group:
         row.cells += n
-        row.counts[lab] = row.counts.get(lab, 0) + n
+        counts[lab] = counts.get(lab, 0) + n
         row.ranges += len(rs)
         for r in rs:
-            row.sent += _int(r.get("sent"))
-            row.received += _int(r.get("received"))
+            sent += _int(r.get("sent"))
+            received += _int(r.get("received"))
             if "inferred" in r:
                 row.inferred += _int(r["inferred"])
             if "icmp_limited" in r:
                 row.icmp_limited += _int(r["icmp_limited"])
             if r.get("translated"):
                 row.translated += _n(r)
-            if len(keys) < 2:
-                keys.add(merge_key(r))
+            if alike and r is not group[0][5][0]:
+                alike = merge_key(r) == key
             icmp, reason = r.get("icmp"), r.get("reason")
+            if icmp is None and reason is None:
+                continue
             if icmp is not None and icmp not in row.icmp:
                 if len(row.icmp) < DETAILS:
                     row.icmp.append(icmp)
@@ -267,10 +275,11 @@ def _merge_row(group: Iterable[_Item]) -> Row:
                     row.reasons.append(str(reason))
                 else:
                     row.more_details = True
-    if len(keys) == 1:
+    row.sent, row.received = sent, received
+    if alike:
         row.source = group[0][5][0]
     return row
 
 
 def _int(v: Any) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+    return v if type(v) is int else 0  # not bool, not anything else a document may hold

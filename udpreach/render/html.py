@@ -26,9 +26,7 @@ from udpreach.core.document import recommendations_of
 from udpreach.core.intervals import (
     Interval,
     Range,
-    is_sampled,
     n_cells,
-    planned_spans,
     ranges_by_dst,
     subtract,
 )
@@ -285,7 +283,7 @@ def html_run(doc: dict[str, Any]) -> str:
     """The HTML text of ``write_html`` for a run document."""
     s = doc.get("summary") or {}
     ranges = doc.get("ranges") or []
-    sampled = is_sampled(planned_spans(ranges))
+    sampled = facts.sampled(doc)
     devs = doc.get("deviations") if isinstance(doc.get("deviations"), list) else None
     plan = doc.get("plan") or {}
     rec = recommendations_of(doc)

@@ -15,7 +15,7 @@ from typing import Any
 
 from udpreach.core.diff import DIFF_SCHEMA
 from udpreach.core.document import recommendations_of
-from udpreach.core.intervals import Range, is_sampled, n_cells, planned_spans
+from udpreach.core.intervals import Range, n_cells
 from udpreach.core.portspec import format_ports
 from udpreach.render import facts
 from udpreach.render.fold import Folded, fold
@@ -75,7 +75,7 @@ def markdown_run(doc: dict[str, Any], *, diff: dict[str, Any] | None = None) -> 
     """The Markdown text of ``write_markdown``."""
     s = doc.get("summary") or {}
     ranges = doc.get("ranges") or []
-    sampled = is_sampled(planned_spans(ranges))
+    sampled = facts.sampled(doc)
     c = facts.confidence(doc)
     status = "complete" if doc.get("complete") else "**incomplete**"
     out = [

@@ -34,7 +34,7 @@ from rich.table import Table
 from rich.text import Text
 
 from udpreach.core.document import recommendations_of
-from udpreach.core.intervals import Range, is_sampled, planned_spans
+from udpreach.core.intervals import Range
 from udpreach.render import facts
 from udpreach.render.fold import Row, fold
 
@@ -508,7 +508,7 @@ def run_renderables(doc: dict[str, Any]) -> list[Any]:
     out += [Para(x, indent=2) for x in facts.summary_extras(doc)]
     out.append(Para(_loss_line(doc)))
     ranges = doc.get("ranges") or []
-    sampled = is_sampled(planned_spans(ranges))
+    sampled = facts.sampled(doc)
     out.append(RangeSection("Source-port ranges", ranges, sampled=sampled))
     tail: list[Any] = [Matrix(doc)]
     deviations = doc.get("deviations")
