@@ -376,3 +376,26 @@ def test_agents_fit_any_width(monkeypatch: pytest.MonkeyPatch) -> None:
         words = {w.strip(",()") for w in out.split()}
         assert {rs.V6_AGENT, rs.V6_PROBE, "198.18.1.2", "[red]x[/red]"} <= words
         assert "2025-11-26 00:00:00 UTC" in _flat(out)
+
+
+def test_beside_a_policy_on_a_wide_terminal_nothing_is_cut(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The demo shows the firewall policy to the left of the report at 150 columns or more.
+    from rich.panel import Panel
+
+    doc = rs.everything()
+    policy = Panel("udp sport 40000-49999 udp dport 5000 drop", title="policy", width=72)
+    for width in (150, 170, 200):
+        console, buf = _console(width, "piped", monkeypatch)
+        render_run(doc, console, beside=policy)
+        out = _text(buf)
+        assert "…" not in out
+        lines = out.splitlines()
+        assert lines[0].startswith("╭")  # the policy, and beside it the report
+        assert "udpreach run" in lines[0]
+        words = {w.strip(",;()") for line in lines for w in line.split()}
+        assert set(rs.verdict_spans(doc)) <= words
+        stripped = [line.strip() for line in lines]
+        for rule in doc["recommendations"]["rules"]:
+            assert rule["nft"] in stripped
