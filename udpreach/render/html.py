@@ -280,7 +280,7 @@ def _confidence_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def html_run(doc: dict[str, Any]) -> str:
-    """The HTML text of ``write_html`` for a run document."""
+    """The HTML page of a run document."""
     s = doc.get("summary") or {}
     ranges = doc.get("ranges") or []
     sampled = facts.sampled(doc)
@@ -397,7 +397,7 @@ def _change_kind(before: str, after: str) -> str:
 
 
 def html_diff(diff: dict[str, Any]) -> str:
-    """The HTML text of ``write_html_diff``."""
+    """The HTML page of a diff document."""
     changes = diff.get("changes") or []
     uncertain = diff.get("uncertain") or []
     # The heat map covers the compared cells: changes coloured by kind, the rest "same"
@@ -449,8 +449,3 @@ def write_html(doc: dict[str, Any], path: str | Path) -> None:
     """Write one self-contained HTML page for a run (or a diff document)."""
     text = html_diff(doc) if doc.get("schema") == DIFF_SCHEMA else html_run(doc)
     Path(path).write_text(text, encoding="utf-8")
-
-
-def write_html_diff(diff: dict[str, Any], path: str | Path) -> None:
-    """Write one self-contained HTML page for a diff document."""
-    Path(path).write_text(html_diff(diff), encoding="utf-8")

@@ -72,7 +72,7 @@ def _folded_table(folded: Folded, header: Sequence[str], columns: str) -> list[s
 
 
 def markdown_run(doc: dict[str, Any], *, diff: dict[str, Any] | None = None) -> str:
-    """The Markdown text of ``write_markdown``."""
+    """The Markdown report of a run document (see ``write_markdown``)."""
     s = doc.get("summary") or {}
     ranges = doc.get("ranges") or []
     sampled = facts.sampled(doc)
@@ -227,7 +227,7 @@ def _changes(diff: dict[str, Any]) -> list[str]:
 
 
 def markdown_diff(diff: dict[str, Any]) -> str:
-    """The Markdown text of ``write_markdown_diff``."""
+    """The Markdown report of a diff document."""
     out = [
         f"# udpreach diff {_code(diff.get('run_a', '?'))} → {_code(diff.get('run_b', '?'))}",
         "",
@@ -242,14 +242,9 @@ def write_markdown(
     """Write a Markdown summary ready to paste into a change ticket.
 
     Args:
-        doc: a run document (or a diff document, rendered as ``write_markdown_diff``).
+        doc: a run document (or a diff document: its changes).
         path: the file to write.
         diff: optionally, a diff against an earlier run, added as a section.
     """
     text = markdown_diff(doc) if doc.get("schema") == DIFF_SCHEMA else markdown_run(doc, diff=diff)
     Path(path).write_text(text, encoding="utf-8")
-
-
-def write_markdown_diff(diff: dict[str, Any], path: str | Path) -> None:
-    """Write a Markdown report of a diff document."""
-    Path(path).write_text(markdown_diff(diff), encoding="utf-8")

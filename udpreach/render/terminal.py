@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.console import Console, ConsoleOptions, Group, JustifyMethod, RenderResult
 from rich.measure import Measurement
 from rich.segment import Segment
 from rich.table import Table
@@ -82,9 +82,9 @@ def _plain(console: Console) -> bool:
     return console.no_color or console.color_system is None
 
 
-def _ascii(console: Console, options: ConsoleOptions | None = None) -> bool:
-    enc = (console.encoding or "").lower()
-    return bool(options.ascii_only if options is not None else False) or not enc.startswith("utf")
+def _ascii(console: Console, options: ConsoleOptions) -> bool:
+    """True when the output cannot carry more than ASCII."""
+    return options.ascii_only or not (console.encoding or "").lower().startswith("utf")
 
 
 def _words(text: Text) -> list[Text]:
@@ -159,7 +159,7 @@ def _width(value: Text | str) -> int:
 
 def _fitted_table(
     title: str,
-    header: Sequence[tuple[str, str]],
+    header: Sequence[tuple[str, JustifyMethod]],
     rows: Sequence[Sequence[Text | str]],
     wrap: str | None = None,
 ) -> tuple[Table, int]:
@@ -181,10 +181,10 @@ def _fitted_table(
                 (len(w) for v in values for w in Text.assemble(v).plain.split()), default=0
             )
             col_min = max(longest, max((len(w) for w in name.split()), default=0))
-            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+            table.add_column(name, justify=justify)
         else:
             col_min = max([_width(name), *(_width(v) for v in values)])
-            table.add_column(name, justify=justify, no_wrap=True, width=col_min)  # type: ignore[arg-type]
+            table.add_column(name, justify=justify, no_wrap=True, width=col_min)
         need += col_min + 3  # padding on both sides and a border
     for row in rows:  # as Text: a value is never read as rich markup
         table.add_row(*(v if isinstance(v, Text) else Text(v) for v in row))
@@ -193,10 +193,6 @@ def _fitted_table(
 
 # ---------------------------------------------------------------------------------------
 # Range tables (ranges, deviations, diff changes).
-
-
-def _count(n: int) -> str:
-    return f"{n:,}"
 
 
 def _label_text(label: str) -> Text:
@@ -258,7 +254,10 @@ class RangeSection:
     def _table(self) -> tuple[Table, int]:
         names = list(self._fields(Row(0, 0, 0)))
         right = ("dst port", "source ports", "cells", "sent/recv")
-        header = [(n, "right" if n in right else "left") for n in names] + [("details", "left")]
+        header: list[tuple[str, JustifyMethod]] = [
+            (n, "right" if n in right else "left") for n in names
+        ]
+        header.append(("details", "left"))
         rows = [
             [*self._fields(row).values(), "; ".join(facts.row_details(row))]
             for row in self.folded.rows
@@ -398,11 +397,6 @@ def _pack(items: list[Text], width: int) -> Iterator[Text]:
             line.append("  ")
         line.append_text(item)
     yield line
-
-
-def render_matrix(doc: dict[str, Any]) -> Matrix:
-    """The matrix of a run document, as a renderable that fits the width it is given."""
-    return Matrix(doc)
 
 
 # ---------------------------------------------------------------------------------------
@@ -668,7 +662,7 @@ class _AgentList:
         self.rows = list(rows)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        header = [(c, "left") for c in self.COLUMNS]
+        header: list[tuple[str, JustifyMethod]] = [(c, "left") for c in self.COLUMNS]
         table, need = _fitted_table("Registered agents", header, self.rows, wrap="ports")
         if need <= options.max_width:
             yield table
