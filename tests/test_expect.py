@@ -4,6 +4,7 @@ writing an expectation file back from a run."""
 from __future__ import annotations
 
 import time
+import tomllib
 
 import docsamples
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from udpreach.core.errors import ConfigError
 from udpreach.core.expect import (
+    CLOSED,
     ExpectEntry,
     cut_range,
     expect_from,
@@ -77,8 +79,8 @@ GOOD = '[[expect]]\ndst_ports = "5000"\nsrc_ports = "1024-65535"\nverdict = "ope
          10, "unknown key 'foo'"),
         (GOOD + '\n[[expect]]\ndst_ports = "5000"\nverdict = "open"\n',
          6, "missing key 'src_ports'"),
-        (GOOD + '\n[[expect]]\ndst_ports = "5000"\nsrc_ports = "1-2"\nverdict = "closed"\n',
-         9, "verdict 'closed'"),
+        (GOOD + '\n[[expect]]\ndst_ports = "5000"\nsrc_ports = "1-2"\nverdict = "shut"\n',
+         9, "verdict 'shut'"),
         (GOOD + '\n[[expect]]\ndst_ports = "5000"\nsrc_ports = "2000-1000"\nverdict = "open"\n',
          8, "reversed range"),
         (GOOD + '\n[[expect]]\ndst_ports = "5000"\nsrc_ports = "random:5"\nverdict = "open"\n',
@@ -206,6 +208,81 @@ def test_uncovered_and_unplanned_cells_are_not_judged() -> None:
     assert judged_cells(doc, parse_expect(text)) == 1499 - 1024 + 1
 
 
+CLOSED_EXPECT = """\
+[[expect]]
+dst_ports = "5000-5001"
+src_ports = "1024-65535"
+verdict = "open"
+
+[[expect]]
+dst_ports = "5000"
+src_ports = "40000-49999"
+verdict = "closed"
+
+[[expect]]
+dst_ports = "5001"
+src_ports = "5353,60000-60099"
+verdict = "closed"
+"""
+
+
+def test_closed_is_met_by_blocked_and_by_rejected() -> None:
+    # 5000 blocks 40000-49999 and 5001 rejects 60000-60099: both are "closed"; the
+    # untested 5353 is not (what was not measured is not confirmed).
+    devs = judge(baseline(), parse_expect(CLOSED_EXPECT))
+    assert [(d["dst_port"], d["first"], d["last"], d["verdict"], d["expected"]) for d in devs] == [
+        (5001, 5353, 5353, "untested", "closed")
+    ]
+    # An open cell expected closed deviates, in either direction of the override.
+    doc = docsamples.after_change()  # 45000-49999 opened on 5000, 60100-60199 rejected
+    devs = judge(doc, parse_expect(CLOSED_EXPECT))
+    assert [(d["dst_port"], d["first"], d["last"], d["verdict"]) for d in devs] == [
+        (5000, 45000, 49999, "open"),
+        (5001, 5353, 5353, "untested"),
+        (5001, 60100, 60199, "rejected"),  # expected open by the first entry
+    ]
+    (res_open, res_5000, res_5001) = summarize_judgement(doc, parse_expect(CLOSED_EXPECT))
+    assert res_5000.deviating_cells == 5000
+    assert res_5001.deviating_cells == 1
+    assert res_open.deviating_cells == 100
+
+
+def test_a_deviation_carries_its_share_of_inferred_and_icmp_limited_cells() -> None:
+    doc = build_doc(src="1024-2047", dst=(5000,), spans=[
+        {"dst": 5000, "first": 1100, "last": 1199, "verdict": "blocked"},
+    ])  # fmt: skip
+    blocked = next(r for r in doc["ranges"] if r["verdict"] == "blocked")
+    blocked["icmp_limited"] = 40
+    blocked["inferred"] = 10
+    text = '[[expect]]\ndst_ports = "5000"\nsrc_ports = "1150-2047"\nverdict = "open"\n'
+    (dev,) = judge(doc, parse_expect(text))
+    assert (dev["first"], dev["last"]) == (1150, 1199)
+    assert (dev["icmp_limited"], dev["inferred"]) == (20, 5)
+
+
+def test_expect_from_writes_closed_where_the_run_could_not_tell() -> None:
+    doc = baseline()
+    blocked = next(r for r in doc["ranges"] if r["verdict"] == "blocked")
+    blocked["icmp_limited"] = 9000  # 40000-49999 on 5000: dropped or rejected, not known
+    text = expect_from(doc)
+    data = tomllib.loads(text)
+    assert {"dst_ports": "5000", "src_ports": "40000-49999", "verdict": "closed"} in data["expect"]
+    assert "# 10000 cells (blocked or rejected: ICMP was rate-limited)" in text
+    assert text.count("[[expect]]") == len(data["expect"])  # tables, not an inline array
+    entries = parse_expect(text)
+    assert judge(doc, entries) == []
+    # The next run of the same policy, with those cells rejected this time, still passes.
+    again = build_doc(dst=(5000, 5001), spans=[
+        {"dst": 5000, "first": 40000, "last": 49999, "verdict": "rejected",
+         "icmp": docsamples.ICMP_ADMIN},
+        {"dst": 5001, "first": 2000, "last": 2999, "verdict": "open", "translated": True},
+        {"dst": 5001, "first": 5353, "last": 5353, "verdict": "untested"},
+        {"dst": 5001, "first": 60000, "last": 60099, "verdict": "rejected",
+         "icmp": docsamples.ICMP_ADMIN},
+    ])  # fmt: skip
+    assert judge(again, entries) == []
+
+
 def test_summarize_charges_each_cell_to_the_entry_that_owns_it() -> None:
     text = BASELINE_EXPECT + '\n[[expect]]\ndst_ports = "5001"\nsrc_ports = "1"\nverdict = "open"\n'
     doc = docsamples.after_change()
@@ -235,7 +312,11 @@ def _reference_deviations(doc: dict, entries: list[ExpectEntry]) -> dict[tuple[i
         for d in e.dst_ports:
             for s in e.src_ports:
                 expected[(d, s)] = e.verdict
-    return {c: v for c, v in expected.items() if c in cells and cells[c] != v}
+    return {
+        c: v
+        for c, v in expected.items()
+        if c in cells and cells[c] != v and not (v == "closed" and cells[c] in CLOSED)
+    }
 
 
 @st.composite
@@ -248,7 +329,7 @@ def entry_lists(draw: st.DrawFn) -> list[ExpectEntry]:
                 agent=draw(st.sampled_from((None, None, "pc-17", "other"))),
                 dst_ports=tuple(sorted(draw(st.sets(st.integers(4999, 5006), min_size=1)))),
                 src_ports=parse_ports(f"{first}-{draw(st.integers(first, 1240))}"),
-                verdict=draw(st.sampled_from(("open", "blocked", "rejected"))),
+                verdict=draw(st.sampled_from(("open", "blocked", "rejected", "closed"))),
                 line=i + 1,
             )
         )

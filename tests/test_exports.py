@@ -15,20 +15,18 @@ from typing import Any
 
 import docsamples
 import pytest
+import rendersamples
 from docsamples import BASELINE_EXPECT, after_change, baseline, build_doc, cell_verdicts, docs
 from hypothesis import given, settings
 
-from udpreach.core.expect import judge, merge_ranges, parse_expect
+from udpreach.core.diff import diff_runs
+from udpreach.core.expect import judge, parse_expect
+from udpreach.core.intervals import merge_ranges
 from udpreach.core.recommend import MULTIPORT_SLOTS, iptables_rules, recommend
-from udpreach.render.exports import (
-    bucket_counts,
-    buckets_for,
-    diff_runs,
-    write_csv,
-    write_html,
-    write_junit,
-    write_markdown,
-)
+from udpreach.render.csv import write_csv
+from udpreach.render.html import bucket_counts, buckets_for, write_html
+from udpreach.render.junit import write_junit
+from udpreach.render.markdown import write_markdown
 
 # ---------------------------------------------------------------------------------------
 # The diff.
@@ -402,3 +400,310 @@ def test_nft_accepts_the_rules(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# The diff: cells ICMP rate limits explain are uncertain, not changes.
+
+
+def _rejected_then_limited(limited: int) -> tuple[dict, dict]:
+    """Run A rejects 60000-60099 on 5001; run B finds those cells silent while ICMP was
+    rate-limited (a blocked range with ``limited`` icmp_limited cells)."""
+    a = baseline()
+    b = baseline()
+    b["run_id"] = "20251126T090000-b0b0b0"
+    (rej,) = [r for r in b["ranges"] if r["verdict"] == "rejected"]
+    rej["verdict"] = "blocked"
+    rej.pop("icmp")
+    rej["icmp_limited"] = limited
+    return a, b
+
+
+def test_a_move_the_icmp_limits_explain_is_uncertain() -> None:
+    a, b = _rejected_then_limited(100)
+    d = diff_runs(a, b)
+    assert d["changes"] == []
+    assert d["uncertain"] == [
+        {"dst_port": 5001, "first": 60000, "last": 60099, "before": "rejected", "after": "blocked"}
+    ]
+    # Either direction.
+    back = diff_runs(b, a)
+    assert back["changes"] == []
+    assert [(r["before"], r["after"]) for r in back["uncertain"]] == [("blocked", "rejected")]
+
+
+def test_more_moved_cells_than_the_icmp_limits_explain_are_changes() -> None:
+    a, b = _rejected_then_limited(60)  # 100 cells moved, only 60 could have been limited
+    d = diff_runs(a, b)
+    assert d["uncertain"] == []
+    assert [(r["first"], r["last"], r["before"], r["after"]) for r in d["changes"]] == [
+        (60000, 60099, "rejected", "blocked")
+    ]
+
+
+def test_rejected_to_a_plain_blocked_is_a_change() -> None:
+    a, b = _rejected_then_limited(0)
+    d = diff_runs(a, b)
+    assert d["uncertain"] == []
+    assert len(d["changes"]) == 1
+
+
+def test_uncertain_cells_do_not_fail_the_diff_command(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from udpreach.cli.history import register
+    from udpreach.store import RunStore
+
+    a, b = _rejected_then_limited(100)
+    db = tmp_path / "runs.sqlite3"
+    with RunStore.open(db) as st:
+        for doc in (a, b):
+            st.finish(doc["run_id"], doc)
+    app = typer.Typer()
+    register(app)
+    out = {k: tmp_path / f"d.{k}" for k in ("junit", "markdown", "csv", "html")}
+    args = [x for k, p in out.items() for x in (f"--{k}", str(p))]
+    res = CliRunner().invoke(app, ["diff", a["run_id"], b["run_id"], "--db", str(db), *args])
+    assert res.exit_code == 0, res.output
+    assert "100 cells moved between rejected and blocked" in " ".join(res.stdout.split())
+    res = CliRunner().invoke(app, ["diff", a["run_id"], b["run_id"], "--db", str(db), "--json"])
+    body = json.loads(res.stdout)
+    assert (body["schema"], body["changes"], len(body["uncertain"])) == ("udpreach/diff-v1", [], 1)
+    # Every export says it, and none fails on it.
+    rows = _csv_rows(out["csv"])
+    assert [(r["first"], r["change"]) for r in rows] == [("60000", "uncertain")]
+    root = ET.parse(out["junit"]).getroot()
+    assert root.get("failures") == "0"
+    assert "100 cells moved" in (root.findtext("testsuite/system-out") or "")
+    assert "100 cells moved between rejected and blocked" in out["markdown"].read_text()
+    assert 'id="uncertain"' in out["html"].read_text()
+
+
+# ---------------------------------------------------------------------------------------
+# The document: version and recommendations; sampled plans get spans.
+
+
+def test_the_document_names_its_version_and_carries_its_recommendations() -> None:
+    import udpreach
+
+    doc = rendersamples.sampled_run()
+    assert doc["version"] == udpreach.__version__
+    without = {k: v for k, v in doc.items() if k != "recommendations"}
+    assert doc["recommendations"] == recommend(without)
+    assert json.loads(json.dumps(doc)) == doc  # plain JSON
+
+
+def test_rules_for_a_sampled_plan_open_spans_not_sampled_ports() -> None:
+    doc = rendersamples.sampled_run()
+    blocked = [r for r in doc["ranges"] if r["verdict"] == "blocked" and r["dst_port"] == 5000]
+    assert len(blocked) > 50  # one range per sampled port, or nearly
+    (rule,) = recommend(doc)["rules"]
+    assert rule["src_ports"] == f"{blocked[0]['first']}-{blocked[-1]['last']}"
+    assert rule["dst_ports"] == [5000, 5001]
+    assert rule["sampled"] is True
+    assert rule["cells"] == 2 * sum(r["last"] - r["first"] + 1 for r in blocked)
+    assert rule["iptables"] == [
+        f"iptables -I FORWARD -p udp -s 198.18.2.2 -d 198.18.1.2 --dport 5000:5001 "
+        f"--sport {blocked[0]['first']}:{blocked[-1]['last']} -j ACCEPT"
+    ]
+    assert any("sampled source ports" in n for n in recommend(doc)["notes"])
+
+
+def test_a_sampled_span_stops_at_a_sample_of_another_verdict() -> None:
+    doc = rendersamples.sampled_run()
+    b5000 = [r for r in doc["ranges"] if r["verdict"] == "blocked" and r["dst_port"] == 5000]
+    middle = b5000[len(b5000) // 2]
+    middle["verdict"] = "open"  # an open sample inside the blocked band
+    rule = next(r for r in recommend(doc)["rules"] if 5000 in r["dst_ports"])
+    assert rule["src_ports"] == (
+        f"{b5000[0]['first']}-{b5000[len(b5000) // 2 - 1]['last']},"
+        f"{b5000[len(b5000) // 2 + 1]['first']}-{b5000[-1]['last']}"
+    )
+
+
+def test_a_plan_of_a_few_spans_is_not_sampled() -> None:
+    doc = build_doc(src="1024-2047,40000-49999", spans=[
+        {"dst": 5000, "first": 1024, "last": 2047, "verdict": "blocked"},
+        {"dst": 5000, "first": 40000, "last": 49999, "verdict": "blocked"},
+    ])  # fmt: skip
+    (rule,) = recommend(doc)["rules"]
+    assert rule["src_ports"] == "1024-2047,40000-49999"  # never the untested 2048-39999
+    assert rule["sampled"] is False
+
+
+# ---------------------------------------------------------------------------------------
+# Every export carries the confidence.
+
+
+class _Texts(HTMLParser):
+    """The text inside each element with an id, and every tag seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_id: dict[str, str] = {}
+        self.tags: list[str] = []
+        self._open: list[str | None] = []
+        self.lis: list[str] = []
+        self._li = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self._open.append(dict(attrs).get("id"))
+        if tag == "li":
+            self._li = True
+            self.lis.append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        if self._open:
+            self._open.pop()
+        if tag == "li":
+            self._li = False
+
+    def handle_data(self, data: str) -> None:
+        for i in self._open:
+            if i:
+                self.by_id[i] = self.by_id.get(i, "") + data
+        if self._li:
+            self.lis[-1] += data
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _exports(doc: dict, tmp_path: Path) -> dict[str, Any]:
+    paths = {k: tmp_path / f"r.{k}" for k in ("html", "md", "xml", "csv")}
+    write_html(doc, paths["html"])
+    write_markdown(doc, paths["md"])
+    write_junit(doc, None, paths["xml"])
+    write_csv(doc, paths["csv"])
+    page = _Texts()
+    page.feed(paths["html"].read_text())
+    root = ET.parse(paths["xml"]).getroot()
+    return {
+        "html": page,
+        "html_text": paths["html"].read_text(),
+        "md": paths["md"].read_text(),
+        "props": [(p.get("name"), p.get("value")) for p in root.iter("property")],
+        "out": root.findtext("testsuite/system-out") or "",
+        "csv": _csv_rows(paths["csv"]),
+    }
+
+
+def test_every_export_carries_loss_bound_confidence_mode_warnings_version(
+    tmp_path: Path,
+) -> None:
+    doc = rendersamples.everything()
+    x = _exports(doc, tmp_path)
+    warning = "ICMP errors from 198.18.2.1 were rate-limited (about 1 every 1.0 s)"
+    # HTML
+    ids = x["html"].by_id
+    assert ids["loss"] == "0.2% (<= 0.4% at 99%)"
+    assert ids["bound"] == "<= 0.00012"
+    assert ids["confidence-reached"] == "yes (target 0.01)"
+    assert ids["send-mode"] == "raw"
+    assert ids["path-mtu"] == "1280 bytes (said by 198.18.2.1)"
+    assert ids["udpreach-version"] == ids["version"] == "0.1.0"
+    assert warning in x["html"].lis
+    # Markdown
+    md = x["md"]
+    assert "| Loss on the path | 0.2% (<= 0.4% at 99%) |" in md.replace("\\<", "<")
+    assert "| Chance that any 'blocked' cell is really open | <= 0.00012 |" in md.replace(
+        "\\<", "<"
+    )
+    assert "| Confidence target reached | yes (target 0.01) |" in md
+    assert "| Send mode | raw |" in md
+    assert "| udpreach | 0.1.0 |" in md
+    assert f"- {warning}" in md
+    # JUnit
+    props = dict(p for p in x["props"] if p[0] != "warning")
+    assert props["loss_estimate"] == "0.002"
+    assert props["false_blocked_bound"] == "0.00012"
+    assert props["confidence_reached"] == "true"
+    assert props["send_mode"] == "raw"
+    assert props["udpreach_version"] == "0.1.0"
+    assert ("warning", warning) in x["props"]
+    assert "loss on the path: 0.2% (<= 0.4% at 99%)" in x["out"]
+    # CSV: every row says it.
+    for row in x["csv"]:
+        assert (row["loss_estimate"], row["false_blocked_bound"]) == ("0.002", "0.00012")
+        assert (row["confidence_reached"], row["send_mode"]) == ("true", "raw")
+        assert row["udpreach_version"] == "0.1.0"
+        assert warning in json.loads(row["warnings"])
+    # The new range keys.
+    limited = next(r for r in x["csv"] if r["first"] == "40000" and r["dst_port"] == "5000")
+    assert (limited["verdict"], limited["icmp_limited"], limited["inferred"]) == (
+        "blocked",
+        "9000",
+        "120",
+    )
+    verified = {r["first"]: r["icmp_verified"] for r in x["csv"] if r["verdict"] == "rejected"}
+    assert verified == {"60000": "true", "60100": "false"}
+    assert "9,000 of 10,000 cells silent while ICMP was rate-limited" in x["html_text"]
+    assert "9,000 of 10,000 cells silent while ICMP was rate-limited" in md
+
+
+def test_an_unknown_loss_is_unknown_in_every_export(tmp_path: Path) -> None:
+    x = _exports(rendersamples.everything(loss_estimate=None), tmp_path)
+    assert x["html"].by_id["loss"].startswith("unknown")
+    assert x["html"].by_id["bound"] == "unknown"
+    assert x["html"].by_id["confidence-reached"] == "NO (target 0.01)"
+    assert "| Loss on the path | unknown" in x["md"]
+    props = dict(x["props"])
+    assert (props["loss_estimate"], props["false_blocked_bound"]) == ("unknown", "unknown")
+    assert props["confidence_reached"] == "false"
+    assert {(r["loss_estimate"], r["false_blocked_bound"]) for r in x["csv"]} == {
+        ("unknown", "unknown")
+    }
+    for text in (x["html"].by_id["confidence"], x["md"], x["out"]):
+        assert "0%" not in text
+
+
+def test_an_older_document_is_exported_with_what_it_has(tmp_path: Path) -> None:
+    x = _exports(baseline(), tmp_path)  # no version, loss, send mode or warnings
+    assert x["html"].by_id["udpreach-version"] == "not recorded"
+    assert x["html"].by_id["loss"] == "not measured"
+    assert x["html"].by_id["send-mode"] == "not recorded"
+    assert dict(x["props"])["udpreach_version"] == "not recorded"
+    assert "None." in x["md"].split("## Warnings")[1]
+
+
+def test_html_escapes_every_hostile_string_through_the_template(tmp_path: Path) -> None:
+    doc = rendersamples.everything()
+    rej = next(r for r in doc["ranges"] if r["verdict"] == "rejected")
+    rej["icmp"]["from"] = "<img src=x onerror=alert(1)>"
+    doc["run_id"] = "<b>run</b>"
+    x = _exports(doc, tmp_path)
+    page, text = x["html"], x["html_text"]
+    assert "script" not in page.tags
+    assert "img" not in page.tags
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in text  # agent name, warning
+    assert "&lt;img src=x onerror=alert(1)&gt;" in text  # ICMP sender
+    assert "&lt;b&gt;run&lt;/b&gt;" in text  # run id
+    # The hostile untested reason and warning read as text.
+    assert rendersamples.HOSTILE in page.lis
+
+
+def test_the_html_template_ships_with_the_package() -> None:
+    from importlib.resources import files
+
+    templates = files("udpreach.render") / "templates"
+    assert {"base.html", "run.html", "diff.html", "macros.html"} <= {
+        p.name for p in templates.iterdir()
+    }
+
+
+def test_reports_of_an_interrupted_sweep_stay_short(tmp_path: Path) -> None:
+    doc = rendersamples.interrupted_sweep()
+    x = _exports(doc, tmp_path)
+    assert len(x["md"].splitlines()) < 80
+    assert x["html_text"].count("<tr>") < 60
+    assert len(x["csv"]) == len(doc["ranges"])  # the exact list is in the CSV
+    assert "2 rows for" in x["md"]
+    assert "the CSV or JSON export has them all" in x["md"]
+    root = ET.parse(tmp_path / "r.xml").getroot()
+    failure = root.find("testsuite/testcase[@name='run complete']/failure")
+    assert failure is not None
+    assert len((failure.text or "").splitlines()) < 10

@@ -28,7 +28,7 @@ import pytest
 from docsamples import build_doc
 
 from udpreach.core.expect import judge, parse_expect
-from udpreach.render.exports import COLOURS, write_html
+from udpreach.render.html import COLOURS, write_html
 
 pytestmark = pytest.mark.slow
 

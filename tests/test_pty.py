@@ -208,11 +208,6 @@ def test_second_ctrl_c_quits_at_once(silent: SilentCoordinator, secret_file: Pat
     assert silent.received == ["run", "cancel"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="distinct glyphs per verdict are the presentation engineer's (issue 12 item 3); "
-    "remove this mark when their branch is merged",
-)
 def test_each_verdict_has_its_own_glyph_without_colour() -> None:
     """With NO_COLOR, the demo's legend must tell every verdict apart by its glyph alone."""
     res = run_pty(udpreach_argv("demo", "--loopback"), cols=120, env={"NO_COLOR": "1"})

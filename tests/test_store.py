@@ -400,7 +400,7 @@ def test_diff_writes_diff_reports(cli: typer.Typer, filled: Path, tmp_path: Path
         "--csv", str(csv_path), "--junit", str(junit),
     )  # fmt: skip
     assert res.exit_code == 1
-    assert csv_path.read_text().splitlines()[1] == "5000,45000,49999,5000,blocked,open"
+    assert csv_path.read_text().splitlines()[1] == "5000,45000,49999,5000,blocked,open,changed"
     assert ET.parse(junit).getroot().get("failures") == "2"
 
 

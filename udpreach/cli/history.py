@@ -165,40 +165,9 @@ def diff(
 
 
 def _render_diff(d: dict[str, Any]) -> None:
-    from rich.markup import escape
-    from rich.table import Table
+    from udpreach.render.terminal import render_diff
 
-    from udpreach.render.terminal import COLOURS
-
-    out = out_console()
-    changes = d["changes"]
-    n = sum(r["last"] - r["first"] + 1 for r in changes)
-    if changes:
-        table = Table(
-            title=escape(f"Verdict changes from {d['run_a']} to {d['run_b']}"),
-            header_style="bold",
-        )
-        table.add_column("dst port", justify="right")
-        table.add_column("source ports")
-        table.add_column("cells", justify="right")
-        table.add_column("before")
-        table.add_column("after")
-        for r in changes:
-            span = str(r["first"]) if r["first"] == r["last"] else f"{r['first']}-{r['last']}"
-            table.add_row(
-                str(r["dst_port"]),
-                span,
-                f"{r['last'] - r['first'] + 1:,}",
-                f"[{COLOURS.get(r['before'], 'white')}]{r['before']}[/]",
-                f"[{COLOURS.get(r['after'], 'white')}]{r['after']}[/]",
-            )
-        out.print(table)
-        out.print(
-            f"{n:,} cells changed verdict in {len(changes)} ranges "
-            f"({d['compared']:,} cells compared)."
-        )
-    else:
-        out.print(f"No verdict changed ({d['compared']:,} cells compared).")
+    render_diff(d, out_console())
 
 
 def expect_from_run(

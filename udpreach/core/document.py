@@ -3,13 +3,19 @@
 Theory of operation: the document is built once, from the ledger and the run's facts, as
 plain JSON-ready data; every report (the rich table, JSON, JUnit, Markdown, CSV, HTML) is
 rendered from it and nothing else, so ``show`` can print a stored run exactly as ``run`` did.
+It names the udpreach ``version`` that made it and carries its ``recommendations`` (the
+fixed-port candidates and the rules that would open what is blocked), so a pipeline reading
+the JSON gets what the reports print. Documents stored by an older udpreach have neither
+key; readers compute the recommendations from the ranges then (``recommendations_of``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from udpreach import __version__
 from udpreach.core.ledger import Ledger
+from udpreach.core.recommend import recommend
 
 SCHEMA = "udpreach/run-v1"
 DIFF_SCHEMA = "udpreach/diff-v1"
@@ -28,6 +34,7 @@ def build_document(
     """Assemble the contract's document; ``extra`` adds keys after the contract's own."""
     doc: dict[str, Any] = {
         "schema": SCHEMA,
+        "version": __version__,
         "run_id": run_id,
         "complete": complete,
         "agent": agent,
@@ -39,4 +46,17 @@ def build_document(
     if extra:
         for k, v in extra.items():
             doc.setdefault(k, v)
+    if "recommendations" not in doc:
+        doc["recommendations"] = recommend(doc)
     return doc
+
+
+def recommendations_of(doc: dict[str, Any]) -> dict[str, Any]:
+    """The document's own recommendations, or (for a document stored before they were
+    part of it) the ones its ranges give."""
+    rec = doc.get("recommendations")
+    if isinstance(rec, dict) and all(
+        isinstance(rec.get(k), list) for k in ("fixed_ports", "rules", "notes")
+    ):
+        return rec
+    return recommend(doc)

@@ -7,18 +7,22 @@ each destination port the applicable expectation entries are *painted* in file o
 an interval list whose value is the index of the entry that owns each source-port span; a
 later entry overwrites an earlier one on the spans they share (the contract's override
 rule). Judging intersects that owner list with the document's ranges (two sorted interval
-lists, one merge pass) and keeps the pieces whose verdict differs from the owner's. A piece
-cut out of a longer range gets its share of the range's ``sent``/``received`` counters,
-apportioned so that the pieces of one range add up to the range's totals.
+lists, one merge pass) and keeps the pieces whose verdict does not satisfy the owner's. A
+piece cut out of a longer range gets its share of the range's counters (``sent``,
+``received``, ``inferred``, ``icmp_limited``), apportioned so that the pieces of one range
+add up to the range's totals.
 
-Every judged cell belongs to exactly one entry (the last one covering it), so per-entry
-results (JUnit) partition the deviations: an entry is charged only for the cells it owns
-after overrides. A judged cell whose verdict is ``untested`` or ``unknown`` differs from any
-expectation and is therefore a deviation (fail closed: what was not measured is not
-confirmed).
+An entry's verdict is ``open``, ``blocked``, ``rejected`` or ``closed``; ``closed`` is
+satisfied by ``blocked`` and ``rejected`` alike (real paths rate-limit ICMP errors, so
+which of the two a silent cell is may be beyond a run's budget). Every judged cell belongs
+to exactly one entry (the last one covering it), so per-entry results (JUnit) partition the
+deviations: an entry is charged only for the cells it owns after overrides. A judged cell
+whose verdict is ``untested`` or ``unknown`` satisfies no expectation and is therefore a
+deviation (fail closed: what was not measured is not confirmed).
 
-The module also holds the small range algebra (``ranges_by_dst``, ``cut_range``,
-``merge_ranges``, ``subtract``) that the store, the diff and the exports share.
+``expect_from`` writes the file back from a run with ``tomli_w``; cells of a ``blocked``
+range that the run could not tell from rejected (its ``icmp_limited`` count) are written as
+``closed``, so that the baseline does not fail the next run of the same policy.
 """
 
 from __future__ import annotations
@@ -30,176 +34,58 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import tomli_w
+
 from udpreach.core.errors import ConfigError, PortSpecError
+from udpreach.core.intervals import (
+    COUNTERS,
+    Interval,
+    Range,
+    cells_of,
+    cut_range,
+    freeze,
+    merge_ranges,
+    planned_intervals,
+    ranges_by_dst,
+    spec_of,
+    subtract,
+    summarize,
+    union,
+)
+from udpreach.core.ledger import VERDICTS
 from udpreach.core.portspec import format_ports, parse_ports, ranges_of
 
-VERDICTS = ("open", "blocked", "rejected", "untested", "unknown")
-EXPECTABLE = ("open", "blocked", "rejected")
+__all__ = [
+    "CLOSED",
+    "EXPECTABLE",
+    "VERDICTS",
+    "EntryResult",
+    "ExpectEntry",
+    "entries_of",
+    "expect_from",
+    "judge",
+    "judged_cells",
+    # The range algebra lives in udpreach.core.intervals; the store still imports these
+    # five from here.
+    "merge_ranges",
+    "parse_expect",
+    "planned_intervals",
+    "satisfies",
+    "subtract",
+    "summarize",
+    "summarize_judgement",
+    "union",
+]
+
+CLOSED = ("blocked", "rejected")
+EXPECTABLE = ("open", "blocked", "rejected", "closed")
 ENTRY_KEYS = ("agent", "dst_ports", "src_ports", "verdict")
 REQUIRED_KEYS = ("dst_ports", "src_ports", "verdict")
 
-Interval = tuple[int, int]
-Range = dict[str, Any]
 
-# ---------------------------------------------------------------------------------------
-# Range algebra shared by the store, the diff and the exports.
-
-_COUNTERS = ("sent", "received")
-_POSITION = ("dst_port", "first", "last")
-_UNKEYED = frozenset((*_COUNTERS, *_POSITION, "observed"))
-
-
-def ranges_by_dst(ranges: Iterable[Range]) -> dict[int, list[Range]]:
-    """Group ranges by destination port (ascending), each group sorted by ``first``."""
-    groups: dict[int, list[Range]] = defaultdict(list)
-    for r in ranges:
-        groups[int(r["dst_port"])].append(r)
-    return {d: sorted(groups[d], key=lambda r: int(r["first"])) for d in sorted(groups)}
-
-
-def cut_range(r: Range, first: int, last: int) -> Range:
-    """The part of range ``r`` over source ports ``first..last`` (inside ``r``).
-
-    The counters ``sent`` and ``received`` are apportioned by cell count with cumulative
-    rounding, so the pieces of one range always add up to the range's totals; ``observed``
-    (what the agent saw over the whole range) is dropped from a partial cut.
-    """
-    f, n = int(r["first"]), int(r["last"]) - int(r["first"]) + 1
-    out = dict(r)
-    out["first"], out["last"] = first, last
-    if first == f and last == f + n - 1:
-        return out
-    out.pop("observed", None)
-    for k in _COUNTERS:
-        if k in r:
-            total = int(r[k])
-            out[k] = total * (last - f + 1) // n - total * (first - f) // n
-    return out
-
-
-def merge_ranges(ranges: Iterable[Range]) -> list[Range]:
-    """Merge neighbours into maximal ranges and sort by (dst_port, first).
-
-    Two ranges merge when they are adjacent on one destination port and agree on every key
-    other than ``first``, ``last``, the counters ``sent`` and ``received`` (which add up)
-    and ``observed`` (what the agent saw: addresses united, port span widened).
-    """
-    ordered = sorted(ranges, key=_position)
-    out: list[Range] = []
-    prev_key: object = None
-    last: Range = {}
-    for r in ordered:
-        key = _merge_key(r)
-        if (
-            out
-            and prev_key == key
-            and last["dst_port"] == r["dst_port"]
-            and int(last["last"]) + 1 == int(r["first"])
-        ):
-            last["last"] = r["last"]
-            for k in _COUNTERS:
-                if k in last and k in r:
-                    last[k] = int(last[k]) + int(r[k])
-            if "observed" in r:
-                last["observed"] = _merge_observed(last.get("observed"), r["observed"])
-        else:
-            last = dict(r)
-            out.append(last)
-            prev_key = key
-    return out
-
-
-def _position(r: Range) -> tuple[int, int]:
-    return int(r["dst_port"]), int(r["first"])
-
-
-def _freeze(v: Any) -> Any:
-    if isinstance(v, dict):
-        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
-    if isinstance(v, list):
-        return tuple(_freeze(x) for x in v)
-    return v
-
-
-def _merge_key(r: Range) -> object:
-    return tuple(sorted((k, _freeze(v)) for k, v in r.items() if k not in _UNKEYED))
-
-
-def _merge_observed(a: Any, b: Any) -> Any:
-    if not isinstance(a, dict) or not isinstance(b, dict):
-        return a if isinstance(a, dict) else b
-    try:
-        return {
-            "addresses": sorted(set(a["addresses"]) | set(b["addresses"])),
-            "first_port": min(a["first_port"], b["first_port"]),
-            "last_port": max(a["last_port"], b["last_port"]),
-        }
-    except (KeyError, TypeError):
-        return a
-
-
-def subtract(base: Sequence[Interval], holes: Sequence[Interval]) -> list[Interval]:
-    """``base`` minus ``holes``; both sorted lists of disjoint closed intervals."""
-    out: list[Interval] = []
-    j = 0
-    for a, b in base:
-        while j < len(holes) and holes[j][1] < a:
-            j += 1
-        pos, k = a, j
-        while k < len(holes) and holes[k][0] <= b:
-            ha, hb = holes[k]
-            if ha > pos:
-                out.append((pos, ha - 1))
-            pos = max(pos, hb + 1)
-            if hb >= b:
-                break
-            k += 1
-        if pos <= b:
-            out.append((pos, b))
-    return out
-
-
-def union(intervals: Iterable[Interval]) -> list[Interval]:
-    """Sorted, merged union of closed intervals (touching intervals merge)."""
-    out: list[Interval] = []
-    for a, b in sorted(intervals):
-        if out and a <= out[-1][1] + 1:
-            if b > out[-1][1]:
-                out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
-
-
-def spec_of(intervals: Iterable[Interval]) -> str:
-    """A port SPEC for sorted disjoint intervals: ``1024-2047,5000``."""
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in union(intervals))
-
-
-def cells_of(intervals: Iterable[Interval]) -> int:
-    """Number of ports in disjoint intervals."""
-    return sum(b - a + 1 for a, b in intervals)
-
-
-def planned_intervals(plan: dict[str, Any]) -> dict[int, list[Interval]]:
-    """The planned cells of a plan, per destination port, as source-port intervals.
-
-    Raises:
-        PortSpecError: the plan's ``src_ports`` is not a concrete SPEC (``random:N``
-            cannot be expanded again after the run).
-    """
-    src = ranges_of(parse_ports(str(plan["src_ports"])))
-    return {int(d): list(src) for d in sorted(set(plan["dst_ports"]))}
-
-
-def summarize(ranges: Iterable[Range]) -> dict[str, int]:
-    """The ``summary`` block (cells and a count per verdict) for a list of ranges."""
-    counts = dict.fromkeys(("cells", *VERDICTS), 0)
-    for r in ranges:
-        n = int(r["last"]) - int(r["first"]) + 1
-        counts["cells"] += n
-        counts[str(r["verdict"])] = counts.get(str(r["verdict"]), 0) + n
-    return counts
+def satisfies(verdict: str, expected: str) -> bool:
+    """Whether a cell's verdict meets an expectation (``closed``: blocked or rejected)."""
+    return verdict == expected or (expected == "closed" and verdict in CLOSED)
 
 
 # ---------------------------------------------------------------------------------------
@@ -468,12 +354,12 @@ def _deviation(r: Range, first: int, last: int, expected: str) -> Range:
         "expected": expected,
     }
     whole = first == r["first"] and last == r["last"]
-    for k in ("translated", "sent", "received", "icmp", "reason"):
+    for k in ("translated", *COUNTERS, "icmp", "reason"):
         if k in r:
             out[k] = r[k]
     if not whole:
         piece = cut_range(r, first, last)
-        for k in _COUNTERS:
+        for k in COUNTERS:
             if k in piece:
                 out[k] = piece[k]
     return out
@@ -487,13 +373,13 @@ def _collect(out: list[Range], keys: list[object], dev: Range) -> None:
         dev["verdict"],
         dev["expected"],
         dev.get("translated"),
-        _freeze(icmp) if icmp is not None else None,
+        freeze(icmp) if icmp is not None else None,
         dev.get("reason"),
     )
     if out and keys[-1] == key and out[-1]["last"] + 1 == dev["first"]:
         prev = out[-1]
         prev["last"] = dev["last"]
-        for k in _COUNTERS:
+        for k in COUNTERS:
             if k in prev and k in dev:
                 prev[k] += dev[k]
     else:
@@ -508,14 +394,15 @@ def judge(doc: dict[str, Any], entries: Sequence[ExpectEntry]) -> list[Range]:
     cells; cells that no entry covers (or that were not planned) are not judged.
 
     Returns:
-        Ranges in the document's form, each with ``expected`` beside ``verdict``, maximal
+        Ranges in the document's form, each with ``expected`` beside ``verdict`` (a cell
+        expected ``closed`` deviates only when it is neither blocked nor rejected), maximal
         and sorted by (dst_port, first). Empty when everything judged is as expected.
     """
     verdicts = [e.verdict for e in entries]
     out: list[Range] = []
     keys: list[object] = []
     for r, a, b, idx in _judged_pieces(doc, entries):
-        if r["verdict"] != verdicts[idx]:
+        if not satisfies(str(r["verdict"]), verdicts[idx]):
             _collect(out, keys, _deviation(r, a, b, verdicts[idx]))
     return out
 
@@ -557,7 +444,7 @@ def summarize_judgement(doc: dict[str, Any], entries: Sequence[ExpectEntry]) -> 
     keys: dict[int, list[object]] = defaultdict(list)
     for r, a, b, idx in _judged_pieces(doc, entries):
         results[idx].cells += b - a + 1
-        if r["verdict"] != entries[idx].verdict:
+        if not satisfies(str(r["verdict"]), entries[idx].verdict):
             _collect(results[idx].deviations, keys[idx], _deviation(r, a, b, entries[idx].verdict))
     return results
 
@@ -571,22 +458,6 @@ def judged_cells(doc: dict[str, Any], entries: Sequence[ExpectEntry]) -> int:
 # An expectation file from a stored run.
 
 
-def _toml_str(s: str) -> str:
-    out = ['"']
-    for ch in s:
-        o = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif o < 0x20 or o == 0x7F:
-            out.append(f"\\u{o:04x}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
 def _comment(s: object) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in str(s))
 
@@ -594,7 +465,8 @@ def _comment(s: object) -> str:
 def expect_from(doc: dict[str, Any]) -> str:
     """An expectation file (TOML, contract form) that the run itself satisfies exactly.
 
-    Cells whose verdict was ``untested`` or ``unknown`` are left out (not judged). Per
+    Cells whose verdict was ``untested`` or ``unknown`` are left out (not judged); a
+    ``blocked`` range with ``icmp_limited`` cells is expected ``closed``. Per
     destination port the majority verdict becomes a default entry over all of that port's
     judgeable source ports; destination ports with the same source-port set and default
     share one entry; the minority verdicts follow as overriding entries, again with
@@ -608,8 +480,11 @@ def expect_from(doc: dict[str, Any]) -> str:
     for d, rs in ranges_by_dst(doc.get("ranges", [])).items():
         per: dict[str, list[Interval]] = defaultdict(list)
         for r in rs:
-            if r["verdict"] in EXPECTABLE:
-                per[str(r["verdict"])].append((int(r["first"]), int(r["last"])))
+            verdict = str(r["verdict"])
+            if verdict == "blocked" and int(r.get("icmp_limited") or 0) > 0:
+                verdict = "closed"  # the run could not tell dropped from rejected here
+            if verdict in EXPECTABLE:
+                per[verdict].append((int(r["first"]), int(r["last"])))
         if per:
             by_verdict[d] = {v: union(ivs) for v, ivs in per.items()}
 
@@ -651,13 +526,17 @@ def expect_from(doc: dict[str, Any]) -> str:
         for (verdict, spans), dsts in sorted(
             group.items(), key=lambda kv: (kv[1][0], EXPECTABLE.index(kv[0][0]))
         ):
+            entry = {
+                "dst_ports": format_ports(dsts),
+                "src_ports": spec_of(spans),
+                "verdict": verdict,
+            }
+            note = " (blocked or rejected: ICMP was rate-limited)" if verdict == "closed" else ""
             out += [
                 "",
-                f"# {cells_of(spans) * len(dsts)} cells",
+                f"# {cells_of(spans) * len(dsts)} cells{note}",
                 "[[expect]]",
-                f"dst_ports = {_toml_str(format_ports(dsts))}",
-                f"src_ports = {_toml_str(spec_of(spans))}",
-                f"verdict = {_toml_str(verdict)}",
+                tomli_w.dumps(entry).rstrip("\n"),
             ]
     return "\n".join(out) + "\n"
 

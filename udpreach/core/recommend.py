@@ -13,6 +13,13 @@ ports per rule (a range counts as two), so its form is split into as many rules 
 The rules are *inserted* at the head of the chain (``nft insert``, ``iptables -I``) so that
 they come before the drop or reject rule that caused the finding, and they assume the
 conventional ``inet filter forward`` / ``FORWARD`` chain of a router between probe and agent.
+
+A sampled plan (``random:N``: see ``intervals.is_sampled``) tests scattered source ports, so
+its blocked samples are single ports with untested gaps between them; a rule listing them
+would open exactly the samples and miss the policy. For such a plan each rule opens the
+*spans* between closed samples instead: consecutive blocked or rejected samples of one
+destination port, with no sample of another verdict between them, make one span from the
+first to the last (the unsampled ports inside included), and the notes say so.
 """
 
 from __future__ import annotations
@@ -21,7 +28,14 @@ import ipaddress
 from collections import defaultdict
 from typing import Any
 
-from udpreach.core.expect import Interval, cells_of, ranges_by_dst, union
+from udpreach.core.intervals import (
+    Interval,
+    Range,
+    is_sampled,
+    planned_spans,
+    ranges_by_dst,
+    union,
+)
 
 FIXED_PORT_FIRST = 1024  # FixedUDPPortValue must lie in 1024-65535
 MULTIPORT_SLOTS = 15
@@ -90,6 +104,24 @@ def _address(text: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+def _closed_spans(rs: list[Range]) -> list[Interval]:
+    """A sampled plan's closed spans on one destination port: runs of blocked or rejected
+    samples with no sample of another verdict between them, first to last."""
+    out: list[Interval] = []
+    extend = False
+    for r in rs:
+        if r["verdict"] not in OPENABLE:
+            extend = False
+            continue
+        first, last = int(r["first"]), int(r["last"])
+        if extend:
+            out[-1] = (out[-1][0], last)
+        else:
+            out.append((first, last))
+        extend = True
+    return out
+
+
 def recommend(doc: dict[str, Any]) -> dict[str, Any]:
     """Fixed-port candidates and opening rules for a run document.
 
@@ -99,8 +131,9 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
         do not disqualify a port);
         ``ports``: per destination port, its cell count per verdict and translated cells;
         ``rules``: per group of destination ports with the same blocked/rejected source
-        ports: ``dst_ports``, ``src_ports`` (a SPEC), ``cells``, ``verdicts``, ``nft`` (one
-        command) and ``iptables`` (a list of commands);
+        ports: ``dst_ports``, ``src_ports`` (a SPEC), ``cells`` (blocked and rejected cells
+        the rule opens), ``verdicts``, ``sampled`` (true when ``src_ports`` spans a sampled
+        plan's gaps), ``nft`` (one command) and ``iptables`` (a list of commands);
         ``notes``: caveats a person should read before pasting a rule.
     """
     ports: list[dict[str, Any]] = []
@@ -109,7 +142,10 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
     closed: dict[int, list[Interval]] = {}
     verdicts_of: dict[int, set[str]] = defaultdict(set)
     translated_any = False
-    for d, rs in ranges_by_dst(doc.get("ranges", [])).items():
+    closed_cells: dict[int, int] = {}
+    by_dst = ranges_by_dst(doc.get("ranges", []))
+    sampled = is_sampled(planned_spans(doc.get("ranges", [])))
+    for d, rs in by_dst.items():
         counts = dict.fromkeys(("open", "blocked", "rejected", "untested", "unknown"), 0)
         counts["translated"] = 0
         shut: list[Interval] = []
@@ -133,7 +169,8 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
             else:
                 fixed.append(d)
         if shut:
-            closed[d] = union(shut)
+            closed[d] = _closed_spans(rs) if sampled else union(shut)
+            closed_cells[d] = counts["blocked"] + counts["rejected"]
 
     notes: list[str] = []
     rules: list[dict[str, Any]] = []
@@ -156,8 +193,9 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
                     {
                         "dst_ports": dsts,
                         "src_ports": ",".join(_items(ivs, "-")),
-                        "cells": cells_of(ivs) * len(dsts),
+                        "cells": sum(closed_cells[d] for d in dsts),
                         "verdicts": sorted(set().union(*(verdicts_of[d] for d in dsts))),
+                        "sampled": sampled,
                         "nft": nft_rule(fam, str(probe_addr), str(agent_addr), ivs, dsts),
                         "iptables": iptables_rules(
                             fam, str(probe_addr), str(agent_addr), ivs, dsts
@@ -169,6 +207,12 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
                 "(iptables: FORWARD) on a router between probe and agent; adjust to your "
                 "ruleset, and prefer fixing the rule that blocks over adding exceptions"
             )
+    if rules and sampled:
+        notes.append(
+            "the plan sampled source ports: each rule opens the whole span from the first to "
+            "the last of a stretch of blocked or rejected samples with no sample of another "
+            "verdict between them, the untested ports inside included"
+        )
     if translated_any:
         notes.append(
             "the path rewrites source ports (NAT): a firewall behind the translation sees "
@@ -182,7 +226,7 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
     unsettled = sum(p["untested"] + p["unknown"] for p in ports)
     if unsettled:
         notes.append(
-            f"{unsettled} cells were untested or unknown; fixed-port candidates rest on the "
+            f"{unsettled:,} cells were untested or unknown; fixed-port candidates rest on the "
             "source ports actually tested"
         )
     return {"fixed_ports": fixed, "ports": ports, "rules": rules, "notes": notes}

@@ -1,0 +1,450 @@
+"""What every report says about a run, in the same words: the confidence behind the
+verdicts, the send mode, the warnings, the version, the plan, and each range's details.
+
+Theory of operation: the terminal report, JUnit, Markdown, CSV and HTML each lay a document
+out in their own way, but they must not disagree about what it says, so the wording lives
+here once. Everything reads the document defensively: a stored document may come from an
+older udpreach (no ``version``, no ``recommendations``, no ``loss``), and a key that is
+missing is said to be "not recorded", never guessed.
+
+The loss estimate is *unknown* when nothing arrived at all (no cell open): then nothing
+tells loss from blocking, and a report must say so rather than print "0%, bound 0" (what
+the estimator's arithmetic gives for zero deliveries).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from udpreach.core.errors import PortSpecError
+from udpreach.core.intervals import Range, is_sampled, planned_spans
+from udpreach.core.portspec import format_ports, parse_ports, ranges_of
+from udpreach.render.fold import Folded, Row
+
+VERDICTS = ("open", "blocked", "rejected", "untested", "unknown")
+VERDICT_TEXT = {
+    "open": "open: at least one datagram arrived",
+    "blocked": "blocked: nothing arrived, no ICMP error",
+    "rejected": "rejected: an ICMP error came back",
+    "untested": "untested: the probe could not send from that port",
+    "unknown": "unknown: the run ended before the cell was settled",
+}
+# A plan's source ports are listed in full up to this many spans; beyond, summarised.
+LISTED_SPANS = 8
+
+_ICMP4: dict[tuple[int | None, int | None], str] = {
+    (3, 0): "net unreachable",
+    (3, 1): "host unreachable",
+    (3, 2): "protocol unreachable",
+    (3, 3): "port unreachable",
+    (3, 4): "fragmentation needed",
+    (3, 9): "net administratively prohibited",
+    (3, 10): "host administratively prohibited",
+    (3, 13): "administratively prohibited",
+}
+_ICMP6: dict[tuple[int | None, int | None], str] = {
+    (1, 0): "no route",
+    (1, 1): "administratively prohibited",
+    (1, 3): "address unreachable",
+    (1, 4): "port unreachable",
+    (1, 5): "source address failed policy",
+    (1, 6): "reject route",
+    (2, 0): "packet too big",
+}
+
+
+def one_line(text: object) -> str:
+    """Text on one line: whitespace runs (newlines included) become one space."""
+    return " ".join(str(text).split())
+
+
+def count(n: object) -> str:
+    """A count with thousands separators (as is, if not a number)."""
+    return f"{n:,}" if isinstance(n, int) and not isinstance(n, bool) else str(n)
+
+
+def cells(n: int) -> str:
+    """``1 cell``, ``1,024 cells``."""
+    return f"{n:,} cell{'s' if n != 1 else ''}"
+
+
+def span(first: object, last: object) -> str:
+    """``40000-49999``, or ``5000`` for one port."""
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def when(ts: Any) -> str:
+    """A timestamp in UTC, saying so."""
+    if not isinstance(ts, int | float) or isinstance(ts, bool) or not math.isfinite(ts):
+        return "?"
+    return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+# ---------------------------------------------------------------------------------------
+# Confidence.
+
+
+@dataclass(frozen=True)
+class Confidence:
+    """How far the run's ``blocked`` verdicts can be trusted.
+
+    ``estimate`` and ``bound`` are None when unknown; ``recorded`` is False for a document
+    without a ``loss`` block at all (an older udpreach, or a run that ended before its
+    first round was judged).
+    """
+
+    recorded: bool
+    estimate: float | None
+    upper: float | None
+    attempts: int | None
+    bound: float | None
+    target: float | None
+    reached: bool
+    blocked: int
+    rate_found: int | None
+    rate_backoffs: int
+
+    @property
+    def loss_text(self) -> str:
+        if self.estimate is None or self.upper is None:
+            if not self.recorded:
+                return "not measured"
+            return "unknown (no datagram arrived, so loss cannot be told from blocking)"
+        return f"{100 * self.estimate:.3g}% (<= {100 * self.upper:.2g}% at 99%)"
+
+    @property
+    def bound_text(self) -> str:
+        """The chance that any ``blocked`` cell is really open."""
+        if not self.blocked:
+            return "none: no cell blocked"
+        if self.bound is None:
+            return "unknown"
+        return f"<= {self.bound:.2g}"
+
+    @property
+    def reached_text(self) -> str:
+        target = f" (target {self.target:.2g})" if self.target is not None else ""
+        if not self.blocked:
+            return "yes: no cell blocked"
+        return ("yes" if self.reached else "NO") + target
+
+    @property
+    def attempts_text(self) -> str:
+        if self.attempts is None:
+            return "?"
+        return f"up to {self.attempts} attempt{'s' if self.attempts != 1 else ''} per cell"
+
+    @property
+    def rate_text(self) -> str | None:
+        """What the pacer did, when it backed off."""
+        if not self.rate_backoffs:
+            return None
+        found = f", settled at {self.rate_found:,}/s" if self.rate_found is not None else ""
+        return f"rate backed off {self.rate_backoffs}x{found}"
+
+    def machine(self) -> dict[str, str]:
+        """The same facts as plain values, for JUnit properties and CSV columns."""
+        return {
+            "loss_estimate": "unknown" if self.estimate is None else f"{self.estimate:.6g}",
+            "loss_upper_99": "unknown" if self.upper is None else f"{self.upper:.6g}",
+            "false_blocked_bound": (
+                "0"
+                if not self.blocked
+                else "unknown"
+                if self.bound is None
+                else f"{self.bound:.6g}"
+            ),
+            "confidence_target": "" if self.target is None else f"{self.target:.6g}",
+            "confidence_reached": "true" if self.reached else "false",
+        }
+
+
+def confidence(doc: dict[str, Any]) -> Confidence:
+    """The confidence facts of a run document."""
+    summary = doc.get("summary") or {}
+    blocked = _int(summary.get("blocked")) or 0
+    opened = _int(summary.get("open")) or 0
+    raw = doc.get("loss")
+    loss: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    estimate = _number(loss.get("estimate"))
+    upper = _number(loss.get("upper"))
+    bound = _number(loss.get("false_blocked_bound"))
+    deliveries = _int(loss.get("deliveries"))
+    if opened == 0 or deliveries == 0:
+        estimate = upper = bound = None  # nothing arrived: nothing measured the loss
+    if estimate is None:
+        upper = bound = None
+    if not blocked:
+        reached = True
+    elif bound is None:
+        reached = False
+    elif isinstance(loss.get("confidence_reached"), bool):
+        reached = bool(loss["confidence_reached"])
+    else:
+        target = _number(loss.get("confidence_target"))
+        reached = target is not None and bound <= target
+    return Confidence(
+        recorded=bool(loss),
+        estimate=estimate,
+        upper=upper,
+        attempts=_int(loss.get("attempts")),
+        bound=bound,
+        target=_number(loss.get("confidence_target")),
+        reached=reached,
+        blocked=blocked,
+        rate_found=_int(loss.get("rate_found")),
+        rate_backoffs=_int(loss.get("rate_backoffs")) or 0,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The run's other facts.
+
+
+def version(doc: dict[str, Any]) -> str:
+    """The udpreach version that made the document."""
+    v = doc.get("version")
+    return one_line(v) if isinstance(v, str) and v else "not recorded"
+
+
+def send_mode(doc: dict[str, Any]) -> str:
+    """How the probe sent: ``bind`` (ordinary sockets) or ``raw``."""
+    mode = (doc.get("probe") or {}).get("send_mode")
+    return one_line(mode) if isinstance(mode, str) and mode else "not recorded"
+
+
+def warnings(doc: dict[str, Any]) -> list[str]:
+    """The document's warnings, each on one line."""
+    raw = doc.get("warnings")
+    if not isinstance(raw, list):
+        return []
+    return [one_line(w) for w in raw if str(w).strip()]
+
+
+def path_mtu(doc: dict[str, Any]) -> str | None:
+    """The path MTU the run learnt, in words (None when it learnt none)."""
+    raw = doc.get("path_mtu")
+    if raw is None:
+        return None
+    if isinstance(raw, dict):
+        mtu = raw.get("mtu", raw.get("next_hop_mtu"))
+        hop = raw.get("from", raw.get("hop"))
+        text = f"{one_line(mtu)} bytes" if mtu is not None else "learnt"
+        return text + (f" (said by {one_line(hop)})" if hop else "")
+    if _int(raw) is not None:
+        return f"{raw} bytes"
+    return one_line(raw)
+
+
+def status(doc: dict[str, Any]) -> str:
+    return "complete" if doc.get("complete") else "incomplete"
+
+
+def src_ports_text(plan: dict[str, Any], *, sep: str = ",") -> str:
+    """The plan's source ports, as a phrase: the SPEC in full when it is a few spans, else
+    a summary (a ``random:500`` plan is 500 scattered ports; the JSON document lists them)."""
+    spec = plan.get("src_ports", "?")
+    try:
+        spans = ranges_of(parse_ports(str(spec)))
+    except PortSpecError:
+        return f"source ports {one_line(spec)}"
+    if len(spans) <= LISTED_SPANS:
+        return "source ports " + sep.join(span(a, b) for a, b in spans)
+    n = sum(b - a + 1 for a, b in spans)
+    lo, hi = spans[0][0], spans[-1][1]
+    if is_sampled(spans):
+        return f"{n:,} source ports sampled from {lo}-{hi}"
+    return f"{n:,} source ports in {len(spans):,} spans from {lo}-{hi}"
+
+
+def src_ports_listed(plan: dict[str, Any]) -> bool:
+    """Whether ``src_ports_text`` lists the plan's source ports in full."""
+    try:
+        return len(ranges_of(parse_ports(str(plan.get("src_ports", "?"))))) <= LISTED_SPANS
+    except PortSpecError:
+        return True
+
+
+def dst_ports_text(ports: Any, *, sep: str = ",") -> str:
+    if not isinstance(ports, list):
+        return "?"
+    spec = format_ports(p for p in ports if _int(p) is not None)
+    return spec.replace(",", sep) or "?"
+
+
+def plan_text(doc: dict[str, Any], *, sep: str = ",") -> str:
+    """The plan in one sentence."""
+    plan = doc.get("plan") or {}
+    rate = plan.get("rate", "?")
+    auto = " (auto)" if plan.get("copies_mode") == "auto" else ""
+    return (
+        f"{src_ports_text(plan, sep=sep)} to destination ports "
+        f"{dst_ports_text(plan.get('dst_ports'), sep=sep)}; "
+        f"copies <= {plan.get('copies', '?')}{auto}, rate <= {count(rate)}/s, "
+        f"{plan.get('size', '?')} bytes"
+    )
+
+
+def agent_text(doc: dict[str, Any], *, sep: str = ",") -> str:
+    a = doc.get("agent") or {}
+    ports = dst_ports_text(a.get("ports"), sep=sep)
+    text = f"{one_line(a.get('name', '?'))} (registered {one_line(a.get('registered', '?'))}"
+    if a.get("observed") and a.get("observed") != a.get("registered"):
+        text += f", observed {one_line(a.get('observed'))}"
+    return text + (f", ports {ports})" if ports != "?" else ")")
+
+
+def sampled(doc: dict[str, Any]) -> bool:
+    """Whether the document's plan sampled its source ports (``random:N``)."""
+    try:
+        return is_sampled(ranges_of(parse_ports(str((doc.get("plan") or {})["src_ports"]))))
+    except (KeyError, PortSpecError):
+        return is_sampled(planned_spans(doc.get("ranges") or []))
+
+
+def summary_extras(doc: dict[str, Any]) -> list[str]:
+    """What the summary counts do not show: how many verdicts rest on samples, and how
+    many blocked cells could be rejects whose ICMP errors were rate-limited."""
+    inferred = limited = 0
+    for r in doc.get("ranges") or []:
+        if "inferred" in r:
+            inferred += _int(r["inferred"]) or 0
+        if "icmp_limited" in r:
+            limited += _int(r["icmp_limited"]) or 0
+    out = []
+    if limited:
+        out.append(
+            f"{limited:,} blocked cells were silent only while ICMP was rate-limited: "
+            "dropped or rejected is not known"
+        )
+    if inferred:
+        out.append(f"{inferred:,} verdicts inferred from samples of their range")
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# A range's details.
+
+
+def icmp_text(icmp: Any) -> str:
+    """``ICMP type 3 code 13 (administratively prohibited) from 198.18.2.1, verified``."""
+    if not isinstance(icmp, dict):
+        return "ICMP error"
+    t, c, sender = icmp.get("type"), icmp.get("code"), icmp.get("from")
+    try:
+        v6 = ipaddress.ip_address(str(sender)).version == 6
+    except ValueError:
+        v6 = False
+    name = (_ICMP6 if v6 else _ICMP4).get((_int(t), _int(c)))
+    text = f"ICMP type {one_line(t)} code {one_line(c)}"
+    text += f" ({name})" if name else ""
+    text += f" from {one_line(sender)}"
+    verified = icmp.get("verified")
+    if verified is True:
+        text += ", verified (it quoted our datagram)"
+    elif verified is False:
+        text += ", unverified (it quoted headers only)"
+    return text
+
+
+def range_details(r: Range, *, whole: bool = True) -> list[str]:
+    """The details of one range of a document, one phrase each.
+
+    Args:
+        whole: the phrases describe this range alone; False leaves out what holds for this
+            range only (what the agent observed, its inferred and icmp_limited counts), for
+            a row that stands for several ranges sharing its details.
+    """
+    out: list[str] = []
+    if r.get("translated"):
+        obs = r.get("observed") if whole else None
+        if isinstance(obs, dict) and obs.get("addresses"):
+            addrs = ", ".join(one_line(a) for a in obs.get("addresses") or [])
+            ports = span(obs.get("first_port", "?"), obs.get("last_port", "?"))
+            out.append(f"translated (NAT): seen from {addrs} ports {ports}")
+        else:
+            out.append("source port translated (NAT)")
+    if r.get("icmp") is not None:
+        out.append(icmp_text(r.get("icmp")))
+    if r.get("reason"):
+        out.append(one_line(r["reason"]))
+    if not whole:
+        return out
+    n = int(r["last"]) - int(r["first"]) + 1
+    inferred = _int(r.get("inferred")) or 0
+    if inferred:
+        out.append(f"{inferred:,} of {n:,} cells inferred from samples of this range")
+    limited = _int(r.get("icmp_limited")) or 0
+    if limited:
+        out.append(
+            f"{limited:,} of {n:,} cells silent while ICMP was rate-limited: "
+            "dropped or rejected not known"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Folded rows (udpreach.render.fold).
+
+
+def ordered(counts: dict[str, int]) -> list[tuple[str, int]]:
+    """Counts per label, verdicts in their usual order."""
+    order = {v: i for i, v in enumerate(VERDICTS)}
+    return sorted(counts.items(), key=lambda kv: (order.get(kv[0], 99), kv[0]))
+
+
+def row_details(row: Row) -> list[str]:
+    """What a displayed row says beyond its span, cells and label."""
+    if row.exact and row.source is not None:
+        return range_details(row.source)
+    out: list[str] = []
+    if row.source is not None:  # one verdict and one set of details across sampled gaps
+        out.append(f"{row.cells:,} sampled ports ({row.ranges:,} ranges)")
+        out += range_details(row.source, whole=False)
+    else:
+        parts = ", ".join(f"{n:,} {lab}" for lab, n in ordered(row.counts))
+        out.append(f"{parts}, in {row.ranges:,} ranges")
+        if row.translated:
+            out.append(f"{row.translated:,} cells translated (NAT)")
+        out += [icmp_text(i) for i in row.icmp]
+        out += [one_line(r) for r in row.reasons]
+        if row.more_details:
+            out.append("more ICMP details or reasons in the exact list")
+    if row.inferred:
+        out.append(f"{row.inferred:,} of {row.cells:,} cells inferred from samples")
+    if row.icmp_limited:
+        out.append(
+            f"{row.icmp_limited:,} of {row.cells:,} cells silent while ICMP was "
+            "rate-limited: dropped or rejected not known"
+        )
+    return out
+
+
+def fold_note(folded: Folded) -> str | None:
+    """What a folded table says about its folding (None: not folded)."""
+    if not folded.folded:
+        return None
+    what = {
+        "gaps": "neighbouring samples with one verdict share a row",
+        "unknown": "interleaved cells share a row: unknown with the verdict around it",
+        "mixed": "interleaved ranges share a row",
+    }.get(folded.how or "", "")
+    text = f"{len(folded.rows):,} rows for {folded.ranges:,} ranges"
+    text += f" ({what})" if what else ""
+    if folded.hidden:
+        text += f"; {folded.hidden:,} more rows not shown"
+    return text
