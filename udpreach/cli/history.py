@@ -107,15 +107,17 @@ def history(
     """List the stored runs, newest first."""
     from udpreach.store import RunStore
 
-    def fetch() -> list[dict[str, Any]]:
+    def fetch() -> tuple[list[dict[str, Any]], list[str]]:
         with RunStore.open(db, create=False) as store:
-            return store.history(limit)
+            return store.history(limit), store.problems
 
     from rich.markup import escape
 
-    runs = _guard(fetch)
+    runs, problems = _guard(fetch)
+    for line in problems:  # damaged or unreadable rows: skipped, and said
+        _stderr().print(f"warning: {line}", markup=False)
     if as_json:
-        _print_json({"schema": "udpreach/history-v1", "runs": runs})
+        _print_json({"schema": "udpreach/history-v1", "runs": runs, "warnings": problems})
         return
     if not runs:
         _stderr().print("no runs recorded yet")
