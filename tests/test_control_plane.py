@@ -610,3 +610,75 @@ async def test_a_coordinator_that_closes_during_the_handshake_is_named_as_such()
     message = str(info.value)
     assert "closed the connection during the handshake" in message
     assert PROTO in message
+
+
+async def test_partial_frames_share_one_memory_budget() -> None:
+    """Many authenticated connections each holding the start of a large frame: together
+    they cannot make the coordinator hold more than its budget."""
+    with trio.fail_after(DEADLINE):
+        async with coordinator(with_agent=False, handshake_timeout=10) as h:
+            h["coord"]._budget.limit = 3 * 1024 * 1024 + 1024
+            chans = [await connect(h["host"], h["port"], SECRET, "control", 5) for _ in range(5)]
+            cut = set()
+            for i, chan in enumerate(chans):
+                # The header of a 2 MiB frame (within MAX_FRAME), then 1 MiB of its body.
+                try:
+                    await chan.stream.send_all(struct.pack(">I", 2 << 20) + b"J" * (1 << 20))
+                except trio.BrokenResourceError:
+                    cut.add(i)
+                await trio.sleep(0.2)
+            for i, chan in enumerate(chans):
+                if not await still_open(chan.stream, 0.2):  # type: ignore[arg-type]
+                    cut.add(i)
+            assert len(cut) == 2, cut  # 3 MiB held, the rest refused
+            assert h["coord"]._budget.held <= 3 * 1024 * 1024 + 1024
+            for chan in chans:
+                await chan.aclose()
+            for _ in range(100):
+                if h["coord"]._budget.held == 0:
+                    break
+                await trio.sleep(0.02)
+            assert h["coord"]._budget.held == 0  # given back when connections close
+            assert await good_list(h) == []
+
+
+async def test_an_agent_answers_junk_then_gives_up_on_its_coordinator() -> None:
+    """A coordinator that keeps sending malformed messages: the agent answers each with an
+    error, and after BAD_MESSAGES of them drops the session (to reconnect) instead of
+    answering forever."""
+    from agent.service import BAD_MESSAGES
+    from udpreach.core.errors import ProtocolError
+    from udpreach.core.framing import ControlConnection, Message
+    from udpreach.net.channel import Channel
+
+    answers: list[dict[str, Any]] = []
+
+    async def junk(stream: trio.SocketStream) -> None:
+        chan = Channel(stream, ControlConnection("server", SECRET))
+        try:
+            await chan.server_handshake()
+            await chan.next_message()
+            await chan.send({"type": "registered", "observed": "127.0.0.1"})
+            for _ in range(BAD_MESSAGES + 5):
+                chan.conn._send_frame(b"J", b'{"type":"flush","seq":-1}')
+                await chan._flush()
+                ev = await chan.next_event()
+                assert isinstance(ev, Message)
+                answers.append(ev.body)
+        except UnreachableError:
+            pass
+        finally:
+            await chan.aclose()
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, host="127.0.0.1"), junk, 0)
+            port = listeners[0].socket.getsockname()[1]
+            cfg = AgentConfig(host="127.0.0.1", port=port, secret=SECRET, ports=(0,),
+                              name="patient", listen="127.0.0.1", once=True)  # fmt: skip
+            with pytest.raises(ProtocolError, match=f"sent {BAD_MESSAGES + 1} malformed"):
+                await run_agent(cfg)
+            nursery.cancel_scope.cancel()
+    assert len(answers) == BAD_MESSAGES
+    assert all(a["type"] == "error" and a["re"] == "flush" for a in answers)
+    assert "'seq' must be 0-" in answers[0]["message"]
