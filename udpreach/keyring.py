@@ -51,7 +51,8 @@ def forbid_core_dumps() -> None:
     try:
         import resource
 
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        # The soft limit is what the kernel dumps by; the hard one is left for children.
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
     except (ImportError, ValueError, OSError):  # pragma: no cover - not on POSIX
         pass
     try:

@@ -31,6 +31,7 @@ from udpreach.core.messages import Msg
 READ_SIZE = 65536
 WRITE_TIMEOUT = 10.0
 REFUSE_TIMEOUT = 1.0
+REFUSE_DRAIN = 0.2
 MEMORY_BUDGET = 64 * 1024 * 1024
 
 
@@ -168,6 +169,13 @@ class Channel:
                 trio.BrokenResourceError, trio.ClosedResourceError, OSError, UnreachableError
             ):
                 await self._flush()
+                # Closing with the peer's bytes unread would send a reset, which can destroy
+                # the refusal before the peer reads it: end our side, read theirs briefly.
+                if isinstance(self.stream, trio.SocketStream):
+                    await self.stream.send_eof()
+                with trio.move_on_after(REFUSE_DRAIN):
+                    while await self.stream.receive_some(READ_SIZE):
+                        pass
 
     async def aclose(self) -> None:
         self.closed = True
