@@ -20,6 +20,7 @@ from udpreach.core.framing import (
     ConnectionLimitError,
     ControlConnection,
     Event,
+    Grant,
     Malformed,
     Message,
     Receipts,
@@ -657,3 +658,23 @@ def test_the_long_term_key_is_dropped_after_the_handshake() -> None:
     for conn in (p.client, p.server):
         assert conn._secret == b""
         assert conn._key == b""
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(st.none(), st.integers(), st.text(max_size=80), st.lists(st.integers(), max_size=3)),
+    st.sampled_from(["agent", "control"]),
+)
+def test_fuzz_key_ids_in_a_hello_raise_only_protocol_errors(key_id: object, purpose: str) -> None:
+    """Whatever a stranger puts in the hello's ``id``, the server answers a challenge (for an
+    id it does not know, with a proof nobody can check) or refuses as a protocol error."""
+    grants = {"pc-17": Grant("agent", b"k" * 32)}
+    server = ControlConnection("server", None, keys=grants.get)
+    hello = {"type": "hello", "proto": PROTO, "purpose": purpose, "nonce": "11" * 16, "id": key_id}
+    try:
+        events = server.receive_data(jframe(hello))
+    except ProtocolError:
+        return
+    assert events == []
+    (reply,) = [json.loads(server.data_to_send()[5:])]
+    assert set(reply) == {"type", "nonce", "proof"}
