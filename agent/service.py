@@ -21,15 +21,47 @@ import trio
 from agent.core import AgentCore
 from agent.listen import DRAIN_CHUNK as DRAIN_CHUNK
 from agent.listen import DRAIN_MAX, RCVBUF_WANTED, Listener, drain, normalize_addr, open_listeners
-from udpreach.core.datagram import MAX_SIZE, MIN_SIZE, TokenCodec, derive_run_key
-from udpreach.core.errors import AuthError, ProtocolError, UnreachableError
-from udpreach.core.framing import Message
+from udpreach.core.datagram import TokenCodec, derive_run_key
+from udpreach.core.errors import (
+    AuthError,
+    ConfigError,
+    ProtocolError,
+    UdpreachError,
+    UnreachableError,
+)
+from udpreach.core.framing import Malformed, Message, client_key, parse_key_text
+from udpreach.core.messages import (
+    REPLY_TO,
+    TO_AGENT,
+    AgentStats,
+    Error,
+    Flush,
+    Flushed,
+    MessageError,
+    Ping,
+    Pong,
+    Register,
+    Registered,
+    RunDone,
+    RunEnd,
+    RunReady,
+    RunStart,
+    Tick,
+    parse,
+)
+from udpreach.keyring import forbid_core_dumps
 from udpreach.net.channel import Channel, connect
 
 log = logging.getLogger("udpreach.agent")
 
 FLUSH_INTERVAL = 0.01
 COORDINATOR_SILENCE = 120.0  # the coordinator pings every 30 s when idle, ticks every 10 s in runs
+BAD_MESSAGES = 50  # malformed messages from the coordinator before the agent reconnects
+
+
+class NameInUseError(UdpreachError):
+    """The coordinator refused our name: another agent that answers holds it, or our key
+    is for another name (retrying would not help)."""
 
 
 @dataclass
@@ -52,6 +84,8 @@ class AgentState:
     chan: Channel | None = None
     connected_since: float | None = None
     registrations: int = 0
+    bad_messages: int = 0  # in this session
+    last_warning: float = float("-inf")
 
 
 def drain_all(state: AgentState) -> None:
@@ -85,39 +119,55 @@ async def _flusher(state: AgentState, chan: Channel, wake_box: list[trio.Event])
         await _send_batches(state, chan)
 
 
-async def _handle(state: AgentState, cfg: AgentConfig, chan: Channel, msg: Message) -> None:
-    body = msg.body
-    mtype = msg.type
+def _stats(run: Any) -> AgentStats | None:
+    return AgentStats.from_json(run.stats()) if run is not None else None
+
+
+async def _refuse_message(state: AgentState, chan: Channel, mtype: Any, why: str) -> None:
+    """Answer a message from the coordinator that does not hold up, and go on; past
+    BAD_MESSAGES in one session, give up on the session (the agent reconnects)."""
+    state.bad_messages += 1
+    now = trio.current_time()
+    if now - state.last_warning >= 1.0:
+        state.last_warning = now
+        log.warning("refused a message from the coordinator: %s", why)
+    if state.bad_messages > BAD_MESSAGES:
+        raise ProtocolError(f"the coordinator sent {state.bad_messages} malformed messages")
+    re = mtype if isinstance(mtype, str) and mtype in REPLY_TO else None
+    await chan.send(Error("bad_message", why[:500], re=re))
+
+
+async def _handle(
+    state: AgentState, cfg: AgentConfig, chan: Channel, msg: Message | Malformed
+) -> None:
+    """Act on one message from the coordinator (checked here: a malformed one is answered
+    with an error naming what is wrong, never a crash)."""
+    if isinstance(msg, Malformed):
+        await _refuse_message(state, chan, None, f"malformed message ({msg.reason})")
+        return
+    try:
+        typed = parse(msg.body, TO_AGENT)
+    except MessageError as exc:
+        await _refuse_message(state, chan, msg.body.get("type"), str(exc))
+        return
     core = state.core
-    if mtype == "run_start":
-        run_id = str(body.get("run_id", ""))[:64]
-        try:
-            nonce_c = bytes.fromhex(str(body.get("nonce", "")))
-            size = int(body.get("size", MIN_SIZE))
-        except ValueError:
-            raise ProtocolError("malformed run_start") from None
-        if len(nonce_c) != 16 or not run_id or not MIN_SIZE <= size <= MAX_SIZE:
-            raise ProtocolError("malformed run_start")
+    if isinstance(typed, RunStart):
         drain_all(state)
         await _send_batches(state, chan)
         nonce_a = secrets.token_bytes(16)
-        key = derive_run_key(cfg.secret, run_id, nonce_c, nonce_a)
-        codec = TokenCodec(key, size)
-        core.start_run(run_id, codec)
-        log.info("run %s started by the coordinator (%d-byte datagrams)", run_id, size)
-        await chan.send({"type": "run_ready", "run_id": run_id, "nonce": nonce_a.hex()})
-    elif mtype == "flush":
+        key = derive_run_key(client_key(cfg.secret), typed.run_id, typed.nonce, nonce_a)
+        core.start_run(typed.run_id, TokenCodec(key, typed.size))
+        del key
+        log.info("run %s started by the coordinator (%d-byte datagrams)", typed.run_id, typed.size)
+        await chan.send(RunReady(typed.run_id, nonce_a))
+    elif isinstance(typed, Flush):
         drain_all(state)
         await _send_batches(state, chan)
-        run = core.current
-        await chan.send(
-            {"type": "flushed", "seq": body.get("seq"), "stats": run.stats() if run else None}
-        )
-    elif mtype == "run_end":
+        await chan.send(Flushed(typed.seq, _stats(core.current)))
+    elif isinstance(typed, RunEnd):
         drain_all(state)
         await _send_batches(state, chan)
         run = core.end_run()
-        stats: dict[str, Any] = run.stats() if run else {}
         if run is not None:
             log.info(
                 "run %s ended: %d accepted, rejected %s",
@@ -125,13 +175,13 @@ async def _handle(state: AgentState, cfg: AgentConfig, chan: Channel, msg: Messa
                 run.accepted,
                 dict(run.rejected) or "none",
             )
-        await chan.send({"type": "run_done", "run_id": body.get("run_id"), "stats": stats})
-    elif mtype == "ping":
-        await chan.send({"type": "pong", "seq": body.get("seq")})
-    elif mtype == "error":
-        raise ProtocolError(f"coordinator: {str(body.get('message', 'error'))[:200]}")
-    else:
-        log.debug("ignoring control message %r", mtype)
+        await chan.send(RunDone(typed.run_id, _stats(run)))
+    elif isinstance(typed, Ping):
+        await chan.send(Pong(typed.seq))
+    elif isinstance(typed, Error):
+        raise ProtocolError(f"coordinator: {typed.message[:200]}")
+    elif isinstance(typed, Tick | Registered):
+        log.debug("ignoring control message %r", typed.TYPE)
 
 
 async def _session(state: AgentState, cfg: AgentConfig) -> None:
@@ -139,21 +189,22 @@ async def _session(state: AgentState, cfg: AgentConfig) -> None:
     try:
         sockname = chan.stream.socket.getsockname()  # type: ignore[attr-defined]
         local = normalize_addr(sockname[0])
-        await chan.send(
-            {
-                "type": "register",
-                "name": cfg.name,
-                "address": local,
-                "ports": [li.port for li in state.listeners],
-                "rcvbuf": min(li.rcvbuf for li in state.listeners),
-            }
-        )
+        ports = tuple(li.port for li in state.listeners)
+        await chan.send(Register(cfg.name, local, ports, min(li.rcvbuf for li in state.listeners)))
         with trio.fail_after(cfg.connect_timeout):
             reply = await chan.next_message()
-        if reply.type != "registered":
-            raise ProtocolError(f"registration refused: {reply.body.get('message', reply.type)}")
-        observed = str(reply.body.get("observed", "?"))
+        try:
+            answer = parse(reply.body, {"registered": Registered, "error": Error})
+        except MessageError as exc:
+            raise ProtocolError(f"registration: {exc}") from None
+        if isinstance(answer, Error):
+            if answer.code in ("name_in_use", "bad_name"):
+                raise NameInUseError(answer.message)
+            raise ProtocolError(f"registration refused: {answer.message}")
+        assert isinstance(answer, Registered)
+        observed = answer.observed
         state.chan = chan
+        state.bad_messages = 0
         state.connected_since = trio.current_time()
         state.registrations += 1
         log.info(
@@ -181,12 +232,15 @@ async def _session(state: AgentState, cfg: AgentConfig) -> None:
                     # silence means a dead or half-open connection: reconnect.
                     try:
                         with trio.fail_after(COORDINATOR_SILENCE):
-                            msg = await chan.next_message()
+                            ev = await chan.next_event()
                     except trio.TooSlowError:
                         raise UnreachableError(
                             f"coordinator silent for {COORDINATOR_SILENCE:g}s"
                         ) from None
-                    await _handle(state, cfg, chan, msg)
+                    if isinstance(ev, Message | Malformed):
+                        await _handle(state, cfg, chan, ev)
+                    else:
+                        await _refuse_message(state, chan, None, "unexpected frame")
         except BaseExceptionGroup as group:
             # The nursery wraps even one failure in a group; the reconnect loop decides on
             # the failure itself (a lost connection is retried, anything else is not).
@@ -226,9 +280,21 @@ async def run_agent(
     """Listen, log on, serve runs; reconnect with backoff until cancelled.
 
     Raises:
-        ConfigError: the ports cannot be bound.
+        ConfigError: the ports cannot be bound, or the key file is not this agent's.
         AuthError: the coordinator refused our secret (retrying would not help).
+        NameInUseError: another agent that answers holds our name.
     """
+    forbid_core_dumps()
+    identity = parse_key_text(cfg.secret)
+    if identity is not None and identity.role != "agent":
+        raise ConfigError(
+            f"the key file holds {identity.name!r}'s operator key; an agent needs its own"
+            " agent key (udpreach key add NAME on the coordinator's host)"
+        )
+    if identity is not None and identity.name != cfg.name:
+        raise ConfigError(
+            f"--name {cfg.name!r} does not match the key file, which is agent {identity.name!r}'s"
+        )
     listen = cfg.listen or ("::" if ":" in cfg.host else "0.0.0.0")
     state = AgentState()
     state.listeners = open_listeners(cfg.ports, listen)
@@ -247,7 +313,7 @@ async def run_agent(
             started = trio.current_time()
             try:
                 await _session(state, cfg)
-            except AuthError:
+            except (AuthError, NameInUseError):
                 raise
             except (UnreachableError, ProtocolError, trio.TooSlowError, OSError) as exc:
                 if cfg.once:

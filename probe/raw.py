@@ -458,7 +458,7 @@ class RawSender:
     @staticmethod
     def _partial(groups: list[Group], done: int, failed: dict[int, str]) -> BatchResults:
         # Packet i is the i-th (dst, src) of the batch in iteration order, as built above.
-        order = [(src, dst) for dst, srcs, _ in groups for src in srcs]
+        order = [(int(src), dst) for dst, srcs, _ in groups for src in srcs]
         results: dict[int, GroupResult] = {}
         for i, (src, dst) in enumerate(order):
             result = results.get(src)

@@ -83,7 +83,7 @@ def by_source(batch: CellBatch) -> dict[int, list[tuple[int, bytes]]]:
     """A batch regrouped per source port: ``{src: [(dst, payload), ...]}``, in batch order."""
     out: dict[int, list[tuple[int, bytes]]] = {}
     for dst, srcs, payloads in groups_of(batch):
-        for src, payload in zip(srcs, payloads, strict=True):
+        for src, payload in zip(map(int, srcs), payloads, strict=True):
             items = out.get(src)
             if items is None:
                 out[src] = [(dst, payload)]

@@ -48,6 +48,8 @@ def _agent(addr: str = AGENT, ports: tuple[int, ...] = (5000, 5001), name: str =
 
 def _receive(led: Ledger, dst: int, srcs: list[int], addr: str = AGENT, shift: int = 0) -> None:
     """The agent saw one datagram (the first attempt) of each of these cells."""
+    unsent = [s for s in srcs if led.attempts(dst, s) == 0]
+    led.note_sent_many(dst, unsent)  # only what was sent can be credited
     led.note_receipts([(0, dst, s, 1, s + shift) for s in srcs], [addr], 1)
 
 

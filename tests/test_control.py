@@ -17,8 +17,11 @@ from udpreach.core.framing import (
     PROTO,
     RECEIPT,
     Authenticated,
+    ConnectionLimitError,
     ControlConnection,
     Event,
+    Grant,
+    Malformed,
     Message,
     Receipts,
     decode_receipts,
@@ -405,7 +408,7 @@ def test_garbage_to_a_fresh_server_is_a_protocol_error(data: bytes) -> None:
     assert server.data_to_send() == b""
 
 
-@pytest.mark.parametrize("proto", ["udpreach/1", "udpreach/0", None, 7])
+@pytest.mark.parametrize("proto", ["udpreach/2", "udpreach/1", "udpreach/0", None, 7])
 def test_a_client_of_another_version_is_told_so(proto: object) -> None:
     """An older agent would verify datagrams differently and see every cell blocked: the
     server refuses its hello, and says why in a plain error the client reports."""
@@ -604,3 +607,74 @@ def test_decode_receipts_raises_only_protocol_errors(payload: bytes) -> None:
     except ProtocolError:
         return
     assert len(recs) % RECEIPT.size == 0
+
+
+# --- malformed content in authentic frames, refusals at a limit -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        (b'{"type":"run_start","size":Infinity}', "Infinity is not a JSON number"),
+        (b'{"type":"run_start","size":NaN}', "NaN is not a JSON number"),
+        (b'{"type":"run_start","size":1e400}', "out of range"),
+        (b"[1,2]", "not an object with a type"),
+        (b'{"size":16}', "not an object with a type"),
+        (b"\xff\xfe", "not JSON"),
+        (b"[" * 50_000, "not JSON"),
+    ],
+)
+def test_an_authentic_but_malformed_message_is_an_event_not_a_break(
+    payload: bytes, why: str
+) -> None:
+    p = open_pair()
+    p.server._send_frame(b"J", payload)  # as a buggy or hostile peer would
+    p.server.send({"type": "ping", "seq": 1})
+    events = p.s2c()
+    assert len(events) == 2
+    assert isinstance(events[0], Malformed)
+    assert why in events[0].reason
+    assert events[1] == Message({"type": "ping", "seq": 1})  # the connection goes on
+    assert p.client.is_open
+
+
+def test_non_finite_numbers_are_never_sent() -> None:
+    p = open_pair()
+    with pytest.raises(ProtocolError, match="non-finite"):
+        p.client.send({"type": "flushed", "seq": float("inf")})
+
+
+def test_a_refusal_at_a_connection_limit_is_its_own_error() -> None:
+    server = ControlConnection("server", SECRET)
+    server.refuse("connection limit reached: too many", code="limit")
+    client = ControlConnection("client", SECRET)
+    client.initiate()
+    with pytest.raises(ConnectionLimitError, match="connection limit reached: too many"):
+        client.receive_data(server.data_to_send())
+
+
+def test_the_long_term_key_is_dropped_after_the_handshake() -> None:
+    p = open_pair()
+    for conn in (p.client, p.server):
+        assert conn._secret == b""
+        assert conn._key == b""
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(st.none(), st.integers(), st.text(max_size=80), st.lists(st.integers(), max_size=3)),
+    st.sampled_from(["agent", "control"]),
+)
+def test_fuzz_key_ids_in_a_hello_raise_only_protocol_errors(key_id: object, purpose: str) -> None:
+    """Whatever a stranger puts in the hello's ``id``, the server answers a challenge (for an
+    id it does not know, with a proof nobody can check) or refuses as a protocol error."""
+    grants = {"pc-17": Grant("agent", b"k" * 32)}
+    server = ControlConnection("server", None, keys=grants.get)
+    hello = {"type": "hello", "proto": PROTO, "purpose": purpose, "nonce": "11" * 16, "id": key_id}
+    try:
+        events = server.receive_data(jframe(hello))
+    except ProtocolError:
+        return
+    assert events == []
+    (reply,) = [json.loads(server.data_to_send()[5:])]
+    assert set(reply) == {"type", "nonce", "proof"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import struct
@@ -24,6 +25,7 @@ import pytest
 import trio
 
 from agent.service import AgentConfig, run_agent
+from probe.admission import Limits
 from probe.coordinator import Coordinator, ProbeConfig
 from udpreach.core.errors import UnreachableError
 from udpreach.core.framing import MAX_FRAME, MAX_PREAUTH, PROTO
@@ -40,11 +42,17 @@ BAD = "127.0.0.5"  # where misbehaving clients connect from
 
 
 @asynccontextmanager
-async def coordinator(*, with_agent: bool = True, **limits: Any) -> AsyncIterator[dict[str, Any]]:
-    """A coordinator on 127.0.0.1 (and a registered agent, unless told otherwise)."""
+async def coordinator(
+    *, with_agent: bool = True, limits: Limits | None = None, **settings: Any
+) -> AsyncIterator[dict[str, Any]]:
+    """A coordinator on 127.0.0.1 (and a registered agent, unless told otherwise).
+
+    Penalties are off unless *limits* says otherwise: these tests send many bad handshakes
+    from one address on purpose (penalties have tests of their own)."""
     cfg = ProbeConfig(
-        host="127.0.0.1", port=0, secret=SECRET, source="127.0.0.2", use_store=False, **limits
-    )
+        host="127.0.0.1", port=0, secret=SECRET, source="127.0.0.2", use_store=False,
+        limits=limits or Limits(penalty_points=math.inf), **settings,
+    )  # fmt: skip
     coord = Coordinator(cfg)
     async with trio.open_nursery() as nursery:
         host, port = await nursery.start(coord.serve)
@@ -257,35 +265,117 @@ async def test_half_open_client_is_dropped_at_once() -> None:
             assert trio.current_time() - t0 < 1.0
 
 
-# --- connection caps --------------------------------------------------------------------
+# --- connection caps ---------------------------------------------------------------------
 
 
-async def test_connection_caps_total_and_per_address() -> None:
+def _limit_refusal(data: bytes) -> dict[str, Any]:
+    (refusal,) = frames(data)
+    assert (refusal["type"], refusal["code"]) == ("error", "limit"), refusal
+    assert refusal["message"].startswith("connection limit reached"), refusal
+    return refusal
+
+
+async def test_startups_per_network_drop_the_oldest_not_the_newcomer() -> None:
+    """A network's share of unauthenticated connections is full: its oldest connection is
+    dropped (and told why), the newcomer stays; the registered agent is not counted."""
+    limits = Limits(startups=100, startups_per_network=3, penalty_points=math.inf)
     with trio.fail_after(DEADLINE):
-        async with coordinator(handshake_timeout=10, max_connections=5, max_per_address=2) as h:
-            # The registered agent holds one connection (from 127.0.0.1).
-            a = [await raw(h, "127.0.0.5") for _ in range(2)]
-            assert all([await still_open(s) for s in a])
-            third = await raw(h, "127.0.0.5")
+        async with coordinator(handshake_timeout=10, limits=limits) as h:
+            held = [await raw(h, "127.0.0.5") for _ in range(3)]
+            assert all([await still_open(s) for s in held])
+            newcomer = await raw(h, "127.0.0.6")  # the same /24
             t0 = trio.current_time()
-            assert await read_to_close(third, within=2) == b""  # per-address cap
+            _limit_refusal(await read_to_close(held[0], within=2))
             assert trio.current_time() - t0 < 0.5
-            b = [await raw(h, "127.0.0.6") for _ in range(2)]
-            assert all([await still_open(s) for s in b])
-            fifth = await raw(h, "127.0.0.7")  # a new address, but 5 connections are open
-            assert await read_to_close(fifth, within=2) == b""
-            # Closing connections gives their slots back.
-            for s in a + b:
+            assert await still_open(newcomer)
+            assert all([await still_open(s) for s in held[1:]])
+            assert h["coord"].admission.startups == 3
+            # A client from that very network still gets through, and the agent is listed.
+            assert await good_list(h) == [AGENT_NAME]
+            for s in [*held[1:], newcomer]:
                 await s.aclose()
+
+
+async def test_a_full_startup_budget_drops_from_the_network_holding_the_most() -> None:
+    limits = Limits(startups=4, startups_per_network=10, v4_prefix=32, penalty_points=math.inf)
+    with trio.fail_after(DEADLINE):
+        async with coordinator(with_agent=False, handshake_timeout=10, limits=limits) as h:
+            hog = [await raw(h, "127.0.0.5") for _ in range(3)]
+            other = await raw(h, "127.0.0.6")
+            assert all([await still_open(s) for s in [*hog, other]])
+            late = await raw(h, "127.0.0.7")
+            _limit_refusal(await read_to_close(hog[0], within=2))
+            assert await still_open(other)
+            assert await still_open(late)
+            for s in [*hog[1:], other, late]:
+                await s.aclose()
+
+
+async def test_authenticated_sessions_have_slots_of_their_own() -> None:
+    """Agents cannot take the requesters' slots; a full pool says so, in one line."""
+    limits = Limits(agents=1, requesters=2, penalty_points=math.inf)
+    with trio.fail_after(DEADLINE):
+        async with coordinator(limits=limits) as h:  # its agent takes the only agent slot
+            chan = await connect(h["host"], h["port"], SECRET, "agent", 5)
+            try:
+                refusal = (await chan.next_message()).body
+            finally:
+                await chan.aclose()
+            assert refusal == {
+                "type": "error",
+                "code": "limit",
+                "message": "connection limit reached: 1 agent sessions at once",
+            }
+            assert await good_list(h) == [AGENT_NAME]
+            idle = [await connect(h["host"], h["port"], SECRET, "control", 5) for _ in range(2)]
+            with pytest.raises(UnreachableError, match="connection limit reached: 2 requests"):
+                await list_agents(h["host"], h["port"], SECRET)
+            for c in idle:
+                await c.aclose()
             for _ in range(100):
-                if h["coord"]._conns == 1:
+                if h["coord"].admission.sessions["requester"] == 0:
                     break
                 await trio.sleep(0.02)
-            again = [await raw(h, "127.0.0.5") for _ in range(2)]
-            assert all([await still_open(s) for s in again])
             assert await good_list(h) == [AGENT_NAME]
-            for s in again:
-                await s.aclose()
+
+
+async def test_failing_addresses_are_refused_for_a_while_and_recover() -> None:
+    limits = Limits(penalty_points=5, penalty_min=1.0, leak_per_second=0.0)
+    with trio.fail_after(DEADLINE), coordinator_log() as records:
+        async with coordinator(with_agent=False, limits=limits) as h:
+            for _ in range(5):
+                s = await raw(h, "127.0.0.30")
+                await s.send_all(jframe({"type": "auth", "proof": "00" * 32}))
+                assert await read_to_close(s, within=2) == b""
+            s = await raw(h, "127.0.0.30")
+            (refusal,) = frames(await read_to_close(s, within=2))
+            assert refusal["code"] == "limit"
+            assert "too many failed handshakes from 127.0.0.30" in refusal["message"]
+            # Another address of the same network is not punished for it.
+            ok = await raw(h, "127.0.0.31")
+            await ok.send_all(hello())
+            assert [f["type"] for f in frames(await ok.receive_some(4096))] == ["challenge"]
+            await ok.aclose()
+            await trio.sleep(1.1)
+            again = await raw(h, "127.0.0.30")
+            await again.send_all(hello())
+            assert [f["type"] for f in frames(await again.receive_some(4096))] == ["challenge"]
+            await again.aclose()
+    assert any("too many failed handshakes" in r.getMessage() for r in records)
+
+
+async def test_an_address_that_authenticated_is_never_penalized() -> None:
+    """Attackers behind the client's own address (a NAT, or the same host) cannot get the
+    genuine client refused by failing on purpose."""
+    limits = Limits(penalty_points=3, penalty_min=60.0)
+    with trio.fail_after(DEADLINE):
+        async with coordinator(with_agent=False, limits=limits) as h:
+            assert await good_list(h) == []  # 127.0.0.1 authenticated
+            for _ in range(10):
+                s = await raw(h, "127.0.0.1")
+                await s.send_all(jframe({"type": "auth", "proof": "00" * 32}))
+                await read_to_close(s, within=2)
+            assert await good_list(h) == []
 
 
 # --- bad clients never delay good ones ------------------------------------------------
@@ -351,7 +441,7 @@ async def test_bad_clients_never_delay_a_good_one() -> None:
                 assert doc["complete"] is True
                 assert doc["summary"]["open"] == 3072
                 # The well-behaved ones really were still being held meanwhile.
-                assert h["coord"]._conns >= 20
+                assert len(h["coord"]._live) >= 20
                 for c in idle:
                     await c.aclose()
                 nursery.cancel_scope.cancel()
@@ -473,17 +563,18 @@ async def test_failed_authentications_are_logged_with_address_and_rate_limited()
     assert all(r.levelno == logging.WARNING for r in records if r.getMessage() in lines)
 
 
-async def test_refused_connections_do_not_flood_the_log() -> None:
+async def test_dropped_connections_do_not_flood_the_log() -> None:
+    limits = Limits(startups_per_network=1, penalty_points=math.inf)
     with trio.fail_after(DEADLINE), coordinator_log() as records:
-        async with coordinator(with_agent=False, handshake_timeout=10, max_per_address=1) as h:
-            holder = await raw(h)
-            assert await still_open(holder, 0.1)
+        async with coordinator(with_agent=False, handshake_timeout=10, limits=limits) as h:
+            prev = await raw(h)
             for _ in range(50):
                 s = await raw(h)
-                await read_to_close(s, within=2)
-            await holder.aclose()
-    refusals = [r for r in records if "refusing connection" in r.getMessage()]
-    assert 1 <= len(refusals) <= 5
+                _limit_refusal(await read_to_close(prev, within=2))
+                prev = s
+            await prev.aclose()
+    drops = [r for r in records if "dropping the oldest" in r.getMessage()]
+    assert 1 <= len(drops) <= 5
 
 
 async def test_suppressed_failures_are_reported_even_when_the_burst_stops() -> None:
@@ -519,3 +610,75 @@ async def test_a_coordinator_that_closes_during_the_handshake_is_named_as_such()
     message = str(info.value)
     assert "closed the connection during the handshake" in message
     assert PROTO in message
+
+
+async def test_partial_frames_share_one_memory_budget() -> None:
+    """Many authenticated connections each holding the start of a large frame: together
+    they cannot make the coordinator hold more than its budget."""
+    with trio.fail_after(DEADLINE):
+        async with coordinator(with_agent=False, handshake_timeout=10) as h:
+            h["coord"]._budget.limit = 3 * 1024 * 1024 + 1024
+            chans = [await connect(h["host"], h["port"], SECRET, "control", 5) for _ in range(5)]
+            cut = set()
+            for i, chan in enumerate(chans):
+                # The header of a 2 MiB frame (within MAX_FRAME), then 1 MiB of its body.
+                try:
+                    await chan.stream.send_all(struct.pack(">I", 2 << 20) + b"J" * (1 << 20))
+                except trio.BrokenResourceError:
+                    cut.add(i)
+                await trio.sleep(0.2)
+            for i, chan in enumerate(chans):
+                if not await still_open(chan.stream, 0.2):  # type: ignore[arg-type]
+                    cut.add(i)
+            assert len(cut) == 2, cut  # 3 MiB held, the rest refused
+            assert h["coord"]._budget.held <= 3 * 1024 * 1024 + 1024
+            for chan in chans:
+                await chan.aclose()
+            for _ in range(100):
+                if h["coord"]._budget.held == 0:
+                    break
+                await trio.sleep(0.02)
+            assert h["coord"]._budget.held == 0  # given back when connections close
+            assert await good_list(h) == []
+
+
+async def test_an_agent_answers_junk_then_gives_up_on_its_coordinator() -> None:
+    """A coordinator that keeps sending malformed messages: the agent answers each with an
+    error, and after BAD_MESSAGES of them drops the session (to reconnect) instead of
+    answering forever."""
+    from agent.service import BAD_MESSAGES
+    from udpreach.core.errors import ProtocolError
+    from udpreach.core.framing import ControlConnection, Message
+    from udpreach.net.channel import Channel
+
+    answers: list[dict[str, Any]] = []
+
+    async def junk(stream: trio.SocketStream) -> None:
+        chan = Channel(stream, ControlConnection("server", SECRET))
+        try:
+            await chan.server_handshake()
+            await chan.next_message()
+            await chan.send({"type": "registered", "observed": "127.0.0.1"})
+            for _ in range(BAD_MESSAGES + 5):
+                chan.conn._send_frame(b"J", b'{"type":"flush","seq":-1}')
+                await chan._flush()
+                ev = await chan.next_event()
+                assert isinstance(ev, Message)
+                answers.append(ev.body)
+        except UnreachableError:
+            pass
+        finally:
+            await chan.aclose()
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, host="127.0.0.1"), junk, 0)
+            port = listeners[0].socket.getsockname()[1]
+            cfg = AgentConfig(host="127.0.0.1", port=port, secret=SECRET, ports=(0,),
+                              name="patient", listen="127.0.0.1", once=True)  # fmt: skip
+            with pytest.raises(ProtocolError, match=f"sent {BAD_MESSAGES + 1} malformed"):
+                await run_agent(cfg)
+            nursery.cancel_scope.cancel()
+    assert len(answers) == BAD_MESSAGES
+    assert all(a["type"] == "error" and a["re"] == "flush" for a in answers)
+    assert "'seq' must be 0-" in answers[0]["message"]

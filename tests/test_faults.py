@@ -154,6 +154,16 @@ def test_coordinator_killed_mid_run_then_agent_comes_back(
         assert again.returncode == 0, again.stderr
         assert json.loads(again.stdout)["summary"]["open"] == 1024
         _assert_no_traceback(svc.agent_log.read_text())
+
+        # The new probe found the run its predecessor left behind and stored it incomplete,
+        # keeping what had been settled.
+        wait_log(svc.probe_log, rf"run {run_id} was left unfinished", timeout=5)
+        hist = json.loads(svc.cli("history", "--db", str(svc.db), "--json").stdout)["runs"]
+        assert (run_id, "incomplete") in [(r["run_id"], r["status"]) for r in hist]
+        recovered = json.loads(svc.cli("show", run_id, "--db", str(svc.db), "--json").stdout)
+        assert recovered["summary"] == s
+        assert any("the probe stopped before this run finished" in w
+                   for w in recovered["warnings"])  # fmt: skip
     if settled_in_history == 0:
         pytest.fail(
             "regression: RunExecution checkpoints the store only between rounds; a coordinator "

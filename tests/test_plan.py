@@ -47,7 +47,24 @@ def test_defaults_are_every_high_port_to_every_agent_port() -> None:
         "rate": DEFAULT_RATE,
         "size": 16,
         "copies_mode": "auto",
+        "icmp_budget": 20.0,
+        "max_delay": 1.0,
     }
+
+
+@pytest.mark.parametrize(
+    ("req", "message"),
+    [
+        ({"icmp_budget": -1}, "--icmp-budget"),
+        ({"icmp_budget": float("nan")}, "--icmp-budget"),
+        ({"icmp_budget": 601}, "--icmp-budget"),
+        ({"max_delay": 0}, "--max-delay"),
+        ({"max_delay": float("inf")}, "--max-delay"),
+    ],
+)
+def test_icmp_budget_and_max_delay_are_judged(req: dict[str, float], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        plan_of(req)
 
 
 def test_explicit_request_is_copied() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,7 +24,15 @@ from udpreach.cli.history import register
 from udpreach.core.errors import ConfigError
 from udpreach.core.expect import judge, parse_expect
 from udpreach.core.ledger import IcmpInfo, Ledger
-from udpreach.store import MIGRATIONS, RunStore, StoreError, UnknownRunError, default_path
+from udpreach.store import (
+    MIGRATIONS,
+    DamagedRunError,
+    RunStore,
+    StoreError,
+    UnknownRunError,
+    _seal,
+    default_path,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -411,3 +420,154 @@ def test_expect_from_prints_a_file_the_run_satisfies(cli: typer.Typer, filled: P
     assert judge(baseline(), entries) == []
     assert [d["first"] for d in judge(after_change(), entries)] == [45000, 60100]
     assert "1 untested or unknown" in res.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# Damage, orphans, failures (issue 15, item 6).
+
+
+def test_a_row_changed_behind_the_stores_back_is_damaged(store: RunStore) -> None:
+    docs = [baseline(), after_change(), docsamples.incomplete()]
+    for d in docs:
+        store.finish(d["run_id"], d)
+    bad = docs[1]["run_id"]
+    doc_text = store._conn.execute("SELECT doc FROM runs WHERE run_id = ?", (bad,)).fetchone()[0]
+    flipped = doc_text.replace('"sent":', '"sent":9', 1)
+    assert flipped != doc_text
+    store._conn.execute("UPDATE runs SET doc = ? WHERE run_id = ?", (flipped, bad))
+    with pytest.raises(DamagedRunError, match=f"run {bad} is damaged") as info:
+        store.load(bad)
+    assert info.value.exit_code == 3
+    runs = store.history()
+    assert [r["run_id"] for r in runs] == [docs[2]["run_id"], docs[0]["run_id"]]
+    assert len(store.problems) == 1
+    assert bad in store.problems[0]
+    assert "digest" in store.problems[0]
+    # Unreadable JSON under a matching digest (a bug, not damage) is skipped all the same.
+    good = docs[0]["run_id"]
+    store._write(
+        good,
+        lambda c: c.execute("UPDATE runs SET summary = '{' WHERE run_id = ?", (good,)).rowcount,
+    )
+    assert [r["run_id"] for r in store.history()] == [docs[2]["run_id"]]
+    assert "unreadable" in store.problems[-1]
+
+
+def test_an_old_database_gains_digests_and_old_readers_still_read(tmp_path: Path) -> None:
+    db = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(db, isolation_level=None)
+    for stmt in MIGRATIONS[0]:
+        assert isinstance(stmt, str)
+        conn.execute(stmt)
+    conn.execute("PRAGMA user_version = 1")
+    doc = baseline()
+    conn.execute(
+        "INSERT INTO runs (run_id, started, status, plan, agent, probe, summary, doc)"
+        " VALUES (?, ?, 'complete', ?, ?, ?, ?, ?)",
+        (doc["run_id"], doc["started"], json.dumps(doc["plan"]), json.dumps(doc["agent"]),
+         json.dumps(doc["probe"]), json.dumps(doc["summary"]), json.dumps(doc)),
+    )  # fmt: skip
+    conn.close()
+    with RunStore.open(db, create=False) as reader:  # read-only: no migration
+        assert reader.load(doc["run_id"]) == doc
+        assert reader._version == 1
+    with RunStore.open(db) as writer:  # the probe migrates and seals what it finds
+        assert writer._version == len(MIGRATIONS)
+        assert writer.load(doc["run_id"]) == doc
+    with RunStore.open(db, create=False) as reader:
+        (row,) = reader._read("SELECT * FROM runs")
+        assert row["digest"] is not None
+        assert reader.history()[0]["run_id"] == doc["run_id"]
+
+
+def test_readers_cannot_write(db: Path, store: RunStore) -> None:
+    store.finish(baseline()["run_id"], baseline())
+    with RunStore.open(db, create=False) as reader:
+        assert reader.readonly
+        with pytest.raises(StoreError, match="readonly"):
+            reader.finish("x", after_change())
+
+
+def test_every_write_failure_is_a_store_error(store: RunStore) -> None:
+    doc = baseline()
+    with pytest.raises(StoreError):
+        store.finish("nan", {**doc, "loss": float("nan")})  # not JSON
+    with pytest.raises(StoreError):
+        store.finish("set", {**doc, "plan": {1, 2}})
+    store.close()
+    for call in (
+        lambda: _begin(store, doc),
+        lambda: store.checkpoint(doc["run_id"], []),
+        lambda: store.finish(doc["run_id"], doc),
+    ):
+        with pytest.raises(StoreError):
+            call()
+
+
+def test_a_store_works_from_worker_threads(store: RunStore) -> None:
+    import threading
+
+    docs = [baseline(), after_change(), docsamples.incomplete()]
+    errors: list[BaseException] = []
+
+    def write(d: dict[str, Any]) -> None:
+        try:
+            _begin(store, d)
+            store.checkpoint(d["run_id"], d["ranges"][:1])
+            store.finish(d["run_id"], d)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(d,)) for d in docs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert sorted(r["run_id"] for r in store.history()) == sorted(d["run_id"] for d in docs)
+    assert store.problems == []
+
+
+def test_orphans_of_a_dead_probe_are_marked_incomplete(db: Path) -> None:
+    code = CRASHER.format(tests=str(REPO / "tests"), db=str(db))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, timeout=60, check=False, capture_output=True
+    )
+    assert proc.returncode == 9, proc.stderr
+    with RunStore.open(db) as st:
+        live = after_change()
+        _begin(st, live)  # a run of this (living) process: not an orphan
+        st._conn.execute("BEGIN IMMEDIATE")
+        other = docsamples.incomplete()
+        st._conn.execute(
+            "INSERT INTO runs (run_id, started, status, owner, plan, agent, probe)"
+            " VALUES (?, ?, 'running', 'elsewhere:1:x', ?, ?, ?)",
+            (other["run_id"], other["started"], json.dumps(other["plan"]),
+             json.dumps(other["agent"]), json.dumps(other["probe"])),
+        )  # fmt: skip
+        _seal(st._conn, other["run_id"])
+        st._conn.execute("COMMIT")
+        found = st.recover_orphans()
+        assert found == [baseline()["run_id"]]
+        doc = st.load(found[0])
+        statuses = {r["run_id"]: r["status"] for r in st.history()}
+    assert doc["complete"] is False
+    assert "status" not in doc
+    assert any("the probe stopped before this run finished" in w for w in doc["warnings"])
+    assert doc["summary"]["blocked"] == 10000  # what it had settled is kept
+    assert doc["summary"]["unknown"] == 64512
+    assert statuses == {
+        baseline()["run_id"]: "incomplete",
+        live["run_id"]: "running",
+        other["run_id"]: "running",  # another host's: it cannot be known dead
+    }
+
+
+def test_an_earlier_process_with_our_pid_is_gone() -> None:
+    from udpreach.store import _INCARNATION, _owner_gone
+
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    assert _owner_gone(f"{me}:{_INCARNATION}") is False
+    assert _owner_gone(f"{me}:00000000") is True  # a restarted container's pid 1
+    assert _owner_gone(me) is False  # an old owner without incarnation: cannot tell

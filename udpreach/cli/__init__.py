@@ -18,6 +18,7 @@ import typer
 from udpreach import __version__
 from udpreach.cli import history, run, service
 from udpreach.cli.common import click_errors, fail, one_line
+from udpreach.cli.keys import key_app
 from udpreach.cli.lab import lab_app
 from udpreach.cli.secret import secret_app
 
@@ -60,6 +61,7 @@ app.command()(run.agents)
 app.command()(run.demo)
 history.register(app)
 app.add_typer(secret_app)
+app.add_typer(key_app)
 app.add_typer(lab_app)
 
 

@@ -73,15 +73,17 @@ def history(
     """List the stored runs, newest first."""
     from udpreach.store import RunStore
 
-    def fetch() -> list[dict[str, Any]]:
+    def fetch() -> tuple[list[dict[str, Any]], list[str]]:
         with RunStore.open(db, create=False) as store:
-            return store.history(limit)
+            return store.history(limit), store.problems
 
     from rich.markup import escape
 
-    runs = fetch()
+    runs, problems = fetch()
+    for line in problems:  # damaged or unreadable rows: skipped, and said
+        err_console().print(f"warning: {line}", markup=False)
     if as_json:
-        print_json({"schema": "udpreach/history-v1", "runs": runs})
+        print_json({"schema": "udpreach/history-v1", "runs": runs, "warnings": problems})
         return
     if not runs:
         err_console().print("no runs recorded yet")

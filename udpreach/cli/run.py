@@ -27,10 +27,18 @@ from udpreach.core.errors import ConfigError
 
 
 def _plan(
-    src_ports: str, dst_ports: str | None, copies: int | None, rate: int, size: int, wait: float
+    src_ports: str,
+    dst_ports: str | None,
+    copies: int | None,
+    rate: int,
+    size: int,
+    wait: float,
+    icmp_budget: float,
+    max_delay: float,
 ) -> dict[str, Any]:
     """The plan the coordinator is asked for, checked here first (exit 2 on a bad one)."""
     from udpreach.core.datagram import MAX_SIZE, MIN_SIZE
+    from udpreach.core.plan import MAX_ICMP_BUDGET, MAX_MAX_DELAY
     from udpreach.core.portspec import format_ports, parse_ports
 
     src = parse_ports(src_ports, allow_random=True)
@@ -43,12 +51,18 @@ def _plan(
         raise ConfigError(f"--size must be {MIN_SIZE}-{MAX_SIZE} bytes, got {size}")
     if wait < 0:
         raise ConfigError("--wait must not be negative")
+    if not 0 <= icmp_budget <= MAX_ICMP_BUDGET:  # NaN fails both
+        raise ConfigError(f"--icmp-budget must be 0-{MAX_ICMP_BUDGET:g} seconds")
+    if not 0 < max_delay <= MAX_MAX_DELAY:
+        raise ConfigError(f"--max-delay must be more than 0 and at most {MAX_MAX_DELAY:g} s")
     return {
         "src_ports": format_ports(src),
         "dst_ports": dst,
         "copies": copies,
         "rate": rate,
         "size": size,
+        "icmp_budget": icmp_budget,
+        "max_delay": max_delay,
     }
 
 
@@ -86,6 +100,21 @@ def run(
     ] = None,
     rate: Annotated[int, typer.Option("--rate", help="Pacing ceiling, datagrams/s.")] = 100_000,
     size: Annotated[int, typer.Option("--size", help="Payload bytes (16-65507).")] = 16,
+    icmp_budget: Annotated[
+        float,
+        typer.Option(
+            "--icmp-budget",
+            help="Seconds to spend telling silent cells apart (dropped or rejected) where "
+            "routers rate-limit their ICMP errors; 0: none.",
+        ),
+    ] = 20.0,
+    max_delay: Annotated[
+        float,
+        typer.Option(
+            "--max-delay",
+            help="One-way UDP delay to wait for before any delay was measured, seconds.",
+        ),
+    ] = 1.0,
     wait: Annotated[
         float,
         typer.Option(
@@ -107,12 +136,14 @@ def run(
 ) -> None:
     """Test the path from the probe to an agent and print the pass/fail matrix."""
     from udpreach.cli.progress import ProgressDisplay
+    from udpreach.keyring import forbid_core_dumps
     from udpreach.net.blocking import request_run
     from udpreach.secret import load_secret
 
     host, port = parse_endpoint(coordinator, "--coordinator")
-    plan = _plan(src_ports, dst_ports, copies, rate, size, wait)
+    plan = _plan(src_ports, dst_ports, copies, rate, size, wait, icmp_budget, max_delay)
     entries = _expectations(expect)
+    forbid_core_dumps()  # the key file's contents must never land in a core file
     secret = load_secret(secret_file)
     cancelled: list[float] = []
 
@@ -193,10 +224,12 @@ def agents(
     coordinator: CoordinatorOpt, secret_file: SecretOpt = None, as_json: JsonOpt = False
 ) -> None:
     """List the agents registered with the coordinator."""
+    from udpreach.keyring import forbid_core_dumps
     from udpreach.net.blocking import list_agents
     from udpreach.secret import load_secret
 
     host, port = parse_endpoint(coordinator, "--coordinator")
+    forbid_core_dumps()
     found = list_agents(host, port, load_secret(secret_file))
     if as_json:
         print_json({"agents": found})

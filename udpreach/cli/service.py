@@ -132,6 +132,26 @@ def probe(
     max_datagrams: Annotated[
         int, typer.Option("--max-datagrams", help="Ceiling on datagrams sent in one run.")
     ] = 50_000_000,
+    max_bytes_rate: Annotated[
+        int,
+        typer.Option(
+            "--max-bytes-rate",
+            help="Global ceiling in bytes per second on the wire (payload and IP/UDP headers; "
+            "default a tenth of a gigabit).",
+        ),
+    ] = 12_500_000,
+    max_bytes: Annotated[
+        int, typer.Option("--max-bytes", help="Ceiling on bytes sent in one run.")
+    ] = 4_000_000_000,
+    keyring: Annotated[
+        Path | None,
+        typer.Option(
+            "--keyring",
+            help="Per-agent and operator keys (udpreach key add); default: "
+            "$XDG_CONFIG_HOME/udpreach/keyring.json when it exists.",
+            show_default=False,
+        ),
+    ] = None,
     send_mode: Annotated[
         str,
         typer.Option(
@@ -147,12 +167,19 @@ def probe(
     log_json: LogJsonOpt = False,
 ) -> None:
     """Server side: host the coordinator and the UDP probe until SIGINT/SIGTERM."""
+    import os
+
+    from udpreach.keyring import default_path as default_keyring
     from udpreach.logs import setup_logging
+    from udpreach.secret import ENV_VAR as SECRET_ENV
     from udpreach.secret import load_secret
 
     setup_logging(check_log_level(log_level), log_json)
     host, port = parse_endpoint(control, "--control")
-    secret = load_secret(secret_file)
+    found = keyring if keyring is not None else default_keyring()
+    ring = found if keyring is not None or found.exists() else None
+    has_secret = secret_file is not None or bool(os.environ.get(SECRET_ENV))
+    secret = load_secret(secret_file) if has_secret or ring is None else None
     nets = []
     for cidr in allow_target or []:
         try:
@@ -167,8 +194,10 @@ def probe(
         why = raw_available()
         if why is not None:
             raise ConfigError(f"--send-mode raw: {why}")
-    if max_rate <= 0 or max_datagrams <= 0:
-        raise ConfigError("--max-rate and --max-datagrams must be positive")
+    if min(max_rate, max_datagrams, max_bytes_rate, max_bytes) <= 0:
+        raise ConfigError(
+            "--max-rate, --max-datagrams, --max-bytes-rate and --max-bytes must be positive"
+        )
     if source is not None:
         try:
             ipaddress.ip_address(source)
@@ -186,7 +215,10 @@ def probe(
         source=source,
         max_rate=max_rate,
         max_datagrams=max_datagrams,
+        max_bytes_rate=max_bytes_rate,
+        max_bytes=max_bytes,
         allow_targets=nets,
+        keyring=ring,
         send_mode=send_mode,
     )
     store = RunStore.open(db)
@@ -233,6 +265,7 @@ def agent(
     import socket
 
     from agent.service import AgentConfig, run_agent
+    from udpreach.core.framing import parse_key_text
     from udpreach.core.portspec import parse_ports
     from udpreach.logs import setup_logging
     from udpreach.secret import load_secret
@@ -242,13 +275,15 @@ def agent(
     ports = parse_ports(port, allow_zero=True)
     if len(ports) > 1024:
         raise ConfigError("an agent listens on at most 1024 ports")
-    agent_name = name or socket.gethostname().split(".")[0]
+    secret = load_secret(secret_file)
+    identity = parse_key_text(secret)  # an agent key names its agent
+    agent_name = name or (identity.name if identity else socket.gethostname().split(".")[0])
     if not AGENT_NAME_RE.match(agent_name):
         raise ConfigError(f"--name {agent_name!r}: use letters, digits, '.', '_' or '-'")
     cfg = AgentConfig(
         host=host,
         port=cport,
-        secret=load_secret(secret_file),
+        secret=secret,
         ports=ports,
         name=agent_name,
         listen=listen,

@@ -27,6 +27,10 @@ AUTO_COPIES_CEILING = 16
 MAX_COPIES = 255
 MAX_CELLS = 64 * 64512  # 64 destination ports x every high source port
 DEFAULT_CONFIDENCE = 0.01
+DEFAULT_ICMP_BUDGET = 20.0  # seconds to tell silent cells apart under rate-limited ICMP
+MAX_ICMP_BUDGET = 600.0
+DEFAULT_MAX_DELAY = 1.0  # UDP one-way delay waited for before any delay was measured
+MAX_MAX_DELAY = 60.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class Plan:
     rate: int  # pacing ceiling, datagrams per second
     size: int  # payload bytes
     confidence: float = DEFAULT_CONFIDENCE  # target chance of any false "blocked"
+    icmp_budget: float = DEFAULT_ICMP_BUDGET  # seconds for tests of silent cells
+    max_delay: float = DEFAULT_MAX_DELAY  # UDP delay waited for before any is measured
 
     @property
     def cells(self) -> int:
@@ -58,6 +64,8 @@ class Plan:
             "rate": self.rate,
             "size": self.size,
             "copies_mode": "auto" if self.auto_copies else "fixed",
+            "icmp_budget": self.icmp_budget,
+            "max_delay": self.max_delay,
         }
 
 
@@ -87,6 +95,8 @@ def plan_from_request(
         rate = int(_given(req, "rate", DEFAULT_RATE))
         size = int(_given(req, "size", MIN_SIZE))
         confidence = float(_given(req, "confidence", DEFAULT_CONFIDENCE))
+        icmp_budget = float(_given(req, "icmp_budget", DEFAULT_ICMP_BUDGET))
+        max_delay = float(_given(req, "max_delay", DEFAULT_MAX_DELAY))
     except (TypeError, ValueError):
         raise ConfigError("malformed run request") from None
     missing = sorted(set(dst) - set(agent_ports))
@@ -115,7 +125,11 @@ def plan_from_request(
         raise ConfigError(f"--size must be {MIN_SIZE}-{MAX_SIZE} bytes, got {size}")
     if not 0 < confidence < 1:
         raise ConfigError("confidence must be between 0 and 1")
-    plan = Plan(src, dst, copies, auto, rate, size, confidence)
+    if not 0 <= icmp_budget <= MAX_ICMP_BUDGET:  # NaN fails both
+        raise ConfigError(f"--icmp-budget must be 0-{MAX_ICMP_BUDGET:g} seconds")
+    if not 0 < max_delay <= MAX_MAX_DELAY:
+        raise ConfigError(f"--max-delay must be more than 0 and at most {MAX_MAX_DELAY:g} s")
+    plan = Plan(src, dst, copies, auto, rate, size, confidence, icmp_budget, max_delay)
     if plan.cells > MAX_CELLS:
         raise ConfigError(f"plan has {plan.cells} cells; the most a run may have is {MAX_CELLS}")
     if plan.cells > max_datagrams or (plan.cells * plan.copies > max_datagrams and not auto):

@@ -481,7 +481,8 @@ class Sweep:
         sent_n = 0
         window = len(self._windows) - 1
         requeue: list[int] = []
-        for src, res in results:
+        for src_any, res in results:
+            src = int(src_any)  # a sender may hand back numpy integers
             for d in res.sent:
                 led.note_sent(d, src)
             if res.sent:

@@ -13,7 +13,7 @@ users drive from inside a trio program.
 from __future__ import annotations
 
 import contextlib
-import json
+import random
 import select
 import signal
 import socket
@@ -31,9 +31,27 @@ from udpreach.core.errors import (
     UdpreachError,
     UnreachableError,
 )
-from udpreach.core.framing import Authenticated, ControlConnection, Event, Message
+from udpreach.core.framing import (
+    Authenticated,
+    ConnectionLimitError,
+    ControlConnection,
+    Event,
+    Message,
+)
+from udpreach.core.messages import (
+    TO_REQUESTER,
+    AgentList,
+    Error,
+    Progress,
+    ResultEnd,
+    ResultPart,
+    check_document,
+    loads,
+    parse,
+)
 
 CONNECT_TIMEOUT = 10.0
+LIMIT_RETRIES = 4
 STALL_TIMEOUT = 60.0  # no word from the coordinator for this long during a run: give up
 CANCEL_GRACE = 5.0  # after Ctrl-C, how long to wait for the coordinator's partial document
 READ_SIZE = 65536
@@ -57,29 +75,28 @@ class RunReply:
             ConfigError: the coordinator refused the plan (exit 2).
             AgentUnavailableError: unknown or busy agent (exit 3).
             UnreachableError: any other refusal (exit 3).
-            ProtocolError: a malformed result.
+            ProtocolError: a malformed message or result (exit 3).
         """
-        body = msg.body
-        if msg.type == "progress":
-            self._on_progress(body)
-        elif msg.type == "result_part":
-            self._parts.append(str(body.get("data", "")))
-        elif msg.type == "result_end":
+        typed = parse(msg.body, TO_REQUESTER)  # MessageError is a ProtocolError
+        if isinstance(typed, Progress):
+            self._on_progress(typed.to_json())
+        elif isinstance(typed, ResultPart):
+            self._parts.append(typed.data)
+        elif isinstance(typed, ResultEnd):
             try:
-                doc = json.loads("".join(self._parts))
+                doc = loads("".join(self._parts))
             except ValueError:
-                raise ProtocolError("coordinator sent a malformed result") from None
-            if not isinstance(doc, dict):
-                raise ProtocolError("coordinator sent a malformed result")
-            return doc
-        elif msg.type == "error":
-            code = body.get("code")
-            text = str(body.get("message", "refused"))
-            if code == "bad_plan":
+                raise ProtocolError("coordinator sent a malformed result (not JSON)") from None
+            return check_document(doc)
+        elif isinstance(typed, Error):
+            text = typed.message or "refused"
+            if typed.code == "bad_plan":
                 raise ConfigError(text)
-            if code in ("unknown_agent", "busy"):
+            if typed.code in ("unknown_agent", "busy"):
                 raise AgentUnavailableError(text)
             raise UnreachableError(f"coordinator: {text}")
+        else:
+            raise ProtocolError(f"unexpected {typed.TYPE!r} message during a run")
         return None
 
 
@@ -91,10 +108,12 @@ def run_request(
 
 def agents_from(msg: Message) -> list[dict[str, Any]]:
     """The agent list in the coordinator's answer to an ``agents`` request."""
-    agents = msg.body.get("agents")
-    if msg.type != "agents" or not isinstance(agents, list):
+    typed = parse(msg.body, TO_REQUESTER)
+    if isinstance(typed, Error):
+        raise UnreachableError(f"coordinator: {typed.message or 'refused'}")
+    if not isinstance(typed, AgentList):
         raise ProtocolError("unexpected answer to the agents request")
-    return agents
+    return [a.to_json() for a in typed.agents]
 
 
 class Interrupts:
@@ -288,10 +307,26 @@ def connect_blocking(
 ) -> BlockingChannel:
     """Dial the coordinator and authenticate, each step bounded by *within* seconds.
 
+    A coordinator at a connection limit is asked again a few times, a moment later.
+
     Raises:
-        UnreachableError: no connection or no answer in time.
+        UnreachableError: no connection or no answer in time (``ConnectionLimitError``:
+            turned away at a connection limit every time).
         AuthError: either side failed to prove the secret.
     """
+    for attempt in range(LIMIT_RETRIES):
+        try:
+            return _connect_once(host, port, secret, purpose, within)
+        except ConnectionLimitError as exc:
+            if attempt == LIMIT_RETRIES - 1:
+                raise ConnectionLimitError(f"coordinator {host}:{port}: {exc}") from None
+            time.sleep(0.05 * 2**attempt * (0.5 + random.random()))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _connect_once(
+    host: str, port: int, secret: bytes, purpose: str, within: float
+) -> BlockingChannel:
     sock = _dial(host, port, within)
     chan = BlockingChannel(sock, ControlConnection("client", secret, purpose=purpose))
     try:

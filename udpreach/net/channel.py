@@ -1,32 +1,75 @@
-"""The trio shell around ``control.ControlConnection``: move bytes, enforce timeouts.
+"""The trio shell around ``framing.ControlConnection``: move bytes, enforce timeouts.
 
 Every read has a deadline set by the caller; this class only owns the stream, a send
-lock (several tasks may send on one connection) and the bytes-to-events plumbing.
+lock (several tasks may send on one connection) and the bytes-to-events plumbing. A server's
+channels share one ``MemoryBudget``: the bytes of frames still arriving, over all
+connections together, have a ceiling, so many connections each sending the start of a large
+frame cannot make the coordinator hold more than that.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import trio
 
 from udpreach.core.errors import ProtocolError, UnreachableError
-from udpreach.core.framing import PROTO, Authenticated, ControlConnection, Event, Message
+from udpreach.core.framing import (
+    PROTO,
+    Authenticated,
+    ConnectionLimitError,
+    ControlConnection,
+    Event,
+    Message,
+)
+from udpreach.core.messages import Msg
 
 READ_SIZE = 65536
 WRITE_TIMEOUT = 10.0
+REFUSE_TIMEOUT = 1.0
+REFUSE_DRAIN = 0.2
+MEMORY_BUDGET = 64 * 1024 * 1024
+
+
+class MemoryBudget:
+    """Bytes of partly received frames held over all of a server's connections."""
+
+    def __init__(self, limit: int = MEMORY_BUDGET) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def update(self, old: int, new: int) -> None:
+        """A connection's held bytes went from *old* to *new*.
+
+        Raises:
+            ProtocolError: the total would pass the limit (the growing connection is cut).
+        """
+        self.held += new - old
+        if new > old and self.held > self.limit:
+            raise ProtocolError(
+                f"control-plane memory budget exhausted ({self.held} bytes of partial frames)"
+            )
 
 
 class Channel:
     """A control connection over a trio stream."""
 
-    def __init__(self, stream: trio.abc.Stream, conn: ControlConnection) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        conn: ControlConnection,
+        budget: MemoryBudget | None = None,
+    ) -> None:
         self.stream = stream
         self.conn = conn
         self._events: deque[Event] = deque()
         self._send_lock = trio.Lock()
+        self._budget = budget
+        self._held = 0
         self.closed = False
 
     async def _flush(self) -> None:
@@ -61,6 +104,9 @@ class Channel:
                 raise UnreachableError("control connection closed by peer")
             try:
                 events = self.conn.receive_data(bytes(data))
+                if self._budget is not None:
+                    held, self._held = self._held, self.conn.buffered
+                    self._budget.update(held, self._held)
             finally:
                 # Handshake replies (challenge, auth, welcome, refusal) are queued by the core.
                 with trio.move_on_after(1):
@@ -79,16 +125,18 @@ class Channel:
         if not isinstance(ev, Authenticated):
             raise ProtocolError("unexpected message during the handshake")
 
-    async def server_handshake(self) -> str:
-        """Run the server side; returns the client's purpose."""
+    async def server_handshake(self) -> Authenticated:
+        """Run the server side; returns who the client proved to be and what it came for."""
         ev = await self.next_event()
         if not isinstance(ev, Authenticated):
             raise ProtocolError("unexpected message during the handshake")
-        return ev.purpose
+        return ev
 
-    async def send(self, body: dict[str, Any]) -> None:
+    async def send(self, body: Msg | Mapping[str, Any]) -> None:
+        """Send a control message (typed, or a dict with a ``type``)."""
+        obj = body.to_json() if isinstance(body, Msg) else dict(body)
         try:
-            self.conn.send(body)
+            self.conn.send(obj)
             await self._flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise UnreachableError(f"control connection lost: {exc}") from None
@@ -107,20 +155,65 @@ class Channel:
             raise ProtocolError("expected a control message")
         return ev
 
+    async def refuse(self, message: str, code: str) -> None:
+        """Tell the peer why it is being turned away (before or after authentication), in
+        at most REFUSE_TIMEOUT seconds; never raises for a peer that does not listen."""
+        body = {"type": "error", "code": code, "message": message}
+        with contextlib.suppress(ProtocolError, UnreachableError):
+            if self.conn.is_open:
+                self.conn.send(body)
+            else:
+                self.conn.refuse(message, code)
+        with trio.move_on_after(REFUSE_TIMEOUT, shield=True):
+            with contextlib.suppress(
+                trio.BrokenResourceError, trio.ClosedResourceError, OSError, UnreachableError
+            ):
+                await self._flush()
+                # Closing with the peer's bytes unread would send a reset, which can destroy
+                # the refusal before the peer reads it: end our side, read theirs briefly.
+                if isinstance(self.stream, trio.SocketStream):
+                    await self.stream.send_eof()
+                with trio.move_on_after(REFUSE_DRAIN):
+                    while await self.stream.receive_some(READ_SIZE):
+                        pass
+
     async def aclose(self) -> None:
         self.closed = True
+        if self._budget is not None:
+            self._budget.update(self._held, 0)
+            self._held = 0
         with trio.move_on_after(1) as scope:
             scope.shield = True
             await self.stream.aclose()
 
 
+LIMIT_RETRIES = 4
+
+
 async def connect(host: str, port: int, secret: bytes, purpose: str, within: float) -> Channel:
     """Dial the coordinator and authenticate, each step bounded by *within* seconds.
 
+    A coordinator at a connection limit says so; then the dial is tried again a few times,
+    a moment later (its limits drop the oldest unauthenticated connections, not newcomers).
+
     Raises:
-        UnreachableError: no connection or no answer in time.
+        UnreachableError: no connection or no answer in time (``ConnectionLimitError``: the
+            coordinator kept turning us away at a connection limit).
         AuthError: either side failed to prove the secret.
     """
+    for attempt in range(LIMIT_RETRIES):
+        try:
+            return await _connect_once(host, port, secret, purpose, within)
+        except ConnectionLimitError:
+            if attempt == LIMIT_RETRIES - 1:
+                raise
+            await trio.sleep(0.05 * 2**attempt * (0.5 + random.random()))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _connect_once(
+    host: str, port: int, secret: bytes, purpose: str, within: float
+) -> Channel:
     try:
         with trio.fail_after(within):
             stream = await trio.open_tcp_stream(host, port)
@@ -136,6 +229,9 @@ async def connect(host: str, port: int, secret: bytes, purpose: str, within: flo
     except trio.TooSlowError:
         await chan.aclose()
         raise UnreachableError(f"coordinator {host}:{port}: handshake timed out") from None
+    except ConnectionLimitError as exc:
+        await chan.aclose()
+        raise ConnectionLimitError(f"coordinator {host}:{port}: {exc}") from None
     except UnreachableError as exc:
         await chan.aclose()
         # A coordinator of an older version closes without a word, as does one at its
