@@ -26,6 +26,11 @@ protocol number, the UDP sum is never zero, and ``0xFFFF - (residue % 0xFFFF)`` 
 
 For a packet whose payload does not change, :func:`with_src_port` moves it to another
 source port by the incremental update of RFC 1624 (two bytes of port, two of checksum).
+
+A datagram larger than the path allows goes out the way a server's ordinary UDP socket sends
+it (Linux's default, ``IP_PMTUDISC_WANT``): whole with DF set while it fits the path MTU the
+sender knows, else cut into IPv4 fragments (DF clear, one identification, offsets in 8-byte
+units): :func:`fragment_ipv4`. An ``IP_HDRINCL`` socket never fragments by itself.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ __all__ = [
     "UDP_HEADER_LEN",
     "UdpPacketBuilder",
     "checksum_update",
+    "fragment_ipv4",
     "internet_checksum",
     "udp_checksum_ipv4",
     "udp_checksum_ipv6",
@@ -187,6 +193,39 @@ def with_src_port(packet: bytes, src_port: int, *, udp_offset: int) -> bytes:
     return bytes(out)
 
 
+def fragment_ipv4(packet: bytes, mtu: int, ident: int) -> list[bytes]:
+    """Cut a whole IPv4 packet (header of 20 bytes, as ``UdpPacketBuilder`` makes) into
+    fragments of at most ``mtu`` bytes; a packet that fits is returned as it is.
+
+    Args:
+        ident: the IP identification of every fragment (non-zero: the kernel assigns its own
+            to an IP_HDRINCL packet whose id is 0, which would scatter the fragments).
+
+    Raises:
+        ValueError: an MTU below IPv4's minimum of 68, or an id outside 1..65535.
+    """
+    if len(packet) <= mtu:
+        return [packet]
+    if mtu < 68:
+        raise ValueError(f"an IPv4 MTU is at least 68, got {mtu}")
+    if not 1 <= ident <= 0xFFFF:
+        raise ValueError(f"an IP identification is 1..65535 here, got {ident}")
+    header = bytearray(packet[:IPV4_HEADER_LEN])
+    data = packet[IPV4_HEADER_LEN:]
+    step = (mtu - IPV4_HEADER_LEN) // 8 * 8
+    out = []
+    for offset in range(0, len(data), step):
+        chunk = data[offset : offset + step]
+        more = offset + step < len(data)
+        struct.pack_into("!H", header, 2, IPV4_HEADER_LEN + len(chunk))
+        struct.pack_into("!H", header, 4, ident)
+        struct.pack_into("!H", header, 6, (0x2000 if more else 0) | (offset // 8))
+        struct.pack_into("!H", header, 10, 0)
+        struct.pack_into("!H", header, 10, internet_checksum(bytes(header)))
+        out.append(bytes(header) + chunk)
+    return out
+
+
 def _check_port(port: int, which: str) -> None:
     if not 0 <= port <= 0xFFFF:
         raise ValueError(f"{which} port out of range 0..65535: {port}")
@@ -281,7 +320,7 @@ class UdpPacketBuilder:
         """
         if len(src_ports) != len(payloads):
             raise ValueError(f"{len(src_ports)} source ports for {len(payloads)} payloads")
-        if not src_ports:
+        if not len(src_ports):
             return []
         _check_port(dst_port, "destination")
         if min(src_ports) < 0 or max(src_ports) > 0xFFFF:

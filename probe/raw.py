@@ -45,7 +45,7 @@ from typing import Final
 import numpy as np
 
 from probe.icmp import parse_icmp_packet
-from probe.packet import UdpPacketBuilder
+from probe.packet import UdpPacketBuilder, fragment_ipv4
 from probe.sender import (
     BatchResults,
     BindSender,
@@ -284,6 +284,19 @@ def _open_send(ipv6: bool, source: str) -> _socket.socket:
     return sock
 
 
+def route_mtu(target: str, ipv6: bool) -> int:
+    """The path MTU the kernel knows towards ``target`` (its route's, or what it learnt);
+    1500 where it will not say."""
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    level, option = (socket.IPPROTO_IPV6, 24) if ipv6 else (socket.IPPROTO_IP, 14)  # IP_MTU
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((target, 9))  # nothing is sent: a route lookup
+            return max(_MIN_MTU, int(s.getsockopt(level, option)))
+    except OSError:
+        return 1500
+
+
 def _check_local(source: str, ipv6: bool) -> None:
     """Raise OSError (EADDRNOTAVAIL) unless ``source`` is an address of this host."""
     family = socket.AF_INET6 if ipv6 else socket.AF_INET
@@ -355,6 +368,10 @@ class RawSender:
         self.icmp_seen = 0
         self.icmp_foreign = 0
         self.closed = False
+        # The path MTU as the kernel knows it (the route's), lowered by every "fragmentation
+        # needed" that comes back: a bigger IPv4 datagram goes out in fragments.
+        self.path_mtu = route_mtu(self.target, self.ipv6)
+        self._ident = int.from_bytes(np.random.default_rng().bytes(2), "big") or 1
 
     @property
     def syscalls(self) -> int:
@@ -426,6 +443,10 @@ class RawSender:
         builder = self.builder
         blocks: list[Block] = []
         groups = groups_of(batch)
+        if not self.ipv6 and any(
+            _payload_size(payloads) + 28 > self.path_mtu for _, _, payloads in groups
+        ):
+            return self._send_fragmented(groups)
         for dst, srcs, payloads in groups:
             if not isinstance(payloads, Block):  # payloads one by one: the general path
                 break
@@ -454,6 +475,40 @@ class RawSender:
         if done == len(packets) and not failed:
             return None
         return self._partial(groups, done, failed)
+
+    def _send_fragmented(self, groups: list[Group]) -> BatchResults | None:
+        """Datagrams over the path MTU, as a UDP socket sends them: each cut into fragments
+        (``fragment_ipv4``) sent together; what fits still goes whole with DF."""
+        tx = self._tx
+        results: dict[int, GroupResult] = {}
+        stop = False
+        for dst, srcs_any, payloads in groups:
+            srcs = [int(s) for s in srcs_any]
+            packets = self.builder.build_many(srcs, dst, payloads)
+            self._sent_dst.add(dst)
+            for src, packet in zip(srcs, packets, strict=True):
+                result = results.setdefault(src, GroupResult([]))
+                if stop:
+                    result.backpressure = True
+                    continue
+                self._sent_src[src] = 1
+                self._ident = self._ident % 0xFFFF + 1
+                frags = fragment_ipv4(packet, self.path_mtu, self._ident)
+                done, err = tx.send_packed(tx.pack(frags), 0)
+                if done == len(frags):
+                    result.sent.append(dst)
+                    self.sent += 1
+                elif err in (errno.ENOBUFS, errno.EAGAIN):
+                    result.backpressure = True
+                    stop = True
+                elif result.untested is None:
+                    result.untested = _reason(err)
+        if all(not r.backpressure and r.untested is None for r in results.values()):
+            return None
+        for result in results.values():
+            if result.backpressure:
+                result.untested = None
+        return list(results.items())
 
     @staticmethod
     def _partial(groups: list[Group], done: int, failed: dict[int, str]) -> BatchResults:
@@ -501,6 +556,9 @@ class RawSender:
             quoted = parse_icmp_packet(data, ipv6=ipv6, from_addr=str(address[0]))
             if quoted is None:
                 continue
+            if quoted.mtu and quoted.inner_src == source and quoted.inner_dst == target:
+                # As the kernel does for its own sockets: later datagrams fit the hop.
+                self.path_mtu = max(_MIN_MTU, min(self.path_mtu, quoted.mtu))
             if (
                 quoted.inner_src != source
                 or quoted.inner_dst != target
@@ -532,11 +590,21 @@ class RawSender:
         self._icmp.close()
 
 
+_MIN_MTU = 68  # IPv4's minimum
+
+
+def _payload_size(payloads: Sequence[bytes]) -> int:
+    """The largest payload of a group (a Block's are all one size)."""
+    if isinstance(payloads, Block):
+        return payloads.size
+    return max(map(len, payloads), default=0)
+
+
 def _reason(err: int) -> str:
     if err in (errno.EPERM, errno.EACCES):
         return "sending refused on the probe host (local firewall)"
     if err == errno.EMSGSIZE:
-        return "datagram larger than the probe host's MTU (raw mode does not fragment)"
+        return "datagram larger than the probe host's interface MTU"
     if err in (errno.ENETUNREACH, errno.EHOSTUNREACH):
         return "no route to the agent from the probe host"
     return f"send failed: {errno.errorcode.get(err, str(err))}"

@@ -295,3 +295,45 @@ def test_raw_ipv6_send_reaches_a_udp_socket() -> None:
         data, address = rx.recvfrom(2048)
     assert data == b"notify-16-bytes!"
     assert address[:2] == ("::1", src_port)
+
+
+# --- fragments: what a UDP socket does with a datagram over the path MTU -----------------
+
+
+def _reassemble(frags: list[bytes]) -> bytes:
+    parts = {}
+    for f in frags:
+        flags_off = struct.unpack_from("!H", f, 6)[0]
+        parts[(flags_off & 0x1FFF) * 8] = f[20 : struct.unpack_from("!H", f, 2)[0]]
+    out = b"".join(parts[k] for k in sorted(parts))
+    return out
+
+
+@pytest.mark.parametrize("mtu", [68, 576, 1280, 1500])
+def test_fragment_ipv4_cuts_on_8_byte_boundaries_and_reassembles(mtu: int) -> None:
+    from probe.packet import fragment_ipv4
+
+    builder = UdpPacketBuilder("198.18.2.2", "198.18.1.2")
+    packet = builder.build(40000, 5000, bytes(range(256)) * 12)  # 3,072-byte payload
+    frags = fragment_ipv4(packet, mtu, 0x1234)
+    assert len(frags) > 1
+    assert all(len(f) <= mtu for f in frags)
+    for i, f in enumerate(frags):
+        total, ident, flags_off = struct.unpack_from("!HHH", f, 2)
+        assert total == len(f)
+        assert ident == 0x1234
+        assert not flags_off & 0x4000  # DF clear: these are fragments
+        assert bool(flags_off & 0x2000) == (i < len(frags) - 1)  # MF on all but the last
+        assert internet_checksum(f[:20]) == 0  # a valid header checksum
+        if i < len(frags) - 1:
+            assert (total - 20) % 8 == 0
+    assert _reassemble(frags) == packet[20:]  # the UDP datagram whole, checksum and all
+
+
+def test_a_packet_that_fits_is_not_fragmented() -> None:
+    from probe.packet import fragment_ipv4
+
+    packet = UdpPacketBuilder("198.18.2.2", "198.18.1.2").build(40000, 5000, b"x" * 16)
+    assert fragment_ipv4(packet, 1500, 7) == [packet]
+    with pytest.raises(ValueError, match="68"):
+        fragment_ipv4(packet + bytes(100), 60, 7)

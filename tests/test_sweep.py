@@ -367,3 +367,16 @@ def test_a_byte_rate_ceiling_paces_big_datagrams() -> None:
 def test_the_document_names_the_agent_target() -> None:
     _sim, doc = run(Path(), src_ports="1024-1100")
     assert doc["probe"]["target"] == AGENT
+
+
+def test_delivery_that_stops_after_the_sweep_is_said_not_taken_for_a_new_policy() -> None:
+    """Nothing gets through the recheck at all (the path went down, or the agent's host ran
+    out of fragment reassembly memory): not a changed policy to sweep again, a run that is
+    not complete, with the sweep's own verdicts."""
+    # The sweep is over in 0.09 s of fake time; the path goes down just before the recheck.
+    path = Path(rules=[Rule("drop", (2000, 2099))], later=(0.085, [Rule("drop", (0, 65535))]))
+    _sim, doc = run(path, src_ports="1024-3023")
+    assert doc["complete"] is False
+    assert doc["probe_stats"]["epochs"] == 1
+    assert doc["summary"]["open"] == 1900
+    assert any("nothing got through any more" in w for w in doc["warnings"])

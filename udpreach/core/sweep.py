@@ -298,6 +298,7 @@ class Sweep:
         self._recheck_sent: dict[tuple[int, int], int] = {}  # tries each cell got
         self._changed: list[tuple[int, int, str, str]] = []
         self._bytes_capped = False
+        self._delivery_stopped = False
         self._finished: bool | None = None
         self.loss: LossEstimate | None = None
         self._start_first_stage(now)
@@ -1001,7 +1002,21 @@ class Sweep:
                 # A dark cell among open ones that got through is loss the rounds missed (it
                 # is open now, and stays so); one in a block with nothing open is a change.
                 changed.append((d, s, v, "open"))
+        opened = [c for c, v in self._recheck.items() if v == "open"]
+        stopped = len(opened) >= 8 and not any(c in self._recheck_seen for c in opened)
         self._recheck = {}
+        if stopped and not any(after == "open" for *_, after in changed):
+            # Not one open cell got through again: not a port range that changed, but
+            # delivery that stopped (a limit on the path, the agent's host, a path down).
+            self.facts.warnings.append(
+                f"after the sweep nothing got through any more: none of {len(opened)} open "
+                "cells sent again arrived (a session, NAT or connection-tracking limit, the "
+                "agent's host out of fragment reassembly memory for large datagrams, or the "
+                "path went down); the verdicts are the sweep's, and the run is not complete"
+            )
+            self._delivery_stopped = True
+            self._start_probe(now)
+            return
         if len(changed) < 2:
             changed = []  # one odd cell is loss's business, not a changed policy
         if changed and self.facts.epochs < MAX_EPOCHS:
@@ -1196,7 +1211,10 @@ class Sweep:
 
     def _finish(self, complete: bool) -> None:
         led = self.ledger
-        if complete and led.refused_receipts:
+        if complete and self._delivery_stopped:
+            self._move("abort")
+            complete = False
+        elif complete and led.refused_receipts:
             # An agent that reports what was never sent cannot vouch for what was: the
             # verdicts stand as evidence, but the run is not complete.
             self._move("abort")
