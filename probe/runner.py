@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
@@ -32,8 +32,24 @@ from udpreach.core.sweep import (
     Wait,
 )
 
-if TYPE_CHECKING:
-    from probe.coordinator import AgentSession
+
+class AgentSession(Protocol):
+    """What a run needs of a registered agent (``probe.coordinator.AgentSession`` is one;
+    tests may drive a run with their own)."""
+
+    name: str
+    registered: str
+    observed: str
+    ports: tuple[int, ...]
+    lost: trio.Event
+    sink: Callable[[bytes], None] | None
+
+    async def send(self, body: Any) -> None: ...
+
+    async def expect(
+        self, mtype: str, within: float, check: Callable[[dict[str, Any]], bool] | None = None
+    ) -> dict[str, Any]: ...
+
 
 log = logging.getLogger("udpreach.runner")
 
