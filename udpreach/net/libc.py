@@ -4,6 +4,12 @@
 that both lay out by hand as 64-bit words: that layout holds on LP64 little-endian Linux
 (x86_64, aarch64). Elsewhere ``libc_function`` finds nothing and the callers fall back to
 one system call per datagram.
+
+Why ctypes, which the socket module spares everyone else: it is measured. Through the lab,
+a full sweep's packets went out at 139k/s in batches through ``sendmmsg`` against 63k/s one
+``sendto`` each (``make bench``, RawSender.send_cells against send_group); the agent reads a
+datagram in about 1 us through ``recvmmsg`` against 2.8 us through ``recvfrom``
+(``agent.mmsg``). Both are half or more of the time a sweep takes.
 """
 
 import ctypes
