@@ -12,10 +12,7 @@ from udpreach.core.plan import (
     AUTO_COPIES_CEILING,
     DEFAULT_RATE,
     MAX_CELLS,
-    RUN_TRANSITIONS,
     Plan,
-    RunLifecycle,
-    RunPhase,
     plan_from_request,
 )
 from udpreach.core.portspec import format_ports, parse_ports
@@ -199,69 +196,3 @@ def test_malformed_requests(req: dict[str, Any]) -> None:
 def test_bad_spec_names_the_item() -> None:
     with pytest.raises(PortSpecError, match="6002-6000"):
         plan_of({"src_ports": "6002-6000"})
-
-
-# --- life cycle -----------------------------------------------------------------------
-
-
-def test_a_run_with_two_rounds_completes() -> None:
-    run = RunLifecycle()
-    assert run.phase is RunPhase.PLANNED
-    for event, phase in [
-        ("send", RunPhase.SENDING),
-        ("settle", RunPhase.SETTLING),
-        ("send", RunPhase.SENDING),
-        ("settle", RunPhase.SETTLING),
-        ("finish", RunPhase.COMPLETE),
-    ]:
-        assert not run.finished
-        assert run.move(event) is phase
-        assert run.phase is phase
-    assert run.finished
-
-
-@pytest.mark.parametrize("steps", [[], ["send"], ["send", "settle"]])
-def test_abort_from_any_live_phase(steps: list[str]) -> None:
-    run = RunLifecycle()
-    for s in steps:
-        run.move(s)
-    assert run.move("abort") is RunPhase.INCOMPLETE
-    assert run.finished
-
-
-EVENTS = ["send", "settle", "finish", "abort", "bogus"]
-PATHS = {
-    RunPhase.PLANNED: [],
-    RunPhase.SENDING: ["send"],
-    RunPhase.SETTLING: ["send", "settle"],
-    RunPhase.COMPLETE: ["send", "settle", "finish"],
-    RunPhase.INCOMPLETE: ["abort"],
-}
-
-
-@pytest.mark.parametrize("phase", list(RunPhase))
-@pytest.mark.parametrize("event", EVENTS)
-def test_illegal_transitions_raise(phase: RunPhase, event: str) -> None:
-    run = RunLifecycle()
-    for s in PATHS[phase]:
-        run.move(s)
-    assert run.phase is phase
-    if (phase, event) in RUN_TRANSITIONS:
-        run.move(event)
-        return
-    with pytest.raises(RuntimeError, match=event):
-        run.move(event)
-    assert run.phase is phase  # an illegal move changes nothing
-
-
-def test_transition_table_is_what_the_docstring_says() -> None:
-    p = RunPhase
-    assert RUN_TRANSITIONS == {
-        (p.PLANNED, "send"): p.SENDING,
-        (p.SENDING, "settle"): p.SETTLING,
-        (p.SETTLING, "send"): p.SENDING,
-        (p.SETTLING, "finish"): p.COMPLETE,
-        (p.PLANNED, "abort"): p.INCOMPLETE,
-        (p.SENDING, "abort"): p.INCOMPLETE,
-        (p.SETTLING, "abort"): p.INCOMPLETE,
-    }

@@ -51,6 +51,33 @@ def test_the_phase_table_drives_the_run() -> None:
     assert isinstance(sweep.next_action(sim.now), Finished)
 
 
+EVENTS = ["send", "drain", "finish", "abort", "settle", "bogus"]
+PATHS = {
+    Phase.PLANNED: [],
+    Phase.SENDING: ["send"],
+    Phase.SETTLING: ["send", "drain"],
+    Phase.COMPLETE: ["send", "drain", "finish"],
+    Phase.INCOMPLETE: ["abort"],
+}
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+@pytest.mark.parametrize("event", EVENTS)
+def test_every_move_outside_the_table_raises_and_changes_nothing(phase: Phase, event: str) -> None:
+    sweep = SimRun(Path(), src_ports="1024-1100").sweep
+    sweep.phase = Phase.PLANNED
+    for step in PATHS[phase]:
+        sweep._move(step)
+    assert sweep.phase is phase
+    if (phase, event) in TRANSITIONS:
+        sweep._move(event)
+        assert sweep.phase is TRANSITIONS[(phase, event)]
+        return
+    with pytest.raises(RuntimeError, match=event):
+        sweep._move(event)
+    assert sweep.phase is phase
+
+
 def test_actions_say_what_to_send_and_when() -> None:
     sim = SimRun(Path(), src_ports="1024-1100", rate=1000)
     act = sim.sweep.next_action(0.0)

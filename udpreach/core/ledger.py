@@ -330,13 +330,16 @@ class Ledger:
             if np.array_equal(slot[s], index):  # no cell twice: the usual case
                 fits &= rc[s] < sent[s]
             else:  # the n-th receipt of a cell in this batch needs n more datagrams
-                order = np.argsort(s, kind="stable")
+                # (counting only its receipts that passed the attempt check above)
+                cand = np.flatnonzero(fits)
+                order = cand[np.argsort(s[cand], kind="stable")]
                 ss = s[order]
-                start = np.r_[0, np.flatnonzero(ss[1:] != ss[:-1]) + 1]
-                rank = np.arange(len(ss)) - np.repeat(start, np.diff(np.r_[start, len(ss)]))
-                nth = np.empty(len(ss), dtype=np.int64)
-                nth[order] = rank
-                fits &= rc[s].astype(np.int64) + nth < sent[s]
+                if len(ss):
+                    start = np.r_[0, np.flatnonzero(ss[1:] != ss[:-1]) + 1]
+                    rank = np.arange(len(ss)) - np.repeat(start, np.diff(np.r_[start, len(ss)]))
+                    nth = np.zeros(len(s), dtype=np.int64)
+                    nth[order] = rank
+                    fits &= rc[s].astype(np.int64) + nth < sent[s]
             refused += int(np.count_nonzero(~fits)) - int(np.count_nonzero(old))
             k = k[fits]
             s = src[k]
@@ -516,27 +519,9 @@ class Ledger:
         """Source ports of the pending cells of one destination port, ascending."""
         return list(compress(range(SLOTS), self._pending_mask(dst)))
 
-    def unresolved_count(self) -> int:
-        return sum(self._pending_mask(d).count(1) for d in self.dst_ports)
-
     def unresolved(self) -> list[tuple[int, int]]:
         """Pending cells (no receipt, no ICMP, not untested), as (dst, src) pairs."""
         return [(d, s) for d in self.dst_ports for s in self.unresolved_srcs(d)]
-
-    def owed_srcs(self, dst: int, attempt: int) -> list[int]:
-        """Source ports of the pending cells of ``dst`` sent fewer than ``attempt`` times,
-        ascending: the ones a round for that attempt still sends."""
-        import numpy as np
-
-        planned, _ = self._batch_arrays()
-        col = self._cols[dst]
-        owed = (
-            (np.frombuffer(col.state, dtype=np.uint8) == PENDING)
-            & (planned != 0)
-            & (np.frombuffer(col.sent, dtype=np.uint16) < attempt)
-        )
-        ports: list[int] = np.flatnonzero(owed).tolist()
-        return ports
 
     def attempts(self, dst: int, src: int) -> int:
         return self._cols[dst].sent[src]
@@ -597,20 +582,6 @@ class Ledger:
         v = self.view(dst)
         cells = np.asarray(srcs, dtype=np.intp)
         v.how[cells[v.state[cells] == PENDING]] = how
-
-    def reopen(self, dst: int, srcs: np.ndarray) -> int:
-        """Return settled rejected or blocked cells to pending (newer evidence is coming)."""
-        import numpy as np
-
-        v = self.view(dst)
-        cells = np.asarray(srcs, dtype=np.intp)
-        codes = (_CODE[Verdict.REJECTED], _CODE[Verdict.BLOCKED])
-        cells = cells[np.isin(v.state[cells], codes)]
-        v.state[cells] = PENDING
-        v.how[cells] = OBSERVED
-        v.icmp[cells] = 0
-        self.settled -= len(cells)
-        return len(cells)
 
     def verdict(self, dst: int, src: int) -> str:
         return _NAME[self._cols[dst].state[src]]

@@ -1,19 +1,14 @@
-"""The plan of a run, and the run's life cycle as a table of states.
+"""The plan of a run.
 
 Theory of operation: a run request (from ``udpreach run``) is validated here against the
 agent's registration and the probe's limits before anything is sent; what comes out is an
-immutable ``Plan``. A run then moves through the phases below and nowhere else; an illegal
-move is a bug and raises.
-
-    planned --send--> sending --settle--> settling --send--> sending ...
-    settling --finish--> complete
-    planned/sending/settling --abort--> incomplete
+immutable ``Plan``. How a run then goes, phase by phase, is the engine's
+(``udpreach.core.sweep``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from functools import cached_property
 from typing import Any
 
@@ -138,41 +133,3 @@ def plan_from_request(
             f"{max_datagrams} per run (--max-datagrams)"
         )
     return plan, warnings
-
-
-class RunPhase(Enum):
-    PLANNED = "planned"
-    SENDING = "sending"
-    SETTLING = "settling"
-    COMPLETE = "complete"
-    INCOMPLETE = "incomplete"
-
-
-_P = RunPhase
-RUN_TRANSITIONS: dict[tuple[RunPhase, str], RunPhase] = {
-    (_P.PLANNED, "send"): _P.SENDING,
-    (_P.SENDING, "settle"): _P.SETTLING,
-    (_P.SETTLING, "send"): _P.SENDING,
-    (_P.SETTLING, "finish"): _P.COMPLETE,
-    (_P.PLANNED, "abort"): _P.INCOMPLETE,
-    (_P.SENDING, "abort"): _P.INCOMPLETE,
-    (_P.SETTLING, "abort"): _P.INCOMPLETE,
-}
-
-
-class RunLifecycle:
-    """The phase of one run; moves only along ``RUN_TRANSITIONS``."""
-
-    def __init__(self) -> None:
-        self.phase = RunPhase.PLANNED
-
-    def move(self, event: str) -> RunPhase:
-        nxt = RUN_TRANSITIONS.get((self.phase, event))
-        if nxt is None:
-            raise RuntimeError(f"illegal run transition {self.phase.value} --{event}-->")
-        self.phase = nxt
-        return nxt
-
-    @property
-    def finished(self) -> bool:
-        return self.phase in (RunPhase.COMPLETE, RunPhase.INCOMPLETE)

@@ -288,7 +288,6 @@ class Sweep:
         self.senders: dict[str, silence.SenderBucket] = {}
         self._confirms: dict[int, np.ndarray] = {}
         self._probe_started: float | None = None
-        self._probe_idle = 0
         self.conclusion: silence.Conclusion | None = None
         # Recheck.
         self._recheck: dict[tuple[int, int], str] = {}  # cell -> verdict before
@@ -1332,6 +1331,7 @@ class Sweep:
                 "icmp_forged": facts.icmp_forged,
                 "icmp_tests": facts.icmp_tests,
                 "stale_receipts": facts.stale_receipts,
+                "malformed_receipt_batches": facts.malformed_batches,
                 "refused_receipts": led.refused_receipts,
                 "udp_delay": round(self.delay_high, 4) if self.delay_samples else None,
             },
