@@ -32,12 +32,17 @@ def _elapsed(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+# What the engine does after its rounds, named for the progress line (``Sweep.progress``).
+_STAGES = {"recheck": "recheck", "icmp": "icmp tests", "pilot": "pilot"}
+
+
 class RunProgress:
     """What the coordinator last said about the run, and how long it has taken."""
 
     def __init__(self) -> None:
         self.started = time.monotonic()
         self.round = 0
+        self.stage = ""
         self.cells = 0
         self.settled = 0
         self.sent = 0
@@ -46,6 +51,8 @@ class RunProgress:
 
     def update(self, p: dict[str, Any]) -> None:
         self.round = _count(p.get("round"))
+        stage = p.get("stage")
+        self.stage = stage if isinstance(stage, str) and stage in _STAGES else ""
         self.cells = _count(p.get("cells"))
         self.settled = min(_count(p.get("settled")), self.cells) if self.cells else 0
         self.sent = _count(p.get("sent"))
@@ -54,7 +61,7 @@ class RunProgress:
 
     def pieces(self, now: float) -> tuple[str, str, str, list[str]]:
         """(head, counts, elapsed, optional extras in the order they are given up)."""
-        head = f"round {self.round}" if self.round else "starting"
+        head = _STAGES.get(self.stage) or (f"round {self.round}" if self.round else "starting")
         counts = f"{self.settled:,}/{self.cells:,}" if self.cells else ""
         extras = [f"{self.open:,} open", f"{self.sent:,} sent", f"{self.rate:,}/s"]
         return head, counts, _elapsed(now - self.started), extras
@@ -131,7 +138,7 @@ class ProgressDisplay:
         self._live: Any = None
         self._console: Any = None
         self._last_plain = float("-inf")
-        self._last_round = -1
+        self._last_round: tuple[int, str] = (-1, "")
         if sys.stderr.isatty():
             from udpreach.cli.common import err_console
 
@@ -167,8 +174,9 @@ class ProgressDisplay:
         self.state.update(p)
         if self._mode == "plain":
             now = time.monotonic()
-            if self.state.round != self._last_round or now - self._last_plain >= PLAIN_EVERY:
-                self._last_round = self.state.round
+            key = (self.state.round, self.state.stage)
+            if key != self._last_round or now - self._last_plain >= PLAIN_EVERY:
+                self._last_round = key
                 self._last_plain = now
                 self._console.print(self.state.plain(now), markup=False, highlight=False)
         elif self._live is not None:

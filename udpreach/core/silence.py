@@ -70,7 +70,6 @@ class SenderBucket:
     errors: int = 0
     times: list[float] = field(default_factory=list)
     control: tuple[int, int] | None = None  # (dst, src) of a cell it rejected (verified)
-    unanswered: int = 0  # test bursts whose controls it left silent
 
     def note(self, now: float) -> None:
         self.errors += 1

@@ -1147,8 +1147,7 @@ class Sweep:
             last = burst.answers.get(address)
             if bucket.control is None:
                 continue
-            if last is None:
-                bucket.unanswered += 1
+            if last is None:  # its bucket was empty: it refills slower than thought
                 bucket.period = min(silence.MAX_PERIOD, bucket.period * 2)
         if not burst.answers:
             return
