@@ -36,11 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from udpreach.core import schema
 from udpreach.core.errors import ConfigError
 from udpreach.core.framing import KEY_ROLES, Grant, KeyIdentity
 from udpreach.core.messages import NAME_RE
 
-SCHEMA = "udpreach/keyring-v1"
+SCHEMA = schema.KEYRING
 ENV_VAR = "UDPREACH_KEYRING"
 MAX_KEYS = 100_000
 

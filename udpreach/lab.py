@@ -47,6 +47,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, get_args
 
+from udpreach.core import schema
 from udpreach.core.errors import ConfigError, UdpreachError
 
 __all__ = [
@@ -87,7 +88,7 @@ AGENT_ADDR6, ROUTER_AGENT_SIDE6 = "2001:2:0:1::2", "2001:2:0:1::1"
 PROBE_ADDR6, ROUTER_PROBE_SIDE6 = "2001:2:0:2::2", "2001:2:0:2::1"
 PREFIX4, PREFIX6 = 24, 64
 
-_STATE_SCHEMA = "udpreach/lab-v1"
+_STATE_SCHEMA = schema.LAB_STATE
 _NAME_RE = re.compile(r"^ur-[a-z0-9](?:[a-z0-9-]{0,22}[a-z0-9])?$")
 _NS_RE = re.compile(r"^(ur-[a-z0-9-]+)-(agent|router|probe)$")
 _NFT_ERROR_RE = re.compile(r"^[^:\n]*:(\d+):\d+(?:-\d+)?: (Error: .*)$")

@@ -36,12 +36,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from udpreach.core import schema
 from udpreach.core.errors import ConfigError, PortSpecError, UdpreachError
 from udpreach.core.expect import merge_ranges, planned_intervals, subtract, summarize, union
 from udpreach.core.ledger import Ledger, SnapshotError
 from udpreach.core.portspec import parse_ports
 
-SCHEMA = "udpreach/run-v1"
+SCHEMA = schema.RUN
 
 # Each migration is a list of statements (or functions of the connection); migration N
 # (1-based) brings user_version to N.
@@ -633,7 +634,8 @@ def _recover(row: sqlite3.Row) -> dict[str, Any]:
     if isinstance(checkpoint, bytes):
         try:
             src_ports = parse_ports(str(plan["src_ports"]))
-            settled = Ledger.from_snapshot(checkpoint, src_ports).ranges(settled_only=True)
+            led = Ledger.from_snapshot(checkpoint, src_ports)
+            settled = [dict(r) for r in led.ranges(settled_only=True)]
         except (SnapshotError, PortSpecError, KeyError) as exc:
             note = f"the coordinator did not finish this run; its checkpoint is unreadable ({exc})"
     elif checkpoint:

@@ -24,6 +24,7 @@ from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 
+from udpreach.core import schema
 from udpreach.core.errors import ConfigError, UdpreachError
 
 try:  # typer 0.28 vendors click; older releases depend on it
@@ -53,7 +54,7 @@ __all__ = [
 P = ParamSpec("P")
 T = TypeVar("T")
 
-ERROR_SCHEMA = "udpreach/error-v1"
+ERROR_SCHEMA = schema.ERROR
 DEBUG_ENV = "UDPREACH_DEBUG"  # set to 1: unexpected errors show their traceback
 
 CoordinatorOpt = Annotated[

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from udpreach.cli.common import JsonOpt, err_console, fail, mapped, out_console, print_json
+from udpreach.core import schema
 
 DbOpt = Annotated[
     Path | None,
@@ -83,7 +84,7 @@ def history(
     for line in problems:  # damaged or unreadable rows: skipped, and said
         err_console().print(f"warning: {line}", markup=False)
     if as_json:
-        print_json({"schema": "udpreach/history-v1", "runs": runs, "warnings": problems})
+        print_json({"schema": schema.HISTORY, "runs": runs, "warnings": problems})
         return
     if not runs:
         err_console().print("no runs recorded yet")
@@ -97,11 +98,7 @@ def history(
         style = {"complete": "green", "incomplete": "red", "interrupted": "red"}.get(
             status, "yellow"
         )
-        counts = ", ".join(
-            f"{int(s[k]):,} {k}"
-            for k in ("open", "blocked", "rejected", "untested", "unknown")
-            if s.get(k)
-        )
+        counts = ", ".join(f"{int(s[k]):,} {k}" for k in schema.VERDICTS if s.get(k))
         judged = (
             "" if devs is None else f", [bold]{devs:,}[/] deviating" if devs else ", as expected"
         )

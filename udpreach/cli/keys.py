@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from udpreach.cli.common import mapped, print_json
+from udpreach.core import schema
 
 key_app = typer.Typer(
     name="key",
@@ -97,7 +98,7 @@ def list_keys(
         for e in sorted(ring.entries.values(), key=lambda e: (e.role, e.name))
     ]
     if as_json:
-        print_json({"schema": "udpreach/keys-v1", "keyring": str(ring.path), "keys": rows})
+        print_json({"schema": schema.KEYS, "keyring": str(ring.path), "keys": rows})
         return
     if not rows:
         _say(f"no keys in {ring.path}")

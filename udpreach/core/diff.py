@@ -22,9 +22,10 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from udpreach.core import schema
 from udpreach.core.intervals import Range, ranges_by_dst, subtract, union
 
-DIFF_SCHEMA = "udpreach/diff-v1"
+DIFF_SCHEMA = schema.DIFF
 
 
 def diff_runs(doc_a: dict[str, Any], doc_b: dict[str, Any]) -> dict[str, Any]:

@@ -14,11 +14,12 @@ from __future__ import annotations
 from typing import Any
 
 from udpreach import __version__
+from udpreach.core import schema
 from udpreach.core.ledger import Ledger
 from udpreach.core.recommend import recommend
 
-SCHEMA = "udpreach/run-v1"
-DIFF_SCHEMA = "udpreach/diff-v1"
+SCHEMA = schema.RUN
+DIFF_SCHEMA = schema.DIFF
 
 
 def build_document(
@@ -32,7 +33,7 @@ def build_document(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the contract's document; ``extra`` adds keys after the contract's own."""
-    doc: dict[str, Any] = {
+    typed: schema.RunDocument = {  # the contract's keys, checked by type (schema.py)
         "schema": SCHEMA,
         "version": __version__,
         "run_id": run_id,
@@ -43,6 +44,7 @@ def build_document(
         "summary": ledger.summary(),
         "ranges": ledger.ranges(),
     }
+    doc: dict[str, Any] = dict(typed)
     if extra:
         for k, v in extra.items():
             doc.setdefault(k, v)

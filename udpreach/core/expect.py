@@ -36,6 +36,7 @@ from typing import Any
 
 import tomli_w
 
+from udpreach.core import schema
 from udpreach.core.errors import ConfigError, PortSpecError
 from udpreach.core.intervals import (
     COUNTERS,
@@ -78,7 +79,7 @@ __all__ = [
 ]
 
 CLOSED = ("blocked", "rejected")
-EXPECTABLE = ("open", "blocked", "rejected", "closed")
+EXPECTABLE = schema.EXPECTABLE
 ENTRY_KEYS = ("agent", "dst_ports", "src_ports", "verdict")
 REQUIRED_KEYS = ("dst_ports", "src_ports", "verdict")
 

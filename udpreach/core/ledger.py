@@ -33,10 +33,11 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from functools import cache
 from itertools import compress, groupby
 from typing import TYPE_CHECKING, Any
+
+from udpreach.core.schema import VERDICTS, IcmpDetailsJson, Range, Summary, Verdict
 
 if TYPE_CHECKING:
     import numpy as np
@@ -46,16 +47,7 @@ SLOTS = 65536
 _RUNS = re.compile(rb"(.)\1*", re.DOTALL)  # maximal runs of one byte value
 _SKIP = 0xFF  # a key byte for slots that belong in no range (unplanned, or left out)
 
-
-class Verdict(StrEnum):
-    OPEN = "open"
-    BLOCKED = "blocked"
-    REJECTED = "rejected"
-    UNTESTED = "untested"
-    UNKNOWN = "unknown"
-
-
-VERDICTS = tuple(v.value for v in Verdict)
+__all__ = ["VERDICTS", "IcmpInfo", "Ledger", "Verdict"]  # the verdicts: udpreach.core.schema
 
 PENDING = 0
 _CODE = {Verdict.OPEN: 1, Verdict.BLOCKED: 2, Verdict.REJECTED: 3, Verdict.UNTESTED: 4}
@@ -110,7 +102,7 @@ class IcmpInfo:
     sender: str
     verified: bool = True
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> IcmpDetailsJson:
         return {
             "type": self.type,
             "code": self.code,
@@ -638,7 +630,7 @@ class Ledger:
         self.settled = self.cells
         self.closed = True
 
-    def summary(self) -> dict[str, int]:
+    def summary(self) -> Summary:
         counts = dict.fromkeys(VERDICTS, 0)
         per_dst = len(self.src_ports)
         for d in self.dst_ports:
@@ -649,7 +641,14 @@ class Ledger:
                 counts[_NAME[code]] += k
                 seen += k
             counts["unknown"] += per_dst - seen  # pending cells of an unfinished ledger
-        return {"cells": self.cells, **counts}
+        return {
+            "cells": self.cells,
+            "open": counts["open"],
+            "blocked": counts["blocked"],
+            "rejected": counts["rejected"],
+            "untested": counts["untested"],
+            "unknown": counts["unknown"],
+        }
 
     # -- snapshots (checkpoints) ------------------------------------------------------------
 
@@ -732,7 +731,7 @@ class Ledger:
             raise SnapshotError(f"damaged ledger snapshot: {exc}") from None
         return led
 
-    def ranges(self, *, settled_only: bool = False) -> list[dict[str, Any]]:
+    def ranges(self, *, settled_only: bool = False) -> list[Range]:
         """The contract's ``ranges``: maximal, sorted, every planned cell exactly once.
 
         Args:
@@ -741,7 +740,7 @@ class Ledger:
         """
         return list(self._iter_ranges(settled_only))
 
-    def _iter_ranges(self, settled_only: bool) -> Iterator[dict[str, Any]]:
+    def _iter_ranges(self, settled_only: bool) -> Iterator[Range]:
         # One key byte per source-port slot: the verdict code in bits 0-2, the translated
         # flag in bit 3, _SKIP for slots in no range. Maximal runs of equal key bytes are
         # found by the regex engine; only rejected and untested runs are split further,
@@ -783,8 +782,8 @@ class Ledger:
         xlat: int,
         icmp_i: int = 0,
         reason: str | None = None,
-    ) -> dict[str, Any]:
-        doc: dict[str, Any] = {
+    ) -> Range:
+        doc: Range = {
             "dst_port": dst,
             "first": first,
             "last": end - 1,

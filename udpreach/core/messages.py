@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
+from udpreach.core import schema
 from udpreach.core.errors import ProtocolError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # agent and key names
@@ -716,7 +717,7 @@ def check_document(doc: Any) -> dict[str, Any]:
 
     if not isinstance(doc, dict):
         raise MessageError("malformed result: not a JSON object")
-    if doc.get("schema") != "udpreach/run-v1":
+    if doc.get("schema") != schema.RUN:
         raise MessageError("malformed result: not a udpreach/run-v1 document")
     if not isinstance(doc.get("run_id"), str) or not isinstance(doc.get("complete"), bool):
         raise MessageError("malformed result: no run id or completeness")

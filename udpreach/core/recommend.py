@@ -28,6 +28,7 @@ import ipaddress
 from collections import defaultdict
 from typing import Any
 
+from udpreach.core import schema
 from udpreach.core.intervals import (
     Interval,
     Range,
@@ -146,7 +147,7 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
     by_dst = ranges_by_dst(doc.get("ranges", []))
     sampled = is_sampled(planned_spans(doc.get("ranges", [])))
     for d, rs in by_dst.items():
-        counts = dict.fromkeys(("open", "blocked", "rejected", "untested", "unknown"), 0)
+        counts = dict.fromkeys(schema.VERDICTS, 0)
         counts["translated"] = 0
         shut: list[Interval] = []
         for r in rs:

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from udpreach.core import schema
 from udpreach.core.errors import PortSpecError
 from udpreach.core.intervals import Range, is_sampled, planned_spans
 from udpreach.core.portspec import format_ports, parse_ports, ranges_of
 from udpreach.render.fold import Folded, Row
 
-VERDICTS = ("open", "blocked", "rejected", "untested", "unknown")
+VERDICTS = schema.VERDICTS
 VERDICT_TEXT = {
     "open": "open: at least one datagram arrived",
     "blocked": "blocked: nothing arrived, no ICMP error",
