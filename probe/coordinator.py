@@ -892,6 +892,8 @@ class Coordinator:
                                 session.ports,
                                 max_rate=self.cfg.max_rate,
                                 max_datagrams=self.cfg.max_datagrams,
+                                max_bytes=self.cfg.max_bytes,
+                                header_bytes=48 if ":" in session.observed else 28,
                             )
                         except ConfigError as exc:
                             return Error("bad_plan", str(exc))

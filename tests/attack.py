@@ -18,6 +18,9 @@ results at the end.
   agent answered and whether it answered the ping.
 - ``result``: a coordinator on ``port`` that answers one run request with ``doc`` (a raw
   JSON text) as the result.
+- ``liar``: an authenticated agent ``name`` with nothing listening that, as soon as a run
+  starts, reports every cell of ``src_first``..``src_last`` to its destination ports as
+  received (attempt 1), and answers flushes and pings: receipts for what was never sent.
 """
 
 from __future__ import annotations
@@ -285,7 +288,45 @@ async def result(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"served": served.is_set()}
 
 
-MODES = {f.__name__: f for f in (hold, impostor, fake_agents, unsolicited, coordinator, result)}
+async def liar(cfg: dict[str, Any]) -> dict[str, Any]:
+    from udpreach.core.framing import RECEIPT, encode_receipts
+
+    chan = await _agent(cfg, cfg["name"])
+    reported = runs = 0
+    print("ready", flush=True)
+    with trio.move_on_after(cfg["seconds"]):
+        while True:
+            msg = await chan.next_message()
+            body = msg.body
+            if msg.type == "run_start":
+                runs += 1
+                run_id = body["run_id"]
+                await chan.send(
+                    {"type": "run_ready", "run_id": run_id, "nonce": os.urandom(16).hex()}
+                )
+                cells = [
+                    (0, d, s, 1, s)
+                    for d in body["dst_ports"]
+                    for s in range(cfg["src_first"], cfg["src_last"] + 1)
+                ]
+                for i in range(0, len(cells), 8192):
+                    records = b"".join(RECEIPT.pack(*c) for c in cells[i : i + 8192])
+                    await chan.send_receipts(encode_receipts(run_id, ["127.0.0.2"], records))
+                reported += len(cells)
+            elif msg.type == "flush":
+                await chan.send({"type": "flushed", "seq": body["seq"]})
+            elif msg.type == "run_end":
+                await chan.send({"type": "run_done", "run_id": body["run_id"]})
+                break  # one run is the attack
+            elif msg.type == "ping":
+                await chan.send({"type": "pong", "seq": body["seq"]})
+    await chan.aclose()
+    return {"runs": runs, "reported": reported}
+
+
+MODES = {
+    f.__name__: f for f in (hold, impostor, fake_agents, unsolicited, coordinator, result, liar)
+}
 
 
 def main() -> None:

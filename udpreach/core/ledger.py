@@ -539,6 +539,10 @@ class Ledger:
         mask: np.ndarray = planned != 0
         return mask
 
+    def icmp_indexes(self, wanted: Callable[[IcmpInfo], bool]) -> list[int]:
+        """The ``icmp`` indexes of the ICMP details ``wanted`` accepts."""
+        return [i for i, info in enumerate(self._icmp) if info is not None and wanted(info)]
+
     def icmp_info(self, index: int) -> IcmpInfo | None:
         """The ICMP details behind a cell's ``icmp`` index (0: none)."""
         return self._icmp[index] if 0 <= index < len(self._icmp) else None

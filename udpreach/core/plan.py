@@ -75,6 +75,8 @@ def plan_from_request(
     *,
     max_rate: int,
     max_datagrams: int,
+    max_bytes: int | None = None,
+    header_bytes: int = 28,
 ) -> tuple[Plan, list[str]]:
     """Validate a run request; return the plan and warnings (e.g. a clamped rate).
 
@@ -131,5 +133,11 @@ def plan_from_request(
         raise ConfigError(
             f"plan could send {plan.cells * plan.copies} datagrams; the probe allows "
             f"{max_datagrams} per run (--max-datagrams)"
+        )
+    wire = plan.size + header_bytes  # bytes a datagram takes on the wire
+    if max_bytes is not None and plan.cells * wire > max_bytes:
+        raise ConfigError(
+            f"plan would send {plan.cells * wire} bytes in its first round alone; the probe "
+            f"allows {max_bytes} per run (--max-bytes)"
         )
     return plan, warnings

@@ -1209,7 +1209,16 @@ class Sweep:
 
     def _finish(self, complete: bool) -> None:
         led = self.ledger
-        if complete and self._delivery_stopped:
+        if complete:
+            self._untested_if_never_sent()
+        contradicted = self._contradicted_receipts()
+        if contradicted:
+            self.facts.warnings.append(
+                f"the agent reports {contradicted:,} cells received whose datagrams its own host "
+                "answered with a verified port-unreachable: its reports cannot be trusted, and "
+                "the run is not complete"
+            )
+        if complete and (self._delivery_stopped or contradicted):
             self._move("abort")
             complete = False
         elif complete and led.refused_receipts:
@@ -1239,6 +1248,34 @@ class Sweep:
                 "complete (the agent's reports cannot be trusted)"
             )
         self._scattered_warning()
+
+    def _contradicted_receipts(self) -> int:
+        """Open cells whose datagram the agent's own host answered, verified, with "port
+        unreachable": the agent claims what its host denies."""
+        led = self.ledger
+        denied = led.icmp_indexes(
+            lambda i: (
+                i.verified and i.sender == self.target and (i.type, i.code) in PORT_UNREACHABLE
+            )
+        )
+        if not denied:
+            return 0
+        n = 0
+        for d in self.plan.dst_ports:
+            v = led.view(d)
+            n += int(np.count_nonzero((v.state == 1) & np.isin(v.icmp, denied)))
+        return n
+
+    def _untested_if_never_sent(self) -> None:
+        """A cell the run never sent (a ceiling stopped it first) is untested, not blocked."""
+        for d in self.plan.dst_ports:
+            v = self.ledger.view(d)
+            planned = self._planned
+            never = planned[(v.state[planned] == PENDING) & (v.sent[planned] == v.base[planned])]
+            for s in never.tolist():
+                self.ledger.note_untested(
+                    int(s), "not sent: the probe's ceiling per run came first", [d]
+                )
 
     def _scattered_warning(self) -> None:
         """Flag blocked cells scattered among open ones: loss, not a firewall rule."""
