@@ -83,29 +83,7 @@ def test_the_probes_byte_ceilings_hold_for_the_largest_datagrams(
     assert doc["duration"] >= 0.9 * 40 * 65535 / rate
 
 
-FORGER = r"""
-import socket, struct, sys, time
-src, dst, first, last, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
-def csum(b):
-    if len(b) % 2: b += b"\0"
-    s = sum(struct.unpack("!%dH" % (len(b) // 2), b)); s = (s >> 16) + (s & 0xFFFF); s += s >> 16
-    return ~s & 0xFFFF
-sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-n = 0
-end = time.monotonic() + seconds
-while time.monotonic() < end and n < 2_000_000:
-    for sport in range(first, last + 1):
-        # The probe's datagram as an off-path forger imagines it: headers only, no payload.
-        inner = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 44, 0, 0x4000, 63, 17, 0,
-                            socket.inet_aton(dst), socket.inet_aton(src.split(",")[1]))
-        udp = struct.pack("!HHHH", sport, 5000, 24, 0)
-        body = struct.pack("!BBHI", 3, 13, 0, 0) + inner + udp
-        body = body[:2] + struct.pack("!H", csum(body)) + body[4:]
-        sock.sendto(body, (dst, 0))
-        n += 1
-    time.sleep(0.01)
-print(n)
-"""
+FORGER = Path(__file__).with_name("icmp_forger.py")
 
 
 @ROOT_LAB
@@ -121,23 +99,22 @@ def test_off_path_forged_icmp_never_makes_a_verified_reject(tmp_path: Path) -> N
         'iifname "probe0" udp sport 40000-44999 drop\n'
         'iifname "probe0" udp sport 20000-20999 numgen random mod 100 < 30 drop\n'
     )
-    forger = tmp_path / "forger.py"
-    forger.write_text(FORGER)
+    forger = FORGER
     with lab_udpreach(policy, tmp_path) as lr:
         info = lr.lab.info
         # From the router (on the path's address plan, 198.18.0.0/15): errors to the probe
         # for every cell of both ranges, many times over, while the run goes.
         argv = lr.lab.ns_argv(
             "router",
-            [sys.executable, str(forger), f"{info.probe_addr},{info.agent_addr}",
-             info.probe_addr, "20000", "20999", "25"],
+            [sys.executable, str(forger), info.probe_addr, info.agent_addr, "20000", "20999",
+             "25"],
         )  # fmt: skip
         forged = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         forged2 = subprocess.Popen(
             lr.lab.ns_argv(
                 "router",
-                [sys.executable, str(forger), f"{info.probe_addr},{info.agent_addr}",
-                 info.probe_addr, "40000", "44999", "25"],
+                [sys.executable, str(forger), info.probe_addr, info.agent_addr, "40000",
+                 "44999", "25"],
             ),
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
