@@ -20,6 +20,7 @@ import trio
 
 from probe.sender import BindSender, IcmpEvent
 from udpreach.core.datagram import TokenCodec, derive_run_key
+from udpreach.core.document import never_started
 from udpreach.core.errors import AgentUnavailableError
 from udpreach.core.plan import Plan
 from udpreach.core.sweep import (
@@ -80,7 +81,6 @@ class RunExecution:
         store: Any = None,
         warnings: list[str] | None = None,
         sender_factory: Callable[[str, str, float], Any] | None = None,
-        max_datagrams: int | None = None,
         rate_cap: Callable[[], float] | None = None,
         settings: SweepSettings | None = None,
         seed: int | None = None,
@@ -96,11 +96,7 @@ class RunExecution:
         self._sender_factory = sender_factory or (
             lambda src, dst, linger: BindSender(src, dst, linger=linger)
         )
-        self.settings = settings or SweepSettings(max_datagrams=max_datagrams)
-        if self.settings.max_datagrams is None and max_datagrams is not None:
-            self.settings = SweepSettings(
-                **{**self.settings.__dict__, "max_datagrams": max_datagrams}
-            )
+        self.settings = settings or SweepSettings()
         self.rate_cap = rate_cap
         self.seed = secrets.randbits(64) if seed is None else seed
         self.run_id = new_run_id()
@@ -160,8 +156,15 @@ class RunExecution:
         return doc
 
     def _document(self, sweep: Sweep | None) -> dict[str, Any]:
-        if sweep is None:
-            return self._no_run_document()
+        if sweep is None:  # the agent never started the run: nothing was sent
+            return never_started(
+                run_id=self.run_id,
+                agent=self._agent_json(),
+                probe=self._probe_json(),
+                plan=self.plan,
+                started=self.started,
+                warnings=self.warnings,
+            )
         if not sweep.finished:
             sweep.abort("the run was stopped", trio.current_time())
         return sweep.document(
@@ -358,30 +361,6 @@ class RunExecution:
 
     def _probe_json(self) -> dict[str, Any]:
         return {"address": self.source, "target": self.target, "send_mode": self.send_mode}
-
-    def _no_run_document(self) -> dict[str, Any]:
-        """The document of a run that never started (the agent did not answer run_start)."""
-        from udpreach.core.document import build_document
-        from udpreach.core.ledger import Ledger
-
-        led = Ledger(self.plan.dst_ports, self.plan.src_ports)
-        led.finish(complete=False)
-        finished = time.time()
-        return build_document(
-            run_id=self.run_id,
-            complete=False,
-            agent=self._agent_json(),
-            probe=self._probe_json(),
-            plan=self.plan.to_json(),
-            ledger=led,
-            extra={
-                "started": self.started,
-                "finished": finished,
-                "duration": round(finished - self.started, 3),
-                "loss": None,
-                "warnings": self.warnings,
-            },
-        )
 
 
 __all__ = ["IcmpEvent", "RunExecution", "new_run_id"]

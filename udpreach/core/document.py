@@ -11,11 +11,13 @@ key; readers compute the recommendations from the ranges then (``recommendations
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from udpreach import __version__
 from udpreach.core import schema
 from udpreach.core.ledger import Ledger
+from udpreach.core.plan import Plan
 from udpreach.core.recommend import recommend
 
 SCHEMA = schema.RUN
@@ -51,6 +53,37 @@ def build_document(
     if "recommendations" not in doc:
         doc["recommendations"] = recommend(doc)
     return doc
+
+
+def never_started(
+    *,
+    run_id: str,
+    agent: dict[str, Any],
+    probe: dict[str, Any],
+    plan: Plan,
+    started: float,
+    warnings: list[str],
+) -> dict[str, Any]:
+    """The document of a run that never started (its agent did not answer): every cell is
+    unknown, and the warnings say why."""
+    ledger = Ledger(plan.dst_ports, plan.src_ports)
+    ledger.finish(complete=False)
+    finished = time.time()
+    return build_document(
+        run_id=run_id,
+        complete=False,
+        agent=agent,
+        probe=probe,
+        plan=plan.to_json(),
+        ledger=ledger,
+        extra={
+            "started": started,
+            "finished": finished,
+            "duration": round(finished - started, 3),
+            "loss": None,
+            "warnings": list(warnings),
+        },
+    )
 
 
 def recommendations_of(doc: dict[str, Any]) -> dict[str, Any]:
