@@ -11,12 +11,22 @@ Everything is deterministic from a seed. The path model has what real paths have
   channel has its own), NAT (source port rewriting), a session limit (new flows beyond N
   are dropped), a hop with a small MTU (``fragmentation needed`` from that hop, after which
   the probe's kernel fragments; a rule may drop fragments), a policy change at time T;
-* datagram mangling (duplicate, corrupt, truncate, replay) for the agent core's defences;
-* ICMP errors that quote whole datagrams (Linux) or headers only, and forged errors.
+* datagram mangling (duplicate, corrupt, truncate, reorder by jitter, replay of the run's
+  earlier datagrams, datagrams of other runs put on the path) for the agent core's defences;
+* ICMP errors that quote whole datagrams (Linux) or headers only, and forged errors;
+* a NAT that spreads sources over a pool of addresses, and an agent that dies (its host then
+  answers "port unreachable", and the control channel notices after a while).
+
+The probe host's sender can refuse source ports (a local firewall, a port in use: the cell is
+untested) and run out of buffer (``backpressure``: the engine sends the rest again later), as
+``probe.raw`` and ``probe.sender`` report it.
 
 ``SimRun`` drives a ``Sweep`` as the trio shell does, but with events on a heap: a datagram
-arrives at the agent after the UDP delay, the agent flushes every 10 ms and on request, a
-receipt batch or a flush reply reaches the probe after the control delay.
+arrives at the agent after the UDP delay, the agent flushes every 10 ms, on request and when
+a batch is full, a receipt batch or a flush reply reaches the probe after the control delay.
+It keeps the ground truth of what crossed: every untouched datagram of the run the agent took
+in (``genuine``), and the cells and attempts of those the engine has had receipts for
+(``crossed()``): what it must credit, no more, no less.
 """
 
 from __future__ import annotations
@@ -24,12 +34,16 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.core import AgentCore
+from agent.listen import DRAIN_CHUNK
+from probe.sender import GroupResult
 from udpreach.core.datagram import TokenCodec, derive_run_key
+from udpreach.core.framing import RECEIPT, decode_receipts, encode_receipts
 from udpreach.core.plan import Plan, plan_from_request
 from udpreach.core.sweep import (
     Checkpoint,
@@ -47,6 +61,9 @@ PROBE = "198.18.2.2"
 AGENT = "198.18.1.2"
 ROUTER = "198.18.2.1"
 AGENT_FLUSH = 0.01  # the agent sends its receipts this often (agent.service.FLUSH_INTERVAL)
+DRAIN_AFTER = 0.0002  # an agent that drains its socket in chunks wakes this long after a datagram
+
+Cell = tuple[int, int]
 
 
 @dataclass
@@ -102,16 +119,21 @@ class Path:
     quote: int = 576  # bytes of an ICMP error's whole message (RFC 1812); 28: headers only
     nat: Callable[[int], int] | None = None  # source port rewriting
     nat_address: str | None = None
+    nat_pool: Callable[[int], str] | None = None  # the public address of each source port
     session_limit: int | None = None  # new flows beyond this many are dropped
     mtu: int | None = None  # a hop's MTU (IPv4 header + UDP header + payload must fit)
     mtu_hop: str = ROUTER
     drop_fragments: bool = False
     duplicate: float = 0.0
-    corrupt: float = 0.0
-    truncate: float = 0.0
+    corrupt: float = 0.0  # a share of the delivered datagrams with a byte changed
+    truncate: float = 0.0  # a share cut short (a datagram is corrupted or truncated, not both)
+    replay: float = 0.0  # per datagram sent, a chance that one that crossed earlier is replayed
     forged_icmp: float = 0.0  # an off-path forger's header-only error for this share of cells
     send_cost: float = 5e-6  # seconds the probe takes per datagram (raw mode here: ~7 us)
+    agent_flush: float = AGENT_FLUSH  # the agent's flush timer
     agent_lost_at: float | None = None
+    lost_notice: float = 0.0  # how long after the agent dies the control channel says so
+    dead_host_answers: bool = False  # the dead agent's host answers "port unreachable"
     seed: int = 1
 
     def rule_at(self, now: float, dst: int, src: int) -> Rule | None:
@@ -122,6 +144,18 @@ class Path:
             if r.matches(dst, src):
                 return r
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """A datagram reaching the agent's host: its bytes, where from, and what it is."""
+
+    data: bytes
+    addr: str
+    port: int
+    kind: str  # genuine (untouched) | corrupt | truncated | foreign (not this run's)
+    cell: Cell  # (dst, src) it was sent for
+    seq: int = -1  # its place in the probe's sending order (-1: a copy, or not the probe's)
 
 
 class SimRun:
@@ -140,6 +174,13 @@ class SimRun:
         copies: int | None = None,
         run_id: str = "sim-run",
         agent: str = "agent",  # agent | silent: reports nothing | liar: every cell received
+        agent_core: AgentCore | None = None,  # the agent of earlier runs (it names their replays)
+        intake: str = "one",  # one: on_datagram each | drain: chunks, as recvmmsg hands them
+        refused: Mapping[int, str] | None = None,  # source ports the probe host refuses, why
+        stuck: Mapping[int, int] | None = None,  # source ports whose socket buffer is full for
+        # this many send calls (bind mode: only that port's datagrams wait)
+        sndbuf: int | None = None,  # datagrams one send call can queue; the rest of the call
+        # waits (raw mode: sendmmsg stops at the first ENOBUFS)
     ) -> None:
         self.path = path
         self.rng = random.Random(path.seed)
@@ -151,8 +192,11 @@ class SimRun:
         key = derive_run_key(SECRET, run_id, b"c" * 16, b"a" * 16)
         self.codec = TokenCodec(key, size)
         self.agent_kind = agent
-        self.agent = AgentCore()
-        self.agent.start_run(run_id, TokenCodec(key, size))
+        if intake not in ("one", "drain"):
+            raise ValueError(f"intake must be 'one' or 'drain', got {intake!r}")
+        self.intake = intake
+        self.agent = agent_core if agent_core is not None else AgentCore()
+        self.agent_run = self.agent.start_run(run_id, TokenCodec(key, size))
         base = settings or SweepSettings()
         self.settings = SweepSettings(**{**base.__dict__, "control_rtt": 2 * path.control_delay})
         self.now = 0.0
@@ -173,11 +217,27 @@ class SimRun:
         self._band_policer = Bucket(*path.band_police[1:]) if path.band_police else None
         self._flows: set[tuple[int, int]] = set()
         self._pmtu_known = False
+        self._refused = dict(refused or {})
+        self._stuck = dict(stuck or {})
+        self.sndbuf = sndbuf
+        self._sent_seq = 0
+        self._max_seq = -1
+        self._inbox: list[Arrival] = []
+        self._passed: list[tuple[bytes, Cell]] = []  # untouched datagrams past the firewall
+        self._lied = False
+        # What happened, for the tests to compare with what the engine concluded.
         self.delivered = 0  # genuine datagrams that reached the agent
         self.sent_to: list[tuple[float, int, int, int]] = []  # (time, dst, src, attempt)
-        self.lost_notified = False
-        self._lied = False
-        self._schedule(AGENT_FLUSH, "agent_flush", None)
+        self.genuine: list[tuple[bytes, str, int]] = []  # untouched datagrams the agent took in
+        self.arrived: Counter[str] = Counter()  # datagrams the agent took in, by Arrival.kind
+        self.reordered = 0  # taken in after a datagram the probe sent later
+        self.reported = 0  # how many of ``genuine`` the engine has had receipts for
+        self.receipts: list[bytes] = []  # the receipt batches the engine was given
+        self.batches: list[tuple[str, int]] = []  # agent batches: (timer | request | full, records)
+        self.backpressured: Counter[int] = Counter()  # send calls that left a port's datagrams
+        self.waited: Counter[Cell] = Counter()  # datagrams left for a full buffer, per cell
+        self.refusals: Counter[int] = Counter()  # send calls that refused a port
+        self._schedule(path.agent_flush, "agent_flush", None)
 
     # -- the event heap ------------------------------------------------------------------------
 
@@ -196,53 +256,130 @@ class SimRun:
     def _event(self, at: float, kind: str, data: Any) -> None:
         sweep = self.sweep
         if kind == "arrive":
-            if self._agent_alive(at) and self.agent_kind != "silent":
-                self.agent.on_datagrams([data])
+            self._arrive(at, data)
+        elif kind == "drain":
+            self._drain(at)
         elif kind == "agent_flush":
             if self._agent_alive(at):
-                self._agent_batches(at)
-                self._schedule(at + AGENT_FLUSH, "agent_flush", None)
+                self._agent_batches(at, "timer")
+                self._schedule(at + self.path.agent_flush, "agent_flush", None)
         elif kind == "flush_request":
             if self._agent_alive(at):
-                self._agent_batches(at)
-                self._schedule(at + self.path.control_delay, "flushed", data)
+                mark = self._agent_batches(at, "request")
+                self._schedule(at + self.path.control_delay, "flushed", (data, mark))
         elif kind == "receipts":
-            sweep.on_receipts(data, at)
+            payload, mark = data
+            self.receipts.append(payload)
+            if mark is not None:
+                self.reported = max(self.reported, mark)
+            sweep.on_receipts(payload, at)
         elif kind == "flushed":
-            sweep.on_flushed(data, at, None)
+            seq, mark = data
+            self.reported = max(self.reported, mark)
+            sweep.on_flushed(seq, at, None)
         elif kind == "icmp":
             sweep.on_icmp([data], at)
         elif kind == "lost":
             sweep.on_agent_lost("agent 'agent' was lost during the run", at)
 
-    def _agent_batches(self, at: float) -> None:
-        run = self.agent.current
-        if run is None:
+    # -- the agent's host ------------------------------------------------------------------------
+
+    def _arrive(self, at: float, a: Arrival) -> None:
+        if not self._agent_alive(at):
+            if self.path.dead_host_answers:  # nothing listens on the port any more
+                self._icmp_error(at, *a.cell, a.data, AGENT, (3, 3))
             return
+        if self.agent_kind == "silent":
+            return
+        if self.intake == "drain":
+            if not self._inbox:
+                self._schedule(at + DRAIN_AFTER, "drain", None)
+            self._inbox.append(a)
+            return
+        self._took_in(a)
+        self.agent.on_datagram(a.data, a.addr, a.port)
+        if self.agent_run.needs_flush():
+            self._agent_batches(at, "full")
+
+    def _took_in(self, a: Arrival) -> None:
+        self.arrived[a.kind] += 1
+        if a.kind == "genuine":
+            self.genuine.append((a.data, a.addr, a.port))
+        if a.seq >= 0:
+            if a.seq < self._max_seq:
+                self.reordered += 1
+            else:
+                self._max_seq = a.seq
+
+    def _drain(self, at: float) -> None:
+        """The listener's drain: what is queued, in chunks of one recvmmsg each."""
+        inbox, self._inbox = self._inbox, []
+        for i in range(0, len(inbox), DRAIN_CHUNK):
+            chunk = inbox[i : i + DRAIN_CHUNK]
+            for a in chunk:
+                self._took_in(a)
+            self.agent.on_datagrams([(a.data, (a.addr, a.port)) for a in chunk])
+            if self.agent_run.needs_flush():
+                self._agent_batches(at, "full")
+
+    def _agent_batches(self, at: float, why: str) -> int:
+        """The agent sends what it holds; returns how many genuine datagrams it had taken in
+        by then (the receipts for them are on their way)."""
+        if self._inbox:
+            self._drain(at)
+        mark = len(self.genuine)
+        if self.agent.current is not self.agent_run:
+            return mark
         if self.agent_kind == "liar":
             if not self._lied:
                 self._lied = True
                 self._lie(at)
-            return
-        for payload in run.take_batches():
-            self._schedule(at + self.path.control_delay, "receipts", payload)
+            return mark
+        payloads = self.agent_run.take_batches()
+        for i, payload in enumerate(payloads):
+            self.batches.append((why, len(decode_receipts(payload)[2]) // RECEIPT.size))
+            last = i == len(payloads) - 1
+            self._schedule(
+                at + self.path.control_delay, "receipts", (payload, mark if last else None)
+            )
+        return mark
 
     def _lie(self, at: float) -> None:
         """A secret holder that reports every planned cell received, at every attempt."""
-        from udpreach.core.framing import RECEIPT, encode_receipts
-
         records = b"".join(
             RECEIPT.pack(0, d, s, 1, s) for d in self.plan.dst_ports for s in self.plan.src_ports
         )
         for i in range(0, len(records), 8 * 8192):
             payload = encode_receipts(self.sweep.run_id, [PROBE], records[i : i + 8 * 8192])
-            self._schedule(at + self.path.control_delay, "receipts", payload)
+            self._schedule(at + self.path.control_delay, "receipts", (payload, None))
+
+    def inject(self, data: bytes, src: int, at: float) -> None:
+        """Put a datagram from elsewhere (another run's, captured earlier) on the path: it
+        reaches the agent at ``at`` as if sent from source port ``src``."""
+        addr, port = self._observed(src)
+        cell = (int.from_bytes(data[3:5], "big"), int.from_bytes(data[5:7], "big"))
+        self._schedule(at, "arrive", Arrival(data, addr, port, "foreign", cell))
 
     # -- the path --------------------------------------------------------------------------------
+
+    def _observed(self, src: int) -> tuple[str, int]:
+        """The address and port the agent sees a datagram from source port ``src`` come from."""
+        p = self.path
+        addr = p.nat_pool(src) if p.nat_pool else (p.nat_address or PROBE)
+        return addr, p.nat(src) if p.nat else src
 
     def _transmit(self, t: float, dst: int, src: int, attempt: int, payload: bytes) -> None:
         p = self.path
         self.sent_to.append((t, dst, src, attempt))
+        seq = self._sent_seq
+        self._sent_seq += 1
+        if p.replay and self._passed and self.rng.random() < p.replay:
+            # A device past the firewall sends again something it saw go by earlier.
+            old, (od, os_) = self._passed[self.rng.randrange(len(self._passed))]
+            addr, port = self._observed(os_)
+            self._schedule(
+                t + p.udp_delay, "arrive", Arrival(old, addr, port, "genuine", (od, os_))
+            )
         size = len(payload) + 28
         if p.mtu is not None and size > p.mtu:
             if not self._pmtu_known:
@@ -279,20 +416,27 @@ class SimRun:
             members, rate = p.ecmp_loss
             if hash((src, dst, 17)) % members == 0 and self.rng.random() < rate:
                 return
-        observed = p.nat(src) if p.nat else src
-        addr = p.nat_address or PROBE
+        addr, observed = self._observed(src)
         data = payload
-        if p.corrupt and self.rng.random() < p.corrupt:
-            i = self.rng.randrange(len(data))
-            data = data[:i] + bytes([data[i] ^ 0x40]) + data[i + 1 :]
-        if p.truncate and self.rng.random() < p.truncate:
-            data = data[: self.rng.randrange(len(data))]
+        kind = "genuine"
+        if p.corrupt or p.truncate:
+            r = self.rng.random()
+            if r < p.corrupt:
+                i = self.rng.randrange(len(data))
+                data = data[:i] + bytes([data[i] ^ 0x40]) + data[i + 1 :]
+                kind = "corrupt"
+            elif r < p.corrupt + p.truncate:
+                data = data[: self.rng.randrange(len(data))]
+                kind = "truncated"
         arrive = t + p.udp_delay + (self.rng.random() * p.jitter if p.jitter else 0.0)
-        self._schedule(arrive, "arrive", (data, (addr, observed)))
-        if data == payload:
+        self._schedule(arrive, "arrive", Arrival(data, addr, observed, kind, (dst, src), seq))
+        if kind == "genuine":
             self.delivered += 1
+            if p.replay:
+                self._passed.append((payload, (dst, src)))
         if p.duplicate and self.rng.random() < p.duplicate:
-            self._schedule(arrive + 0.0001, "arrive", (payload, (addr, observed)))
+            copy = Arrival(payload, addr, observed, "genuine", (dst, src))
+            self._schedule(arrive + 0.0001, "arrive", copy)
 
     def _icmp_error(
         self,
@@ -315,28 +459,81 @@ class SimRun:
         report = IcmpReport(dst, src, kind[0], kind[1], sender, quote=quote, mtu=mtu)
         self._schedule(t + p.udp_delay / 2 + 0.0002, "icmp", report)
 
+    # -- the probe host's sender -----------------------------------------------------------------
+
+    def _send(self, act: Send) -> list[tuple[int, GroupResult]] | None:
+        """Hand ``act`` to the sender: None when every datagram went out, else one result per
+        source port, in first-appearance order (as ``probe.raw`` and ``probe.sender`` do)."""
+        t = self.now
+        cost = self.path.send_cost
+        if self.sndbuf is None and not self._refused and not self._stuck:
+            for d, attempt, srcs in act.groups:
+                payloads = self.codec.encode_block(d, srcs, attempt)
+                for s, payload in zip(srcs.tolist(), payloads, strict=True):
+                    self._transmit(t, d, s, attempt, payload)
+                    t += cost
+            self.now = t
+            return None
+        results: dict[int, GroupResult] = {}
+        full_now: set[int] = set()
+        room = self.sndbuf
+        sent = 0
+        for d, attempt, srcs in act.groups:
+            payloads = self.codec.encode_block(d, srcs, attempt)
+            for s, payload in zip(srcs.tolist(), payloads, strict=True):
+                res = results.get(s)
+                if res is None:
+                    res = results[s] = GroupResult([])
+                    if self._stuck.get(s, 0) > 0:
+                        self._stuck[s] -= 1
+                        full_now.add(s)
+                if s in self._refused:
+                    res.untested = self._refused[s]
+                elif s in full_now or (room is not None and room <= 0):
+                    res.backpressure = True
+                    self.waited[(d, s)] += 1
+                else:
+                    self._transmit(t, d, s, attempt, payload)
+                    t += cost
+                    res.sent.append(d)
+                    sent += 1
+                    if room is not None:
+                        room -= 1
+        for s, res in results.items():
+            if res.backpressure:
+                res.untested = None  # a refusal shows up again when it is sent again
+                self.backpressured[s] += 1
+            elif res.untested:
+                self.refusals[s] += 1
+        self.now = t
+        return None if sent == act.count else list(results.items())
+
     # -- the shell -------------------------------------------------------------------------------
 
-    def run(self, limit: float = 3600.0) -> dict[str, Any]:
-        """Drive the engine until it finishes (or ``limit`` seconds of fake time pass)."""
+    def run(
+        self, limit: float = 3600.0, stop: Callable[[Sweep], bool] | None = None
+    ) -> dict[str, Any]:
+        """Drive the engine until it finishes (or ``limit`` seconds of fake time pass).
+
+        ``stop``: the requester cancels the run the first time it says so.
+        """
         sweep = self.sweep
         lost_at = self.path.agent_lost_at
         if lost_at is not None:
-            self._schedule(lost_at + self.path.control_delay, "lost", None)
+            notice = lost_at + self.path.control_delay + self.path.lost_notice
+            self._schedule(notice, "lost", None)
         while True:
             self._deliver_due()
             if self.now > limit:
                 raise AssertionError(f"the run did not end within {limit} s of fake time")
+            if stop is not None and stop(sweep):
+                stop = None
+                sweep.cancel(self.now)
             act = sweep.next_action(self.now)
             if isinstance(act, Send):
-                t = self.now
-                for d, attempt, srcs in act.groups:
-                    payloads = self.codec.encode_block(d, srcs, attempt)
-                    for s, payload in zip(srcs.tolist(), payloads, strict=True):
-                        self._transmit(t, d, s, attempt, payload)
-                        t += self.path.send_cost
-                sweep.on_sent(act, None, self.now)
-                self.now = t
+                start = self.now
+                results = self._send(act)
+                sweep.on_sent(act, results, start)
             elif isinstance(act, Flush):
                 self._schedule(self.now + self.path.control_delay, "flush_request", act.seq)
             elif isinstance(act, Wait):
@@ -352,6 +549,26 @@ class SimRun:
             started=0.0,
             finished=self.now,
         )
+
+    # -- the ground truth ------------------------------------------------------------------------
+
+    def crossed(self) -> dict[Cell, set[int]]:
+        """The cells, with their attempts, of which an untouched datagram reached the agent
+        and was reported to the engine: what the engine must credit, no more, no less."""
+        out: dict[Cell, set[int]] = {}
+        for data, _, _ in self.genuine[: self.reported]:
+            cell = (int.from_bytes(data[3:5], "big"), int.from_bytes(data[5:7], "big"))
+            out.setdefault(cell, set()).add(data[7])
+        return out
+
+    def receipt_records(self) -> list[tuple[int, int, int, str, int]]:
+        """Every receipt the engine was given: (dst, src, attempt, address, port seen)."""
+        out = []
+        for payload in self.receipts:
+            _, addrs, recs = decode_receipts(payload)
+            for ai, dst, src, attempt, port in RECEIPT.iter_unpack(recs):
+                out.append((dst, src, attempt, addrs[ai], port))
+        return out
 
 
 def verdicts(doc: dict[str, Any]) -> dict[tuple[int, int], str]:
