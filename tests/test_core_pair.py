@@ -550,12 +550,6 @@ def test_port_unreachable_from_a_dead_agents_host_is_unknown_not_rejected() -> N
 # --- caps ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine defect: when the recheck finds a changed path, Sweep._after_recheck starts "
-    "a new epoch even if its first round does not fit --max-datagrams; _begin_round refuses "
-    "it and the run finishes complete with every cell of the new, never-sent epoch blocked",
-)
 def test_a_repeat_sweep_cut_short_by_the_cap_never_makes_open_cells_blocked() -> None:
     path = Path(later=(0.05, [Rule("drop", (2000, 2999))]))
     settings = SweepSettings(max_datagrams=5000)
@@ -567,13 +561,6 @@ def test_a_repeat_sweep_cut_short_by_the_cap_never_makes_open_cells_blocked() ->
     assert [c for c, v in want.items() if v == "open" and got[c] == "blocked"] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="engine defect: a --max-bytes cap smaller than the first round (no pilot) makes "
-    "_begin_round refuse it in Sweep.__init__; the phase stays PLANNED, each final flush "
-    "answer is ignored (on_flushed settles only in SETTLING), and the run never ends",
-)
 def test_a_byte_cap_below_the_first_round_ends_the_run() -> None:
     sim = SimRun(
         Path(), src_ports="1024-2047", size=1000, settings=SweepSettings(max_bytes=500_000)
@@ -582,12 +569,6 @@ def test_a_byte_cap_below_the_first_round_ends_the_run() -> None:
     assert doc["summary"]["blocked"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine defect: the pilot is sent without checking the caps; when the first round "
-    "then does not fit --max-bytes, the run ends complete and Ledger.finish(complete=True) "
-    "makes every cell that was never sent blocked",
-)
 def test_a_byte_cap_below_the_first_round_never_makes_unsent_cells_blocked() -> None:
     sim = SimRun(
         Path(), src_ports="1024-3071", size=1000, settings=SweepSettings(max_bytes=500_000)
@@ -602,11 +583,6 @@ def test_a_byte_cap_below_the_first_round_never_makes_unsent_cells_blocked() -> 
 # --- what refused ports do to pacing -------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine defect: Sweep.on_sent adds its 1 ms 'buffer was full' back-off after "
-    "every partial send, also when no port met a full buffer and some were only refused",
-)
 def test_ports_refused_locally_do_not_slow_the_others_down() -> None:
     """A local firewall refuses a quarter of the source ports: the rest go at the rate."""
 
@@ -621,11 +597,6 @@ def test_ports_refused_locally_do_not_slow_the_others_down() -> None:
     assert seconds_per_datagram(sim) <= 1.1 * seconds_per_datagram(plain)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine defect: Sweep._after_pilot divides the pilot's deliveries by every entry "
-    "of its queue (refused ports, and requeued ones again), not by the datagrams sent",
-)
 def test_the_pilots_reference_counts_only_datagrams_that_went_out() -> None:
     """On a clean path the pilot's reference delivery ratio is 1. Counting refused ports as
     lost lowers it by their share, and the pacer then takes a limiter that drops less than

@@ -97,6 +97,7 @@ TRANSITIONS: dict[tuple[Phase, str], Phase] = {
     (_P.SENDING, "drain"): _P.SETTLING,
     (_P.SETTLING, "send"): _P.SENDING,
     (_P.SETTLING, "finish"): _P.COMPLETE,
+    (_P.PLANNED, "finish"): _P.COMPLETE,  # nothing could be sent at all (a ceiling)
     (_P.PLANNED, "abort"): _P.INCOMPLETE,
     (_P.SENDING, "abort"): _P.INCOMPLETE,
     (_P.SETTLING, "abort"): _P.INCOMPLETE,
@@ -457,7 +458,8 @@ class Sweep:
             sent_n = send.count
         else:
             sent_n = self._note_partial(send, results)
-            self._next_send += 0.001  # the kernel's buffer was full: ease off
+            if any(res.backpressure for _, res in results):
+                self._next_send += 0.001  # the kernel's buffer was full: ease off
         window.sent += sent_n
         self._last_send = now
         rate = self.pilot_rate if self.stage is Stage.PILOT else self._rate()
@@ -694,9 +696,12 @@ class Sweep:
         if plan.cells >= 16 * PILOT_CELLS and plan.rate > self.pacer.pilot_rate:
             k = max(1, PILOT_CELLS // self._per_src)
             sample = self.rng.sample(list(plan.src_ports), min(k, len(plan.src_ports)))
+            if not self._fits(plan.cells):  # the pilot only if the whole first round fits
+                self._finish(True)
+                return
             self._begin(Stage.PILOT, np.asarray(sample, dtype=np.intp), {}, now, judging=False)
-        else:
-            self._begin_round(now)
+        elif not self._begin_round(now):
+            self._finish(True)  # not even one round fits the run's ceilings: all untested
 
     def _begin(
         self,
@@ -851,11 +856,14 @@ class Sweep:
 
     def _after_pilot(self, now: float) -> None:
         led = self.ledger
-        srcs = self._queue
-        delivered = sum(
-            int(np.count_nonzero(led.view(d).state[srcs] == 1)) for d in self.plan.dst_ports
-        )
-        self.pacer.set_reference(delivered, len(srcs) * self._per_src, self.pilot_rate)
+        srcs = np.unique(self._queue)
+        delivered = sent = 0
+        for d in self.plan.dst_ports:
+            v = led.view(d)
+            went = v.sent[srcs] > v.base[srcs]  # refused or never sent: not in the ratio
+            sent += int(np.count_nonzero(went))
+            delivered += int(np.count_nonzero(went & (v.state[srcs] == 1)))
+        self.pacer.set_reference(delivered, sent, self.pilot_rate)
         if not self._begin_round(now):
             self._after_sweep(now)
 
@@ -1018,6 +1026,15 @@ class Sweep:
             return
         if len(changed) < 2:
             changed = []  # one odd cell is loss's business, not a changed policy
+        if changed and self.facts.epochs < MAX_EPOCHS and not self._fits(self.plan.cells):
+            self.facts.warnings.append(
+                "the path changed during the run: "
+                + _describe_changes(changed)
+                + "; the probe's ceiling per run leaves no room to repeat the sweep, so the "
+                "verdicts mix the path before and after the change"
+            )
+            self._start_probe(now)
+            return
         if changed and self.facts.epochs < MAX_EPOCHS:
             self._changed = changed
             self.facts.warnings.append(
@@ -1226,7 +1243,7 @@ class Sweep:
             # verdicts stand as evidence, but the run is not complete.
             self._move("abort")
             complete = False
-        if self.phase is Phase.SETTLING and complete:
+        if self.phase in (Phase.SETTLING, Phase.PLANNED) and complete:
             self._move("finish")
         if complete:
             evidence = [b for bs in self.block_evidence().values() for b in bs]
