@@ -496,6 +496,10 @@ class Sweep:
                 continue
             if res.untested:
                 led.note_untested(src, res.untested, left)
+            elif res.backpressure and self._burst is not None:
+                # A test burst is judged by its order: a datagram sent after the others
+                # would prove nothing. Not sent, not judged; a later burst tests it again.
+                self._burst.candidates.difference_update((d, src) for d in left)
             elif res.backpressure and self._requeues.get(src, 0) < MAX_REQUEUES:
                 self._requeues[src] = self._requeues.get(src, 0) + 1
                 if len(left) != self._per_src:
