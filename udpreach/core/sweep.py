@@ -52,6 +52,7 @@ from udpreach.core.loss import (
     estimate_loss,
     false_blocked_bound,
     loss_upper,
+    wilson_upper,
 )
 from udpreach.core.pacing import PILOT_CELLS, Pacer, Window
 from udpreach.core.plan import Plan
@@ -68,7 +69,7 @@ SETTLE_MARGIN = 0.02  # seconds added to the measured delay before a round is ju
 DELAY_FACTOR = 1.25
 RECHECK_SAMPLE = 128  # settled cells of each kind sent again at the end
 RECHECK_TRIES = 3  # attempts an open cell gets in the recheck before it counts as changed
-MAX_RECHECK_TRIES = 8  # on a lossy path
+MAX_RECHECK_TRIES = 12  # on a lossy path
 MAX_EPOCHS = 2  # sweeps of one run: the first, and one more if the path changed
 COLLAPSE_WINDOWS = 4  # windows in a row that delivered nothing: delivery stopped by time
 PORT_UNREACHABLE = ((3, 3), (1, 4))  # ICMP, ICMPv6
@@ -915,12 +916,21 @@ class Sweep:
             return False
         led = self.ledger
         picks: dict[tuple[int, int], str] = {}
+        # First the islands: an open cell between dark neighbours, a dark one between open
+        # neighbours. A change in the middle of a sweep leaves exactly these (the cells sent
+        # before it keep the old verdict amid the new); a path that did not change has
+        # almost none, so they cost little and find a change that uniform samples miss.
         for verdict, code in (("open", 1), ("dark", PENDING)):
+            islands = self._islands(code)
+            if len(islands) > RECHECK_SAMPLE:
+                islands = self.rng.sample(islands, RECHECK_SAMPLE)
             cells = self._sample_cells(code)
-            if len(cells) > RECHECK_SAMPLE:
-                cells = self.rng.sample(cells, RECHECK_SAMPLE)
+            if len(cells) > RECHECK_SAMPLE // 2:
+                cells = self.rng.sample(cells, RECHECK_SAMPLE // 2)
             for c in cells:
                 picks[c] = verdict
+            for c in islands:
+                picks[c] = verdict if verdict == "open" else "dark island"
         copies_left = [c for c in picks if self._may_send(*c)]
         if not copies_left or not self._fits(RECHECK_TRIES * len(copies_left)):
             return False
@@ -938,6 +948,20 @@ class Sweep:
         sent = int(v.sent[src])
         return sent < 255 and sent - int(v.base[src]) < self.plan.copies
 
+    def _islands(self, code: int) -> list[tuple[int, int]]:
+        """Cells in ``code``'s state whose neighbours (in planned order) are both in the
+        other state (open among dark, or dark among open)."""
+        planned = np.sort(self._planned)
+        other = PENDING if code == 1 else 1
+        out: list[tuple[int, int]] = []
+        for d in self.plan.dst_ports:
+            state = self.ledger.view(d).state[planned]
+            if len(state) < 3:
+                continue
+            mid = (state[1:-1] == code) & (state[:-2] == other) & (state[2:] == other)
+            out += [(d, int(s)) for s in planned[1:-1][mid]]
+        return out
+
     def _sample_cells(self, code: int) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
         for d in self.plan.dst_ports:
@@ -948,10 +972,14 @@ class Sweep:
         return out
 
     def _send_recheck(self, now: float) -> bool:
+        # Open cells until seen (or enough tries that loss cannot explain the silence);
+        # dark islands as often (one dark cell amid open ones is far likelier a lossy open
+        # cell than a rule of one port); other dark cells once.
         todo = [
             c
             for c, v in self._recheck.items()
-            if c not in self._recheck_seen and (v == "open" or self._recheck_tries == 0)
+            if c not in self._recheck_seen
+            and (v in ("open", "dark island") or self._recheck_tries == 0)
         ]
         todo = [c for c in todo if self._may_send(*c)]
         if not todo:
@@ -978,10 +1006,14 @@ class Sweep:
 
     def _recheck_tries_needed(self) -> int:
         """Tries an open cell gets in the recheck before its silence means a change: enough
-        that the path's loss (the worst block's) leaves a one-in-a-thousand chance."""
+        that the path's loss leaves a one-in-a-thousand chance. The loss is the worst of a
+        block's and of the cells that needed retries (in an ECMP mix the lossy member's
+        flows lose far more than their blocks show)."""
         flat = [b for bs in self.block_evidence().values() for b in bs if b.opened]
         pool = Pool.of(flat)
         worst = max((loss_upper(b, pool) for b in flat), default=0.0)
+        if pool.retry_trials:
+            worst = max(worst, wilson_upper(pool.retry_losses, pool.retry_trials))
         if worst <= 0.0:
             return RECHECK_TRIES
         if worst >= 0.95:
@@ -991,7 +1023,9 @@ class Sweep:
 
     def _after_recheck(self, now: float) -> None:
         pending_open = [
-            c for c, v in self._recheck.items() if v == "open" and c not in self._recheck_seen
+            c
+            for c, v in self._recheck.items()
+            if v in ("open", "dark island") and c not in self._recheck_seen
         ]
         if (
             pending_open
@@ -1009,10 +1043,10 @@ class Sweep:
             if v == "open" and not seen:
                 if self._recheck_sent.get((d, s), 0) >= needed:  # else --copies cut it short
                     changed.append((d, s, v, "dark"))
-            elif v == "dark" and seen and (d, int(self._block_of[s])) not in opened_blocks:
+            elif v != "open" and seen and (d, int(self._block_of[s])) not in opened_blocks:
                 # A dark cell among open ones that got through is loss the rounds missed (it
                 # is open now, and stays so); one in a block with nothing open is a change.
-                changed.append((d, s, v, "open"))
+                changed.append((d, s, "dark", "open"))
         opened = [c for c, v in self._recheck.items() if v == "open"]
         stopped = len(opened) >= 8 and not any(c in self._recheck_seen for c in opened)
         self._recheck = {}
@@ -1097,17 +1131,31 @@ class Sweep:
         controls = {s: b.control for s, b in self.senders.items() if b.control is not None}
         if not controls:
             return False
-        cheap = [(n.dst, n.src) for n in wanted if not n.costly]
-        cheap += [c for c in pending_confirms if c not in cheap]
+        # In sending order: cells expected to be drops (they spend no token), then the
+        # boundary searches (one token each: the first reject of each), then expected
+        # rejects (one token each), then one control per sender. The burst waits until the
+        # main sender has refilled that many tokens.
+        expected_drops = [(n.dst, n.src) for n in wanted if n.kind == "cheap"]
+        cheap = list(dict.fromkeys([*pending_confirms, *expected_drops]))
         cheap = cheap[: silence.MAX_BURST_CELLS]
-        costly = [(n.dst, n.src) for n in wanted if n.costly and (n.dst, n.src) not in cheap]
+        taken = set(cheap)
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for n in wanted:
+            if n.kind == "search" and n.group is not None and (n.dst, n.src) not in taken:
+                groups.setdefault(n.group, []).append((n.dst, n.src))
+        tokens_left = silence.DEFAULT_BURST - 1  # one is the control's
+        chosen = list(groups)[:tokens_left]
+        searches = [cell for g in chosen for cell in groups[g]]
+        taken.update(searches)
+        costly = [(n.dst, n.src) for n in wanted if n.costly and (n.dst, n.src) not in taken]
+        costly = costly[: max(0 if chosen else 1, tokens_left - len(chosen))]
+        tokens = len(chosen) + len(costly)
         main = max(self.senders.values(), key=lambda b: b.errors)
-        tokens = max(1, min(silence.DEFAULT_BURST - 1, len(costly)))
-        costly = costly[:tokens]
         ready = max(b.ready_at(tokens + 1 if b is main else 1) for b in self.senders.values())
         if ready - started >= budget:
             return False
-        order: list[tuple[int, int]] = cheap + costly + [c for c in controls.values() if c]
+        order: list[tuple[int, int]] = [*cheap, *searches, *costly]
+        order += [c for c in controls.values() if c]
         led = self.ledger
         seq: list[tuple[int, int, int]] = []
         for d, s in order:
@@ -1115,7 +1163,7 @@ class Sweep:
                 seq.append((d, s, int(led.view(d).sent[s]) + 1))
         if not seq or not self._fits(len(seq)):
             return False
-        self._burst = _Burst(seq, set(cheap + costly), sent_at=max(now, ready))
+        self._burst = _Burst(seq, set(cheap + searches + costly), sent_at=max(now, ready))
         # One burst, sent by _send_burst in a single Send: a queue of one.
         self._begin(Stage.PROBE, np.zeros(1, dtype=np.intp), {}, now, judging=False)
         self._next_send = max(now, ready)
