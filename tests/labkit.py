@@ -280,10 +280,13 @@ _DELAY_RULE_PRIO = 100
 # `delay` seconds and then writes it back, unchanged, as if it had arrived on the TUN device;
 # the router forwards it on to the agent. First in, first out, so the order is kept. Bounded
 # in time (`lifetime`) and in packets held (`limit`: a full line drops, as a queue does);
-# stops when its stdin closes and prints what it did as JSON.
+# stops when its stdin closes and prints what it did as JSON. It runs at a raised priority:
+# a router forwards in the kernel, ahead of the processes on the hosts around it.
 _DELAY_LINE = r"""
-import collections, fcntl, json, math, os, select, struct, sys, time
+import collections, contextlib, fcntl, json, math, os, select, struct, sys, time
 cfg = json.loads(sys.argv[1])
+with contextlib.suppress(OSError):
+    os.nice(-10)
 TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
 fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
 fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", cfg["name"].encode(), IFF_TUN | IFF_NO_PI))
@@ -302,7 +305,7 @@ while running and time.monotonic() < end:
     for got, _ in poller.poll(max(0, math.ceil(wait * 1000))):
         if got != fd:
             running = False
-    for _ in range(4096):
+    for _ in range(256):
         try:
             pkt = os.read(fd, 65536)
         except BlockingIOError:

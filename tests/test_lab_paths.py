@@ -179,37 +179,36 @@ def test_reject_range_is_rejected_with_evidence_and_two_runs_agree(tmp_path: Pat
     with lab_udpreach(REJECT_AND_DROP, tmp_path) as lr:
         code, first, err = timed_run(lr)
         check_right(code, first, err, lr, truth)
-        code, second, err = timed_run(lr)
-        check_right(code, second, err, lr, truth)
 
-        for doc in (first, second):
-            why = context(0, doc, "", lr)
-            (rej,) = ranges_of(doc, "rejected")
-            assert (rej["first"], rej["last"]) == (30000, 30999), why
-            assert rej["icmp"] == {"type": 3, "code": 13, "from": ROUTER, "verified": True}, why
-            # Under the kernel's limit most of the 1,000 cells drew no error of their own:
-            # their verdict comes from the range's samples, and the report says so.
-            assert 0 < rej.get("inferred", 0) < 1000, why
-            (blk,) = ranges_of(doc, "blocked")
-            assert (blk["first"], blk["last"]) == (40000, 49999), why
-            assert not blk.get("icmp_limited"), why
-            assert any("rate-limited" in w for w in doc["warnings"]), why
-            assert doc["icmp_senders"][ROUTER]["errors"] < 1000, why  # the limit was real
-            check_honest_bound(doc, why)
-
-        # diff of two runs of an unchanged policy: nothing changed, exit 0.
-        diff = run_cli("diff", first["run_id"], second["run_id"], "--db", str(db), "--json")
-        assert diff.returncode == 0, f"{diff.stdout}\n{diff.stderr}"
-        assert json.loads(diff.stdout)["changes"] == [], diff.stdout
-
-        # The first run as a baseline; the second judged against it: as expected, exit 0.
+        # The first run as a baseline; the second, of the same policy, judged against it:
+        # as expected, exit 0.
         baseline = run_cli("expect", "--from", first["run_id"], "--db", str(db))
         assert baseline.returncode == 0, baseline.stderr
         expect_file = tmp_path / "baseline.toml"
         expect_file.write_text(baseline.stdout)
-        code, judged, err = timed_run(lr, "--expect", str(expect_file))
-        check_right(code, judged, err, lr, truth)
-        assert not judged.get("deviations"), f"{baseline.stdout}\n{context(code, judged, err)}"
+        code, second, err = timed_run(lr, "--expect", str(expect_file))
+        check_right(code, second, err, lr, truth)
+        assert not second.get("deviations"), f"{baseline.stdout}\n{context(code, second, err)}"
+
+    for doc in (first, second):
+        why = context(0, doc, "", lr)
+        (rej,) = ranges_of(doc, "rejected")
+        assert (rej["first"], rej["last"]) == (30000, 30999), why
+        assert rej["icmp"] == {"type": 3, "code": 13, "from": ROUTER, "verified": True}, why
+        # Under the kernel's limit most of the 1,000 cells drew no error of their own: their
+        # verdict comes from the range's samples, and the report says so.
+        assert 0 < rej.get("inferred", 0) < 1000, why
+        (blk,) = ranges_of(doc, "blocked")
+        assert (blk["first"], blk["last"]) == (40000, 49999), why
+        assert not blk.get("icmp_limited"), why
+        assert any("rate-limited" in w for w in doc["warnings"]), why
+        assert doc["icmp_senders"][ROUTER]["errors"] < 1000, why  # the limit was real
+        check_honest_bound(doc, why)
+
+    # diff of two runs of an unchanged policy: nothing changed, exit 0.
+    diff = run_cli("diff", first["run_id"], second["run_id"], "--db", str(db), "--json")
+    assert diff.returncode == 0, f"{diff.stdout}\n{diff.stderr}"
+    assert json.loads(diff.stdout)["changes"] == [], diff.stdout
 
 
 # --- 2. a reject next to a drop in one dark run ---------------------------------------------
@@ -233,7 +232,7 @@ def test_reject_next_to_drop_is_split_at_the_right_port(tmp_path: Path) -> None:
         return av if a0 <= s <= a1 else bv if b0 <= s <= b1 else "open"
 
     with lab_udpreach(policy, tmp_path, ports="5000,5001") as lr:
-        code, doc, err = timed_run(lr)
+        code, doc, err = timed_run(lr, "--src-ports", "24000-46999")
         check_right(code, doc, err, lr, truth)
     why = context(code, doc, err, lr)
     icmp = {5000: {"type": 3, "code": 13, "from": ROUTER, "verified": True},
@@ -364,9 +363,12 @@ def test_udp_delay_is_waited_for(tmp_path: Path, delay: float) -> None:
             assert doc["summary"]["open"] > 0, why
             check_honest_bound(doc, why)
     stats = line.stats
+    print(f"delay line: {stats}")
     assert stats.get("out", 0) >= 64512 - 10000, stats  # the datagrams did take the line
     assert stats["overflow"] == 0, stats
-    assert stats["late_max"] < 0.25 * delay + 0.05, stats  # and were delayed as said
+    # ... and were delayed by what is said, give or take the line's own lag (a Python
+    # reader at a raised priority: about 10 ms behind a full-speed sweep on 2 cores).
+    assert stats["late_max"] < 0.1, stats
 
 
 # --- 6. a hop with MTU 1280; a firewall that drops fragments ---------------------------------
