@@ -10,9 +10,13 @@ mismatches. A cell that a ``blocked`` range counts as ``icmp_limited`` (silent w
 router was rate-limiting its errors, and not told apart within the run's ICMP budget) counts
 as right only where the truth is a reject or a drop; see `wrong_cells`.
 
-Wall times on a 2-core VM (lab setup included): reject twice + diff + expect ~20 s, reject
-next to drop ~23 s (the ICMP budget), policer ~12 s, the loss bands ~6 s each, delays ~9 s
-and ~14 s, MTU ~1-4 s each, size 3000 ~2 s, session limit ~2 s, policy change ~11 s.
+The UDP delay comes from a delay line on the router (`labkit.udp_delay`), not ``tc netem``:
+kernels without ``sch_netem`` exist (the project's CI VMs among them).
+
+Wall times on a 2-core VM (lab setup included; the whole file about 2 minutes): reject run
+twice with diff and expect ~17 s, reject next to drop ~21 s (the ICMP budget), policer ~12 s,
+loss on a band or an ECMP member ~5 s each, delay 100 ms ~6 s and 1 s ~11 s, MTU 1280 1-5 s
+each, size 3000 ~2-3 s, session limit ~2-3 s, policy change ~14-20 s.
 """
 
 from __future__ import annotations
