@@ -114,15 +114,26 @@ def context(code: int, doc: dict[str, Any], err: str, lr: LabRun | None = None) 
 
 
 def check_right(
-    code: int, doc: dict[str, Any], err: str, lr: LabRun, truth: Truth, note: str = ""
+    code: int,
+    doc: dict[str, Any],
+    err: str,
+    lr: LabRun,
+    truth: Truth,
+    note: str = "",
+    *,
+    static: bool = True,
 ) -> None:
-    """A complete run (exit 0) whose every verdict is the truth's."""
+    """A complete run (exit 0) whose every verdict is the truth's; on a path that did not
+    change (``static``), no warning says it did."""
     why = context(code, doc, err, lr) + (f"\n{note}" if note else "")
     assert code == 0, why
     assert doc["complete"] is True, why
     bad = wrong_cells(doc, truth)
     wrong = sum(last - first + 1 for _, first, last, _, _ in bad)
     assert bad == [], f"{wrong} cells wrong in {len(bad)} ranges, first {bad[:8]}\n{why}"
+    if static:
+        changed = [w for w in doc["warnings"] if "changed during the run" in w]
+        assert changed == [], f"the policy never changed, yet: {changed}\n{why}"
 
 
 def timed_run(lr: LabRun, *args: str, timeout: float = 150) -> tuple[int, dict[str, Any], str]:
@@ -314,6 +325,7 @@ def _check_loss_run(
     false_blocked = [
         c for c, v in expand_verdicts(few).items() if v == "blocked" and truth(*c) == "open"
     ]
+    assert not [w for w in few["warnings"] if "changed during the run" in w], why
     assert len(false_blocked) >= 100, why  # the physics: about 1/8 of the lossy cells
     assert all(lossy(s) for _, s in false_blocked), why
     assert few["loss"]["confidence_reached"] is False, why
@@ -474,6 +486,6 @@ def test_policy_change_mid_run_is_said_and_the_new_policy_wins(tmp_path: Path) -
         assert swap.error is None, when
         assert swap.at is not None, when
         assert t0 < swap.at < end, when
-        check_right(code, doc, err, lr, truth, when)
+        check_right(code, doc, err, lr, truth, when, static=False)
     why = context(code, doc, err, lr) + f"\n{when}"
     assert any("the path changed during the run" in w for w in doc["warnings"]), why
