@@ -9,15 +9,20 @@
   verdicts; `mismatches(actual, expected_fn)`: where they differ from a policy's ground
   truth, as ranges.
 - `demo_expected` / `demo_translated`: the ground truth of the bundled ``demo.nft``.
+- Real-path conditions on the router (`udp_delay`: a delay line for UDP only; `set_mtu`),
+  what the router saw (`rule_counters`, `conntrack_flows`), a policy swapped in while a run
+  goes (`swap_policy_after`), and `nft_jhash` (which source ports an nft ``jhash`` picks).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -263,3 +268,228 @@ def demo_expected(dst_port: int, src_port: int) -> str:
 def demo_translated(src_port: int) -> bool:
     """Whether the demo policy rewrites this source port (masquerade into 60000-60999)."""
     return src_port in DEMO_NATED
+
+
+# --- real-path conditions on the router -------------------------------------------------
+
+DELAY_IF = "udpdelay0"
+_DELAY_TABLE = 100  # the routing table that sends UDP from the probe's side to the delay line
+_DELAY_RULE_PRIO = 100
+
+# Runs in the router's namespace: a TUN device that holds every IP packet routed into it for
+# `delay` seconds and then writes it back, unchanged, as if it had arrived on the TUN device;
+# the router forwards it on to the agent. First in, first out, so the order is kept. Bounded
+# in time (`lifetime`) and in packets held (`limit`: a full line drops, as a queue does);
+# stops when its stdin closes and prints what it did as JSON. It runs at a raised priority:
+# a router forwards in the kernel, ahead of the processes on the hosts around it.
+_DELAY_LINE = r"""
+import collections, contextlib, fcntl, json, math, os, select, struct, sys, time
+cfg = json.loads(sys.argv[1])
+with contextlib.suppress(OSError):
+    os.nice(-10)
+TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
+fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", cfg["name"].encode(), IFF_TUN | IFF_NO_PI))
+print("ready", flush=True)
+delay, limit = cfg["delay"], cfg["limit"]
+held = collections.deque()
+stats = {"in": 0, "out": 0, "overflow": 0, "write_errors": 0, "late_max": 0.0}
+poller = select.poll()
+poller.register(fd, select.POLLIN)
+poller.register(sys.stdin.fileno(), select.POLLIN | select.POLLHUP)
+end = time.monotonic() + cfg["lifetime"]
+running = True
+while running and time.monotonic() < end:
+    now = time.monotonic()
+    wait = held[0][0] + delay - now if held else 0.2
+    for got, _ in poller.poll(max(0, math.ceil(wait * 1000))):
+        if got != fd:
+            running = False
+    for _ in range(256):
+        try:
+            pkt = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        stats["in"] += 1
+        if len(held) < limit:
+            held.append((time.monotonic(), pkt))
+        else:
+            stats["overflow"] += 1
+    now = time.monotonic()
+    while held and held[0][0] + delay <= now:
+        t, pkt = held.popleft()
+        stats["late_max"] = max(stats["late_max"], now - t - delay)
+        try:
+            os.write(fd, pkt)
+            stats["out"] += 1
+        except OSError:
+            stats["write_errors"] += 1
+stats["held_at_end"] = len(held)
+print(json.dumps(stats), flush=True)
+"""
+
+
+@dataclass
+class DelayLine:
+    """A running `udp_delay`; ``stats`` (packets in, out, dropped...) once it has stopped."""
+
+    delay: float
+    stats: dict[str, Any]
+
+
+@contextmanager
+def udp_delay(lab: Lab, delay: float, *, limit: int = 200_000) -> Iterator[DelayLine]:
+    """Delay every UDP datagram from the probe's side by ``delay`` seconds on the router; TCP
+    (the control connection) and ICMP keep the direct path.
+
+    The kernel's own ``tc netem`` would do this, but kernels without ``sch_netem`` exist (this
+    project's CI VMs among them), so the router routes UDP arriving from the probe's side
+    (policy routing: ``ip rule iif probe0 ipproto udp``) into a TUN device whose reader holds
+    each packet for ``delay`` and writes it back; the router then forwards it to the agent.
+    The firewall's forward chain sees each datagram twice, first from ``probe0`` (where the
+    policy's ``iifname "probe0"`` rules act), then from the TUN device. Reverse-path filtering
+    is turned off on the router because a re-injected packet arrives on the TUN device, not
+    where its source lives: lab plumbing, no kindness to udpreach (the router's rp_filter
+    default is already 0 on most kernels).
+    """
+    cfg = json.dumps({"name": DELAY_IF, "delay": delay, "limit": limit, "lifetime": 900.0})
+    line = subprocess.Popen(
+        lab.ns_argv("router", [sys.executable, "-c", _DELAY_LINE, cfg]),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    result = DelayLine(delay, {})
+    try:
+        assert line.stdout is not None
+        _await_line(line.stdout.fileno(), b"ready", timeout=10.0)
+        for key in ("all", DELAY_IF):
+            path = f"/proc/sys/net/ipv4/conf/{key}/rp_filter"
+            lab.run("router", ["sh", "-c", f"echo 0 > {path}"], check=True)
+        batch = [
+            f"link set {DELAY_IF} txqueuelen 10000 up",
+            f"route add default dev {DELAY_IF} table {_DELAY_TABLE}",
+            f"rule add iif {lab.info.router_probe_if} ipproto udp lookup {_DELAY_TABLE} "
+            f"priority {_DELAY_RULE_PRIO}",
+        ]
+        lab.run("router", ["ip", "-batch", "-"], input="\n".join(batch) + "\n", check=True)
+        yield result
+    finally:
+        lab.run("router", ["ip", "rule", "del", "priority", str(_DELAY_RULE_PRIO)])
+        try:
+            out, err = line.communicate(input=b"", timeout=10.0)
+            last = out.decode().strip().splitlines()[-1:] if out else []
+            if line.returncode == 0 and last and last[0].startswith("{"):
+                result.stats = json.loads(last[0])
+            else:
+                result.stats = {"error": err.decode()[-2000:], "exit": line.returncode}
+        finally:
+            if line.poll() is None:
+                line.kill()
+                line.wait(timeout=5.0)
+
+
+def set_mtu(lab: Lab, mtu: int, *, side: str = "agent") -> None:
+    """Set the MTU of the router's interface towards ``side`` (``agent`` or ``probe``): the
+    small hop of a tunnel or PPPoE link."""
+    ifname = lab.info.router_agent_if if side == "agent" else lab.info.router_probe_if
+    lab.run("router", ["ip", "link", "set", "dev", ifname, "mtu", str(mtu)], check=True)
+
+
+def rule_counters(lab: Lab) -> dict[str, int]:
+    """Packets counted by each router rule that has a ``counter`` and a ``comment``, by
+    comment."""
+    proc = lab.run("router", ["nft", "-j", "list", "ruleset"], check=True)
+    out: dict[str, int] = {}
+    for item in json.loads(proc.stdout).get("nftables", []):
+        rule = item.get("rule")
+        if not isinstance(rule, dict) or "comment" not in rule:
+            continue
+        for expr in rule.get("expr", []):
+            if isinstance(expr, dict) and isinstance(expr.get("counter"), dict):
+                out[rule["comment"]] = out.get(rule["comment"], 0) + expr["counter"]["packets"]
+    return out
+
+
+_CONNTRACK_UDP = re.compile(r"\budp\b.*?src=(\S+) dst=(\S+) sport=(\d+) dport=(\d+)")
+
+
+def conntrack_flows(lab: Lab, src: str | None = None) -> set[Cell]:
+    """The UDP flows the router's connection tracking holds (from ``src``, the probe's
+    address by default), as (dst port, src port) cells: the flows it admitted."""
+    src = src or lab.info.probe_addr
+    proc = lab.run("router", ["cat", "/proc/net/nf_conntrack"], check=True)
+    flows: set[Cell] = set()
+    for line in proc.stdout.splitlines():
+        m = _CONNTRACK_UDP.search(line)
+        if m and m.group(1) == src:
+            flows.add((int(m.group(4)), int(m.group(3))))
+    return flows
+
+
+@dataclass
+class PolicySwap:
+    """A policy swapped in by `swap_policy_after`: when, and after how many datagrams."""
+
+    at: float | None = None  # time.monotonic() of the swap
+    seen: int = 0  # datagrams the old policy's counters had counted then
+    error: str | None = None
+
+
+@contextmanager
+def swap_policy_after(
+    lab: Lab, policy: str, datagrams: int, *, timeout: float = 60.0
+) -> Iterator[PolicySwap]:
+    """Load ``policy`` into the router (atomically, `Lab.load_policy`) as soon as the current
+    policy's rule counters (`rule_counters`) have counted ``datagrams``: a reload in the
+    middle of a run, at a point fixed by traffic rather than by a guess at timing. Runs in a
+    thread for the body of the ``with``; gives up after ``timeout``."""
+    swap = PolicySwap()
+    stop = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        try:
+            while not stop.is_set() and time.monotonic() < deadline:
+                seen = sum(rule_counters(lab).values())
+                if seen >= datagrams:
+                    lab.load_policy(policy)
+                    swap.at, swap.seen = time.monotonic(), seen
+                    return
+                time.sleep(0.005)
+            swap.error = f"the old policy counted fewer than {datagrams} datagrams"
+        except Exception as exc:  # reported by the test, which owns the failure
+            swap.error = f"{type(exc).__name__}: {exc}"
+
+    thread = threading.Thread(target=watch, name="policy-swap", daemon=True)
+    thread.start()
+    try:
+        yield swap
+    finally:
+        stop.set()
+        thread.join(timeout=timeout)
+
+
+def nft_jhash(value: int, nbytes: int, mod: int, seed: int) -> int:
+    """What nft's ``jhash <field> mod MOD seed SEED`` gives for a field of ``nbytes`` bytes
+    (1-4; a port is 2) holding ``value``: the kernel's jhash() of the field's bytes in network
+    order (a field this short is all tail: byte i adds ``k[i] << 8*i`` to ``a``, then the
+    final mix), scaled into ``mod`` buckets as the kernel does (``reciprocal_scale``)."""
+    assert 1 <= nbytes <= 4
+    mask = 0xFFFFFFFF
+
+    def rol(x: int, k: int) -> int:
+        return ((x << k) | (x >> (32 - k))) & mask
+
+    a = b = c = (0xDEADBEEF + nbytes + seed) & mask
+    for i, byte in enumerate(value.to_bytes(nbytes, "big")):
+        a = (a + (byte << (8 * i))) & mask
+    # __jhash_final(a, b, c)
+    c = ((c ^ b) - rol(b, 14)) & mask
+    a = ((a ^ c) - rol(c, 11)) & mask
+    b = ((b ^ a) - rol(a, 25)) & mask
+    c = ((c ^ b) - rol(b, 16)) & mask
+    a = ((a ^ c) - rol(c, 4)) & mask
+    b = ((b ^ a) - rol(a, 14)) & mask
+    c = ((c ^ b) - rol(b, 24)) & mask
+    return (c * mod) >> 32
