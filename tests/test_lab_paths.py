@@ -47,12 +47,6 @@ ROUTER = "198.18.2.1"  # the router's address on the probe's side: where its ICM
 P = 'iifname "probe0"'
 Truth = Callable[[int, int], str]
 
-RAW_FRAGMENTS = (
-    "raw send mode does not fragment yet (probe/raw.py: 'datagram larger than the probe "
-    "host's MTU (raw mode does not fragment)'; over a 1280 hop every datagram goes with DF "
-    "and draws 'fragmentation needed'); being implemented"
-)
-
 
 def rules(*lines: str) -> str:
     """A policy: forward-chain rules for what arrives from the probe's side."""
@@ -392,12 +386,7 @@ def test_udp_delay_is_waited_for(tmp_path: Path, delay: float) -> None:
 FRAGMENTS = "ip frag-off & 0x3fff != 0"  # any fragment: more-fragments set, or an offset
 
 
-def _mode(mode: str) -> Any:
-    marks = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=RAW_FRAGMENTS)]
-    return pytest.param(mode, marks=marks if mode == "raw" else [])
-
-
-@pytest.mark.parametrize("mode", [_mode("bind"), _mode("raw")])
+@pytest.mark.parametrize("mode", ["bind", "raw"])
 @pytest.mark.parametrize("drop_fragments", [False, True], ids=["fragments-pass", "fragments-drop"])
 def test_mtu_1280_is_a_finding_not_a_reject(
     tmp_path: Path, mode: str, drop_fragments: bool
@@ -419,7 +408,7 @@ def test_mtu_1280_is_a_finding_not_a_reject(
     assert fragments >= 2 * 1024, why
 
 
-@pytest.mark.parametrize("mode", [_mode("bind"), _mode("raw")])
+@pytest.mark.parametrize("mode", ["bind", "raw"])
 def test_size_3000_as_root_is_testable(tmp_path: Path, mode: str) -> None:
     policy = rules(f'{FRAGMENTS} counter comment "fragments"')
     with lab_udpreach(policy, tmp_path, probe_args=("--send-mode", mode)) as lr:
