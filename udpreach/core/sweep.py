@@ -1403,7 +1403,11 @@ class Sweep:
                 "attempts": facts.max_attempt,
                 "false_blocked_bound": None,
                 "confidence_target": self.plan.confidence,
-                "confidence_reached": led.summary()["blocked"] == 0 and bool(self._finished),
+                # Nothing delivered: only a run with nothing blocked (and something
+                # tested) reached its target; the loss itself is unknown.
+                "confidence_reached": bool(self._finished)
+                and led.summary()["blocked"] == 0
+                and led.summary()["rejected"] > 0,
             }
         else:
             b = bound if bound is not None else 1.0
