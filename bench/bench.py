@@ -14,7 +14,9 @@ Two paths, each with the same measurements:
   run`` is started from the probe's namespace.
 
 On each path a long-lived probe and agent run per send mode (bind, and raw where
-CAP_NET_RAW allows), and these alternate:
+CAP_NET_RAW allows), with ``--max-rate`` and ``--max-bytes-rate`` at the bench's
+``--rate`` (the default byte ceiling, a tenth of a gigabit, would hold 44-byte datagrams to
+284k/s and make every batch smaller than the datagram ceiling does), and these alternate:
 
 * ``udpreach run --json`` for a full sweep (1024-65535) to one port, timed from the CLI
   process's start to its exit with the verdicts printed, in each send mode;
