@@ -39,6 +39,7 @@ import errno
 import ipaddress
 import socket
 import struct
+import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -185,8 +186,12 @@ class _Transmitter:
         hdr[:, 3] = 1
         return _Packed(packets, data, iov, hdr)
 
-    def send_packed(self, packed: _Packed, start: int) -> tuple[int, int]:
-        """Send ``packed`` from packet ``start`` on, in order, until one fails.
+    def send_packed(
+        self, packed: _Packed, start: int, pace: tuple[int, float] | None = None
+    ) -> tuple[int, int]:
+        """Send ``packed`` from packet ``start`` on, in order, until one fails; with
+        ``pace`` (burst, spacing), in bursts of that many packets at least ``spacing``
+        seconds apart, start to start (spun: sleeping is not that fine-grained).
 
         Returns:
             (how many went out from ``start``, the errno of the next one or 0).
@@ -198,8 +203,16 @@ class _Transmitter:
         hdr_addr = packed.hdr.ctypes.data
         done = start
         interrupted = 0
+        chunk, spacing = pace if pace is not None else (_MAX_VLEN, 0.0)
+        chunk = max(1, min(chunk, _MAX_VLEN))
+        clock = time.perf_counter
+        due = 0.0
         while done < n:
-            count = min(n - done, _MAX_VLEN)
+            count = min(n - done, chunk)
+            if spacing:
+                while (t := clock()) < due:
+                    pass
+                due = t + spacing
             self.syscalls += 1
             sent = sendmmsg(self.fd, hdr_addr + 8 * MMSGHDR_WORDS * done, count, 0)
             if sent > 0:
@@ -423,7 +436,9 @@ class RawSender:
             result.untested = None  # retried later; a refusal shows up again then
         return result
 
-    def send_cells(self, batch: CellBatch, now: float = 0.0) -> BatchResults | None:
+    def send_cells(
+        self, batch: CellBatch, now: float = 0.0, pace: tuple[int, float] | None = None
+    ) -> BatchResults | None:
         """Send a batch (see ``CellBatch``) through ``sendmmsg``, one destination port after
         another, in the batch's order.
 
@@ -465,7 +480,7 @@ class RawSender:
             self._sent_dst.add(dst)
         tx = self._tx
         packed = tx.pack(packets)
-        done, err = tx.send_packed(packed, 0)
+        done, err = tx.send_packed(packed, 0, pace) if pace else tx.send_packed(packed, 0)
         failed: dict[int, str] = {}
         while err and err not in (errno.ENOBUFS, errno.EAGAIN):
             failed[done] = _reason(err)

@@ -198,8 +198,18 @@ class RunExecution:
                     sweep.on_icmp(events, now)
                 act = sweep.next_action(now)
                 if isinstance(act, Send):
+                    # A socket per source port (bind mode): never past the sender's share of
+                    # the file descriptor limit; wait for the oldest to be reaped instead.
+                    need = max((len(srcs) for _, _, srcs in act.groups), default=0)
+                    while sender.free_slots() < need and sender.oldest_age(clock()) > 0:
+                        await trio.sleep(max(0.001, sender.linger - sender.oldest_age(clock())))
+                        sweep.on_icmp(sender.reap(clock()), clock())
+                    now = clock()
                     batch = [(d, srcs, encode(d, srcs, attempt)) for d, attempt, srcs in act.groups]
-                    results = sender.send_cells(batch, now)
+                    if act.spacing:
+                        results = sender.send_cells(batch, now, pace=(act.burst, act.spacing))
+                    else:
+                        results = sender.send_cells(batch, now)
                     sweep.on_sent(act, results, clock())
                 elif isinstance(act, Flush):
                     if act.final:
@@ -325,7 +335,12 @@ class RunExecution:
             warnings=self.warnings,
         )
         self.sweep = sweep
-        self.session.sink = lambda payload: sweep.on_receipts(payload, trio.current_time())
+
+        def sink(payload: bytes) -> None:
+            sweep.on_receipts(payload, trio.current_time())
+            self._wake.set()  # the engine's next deadline may have moved (the UDP delay)
+
+        self.session.sink = sink
         log.info(
             "run %s: %d cells to %s (%s) from %s",
             self.run_id,

@@ -18,6 +18,7 @@ import errno
 import resource
 import select
 import socket
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -187,14 +188,31 @@ class BindSender:
             self._lingering[src] = s
         return result
 
-    def send_cells(self, batch: CellBatch, now: float) -> BatchResults | None:
-        """Send a batch (see ``CellBatch``): one socket per source port, as ``send_group``.
+    def send_cells(
+        self, batch: CellBatch, now: float, pace: tuple[int, float] | None = None
+    ) -> BatchResults | None:
+        """Send a batch (see ``CellBatch``): one socket per source port, as ``send_group``;
+        with ``pace`` (burst, spacing), bursts of that many datagrams ``spacing`` apart.
 
         Returns:
             None when every datagram went out, else one ``GroupResult`` per source port.
         """
         groups = by_source(batch)
-        results = [(src, self.send_group(src, items, now)) for src, items in groups.items()]
+        if pace is None:
+            results = [(src, self.send_group(src, items, now)) for src, items in groups.items()]
+        else:
+            burst, spacing = max(1, pace[0]), pace[1]
+            clock = time.perf_counter
+            results = []
+            due = 0.0
+            in_burst = burst
+            for src, items in groups.items():
+                if in_burst >= burst:
+                    while (t := clock()) < due:
+                        pass
+                    due, in_burst = t + spacing, 0
+                results.append((src, self.send_group(src, items, now)))
+                in_burst += len(items)
         for src, res in results:
             if len(res.sent) != len(groups[src]):
                 return results

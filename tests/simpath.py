@@ -131,6 +131,7 @@ class Path:
     forged_icmp: float = 0.0  # an off-path forger's header-only error for this share of cells
     send_cost: float = 5e-6  # seconds the probe takes per datagram (raw mode here: ~7 us)
     agent_flush: float = AGENT_FLUSH  # the agent's flush timer
+    action_cost: float = 0.0  # seconds the shell takes per Send on top (the lab's: 150-250 us)
     agent_lost_at: float | None = None
     lost_notice: float = 0.0  # how long after the agent dies the control channel says so
     dead_host_answers: bool = False  # the dead agent's host answers "port unreachable"
@@ -464,14 +465,23 @@ class SimRun:
     def _send(self, act: Send) -> list[tuple[int, GroupResult]] | None:
         """Hand ``act`` to the sender: None when every datagram went out, else one result per
         source port, in first-appearance order (as ``probe.raw`` and ``probe.sender`` do)."""
-        t = self.now
+        t = start = self.now + self.path.action_cost
         cost = self.path.send_cost
+        k = 0  # datagrams handed over: the sender spaces bursts of act.burst (probe.raw)
+
+        def when() -> float:
+            if act.spacing and k and k % act.burst == 0:
+                return max(t, start + k // act.burst * act.spacing)
+            return t
+
         if self.sndbuf is None and not self._refused and not self._stuck:
             for d, attempt, srcs in act.groups:
                 payloads = self.codec.encode_block(d, srcs, attempt)
                 for s, payload in zip(srcs.tolist(), payloads, strict=True):
+                    t = when()
                     self._transmit(t, d, s, attempt, payload)
                     t += cost
+                    k += 1
             self.now = t
             return None
         results: dict[int, GroupResult] = {}
@@ -493,8 +503,10 @@ class SimRun:
                     res.backpressure = True
                     self.waited[(d, s)] += 1
                 else:
+                    t = when()
                     self._transmit(t, d, s, attempt, payload)
                     t += cost
+                    k += 1
                     res.sent.append(d)
                     sent += 1
                     if room is not None:

@@ -158,7 +158,6 @@ def test_attempts_above_eight_are_deduplicated_over_the_path_too() -> None:
     path = Path(loss=[((0, 65535), 0.75)], duplicate=0.5)
     sim, doc = run(path, src_ports=SRCS, dst_ports=DSTS)
     assert max(sim.sweep.ledger.first_attempt_histogram()) > 8
-    assert doc["loss"]["confidence_reached"] is False  # 16 copies are not enough at 75%
     check_credits(sim, doc)
 
 

@@ -95,7 +95,7 @@ def run(
         int | None,
         typer.Option(
             "--copies",
-            help="Most datagrams per cell (default: as many as the measured loss needs, <= 16).",
+            help="Most datagrams per cell (default: as many as the measured loss needs, <= 32).",
         ),
     ] = None,
     rate: Annotated[int, typer.Option("--rate", help="Pacing ceiling, datagrams/s.")] = 100_000,

@@ -36,6 +36,7 @@ MIN_WINDOW = 128
 WINDOW_SECONDS = 0.02
 MIN_DROP = 0.1  # a window must lose 10% more than the reference to count as bad
 BATCH_SECONDS = 0.004  # at full speed a batch holds this much sending
+PACED_SECONDS = 0.002  # in small bursts, a batch holds this much sending (the sender spaces it)
 LIMITED_BURST = 4  # datagrams sent back to back once a limiter is suspected
 CUT_MARGIN = 0.95  # run this far under the rate a limiter was found to pass
 
@@ -102,7 +103,9 @@ class Pacer:
     def batch_size(self, rate: float, per_src: int) -> int:
         """Source ports per batch at ``rate`` (each with ``per_src`` datagrams)."""
         if self.burst:
-            return max(1, self.burst // max(1, per_src))
+            # Several bursts per batch: the sender spaces them (``Send.spacing``), so the
+            # shell's cost per batch does not cap the rate at a few bursts per millisecond.
+            return max(1, max(self.burst, int(rate * PACED_SECONDS)) // max(1, per_src))
         return max(1, int(rate * BATCH_SECONDS / max(1, per_src)))
 
     def set_reference(self, delivered: int, sent: int, rate: float | None = None) -> None:

@@ -18,7 +18,7 @@ from udpreach.core.portspec import HIGH_FIRST, PORT_LAST, format_ports, parse_po
 
 DEFAULT_SRC = f"{HIGH_FIRST}-{PORT_LAST}"
 DEFAULT_RATE = 100_000
-AUTO_COPIES_CEILING = 16
+AUTO_COPIES_CEILING = 32  # a 50%-loss cell is unseen after 32 attempts once in 4e9
 MAX_COPIES = 255
 MAX_CELLS = 64 * 64512  # 64 destination ports x every high source port
 DEFAULT_CONFIDENCE = 0.01

@@ -71,6 +71,7 @@ RECHECK_SAMPLE = 128  # settled cells of each kind sent again at the end
 RECHECK_TRIES = 3  # attempts an open cell gets in the recheck before it counts as changed
 MAX_RECHECK_TRIES = 12  # on a lossy path
 MAX_EPOCHS = 2  # sweeps of one run: the first, and one more if the path changed
+QUIET_CELLS = 2048  # a plan this small is swept without backlog at the agent
 COLLAPSE_WINDOWS = 4  # windows in a row that delivered nothing: delivery stopped by time
 PORT_UNREACHABLE = ((3, 3), (1, 4))  # ICMP, ICMPv6
 PMTU_ERRORS = ((3, 4, False), (2, 0, True))  # (type, code, ipv6): fragmentation needed
@@ -89,6 +90,7 @@ class Stage(Enum):
     SWEEP = "sweep"
     RECHECK = "recheck"
     PROBE = "icmp"
+    DRAIN = "drain"  # no sending: the last wait, by the slowest delivery seen, before the end
 
 
 _P = Phase
@@ -114,6 +116,8 @@ class Send:
 
     groups: tuple[tuple[int, int, np.ndarray], ...]
     count: int
+    burst: int = 0  # send in bursts of this many datagrams (0: all back to back) ...
+    spacing: float = 0.0  # ... this many seconds apart, start to start
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +284,11 @@ class Sweep:
         self._checkpoint_due = False
         # Delay evidence (seconds from send to credit, on the probe's clock).
         self.delay_samples = 0
-        self.delay_high = 0.0
+        self.delay_high = 0.0  # the slowest send-to-credit time seen
+        self.delay_quiet = 0.0  # ... in stages that sent little (no backlog at the agent)
+        self._quiet_samples = 0
+        self._drained = False
+        self._conclude_tested = False
         # Rounds.
         self.round = 0
         self._opened_rounds: list[int] = []  # cells first credited in each round
@@ -351,11 +359,22 @@ class Sweep:
 
     def settle_wait(self) -> float:
         """How long after its last datagram a stage is judged: the measured UDP delay with
-        a margin; before any evidence, ``max_delay`` and a margin."""
+        a margin; before any evidence, ``max_delay`` and a margin.
+
+        The flush that ends the wait makes the agent read its socket first, so what waits
+        there (an agent behind on a busy host) is covered: only the path's own delay must
+        pass. A send-to-credit time measured while little was sent (the pilot, a recheck,
+        a test burst) is that delay; one measured in a full-speed round also counts the
+        agent's backlog. So the stages wait by the quiet figure when there is one, and the
+        run's last wait (``Stage.DRAIN``) by the slowest seen, in case the path itself
+        queued under load."""
         rtt = self.settings.control_rtt
         if self.delay_samples == 0:
             return self.settings.max_delay + SETTLE_MARGIN + rtt
-        return max(2 * rtt, DELAY_FACTOR * self.delay_high + SETTLE_MARGIN)
+        delay = self.delay_high
+        if self._quiet_samples and self.stage is not Stage.DRAIN:
+            delay = self.delay_quiet
+        return max(2 * rtt, DELAY_FACTOR * delay + SETTLE_MARGIN)
 
     def linger(self) -> float:
         """How long a bind-mode socket should stay open for an ICMP error to come back."""
@@ -402,6 +421,9 @@ class Sweep:
                     groups.append((d, int(a), ss[attempts == a]))
             count += len(ss)
         self._qpos += len(srcs)
+        burst = self.pacer.burst if self.stage is not Stage.PILOT else 0
+        if burst and count > burst:
+            return Send(tuple(groups), count, burst, burst / rate)
         return Send(tuple(groups), count)
 
     @property
@@ -464,7 +486,16 @@ class Sweep:
         window.sent += sent_n
         self._last_send = now
         rate = self.pilot_rate if self.stage is Stage.PILOT else self._rate()
-        self._next_send = max(self._next_send, now - 0.01) + sent_n / rate
+        # Late (a slow wake-up, a busy machine): catch up by at most 10 ms of sending, and
+        # not at all in small bursts, where a catch-up would go out back to back and overrun
+        # the burst allowance the bursts are sized for.
+        if send.spacing:
+            # The sender spaced the bursts itself; the next batch's first burst goes one
+            # spacing after this one's last, never sooner.
+            self._next_send = max(self._next_send + sent_n / rate, now + send.spacing)
+        else:
+            slack = 0.0 if self.pacer.burst or self.stage is Stage.PILOT else 0.01
+            self._next_send = max(self._next_send, now - slack) + sent_n / rate
         if window.sent >= self.pacer.window_size():
             window.end = now
             self._windows.append(Window(rate, now, burst=self.pacer.burst))
@@ -565,10 +596,13 @@ class Sweep:
         use = use & ~np.isnan(sent_at)
         if not use.any():
             return
-        high = now - float(sent_at[use].min())
-        self.delay_samples += int(np.count_nonzero(use))
-        if high > self.delay_high:
-            self.delay_high = min(high, 10 * max(1.0, self.settings.max_delay))
+        high = min(now - float(sent_at[use].min()), 10 * max(1.0, self.settings.max_delay))
+        n = int(np.count_nonzero(use))
+        self.delay_samples += n
+        self.delay_high = max(self.delay_high, high)
+        if self.stage is not Stage.SWEEP or self.plan.cells <= QUIET_CELLS:
+            self._quiet_samples += n
+            self.delay_quiet = max(self.delay_quiet, high)
 
     def on_icmp(self, reports: Sequence[IcmpReport], now: float) -> None:
         """ICMP errors the sender matched to our cells (after the end: ignored)."""
@@ -768,13 +802,23 @@ class Sweep:
                 ]
         else:
             need = self._blocks_needing()
+            islands = {d: set(s for _, s in self._islands_of(d, PENDING)) for d in dsts}
+            lossy = self._lossy_blocks()
             per = {}
             for d in dsts:
                 v = led.view(d)
                 tries = v.sent[planned].astype(np.int64) - v.base[planned]
                 pending = planned[(v.state[planned] == PENDING) & (tries < copies)]
                 blocks = self._block_of[pending]
-                per[d] = pending[need[d][blocks]] if len(pending) else pending
+                chosen = need[d][blocks] if len(pending) else np.zeros(0, dtype=bool)
+                # A dark cell between open ones in a block that loses datagrams is far
+                # likelier a lossy open cell than a rule of one port: it is retried while
+                # copies last, whatever the block's bound says.
+                if islands[d] and len(pending):
+                    chosen = chosen | (
+                        np.isin(pending, list(islands[d])) & np.isin(blocks, lossy.get(d, []))
+                    )
+                per[d] = pending[chosen]
         first = per[dsts[0]]
         if all(np.array_equal(per[d], first) for d in dsts[1:]):
             return first, {}
@@ -856,6 +900,9 @@ class Sweep:
             self._after_round(now)
         elif stage is Stage.RECHECK:
             self._after_recheck(now)
+        elif stage is Stage.DRAIN:
+            self._drained = True
+            self._conclude(now, tested=self._conclude_tested)
         else:
             self._after_burst(now)
 
@@ -951,16 +998,23 @@ class Sweep:
     def _islands(self, code: int) -> list[tuple[int, int]]:
         """Cells in ``code``'s state whose neighbours (in planned order) are both in the
         other state (open among dark, or dark among open)."""
+        return [c for d in self.plan.dst_ports for c in self._islands_of(d, code)]
+
+    def _islands_of(self, dst: int, code: int) -> list[tuple[int, int]]:
         planned = np.sort(self._planned)
         other = PENDING if code == 1 else 1
-        out: list[tuple[int, int]] = []
-        for d in self.plan.dst_ports:
-            state = self.ledger.view(d).state[planned]
-            if len(state) < 3:
-                continue
-            mid = (state[1:-1] == code) & (state[:-2] == other) & (state[2:] == other)
-            out += [(d, int(s)) for s in planned[1:-1][mid]]
-        return out
+        state = self.ledger.view(dst).state[planned]
+        if len(state) < 3:
+            return []
+        mid = (state[1:-1] == code) & (state[:-2] == other) & (state[2:] == other)
+        return [(dst, int(s)) for s in planned[1:-1][mid]]
+
+    def _lossy_blocks(self) -> dict[int, list[int]]:
+        """Per destination port, the blocks whose open cells needed retries."""
+        return {
+            d: [i for i, b in enumerate(bs) if b.losses > 0]
+            for d, bs in self.block_evidence().items()
+        }
 
     def _sample_cells(self, code: int) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
@@ -1243,6 +1297,12 @@ class Sweep:
                 b.period = max(silence.MIN_PERIOD, b.period * 0.9)
 
     def _conclude(self, now: float, *, tested: bool) -> None:
+        if not self._drained and self._needs_drain():
+            # Cells still dark: before calling them so, wait once more by the slowest
+            # delivery seen (the stages waited by the quiet one).
+            self._conclude_tested = tested
+            self._begin(Stage.DRAIN, np.zeros(0, dtype=np.intp), {}, now, judging=False)
+            return
         runs = list(silence.dark_runs(self.ledger, self._confirms))
         if tested or silence.limited(runs):
             self.conclusion = silence.conclude(self.ledger, runs)
@@ -1334,6 +1394,14 @@ class Sweep:
             v = led.view(d)
             n += int(np.count_nonzero((v.state == 1) & np.isin(v.icmp, denied)))
         return n
+
+    def _needs_drain(self) -> bool:
+        if self._quiet_samples == 0 or self.delay_high <= self.delay_quiet:
+            return False  # the stages already waited by the slowest delivery seen
+        return any(
+            bool((self.ledger.view(d).state[self._planned] == PENDING).any())
+            for d in self.plan.dst_ports
+        )
 
     def _untested_if_never_sent(self) -> None:
         """A cell the run never sent (a ceiling stopped it first) is untested, not blocked."""
