@@ -197,3 +197,25 @@ def drain(state: HasCore, listener: Listener, limit: int = DRAIN_MAX) -> int:
         if chunk:
             core.on_datagrams(chunk, normalize_addr)
     return n
+
+
+def reassembly_failures(path: str = "/proc/net/snmp") -> int | None:
+    """How many fragmented IPv4 datagrams this host has failed to reassemble (Linux's
+    ``Ip: ReasmFails``), or None where the host does not say.
+
+    A firewall that drops by port drops only a datagram's first fragment: the others reach
+    the agent's host, never reassemble, and hold its reassembly memory (4 MB) for 30 s;
+    while it is full every fragmented datagram is lost, open or not. The coordinator must
+    know, or it would call open cells blocked.
+    """
+    try:
+        with open(path) as fh:
+            lines = [line.split() for line in fh if line.startswith("Ip:")]
+    except OSError:
+        return None
+    if len(lines) < 2 or "ReasmFails" not in lines[0]:
+        return None
+    try:
+        return int(lines[1][lines[0].index("ReasmFails")])
+    except (ValueError, IndexError):
+        return None

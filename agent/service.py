@@ -10,6 +10,7 @@ never sends UDP: its sockets are only ever read.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import secrets
@@ -20,7 +21,15 @@ import trio
 
 from agent.core import AgentCore
 from agent.listen import DRAIN_CHUNK as DRAIN_CHUNK
-from agent.listen import DRAIN_MAX, RCVBUF_WANTED, Listener, drain, normalize_addr, open_listeners
+from agent.listen import (
+    DRAIN_MAX,
+    RCVBUF_WANTED,
+    Listener,
+    drain,
+    normalize_addr,
+    open_listeners,
+    reassembly_failures,
+)
 from udpreach.core.datagram import TokenCodec, derive_run_key
 from udpreach.core.errors import (
     AuthError,
@@ -86,6 +95,7 @@ class AgentState:
     registrations: int = 0
     bad_messages: int = 0  # in this session
     last_warning: float = float("-inf")
+    reasm_base: int | None = None  # the host's reassembly failures when the run started
 
 
 def drain_all(state: AgentState) -> None:
@@ -119,8 +129,14 @@ async def _flusher(state: AgentState, chan: Channel, wake_box: list[trio.Event])
         await _send_batches(state, chan)
 
 
-def _stats(run: Any) -> AgentStats | None:
-    return AgentStats.from_json(run.stats()) if run is not None else None
+def _stats(state: AgentState, run: Any) -> AgentStats | None:
+    if run is None:
+        return None
+    stats = AgentStats.from_json(run.stats())
+    now, base = reassembly_failures(), state.reasm_base
+    if now is not None and base is not None:
+        stats = dataclasses.replace(stats, reassembly_failures=max(0, now - base))
+    return stats
 
 
 async def _refuse_message(state: AgentState, chan: Channel, mtype: Any, why: str) -> None:
@@ -158,12 +174,13 @@ async def _handle(
         key = derive_run_key(client_key(cfg.secret), typed.run_id, typed.nonce, nonce_a)
         core.start_run(typed.run_id, TokenCodec(key, typed.size))
         del key
+        state.reasm_base = reassembly_failures()
         log.info("run %s started by the coordinator (%d-byte datagrams)", typed.run_id, typed.size)
         await chan.send(RunReady(typed.run_id, nonce_a))
     elif isinstance(typed, Flush):
         drain_all(state)
         await _send_batches(state, chan)
-        await chan.send(Flushed(typed.seq, _stats(core.current)))
+        await chan.send(Flushed(typed.seq, _stats(state, core.current)))
     elif isinstance(typed, RunEnd):
         drain_all(state)
         await _send_batches(state, chan)
@@ -175,7 +192,7 @@ async def _handle(
                 run.accepted,
                 dict(run.rejected) or "none",
             )
-        await chan.send(RunDone(typed.run_id, _stats(run)))
+        await chan.send(RunDone(typed.run_id, _stats(state, run)))
     elif isinstance(typed, Ping):
         await chan.send(Pong(typed.seq))
     elif isinstance(typed, Error):

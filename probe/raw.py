@@ -37,6 +37,7 @@ import contextlib
 import ctypes
 import errno
 import ipaddress
+import logging
 import socket
 import struct
 import time
@@ -55,6 +56,7 @@ from probe.sender import (
     GroupResult,
     IcmpEvent,
     groups_of,
+    route_mtu,
 )
 from udpreach.core.block import Block
 from udpreach.core.errors import ConfigError
@@ -295,19 +297,6 @@ def _open_send(ipv6: bool, source: str) -> _socket.socket:
     sock.setblocking(False)
     _set_buffer(sock, _SO_SNDBUFFORCE, socket.SO_SNDBUF, _SNDBUF)
     return sock
-
-
-def route_mtu(target: str, ipv6: bool) -> int:
-    """The path MTU the kernel knows towards ``target`` (its route's, or what it learnt);
-    1500 where it will not say."""
-    family = socket.AF_INET6 if ipv6 else socket.AF_INET
-    level, option = (socket.IPPROTO_IPV6, 24) if ipv6 else (socket.IPPROTO_IP, 14)  # IP_MTU
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((target, 9))  # nothing is sent: a route lookup
-            return max(_MIN_MTU, int(s.getsockopt(level, option)))
-    except OSError:
-        return 1500
 
 
 def _check_local(source: str, ipv6: bool) -> None:
@@ -605,6 +594,7 @@ class RawSender:
         self._icmp.close()
 
 
+log = logging.getLogger("udpreach.probe")
 _MIN_MTU = 68  # IPv4's minimum
 
 
@@ -644,4 +634,5 @@ def make_sender(mode: str, source: str, target: str, linger: float) -> RawSender
             reason = f"cannot send raw from {source}: {exc.strerror or exc}"
     if mode == "raw":
         raise ConfigError(f"send mode raw: {reason}")
+    log.warning("send mode auto: bind mode for this run (%s)", reason)
     return BindSender(source, target, linger=linger)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import trio
 
-from probe.sender import BindSender, IcmpEvent
+from probe.sender import BindSender, IcmpEvent, route_mtu
 from udpreach.core.datagram import TokenCodec, derive_run_key
 from udpreach.core.document import never_started
 from udpreach.core.errors import AgentUnavailableError
@@ -106,6 +106,7 @@ class RunExecution:
         self._wake = trio.Event()
         self._cancelled = False
         self._store_busy = False
+        self._sender: Any = None
 
     def cancel(self) -> None:
         """Stop the run as soon as possible; ``execute`` then returns the incomplete
@@ -125,7 +126,7 @@ class RunExecution:
         doc: dict[str, Any] = {}
         try:
             # The sender first: the stored run must say which send mode it ran in.
-            sender = self._sender_factory(self.source, self.target, 0.05)
+            sender = self._sender = self._sender_factory(self.source, self.target, 0.05)
             self.send_mode = str(getattr(sender, "mode", "bind"))
             await self._store("begin", self.run_id, started=self.started,
                               plan=self.plan.to_json(), agent=self._agent_json(),
@@ -335,6 +336,9 @@ class RunExecution:
             warnings=self.warnings,
         )
         self.sweep = sweep
+        sweep.route_mtu = getattr(self._sender, "path_mtu", None) or route_mtu(
+            self.target, ":" in self.target
+        )
 
         def sink(payload: bytes) -> None:
             sweep.on_receipts(payload, trio.current_time())

@@ -114,6 +114,19 @@ def route_source(target: str, port: int = 9) -> str:
         return str(s.getsockname()[0])
 
 
+def route_mtu(target: str, ipv6: bool) -> int:
+    """The path MTU the kernel knows towards ``target`` (its route's, or what it learnt);
+    1500 where it will not say."""
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    level, option = (socket.IPPROTO_IPV6, 24) if ipv6 else (socket.IPPROTO_IP, 14)  # IP_MTU
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((target, 9))  # nothing is sent: a route lookup
+            return max(68, int(s.getsockopt(level, option)))
+    except OSError:
+        return 1500
+
+
 class BindSender:
     """Bind-per-source-port sender with ICMP error capture."""
 

@@ -14,6 +14,7 @@ import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -290,3 +291,20 @@ def test_secret_file_mode_check_only_where_modes_exist(
         secret.load_secret(p)
     monkeypatch.setattr(secret, "POSIX_MODES", False)
     assert secret.load_secret(p) == b"0123456789abcdef0123456789abcdef"
+
+
+def test_the_hosts_reassembly_failures_are_read_where_linux_keeps_them(tmp_path: Path) -> None:
+    from agent.listen import reassembly_failures
+
+    snmp = tmp_path / "snmp"
+    snmp.write_text(
+        "Ip: Forwarding DefaultTTL InReceives ReasmTimeout ReasmReqds ReasmOKs ReasmFails\n"
+        "Ip: 1 64 1000 3 40 10 27\n"
+        "Icmp: InMsgs\nIcmp: 5\n"
+    )
+    assert reassembly_failures(str(snmp)) == 27
+    assert reassembly_failures(str(tmp_path / "missing")) is None  # not Linux: not known
+    snmp.write_text("Ip: Forwarding\nIp: 1\n")
+    assert reassembly_failures(str(snmp)) is None
+    if sys.platform.startswith("linux"):
+        assert isinstance(reassembly_failures(), int)

@@ -404,3 +404,22 @@ def test_progress_line_fits_every_width(width: int) -> None:
         assert "1,000,000/s" in line
     if width < 60:
         assert "1,000,000/s" not in line
+
+
+@pytest.mark.parametrize(
+    ("source", "needle"),
+    [
+        # 198.18.0.0/15 is never configured on the test host outside a namespace
+        ("198.18.255.254", "is not an address of this host"),
+        ("not-an-ip", "not an IP address"),
+    ],
+)
+def test_probe_source_must_be_ours(secret_file: Path, source: str, needle: str) -> None:
+    """The probe sends only from its own addresses: ICMP answers must come back to it."""
+    proc = run_cli(
+        "probe", "--control", "127.0.0.1:0", "--secret-file", str(secret_file), "--source", source
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -16,7 +16,7 @@ kernels without ``sch_netem`` exist (the project's CI VMs among them).
 Wall times on a 2-core VM (lab setup included; the whole file about 2 minutes): reject run
 twice with diff and expect ~17 s, reject next to drop ~21 s (the ICMP budget), policer ~12 s,
 loss on a band or an ECMP member ~5 s each, delay 100 ms ~6 s and 1 s ~11 s, MTU 1280 1-5 s
-each, size 3000 ~2-3 s, session limit ~2-3 s, policy change ~14-20 s.
+each, size 3000 ~2-3 s, fragments past a port drop ~2 s, session limit ~2-3 s, policy change ~14-20 s.
 """
 
 from __future__ import annotations
@@ -418,6 +418,32 @@ def test_size_3000_as_root_is_testable(tmp_path: Path, mode: str) -> None:
     why = context(code, doc, err, lr)
     assert doc["summary"]["untested"] == 0, why
     assert fragments >= 3 * 512, why  # 3,028 bytes over a 1,500 MTU: three fragments
+
+
+@pytest.mark.parametrize("mode", ["bind", "raw"])
+def test_fragments_past_a_port_drop_never_make_an_open_cell_blocked(
+    tmp_path: Path, mode: str
+) -> None:
+    """A stateless port rule drops only a datagram's first fragment (the others carry no
+    UDP header). They reach the agent's host, never reassemble, and can fill its
+    reassembly memory (4 MB, 30 s), after which open datagrams are lost too. Whatever
+    the host's memory did, no open cell may be called blocked: either every verdict is
+    right, or the run says the host failed to reassemble and leaves dark cells unknown."""
+    policy = rules("udp sport 1024-2023 drop", f'{FRAGMENTS} counter comment "fragments"')
+    truth = bands((1024, 2023, "blocked"))
+    with lab_udpreach(policy, tmp_path, probe_args=("--send-mode", mode)) as lr:
+        code, doc, err = timed_run(lr, "--src-ports", "1024-4095", "--size", "3000")
+    why = context(code, doc, err, lr)
+    assert doc["path_mtu"]["mtu"] == 1500, why
+    failed = [w for w in doc["warnings"] if "failed to reassemble" in w]
+    if not failed:
+        check_right(code, doc, err, lr, truth)
+        return
+    assert code == 3 and doc["complete"] is False, why
+    for r in doc["ranges"]:  # dark cells are unknown, never blocked; open ones are open
+        assert r["verdict"] in ("open", "unknown"), why
+        if r["verdict"] == "open":
+            assert all(truth(r["dst_port"], s) == "open" for s in (r["first"], r["last"])), why
 
 
 # --- 8. a session limit -------------------------------------------------------------------

@@ -407,3 +407,50 @@ def test_delivery_that_stops_after_the_sweep_is_said_not_taken_for_a_new_policy(
     assert doc["probe_stats"]["epochs"] == 1
     assert doc["summary"]["open"] == 1900
     assert any("nothing got through any more" in w for w in doc["warnings"])
+
+
+def test_reassembly_failures_on_the_agents_host_make_dark_cells_unknown() -> None:
+    """Fragments a port firewall let through fill the agent host's reassembly memory:
+    every fragmented datagram is then lost, open or not. The agent says so, and dark cells
+    are unknown, not blocked."""
+    sim = SimRun(Path(rules=[Rule("drop", (2000, 2099))]), src_ports="1024-3023", size=3000)
+    sweep = sim.sweep
+    sweep.route_mtu = 1500  # 3000 bytes go out in fragments
+    sweep.facts.agent_stats = {"accepted": 0, "rejected": {}, "reassembly_failures": 612}
+    original = sweep.on_flushed
+
+    def with_stats(seq: int, now: float, stats: object = None) -> None:
+        original(seq, now, {"accepted": 0, "rejected": {}, "reassembly_failures": 612})
+
+    sweep.on_flushed = with_stats  # type: ignore[method-assign]
+    doc = sim.run()
+    assert doc["complete"] is False
+    assert doc["summary"]["blocked"] == 0
+    assert doc["summary"]["unknown"] == 100
+    assert any("failed to reassemble 612" in w for w in doc["warnings"])
+
+
+def test_reassembly_failures_do_not_matter_when_nothing_was_fragmented() -> None:
+    """The host's counter moves for any traffic it receives; unfragmented probe datagrams
+    cannot be among the failures, so the verdicts stand."""
+    sim = SimRun(Path(rules=[Rule("drop", (2000, 2099))]), src_ports="1024-3023", size=200)
+    sweep = sim.sweep
+    sweep.route_mtu = 1500
+    original = sweep.on_flushed
+
+    def with_stats(seq: int, now: float, stats: object = None) -> None:
+        original(seq, now, {"accepted": 0, "rejected": {}, "reassembly_failures": 612})
+
+    sweep.on_flushed = with_stats  # type: ignore[method-assign]
+    doc = sim.run()
+    assert doc["complete"] is True
+    assert doc["summary"]["blocked"] == 100
+    assert not any("reassemble" in w for w in doc["warnings"])
+
+
+def test_a_datagram_over_the_probes_route_mtu_is_a_path_mtu_finding() -> None:
+    sim = SimRun(Path(), src_ports="1024-1123", size=3000)
+    sim.sweep.route_mtu = 1500
+    doc = sim.run()
+    assert doc["path_mtu"] == {"mtu": 1500, "from": "route", "size": 3000}
+    assert any("route has an MTU of 1500" in w for w in doc["warnings"])

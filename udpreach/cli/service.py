@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -200,9 +201,16 @@ def probe(
         )
     if source is not None:
         try:
-            ipaddress.ip_address(source)
+            family = (
+                socket.AF_INET6 if ipaddress.ip_address(source).version == 6 else socket.AF_INET
+            )
         except ValueError:
             raise ConfigError(f"--source: not an IP address: {source!r}") from None
+        try:  # the probe sends from its own addresses only (and ICMP must come back to it)
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.bind((source, 0))
+        except OSError:
+            raise ConfigError(f"--source {source} is not an address of this host") from None
 
     from probe.coordinator import Coordinator, ProbeConfig
     from udpreach.store import RunStore

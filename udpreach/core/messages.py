@@ -181,10 +181,14 @@ class AgentStats:
 
     accepted: int = 0
     rejected: tuple[tuple[str, int], ...] = ()
+    # Fragmented datagrams the agent's host failed to reassemble during the run (Linux's
+    # ReasmFails; None where the host does not say).
+    reassembly_failures: int | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Self:
         accepted = _int(body, "accepted", 0, MAX_COUNT, 0)
+        reasm = _int(body, "reassembly_failures", 0, MAX_COUNT, None)
         raw = _field(body, "rejected", {})
         if not isinstance(raw, dict) or len(raw) > 32:
             raise MessageError("agent stats: 'rejected' must map at most 32 reasons to counts")
@@ -195,10 +199,13 @@ class AgentStats:
             if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_COUNT:
                 raise MessageError(f"agent stats: count for {reason!r} must be an integer")
             rejected.append((reason, n))
-        return cls(accepted, tuple(rejected))
+        return cls(accepted, tuple(rejected), reasm)
 
     def to_json(self) -> dict[str, Any]:
-        return {"accepted": self.accepted, "rejected": dict(self.rejected)}
+        out: dict[str, Any] = {"accepted": self.accepted, "rejected": dict(self.rejected)}
+        if self.reassembly_failures is not None:
+            out["reassembly_failures"] = self.reassembly_failures
+        return out
 
 
 def _stats(body: Mapping[str, Any]) -> AgentStats | None:

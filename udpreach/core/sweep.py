@@ -251,6 +251,7 @@ class Sweep:
             ceiling = min(ceiling, max(1.0, s.byte_rate / self.datagram_bytes))
         self.pacer = Pacer(ceiling=ceiling)
         self.rate_cap: float | None = None  # the shell's share of the probe's global ceiling
+        self.route_mtu: int | None = None  # the probe's route MTU towards the agent, if known
         self.phase = Phase.PLANNED
         self.stage = Stage.SWEEP
         self.started = now
@@ -308,6 +309,7 @@ class Sweep:
         self._changed: list[tuple[int, int, str, str]] = []
         self._bytes_capped = False
         self._delivery_stopped = False
+        self._reassembly_lost = False
         self._finished: bool | None = None
         self.loss: LossEstimate | None = None
         self._start_first_stage(now)
@@ -1340,6 +1342,22 @@ class Sweep:
         led = self.ledger
         if complete:
             self._untested_if_never_sent()
+        wire = self.plan.size + self.settings.header_bytes
+        if self.facts.path_mtu is None and self.route_mtu and wire > self.route_mtu:
+            self.facts.path_mtu = {"mtu": self.route_mtu, "from": "route", "size": self.plan.size}
+        reasm = self.facts.agent_stats.get("reassembly_failures")
+        # Only ours count: unfragmented probe datagrams cannot fail to reassemble, and the
+        # host's counter also moves for whatever else it receives.
+        if self.facts.path_mtu is not None and isinstance(reasm, int) and reasm > 0:
+            # The agent's host dropped fragmented datagrams it could not reassemble: a dark
+            # cell may be an open one whose fragments met a full reassembly memory.
+            self.facts.warnings.append(
+                f"the agent's host failed to reassemble {reasm:,} fragmented datagrams (a "
+                "firewall that drops by port passes the other fragments, and they fill the "
+                "host's reassembly memory for 30 s): dark cells may be open, so they are "
+                "unknown; with --size under the path MTU nothing is fragmented"
+            )
+            self._reassembly_lost = True
         contradicted = self._contradicted_receipts()
         if contradicted:
             self.facts.warnings.append(
@@ -1347,7 +1365,7 @@ class Sweep:
                 "answered with a verified port-unreachable: its reports cannot be trusted, and "
                 "the run is not complete"
             )
-        if complete and (self._delivery_stopped or contradicted):
+        if complete and (self._delivery_stopped or contradicted or self._reassembly_lost):
             self._move("abort")
             complete = False
         elif complete and led.refused_receipts:
@@ -1365,10 +1383,14 @@ class Sweep:
         self.loss = estimate_loss(led.first_attempt_histogram())
         if self.facts.path_mtu is not None:
             m = self.facts.path_mtu
+            said = (
+                f"the probe's route has an MTU of {m['mtu']}"
+                if m["from"] == "route"
+                else f"{m['from']} reported a next-hop MTU of {m['mtu']}"
+            )
             self.facts.warnings.append(
-                f"the datagram size ({self.plan.size} bytes) exceeds the path MTU: {m['from']} "
-                f"reported a next-hop MTU of {m['mtu']}; datagrams went out fragmented, as a "
-                "server's UDP socket sends them"
+                f"the datagram size ({self.plan.size} bytes) exceeds the path MTU: {said}; "
+                "datagrams went out fragmented, as a server's UDP socket sends them"
             )
         if led.refused_receipts:
             self.facts.warnings.append(
