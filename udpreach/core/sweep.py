@@ -54,7 +54,7 @@ from udpreach.core.loss import (
     loss_upper,
     wilson_upper,
 )
-from udpreach.core.pacing import PILOT_CELLS, Pacer, Window
+from udpreach.core.pacing import PACED_SECONDS, PILOT_CELLS, Pacer, Window
 from udpreach.core.plan import Plan
 from udpreach.core.portspec import format_ports
 
@@ -397,8 +397,12 @@ class Sweep:
     def _send_batch(self, now: float) -> Action:
         if self._burst is not None and self._qpos == 0:
             return self._send_burst(now)
-        rate = self.pilot_rate if self.stage is Stage.PILOT else self._rate()
-        want = 1 if self.stage is Stage.PILOT else self.pacer.batch_size(rate, self._per_src)
+        pilot = self.stage is Stage.PILOT
+        rate = self.pilot_rate if pilot else self._rate()
+        if pilot:  # a few milliseconds of it per batch; the sender spaces the datagrams
+            want = max(1, int(rate * PACED_SECONDS) // self._per_src)
+        else:
+            want = self.pacer.batch_size(rate, self._per_src)
         # Several copies of a batch exist at once (payloads, packets): bounded in bytes.
         want = min(want, max(1, BATCH_BYTES // (self.datagram_bytes * self._per_src)))
         srcs = self._queue[self._qpos : self._qpos + want]
@@ -423,7 +427,9 @@ class Sweep:
                     groups.append((d, int(a), ss[attempts == a]))
             count += len(ss)
         self._qpos += len(srcs)
-        burst = self.pacer.burst if self.stage is not Stage.PILOT else 0
+        if pilot and count > 1:  # one datagram at a time, at the pilot's gentle rate
+            return Send(tuple(groups), count, 1, 1 / rate)
+        burst = self.pacer.burst if not pilot else 0
         if burst and count > burst:
             return Send(tuple(groups), count, burst, burst / rate)
         return Send(tuple(groups), count)
@@ -964,6 +970,13 @@ class Sweep:
         if self.plan.cells < 4 * RECHECK_SAMPLE or self._recheck:
             return False
         led = self.ledger
+        planned = self._planned
+        if not any((led.view(d).state[planned] == PENDING).any() for d in self.plan.dst_ports):
+            # Every cell was seen (or rejected): the sweep's random order spreads each range
+            # over the whole sweep, so a change during it would have left dark cells, and
+            # delivery never stopped. A recheck could only learn about the time after the
+            # run; the verdicts are facts of the run.
+            return False
         picks: dict[tuple[int, int], str] = {}
         # First the islands: an open cell between dark neighbours, a dark one between open
         # neighbours. A change in the middle of a sweep leaves exactly these (the cells sent
