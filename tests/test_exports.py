@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
@@ -16,6 +17,7 @@ from typing import Any
 import docsamples
 import pytest
 import rendersamples
+from conftest import run_cli
 from docsamples import BASELINE_EXPECT, after_change, baseline, build_doc, cell_verdicts, docs
 from hypothesis import given, settings
 
@@ -707,3 +709,103 @@ def test_reports_of_an_interrupted_sweep_stay_short(tmp_path: Path) -> None:
     failure = root.find("testsuite/testcase[@name='run complete']/failure")
     assert failure is not None
     assert len((failure.text or "").splitlines()) < 10
+
+
+# ---------------------------------------------------------------------------------------
+# Every export says what the JSON says about confidence (show --json against show --csv
+# --junit --markdown --html, through the real CLI).
+
+
+def _stored(doc: dict[str, Any], tmp_path: Path) -> Path:
+    from udpreach.store import RunStore
+
+    db = tmp_path / "runs.sqlite3"
+    with RunStore.open(db) as store:
+        store.finish(doc["run_id"], doc)
+    return db
+
+
+def _shown(doc: dict[str, Any], tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(show --json, the four exports show writes, show's terminal report) of *doc*."""
+    db = _stored(doc, tmp_path)
+    as_json = run_cli("show", doc["run_id"], "--db", str(db), "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    out = tmp_path / "out"
+    out.mkdir()
+    paths = {k: out / f"r.{k}" for k in ("html", "md", "xml", "csv")}
+    shown = run_cli(
+        "show", doc["run_id"], "--db", str(db), "--html", str(paths["html"]),
+        "--markdown", str(paths["md"]), "--junit", str(paths["xml"]), "--csv", str(paths["csv"]),
+        env={"COLUMNS": "100"},
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    page = _Texts()
+    page.feed(paths["html"].read_text())
+    root = ET.parse(paths["xml"]).getroot()
+    x = {
+        "html": page,
+        "md": paths["md"].read_text(),
+        "props": dict((p.get("name"), p.get("value")) for p in root.iter("property")),
+        "out": root.findtext("testsuite/system-out") or "",
+        "csv": _csv_rows(paths["csv"]),
+    }
+    return json.loads(as_json.stdout), x, shown.stdout
+
+
+def test_an_interrupted_run_has_reached_its_target_in_no_export(tmp_path: Path) -> None:
+    """The trial: a Ctrl-C'd sweep's JSON says bound 1.0, not reached; the exports said
+    bound 0, reached, "yes: no cell blocked"."""
+    doc, x, terminal = _shown(rendersamples.interrupted_sweep(), tmp_path)
+    assert doc["complete"] is False
+    assert doc["loss"]["false_blocked_bound"] == 1.0
+    assert doc["loss"]["confidence_reached"] is False
+    assert (x["props"]["false_blocked_bound"], x["props"]["confidence_reached"]) == ("1", "false")
+    assert {(r["false_blocked_bound"], r["confidence_reached"]) for r in x["csv"]} == {
+        ("1", "false")
+    }
+    not_reached = "NO: the run is incomplete (target 0.01)"
+    assert x["html"].by_id["bound"] == "<= 1"
+    assert x["html"].by_id["confidence-reached"] == not_reached
+    assert "| Chance that any 'blocked' cell is really open | \\<= 1 |" in x["md"]
+    assert f"| Confidence target reached | **{not_reached}** |" in x["md"]
+    assert f"confidence target reached: {not_reached}" in x["out"]
+    assert "chance that any 'blocked' cell is really open: <= 1" in x["out"]
+    for text in (x["html"].by_id["confidence"], x["md"], x["out"]):
+        assert "yes: no cell blocked" not in text
+        assert "none: no cell blocked" not in text
+    flat = " ".join(terminal.split())
+    assert "(confidence target not reached: the run is incomplete)" in flat
+    assert "really open: <= 1" in flat
+
+
+def test_a_run_that_says_reached_while_incomplete_is_not_reached_anywhere(
+    tmp_path: Path,
+) -> None:
+    """An incomplete run never reached its target, whatever its loss block claims."""
+    doc = rendersamples.everything(complete=False)
+    doc["loss"]["confidence_reached"] = True
+    _, x, terminal = _shown(doc, tmp_path)
+    assert x["props"]["confidence_reached"] == "false"
+    assert {r["confidence_reached"] for r in x["csv"]} == {"false"}
+    assert x["html"].by_id["confidence-reached"].startswith("NO: the run is incomplete")
+    assert "confidence target not reached: the run is incomplete" in " ".join(terminal.split())
+
+
+@pytest.mark.parametrize("bound", [0.0, 3e-9])
+def test_a_tiny_bound_reads_below_one_in_a_million_everywhere(bound: float, tmp_path: Path) -> None:
+    """The trial's "chance that any 'blocked' cell is really open: <= 0" claimed a
+    certainty no measurement gives."""
+    doc = rendersamples.everything()
+    doc["loss"]["false_blocked_bound"] = bound
+    shown, x, terminal = _shown(doc, tmp_path)
+    assert shown["loss"]["false_blocked_bound"] == bound  # the JSON keeps its number
+    assert x["props"]["false_blocked_bound"] == "< 1e-6"
+    assert {r["false_blocked_bound"] for r in x["csv"]} == {"< 1e-6"}
+    assert x["html"].by_id["bound"] == "< 1e-6"
+    assert "| Chance that any 'blocked' cell is really open | \\< 1e-6 |" in x["md"]
+    assert "chance that any 'blocked' cell is really open: < 1e-6" in x["out"]
+    flat = " ".join(terminal.split())
+    assert "chance that any 'blocked' cell is really open: < 1e-6 (confidence target" in flat
+    for text in (x["html"].by_id["bound"], x["md"], x["out"], terminal):
+        assert not re.search(r"<= 0(?![.\d])", text), text
+        assert not re.search(r"<= [0-9.]+e-0[0-9]", text), text

@@ -458,14 +458,18 @@ def _loss_line(doc: dict[str, Any]) -> Text:
     if c.estimate is not None:
         line.append(f", {c.attempts_text}")
     line.append("; ")
+    bound = c.bound_text
     if not c.blocked:
         line.append("no cell blocked")
+        if not bound.startswith("none"):  # what the document says all the same
+            line.append(f", chance that any 'blocked' cell is really open: {bound}")
     else:
-        line.append(f"chance that any 'blocked' cell is really open: {c.bound_text}")
-        if not c.reached:
-            line.append("  (confidence target not reached)", style="bold red")
-        elif c.target is not None:
-            line.append(f" (confidence target {c.target:.2g} reached)")
+        line.append(f"chance that any 'blocked' cell is really open: {bound}")
+    if not c.reached:
+        why = "" if c.complete else ": the run is incomplete"
+        line.append(f"  (confidence target not reached{why})", style="bold red")
+    elif c.blocked and c.target is not None:
+        line.append(f" (confidence target {c.target:.2g} reached)")
     if c.rate_text:
         line.append(f"; {c.rate_text}")
     return line
