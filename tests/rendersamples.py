@@ -131,6 +131,38 @@ def sampled_run(seed: int = 2) -> dict[str, Any]:
     )
 
 
+@_cached
+def interrupted_sample(seed: int = 3) -> dict[str, Any]:
+    """The trial's other Ctrl-C: ``random:500`` to two ports through a policy that rejects
+    40000-49999, cancelled with about half of the samples settled (in random order, as
+    the probe sends): scattered rejected samples, the rest unknown."""
+    rng = random.Random(seed)
+    src = sorted(rng.sample(range(1024, 65536), 500))
+    led = Ledger([5000, 5001], src)
+    for d in (5000, 5001):
+        settled = [s for s in src if rng.random() < 0.5]
+        led.note_sent_many(d, settled)
+        for s in settled:
+            if 40000 <= s <= 49999:
+                led.note_icmp(d, s, IcmpInfo(3, 13, ROUTER))
+        _receive(led, d, [s for s in settled if not 40000 <= s <= 49999])
+    led.finish(complete=False)
+    return build_document(
+        run_id="20251126T053000-5a5a00",
+        complete=False,
+        agent=_agent(),
+        probe={"address": PROBE, "target": AGENT, "send_mode": "raw"},
+        plan=_plan(format_ports(src), (5000, 5001)),
+        ledger=led,
+        extra={
+            "started": 1_764_135_000.0,
+            "duration": 2.5,
+            "loss": _loss(0.0) | INTERRUPTED_LOSS,
+            "warnings": ["the run was cancelled by its requester"],
+        },
+    )
+
+
 V6_AGENT = "2001:db8:ffff:ffff:ffff:ffff:ffff:1002"
 V6_PROBE = "2001:db8:ffff:ffff:ffff:ffff:ffff:2002"
 V6_ROUTER = "2001:db8:ffff:ffff:ffff:ffff:ffff:fffe"

@@ -281,6 +281,13 @@ def status(doc: dict[str, Any]) -> str:
     return "complete" if doc.get("complete") else "incomplete"
 
 
+def no_fixed_port(doc: dict[str, Any]) -> str:
+    """Why a run names no fixed-port candidate."""
+    if not doc.get("complete"):
+        return "the run is incomplete (only a complete run can show a port open for all)"
+    return "no destination port was open for every source port tested"
+
+
 def src_ports_text(plan: dict[str, Any], *, sep: str = ",") -> str:
     """The plan's source ports, as a phrase: the SPEC in full when it is a few spans, else
     a summary (a ``random:500`` plan is 500 scattered ports; the JSON document lists them)."""

@@ -360,6 +360,7 @@ def html_run(doc: dict[str, Any]) -> str:
             "size": plan.get("size", "?"),
         },
         fixed=", ".join(str(p) for p in rec.get("fixed_ports") or []),
+        no_fixed=facts.no_fixed_port(doc),
         rules=[
             {
                 "src": str(rule.get("src_ports", "")).replace(",", ", "),

@@ -149,19 +149,16 @@ def markdown_run(doc: dict[str, Any], *, diff: dict[str, Any] | None = None) -> 
         out += ["", f"## Changes since run {_code(diff.get('run_a', '?'))}", ""]
         out += _changes(diff)
     out += ["", "## Recommendations", ""]
-    out += _recommendations(recommendations_of(doc))
+    out += _recommendations(doc)
     return "\n".join(out) + "\n"
 
 
-def _recommendations(rec: dict[str, Any]) -> list[str]:
+def _recommendations(doc: dict[str, Any]) -> list[str]:
+    rec = recommendations_of(doc)
     fixed = rec.get("fixed_ports") or []
     out = [
         "- Fixed UDP port for clients (FixedUDPPortValue): "
-        + (
-            ", ".join(str(p) for p in fixed)
-            if fixed
-            else "none: no destination port was open for every source port tested"
-        )
+        + (", ".join(str(p) for p in fixed) if fixed else f"none: {facts.no_fixed_port(doc)}")
         + ".",
     ]
     for note in rec.get("notes") or []:

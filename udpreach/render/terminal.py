@@ -543,7 +543,7 @@ def _recommendations(doc: dict[str, Any]) -> list[Any]:
                 )
             )
         )
-    elif summary.get("open", 0) < summary.get("cells", 0):
+    elif doc.get("complete") and summary.get("open", 0) < summary.get("cells", 0):
         lines.append(Para(_styled("no destination port passed from every source port", "red")))
     rules = rec.get("rules") or []
     if rules:
