@@ -18,9 +18,9 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
+from typing import Annotated, Any, NoReturn, ParamSpec, TextIO, TypeVar, cast
 
 import typer
 
@@ -48,6 +48,7 @@ __all__ = [
     "one_line",
     "out_console",
     "parse_endpoint",
+    "pipe_safe_stdout",
     "print_json",
 ]
 
@@ -142,10 +143,6 @@ def map_error(exc: BaseException, *, as_json: bool = False) -> NoReturn:
         fail(str(exc) or type(exc).__name__, exc.exit_code, as_json=as_json)
     if isinstance(exc, KeyboardInterrupt):
         fail("interrupted", 3, as_json=as_json)
-    if isinstance(exc, BrokenPipeError):
-        # Whoever read our output went away (`udpreach history | head`): nobody to tell.
-        _silence_stdout()
-        raise typer.Exit(3)
     if os.environ.get(DEBUG_ENV) == "1":
         raise exc
     fail(
@@ -155,12 +152,53 @@ def map_error(exc: BaseException, *, as_json: bool = False) -> NoReturn:
     )
 
 
-def _silence_stdout() -> None:
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
+class _PipeSafeStdout:
+    """Standard output that outlives its reader (``udpreach show RUN | head -1``).
+
+    Python ignores SIGPIPE, so a write to a pipe whose reader has gone raises
+    BrokenPipeError (and rich turns that into a silent ``exit 1``). The reader wanted no
+    more, which is no failure of the command: the first write that finds the pipe closed
+    points the descriptor at /dev/null, and the command carries on (exports, exit status)
+    exactly as it would have, saying nothing on stderr.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+            self._stream.flush()  # what was buffered goes to /dev/null with the rest
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def pipe_safe_stdout() -> None:
+    """Make ``sys.stdout`` survive its reader going away (see ``_PipeSafeStdout``)."""
+    if not isinstance(sys.stdout, _PipeSafeStdout) and sys.stdout is not None:
+        sys.stdout = cast(TextIO, _PipeSafeStdout(sys.stdout))
 
 
 _PASS_THROUGH: tuple[type[BaseException], ...] = (

@@ -1,0 +1,102 @@
+"""The real CLI against a real probe and agent on loopback, as the new-user trial ran it:
+output into a pipe that closes early, expectation files that judge nothing, the agent list.
+
+One probe and one agent serve the whole module (``prockit.loopback_services``); every test
+runs ``udpreach`` as a process and looks at what a user sees: its exit status, stdout and
+stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import udpreach_argv
+from prockit import Services, loopback_services
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    tmp = tmp_path_factory.mktemp("loopback")
+    secret = tmp / "secret"
+    secret.write_text("loopback-cli-secret-0123456789abcdef\n")
+    secret.chmod(0o600)
+    with loopback_services(tmp, secret, agent_ports=2, name="pc-17") as svc:
+        yield svc
+
+
+def _run(services: Services, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``udpreach run`` against the module's agent (waiting for it to register)."""
+    return subprocess.run(
+        services.run_argv(*args), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _stored_run(services: Services, *args: str) -> dict:
+    proc = _run(services, "--json", *args)
+    assert proc.returncode in (0, 1), proc.stderr
+    doc: dict = json.loads(proc.stdout)
+    return doc
+
+
+# ---------------------------------------------------------------------------------------
+# A reader that goes away (`udpreach show RUN | head -1`).
+
+
+def _into_closed_pipe(argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run *argv* with stdout a pipe whose reader has already gone: every write to it finds
+    the pipe closed (what `| head -1` does to all but the first lines, without the race)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run(
+            argv, stdout=w, stderr=subprocess.PIPE, text=True, timeout=timeout, check=False
+        )
+    finally:
+        os.close(w)
+
+
+def test_a_closed_pipe_changes_no_exit_status_and_says_nothing(
+    services: Services, tmp_path: Path
+) -> None:
+    db = str(services.db)
+    doc = _stored_run(services, "--src-ports", "1024-3071")
+    blocked = tmp_path / "blocked.toml"  # loopback lets everything through: a deviation
+    blocked.write_text('[[expect]]\ndst_ports = "1-65535"\nsrc_ports = "1024-1100"\n'
+                       'verdict = "blocked"\n')  # fmt: skip
+    cases = [
+        (udpreach_argv("show", doc["run_id"], "--db", db), 0),
+        (udpreach_argv("show", doc["run_id"], "--db", db, "--json"), 0),
+        (udpreach_argv("history", "--db", db), 0),
+        (udpreach_argv("history", "--db", db, "--json"), 0),
+        (services.run_argv("--src-ports", "1024-2047"), 0),
+        (services.run_argv("--src-ports", "1024-2047", "--json"), 0),
+        (services.run_argv("--src-ports", "1024-2047", "--expect", str(blocked)), 1),
+        (services.run_argv("--src-ports", "1024-2047", "--expect", str(blocked), "--json"), 1),
+    ]
+    for argv, code in cases:
+        proc = _into_closed_pipe(argv)
+        what = " ".join(argv[3:6])
+        assert proc.returncode == code, f"{what}: exit {proc.returncode}: {proc.stderr}"
+        assert proc.stderr == "", f"{what}: {proc.stderr}"
+
+
+def test_a_closed_pipe_still_gets_the_reports_written(services: Services, tmp_path: Path) -> None:
+    """What the command does after printing (the export files) still happens."""
+    junit, csv = tmp_path / "r.xml", tmp_path / "r.csv"
+    argv = services.run_argv("--src-ports", "1024-2047", "--junit", str(junit), "--csv", str(csv))
+    proc = _into_closed_pipe(argv)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "<testsuite" in junit.read_text()
+    assert "1024,2047" in csv.read_text()
+
+
+def test_version_and_help_into_a_closed_pipe() -> None:
+    for args in (["--version"], ["run", "--help"]):
+        proc = _into_closed_pipe(udpreach_argv(*args))
+        assert (proc.returncode, proc.stderr) == (0, ""), args
