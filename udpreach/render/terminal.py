@@ -10,8 +10,9 @@ a command is ever cut or split:
 * Free text is laid out by ``Para``, which wraps at spaces only; a token longer than the
   width (an IPv6 address at 30 columns) stands on its own line and runs past the edge,
   where the terminal, not udpreach, wraps it.
-* A table is used only when every column fits whole (rich wraps the details column at
-  spaces); otherwise the same rows come as a list, one field a line.
+* A table is used only when every value fits its column on one line (the details hold one
+  phrase a line), at any width, on a terminal or not; where any column would wrap, the
+  same rows come as a list, one field a line.
 * A command is one line, always (``Command``), so it pastes as it was printed.
 * The matrix narrows its columns to the width; without colour (a pipe, ``NO_COLOR``,
   ``TERM=dumb``) every verdict has its own glyph, and plain ASCII ones where the output
@@ -157,17 +158,21 @@ def _width(value: Text | str) -> int:
     return value.cell_len if isinstance(value, Text) else Text(value).cell_len
 
 
+def _lines_of(value: Text | str) -> list[Text]:
+    return list((value if isinstance(value, Text) else Text(value)).split("\n"))
+
+
 def _fitted_table(
     title: str,
     header: Sequence[tuple[str, JustifyMethod]],
     rows: Sequence[Sequence[Text | str]],
-    wrap: str | None = None,
 ) -> tuple[Table, int]:
-    """A table whose columns keep their values whole, and the width it needs.
+    """A table in which no value wraps, and the width it needs.
 
-    Every column is as wide as its widest value, except ``wrap`` (the details), which may
-    wrap at spaces and needs only its longest word. The table fits a width only if the
-    returned need is at most that width; otherwise rich would have to cut a value.
+    Every column is as wide as its widest line (a value may hold several lines: the
+    details, one phrase a line), so the table fits a width only if the returned need is at
+    most that width; otherwise rich would wrap a value (a range one word a line) or cut it,
+    and the caller lays the rows out as a list instead.
 
     Args:
         header: (column name, justify) pairs.
@@ -175,16 +180,9 @@ def _fitted_table(
     table = Table(title=Text(title), header_style="bold", title_justify="left")
     need = 1  # the left border
     for i, (name, justify) in enumerate(header):
-        values = [row[i] for row in rows]
-        if name == wrap:
-            longest = max(
-                (len(w) for v in values for w in Text.assemble(v).plain.split()), default=0
-            )
-            col_min = max(longest, max((len(w) for w in name.split()), default=0))
-            table.add_column(name, justify=justify)
-        else:
-            col_min = max([_width(name), *(_width(v) for v in values)])
-            table.add_column(name, justify=justify, no_wrap=True, width=col_min)
+        values = [line for row in rows for line in _lines_of(row[i])]
+        col_min = max([_width(name), *(line.cell_len for line in values)])
+        table.add_column(name, justify=justify, no_wrap=True, width=col_min)
         need += col_min + 3  # padding on both sides and a border
     for row in rows:  # as Text: a value is never read as rich markup
         table.add_row(*(v if isinstance(v, Text) else Text(v) for v in row))
@@ -259,10 +257,10 @@ class RangeSection:
         ]
         header.append(("details", "left"))
         rows = [
-            [*self._fields(row).values(), "; ".join(facts.row_details(row))]
+            [*self._fields(row).values(), "\n".join(facts.row_details(row))]
             for row in self.folded.rows
         ]
-        return _fitted_table(self.title, header, rows, wrap="details")
+        return _fitted_table(self.title, header, rows)
 
     def _list(self) -> list[Any]:
         out: list[Any] = [Para(Text(self.title, style="bold italic"))]
@@ -667,7 +665,7 @@ class _AgentList:
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         header: list[tuple[str, JustifyMethod]] = [(c, "left") for c in self.COLUMNS]
-        table, need = _fitted_table("Registered agents", header, self.rows, wrap="ports")
+        table, need = _fitted_table("Registered agents", header, self.rows)
         if need <= options.max_width:
             yield table
             return
