@@ -18,6 +18,8 @@ import pytest
 from conftest import udpreach_argv
 from prockit import Services, loopback_services
 
+from udpreach.core.portspec import format_ports
+
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
@@ -100,3 +102,75 @@ def test_version_and_help_into_a_closed_pipe() -> None:
     for args in (["--version"], ["run", "--help"]):
         proc = _into_closed_pipe(udpreach_argv(*args))
         assert (proc.returncode, proc.stderr) == (0, ""), args
+
+
+# ---------------------------------------------------------------------------------------
+# An expectation that judges nothing is not "as expected".
+
+
+def _expect_file(tmp_path: Path, *entries: dict[str, str]) -> Path:
+    path = tmp_path / "expect.toml"
+    path.write_text(
+        "".join("[[expect]]\n" + "".join(f'{k} = "{v}"\n' for k, v in e.items()) for e in entries)
+    )
+    return path
+
+
+OPEN = {"dst_ports": "1-65535", "src_ports": "1024-65535", "verdict": "open"}
+
+
+def test_a_mistyped_agent_judges_nothing_and_exits_1(services: Services, tmp_path: Path) -> None:
+    """The trial: `agent = "pc-71"` for pc-17 said "as expected: no deviations", exit 0."""
+    expect = _expect_file(tmp_path, {"agent": "pc-71", **OPEN})
+    proc = _run(services, "--src-ports", "1024-2047", "--expect", str(expect))
+    assert proc.returncode == 1, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line == (
+        f"udpreach: --expect {expect}: the expectations judged no cell: every entry names "
+        "another agent (pc-71), and this run's agent is pc-17"
+    )
+    report = " ".join(proc.stdout.split())
+    assert "expectations: 0 of 2,048 cells judged by 0 of 1 entry" in report
+    assert "entry #1 (line 1) judged no cell: it is for agent pc-71" in report
+    assert "not as expected: the expectations judged no cell" in report
+    assert "as expected: no deviations" not in report
+
+    proc = _run(services, "--src-ports", "1024-2047", "--expect", str(expect), "--json")
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(proc.stdout)  # one document, nothing else
+    assert doc["deviations"] == []  # the contract's form, unchanged
+    judged = doc["judgement"]
+    assert (judged["cells"], judged["as_expected"]) == (0, False)
+    assert [(u["entry"], u["line"], u["fails"]) for u in judged["unmatched"]] == [(1, 1, False)]
+    assert judged["problem"] in proc.stderr
+
+
+def test_an_entry_that_judges_nothing_fails_the_run_even_beside_good_ones(
+    services: Services, tmp_path: Path
+) -> None:
+    unplanned = {"dst_ports": "6000", "src_ports": "1024-65535", "verdict": "open"}
+    expect = _expect_file(tmp_path, OPEN, unplanned)
+    proc = _run(services, "--src-ports", "1024-2047", "--expect", str(expect), "--json")
+    assert proc.returncode == 1, proc.stderr
+    judged = json.loads(proc.stdout)["judgement"]
+    assert [e["cells"] for e in judged["entries"]] == [2048, 0]
+    (u,) = judged["unmatched"]
+    assert (u["entry"], u["line"], u["fails"]) == (2, 5, True)
+    assert u["reason"].startswith("none of its destination ports was planned")
+    (line,) = proc.stderr.splitlines()
+    assert "expectation entry #2 (line 5: dst 6000 src 1024-65535 open) judged no cell" in line
+    assert f"(the run's: {format_ports(services.agent_ports)})" in line
+
+
+def test_an_entry_for_another_agent_is_named_but_fails_nothing(
+    services: Services, tmp_path: Path
+) -> None:
+    """One file may serve several agents: pc-18's entry is listed, and pc-17's run passes."""
+    expect = _expect_file(tmp_path, OPEN, {"agent": "pc-18", **OPEN, "verdict": "blocked"})
+    proc = _run(services, "--src-ports", "1024-2047", "--expect", str(expect))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    report = " ".join(proc.stdout.split())
+    assert "expectations: 2,048 of 2,048 cells judged by 1 of 2 entries" in report
+    assert "entry #2 (line 5) judged no cell: it is for agent pc-18" in report
+    assert "as expected: no deviations" in report

@@ -22,7 +22,7 @@ from docsamples import BASELINE_EXPECT, after_change, baseline, build_doc, cell_
 from hypothesis import given, settings
 
 from udpreach.core.diff import diff_runs
-from udpreach.core.expect import judge, parse_expect
+from udpreach.core.expect import expect_from, judge, parse_expect
 from udpreach.core.intervals import merge_ranges
 from udpreach.core.recommend import MULTIPORT_SLOTS, iptables_rules, recommend
 from udpreach.render.csv import write_csv
@@ -832,3 +832,33 @@ def test_an_interrupted_run_recommends_no_rules(tmp_path: Path) -> None:
     assert "no destination port passed" not in terminal
     assert "none: the run is incomplete" in x["md"]
     assert x["html"].by_id["fixed-ports"] == "none"
+
+
+def test_a_random_baseline_against_another_random_run_names_what_it_did_not_judge(
+    tmp_path: Path,
+) -> None:
+    """`expect --from` a random:500 run, judged against another random:500 run of the same
+    policy: the two samples hardly overlap, and the blocked entry judged nothing at all."""
+    entries = parse_expect(expect_from(rendersamples.sampled_run(2)), "base.toml")
+    doc = rendersamples.sampled_run(3)
+    doc["expect"] = [e.to_json() for e in entries]  # as the coordinator records a judged run
+    doc["deviations"] = judge(doc, entries)
+    assert doc["deviations"] == []  # what said "as expected: no deviations"
+    shown, x, terminal = _shown(doc, tmp_path)
+    judged = shown["judgement"]
+    assert (judged["cells"], judged["as_expected"]) == (2, False)
+    (u,) = judged["unmatched"]
+    assert (u["entry"], u["fails"]) == (2, True)
+    assert u["reason"].startswith("none of its source ports was among the 500 the run sampled")
+    flat = " ".join(terminal.split())
+    assert "expectations: 2 of 1,000 cells judged by 1 of 2 entries" in flat
+    assert f"entry #2 (line {u['line']}) judged no cell: none of its source ports" in flat
+    assert "not as expected: expectation entry #2" in flat
+    assert "as expected: no deviations" not in flat
+    # The exports say the same.
+    assert "Not as expected: expectation entry #2" in x["html"].by_id["not-as-expected"]
+    assert "**Not as expected: expectation entry #2" in x["md"]
+    assert "None: every judged cell is as expected." not in x["md"]
+    root = ET.parse(tmp_path / "out" / "r.xml").getroot()
+    failed = [c.get("name", "") for c in root.iter("testcase") if c.find("failure") is not None]
+    assert [n.split(":")[0] for n in failed] == [f"expect #2 (line {u['line']})"]

@@ -3,9 +3,9 @@
 ``run`` checks its options, asks the coordinator for a run over a blocking socket (no trio at
 start-up), shows the progress on stderr while it lasts, prints the report (or, with
 ``--json``, the document and nothing else on stdout), writes the requested files, and exits
-with the run's status: 0 done (as expected), 1 deviations, 3 incomplete, interrupted, or no
-cell could be tested at all. Ctrl-C asks the coordinator to stop the run and prints what was
-settled by then.
+with the run's status: 0 done (as expected), 1 deviations or an expectation entry that
+judged no cell, 3 incomplete, interrupted, or no cell could be tested at all. Ctrl-C asks
+the coordinator to stop the run and prints what was settled by then.
 """
 
 from pathlib import Path
@@ -166,6 +166,9 @@ def run(
             on_progress=progress.update,
             on_cancel=on_cancel,
         )
+    from udpreach.core.expect import with_judgement
+
+    doc = with_judgement(doc)
     if as_json:
         print_json(doc)
     else:
@@ -193,6 +196,9 @@ def run(
         )
     if cells and untested == cells:
         fail(f"no cell could be tested: {_untested_reason(doc)}", 3, as_json=as_json)
+    problem = (doc.get("judgement") or {}).get("problem")
+    if problem:  # an expectation that judged nothing is not "as expected"
+        fail(f"--expect {expect}: {problem}", 1, as_json=as_json)
     if doc.get("deviations"):
         raise typer.Exit(1)
 

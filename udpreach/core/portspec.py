@@ -107,3 +107,14 @@ def format_ports(ports: Iterable[int]) -> str:
     """The shortest SPEC for a set of ports: ``1024-2047,5000``."""
     parts = [str(a) if a == b else f"{a}-{b}" for a, b in ranges_of(ports)]
     return ",".join(parts)
+
+
+def short_spec(ports: Iterable[int], limit: int = 60) -> str:
+    """A port set for a message: its SPEC, or a summary of one longer than *limit*
+    (``500 ports in 497 spans from 1031-65480``: a random:500 sample)."""
+    ports = sorted(set(ports))
+    spec = format_ports(ports)
+    if len(spec) <= limit:
+        return spec
+    spans = ranges_of(ports)
+    return f"{len(ports)} ports in {len(spans)} spans from {spans[0][0]}-{spans[-1][1]}"

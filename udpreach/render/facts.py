@@ -371,6 +371,30 @@ def summary_extras(doc: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------
+# Expectations (udpreach.core.expect.judgement).
+
+
+def judged_text(judged: dict[str, Any], planned: object = None) -> str:
+    """``1,234 of 129,024 cells judged by 2 of 3 entries, 10 deviating``."""
+    entries = judged.get("entries") or []
+    used = sum(1 for e in entries if _int(e.get("cells")))
+    deviating = _int(judged.get("deviating")) or 0
+    n = _int(judged.get("cells")) or 0
+    total = _int(planned)
+    text = f"{n:,} of {cells(total)}" if total is not None else cells(n)
+    text += f" judged by {used:,} of {len(entries):,} "
+    text += "entry" if len(entries) == 1 else "entries"
+    return text + (f", {deviating:,} deviating" if deviating else "")
+
+
+def unmatched_text(u: dict[str, Any]) -> str:
+    """One entry that judged no cell, and why."""
+    line = _int(u.get("line"))
+    where = f"entry #{u.get('entry', '?')}" + (f" (line {line})" if line else "")
+    return f"{where} judged no cell: {one_line(u.get('reason', '?'))}"
+
+
+# ---------------------------------------------------------------------------------------
 # A range's details.
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from udpreach.core.diff import DIFF_SCHEMA
 from udpreach.core.document import recommendations_of
+from udpreach.core.expect import judgement_of
 from udpreach.core.intervals import Range, n_cells
 from udpreach.core.portspec import format_ports
 from udpreach.render import facts
@@ -129,8 +130,20 @@ def markdown_run(doc: dict[str, Any], *, diff: dict[str, Any] | None = None) -> 
     if "deviations" in doc:
         devs = doc.get("deviations") or []
         out += ["", "## Deviations from expectations", ""]
+        judged = judgement_of(doc)
+        problem = judged.get("problem") if judged is not None else None
+        if judged is not None:
+            out += [f"Expectations: {_md(facts.judged_text(judged, s.get('cells')))}.", ""]
+            for u in judged["unmatched"]:
+                text = _md(facts.unmatched_text(u))
+                out.append(f"- **{text}**" if u.get("fails") else f"- {text}")
+            if judged["unmatched"]:
+                out.append("")
+        if problem:
+            out += [f"**Not as expected: {_md(facts.one_line(problem))}.**", ""]
         if not devs:
-            out.append("None: every judged cell is as expected.")
+            if not problem:
+                out.append("None: every judged cell is as expected.")
         else:
             n = sum(n_cells(r) for r in devs)
             out += [f"**{n} cells deviate** in {len(devs)} ranges.", ""]

@@ -35,6 +35,7 @@ from rich.table import Table
 from rich.text import Text
 
 from udpreach.core.document import recommendations_of
+from udpreach.core.expect import judgement_of
 from udpreach.core.intervals import Range
 from udpreach.render import facts
 from udpreach.render.fold import Row, fold
@@ -507,22 +508,42 @@ def run_renderables(doc: dict[str, Any]) -> list[Any]:
     sampled = facts.sampled(doc)
     out.append(RangeSection("Source-port ranges", ranges, sampled=sampled))
     tail: list[Any] = [Matrix(doc)]
-    deviations = doc.get("deviations")
-    if isinstance(deviations, list):
-        if deviations:
-            n = sum(int(r["last"]) - int(r["first"]) + 1 for r in deviations)
-            tail.append(
-                RangeSection(
-                    f"Deviations from expectations ({n:,} cells in {len(deviations):,} ranges)",
-                    deviations,
-                    sampled=sampled,
-                    expected=True,
-                )
-            )
-        else:
-            tail.append(Para(_styled("as expected: no deviations", "bold green")))
+    tail += _expectations(doc, sampled)
     tail += _recommendations(doc)
     out.append(Group(*tail))
+    return out
+
+
+def _expectations(doc: dict[str, Any], sampled: bool) -> list[Any]:
+    """What the expectations found: how many cells they judged, the deviations, and every
+    entry that judged no cell (which, for this run's agent, is not "as expected")."""
+    deviations = doc.get("deviations")
+    judged = judgement_of(doc)
+    if not isinstance(deviations, list) and judged is None:
+        return []  # not judged against expectations
+    deviations = deviations if isinstance(deviations, list) else []
+    out: list[Any] = []
+    if judged is not None:
+        planned = (doc.get("summary") or {}).get("cells")
+        out.append(Para(f"expectations: {facts.judged_text(judged, planned)}"))
+        for u in judged["unmatched"]:
+            t = Text(facts.unmatched_text(u), style="red" if u.get("fails") else "")
+            out.append(Para(t, indent=2))
+    if deviations:
+        n = sum(int(r["last"]) - int(r["first"]) + 1 for r in deviations)
+        out.append(
+            RangeSection(
+                f"Deviations from expectations ({n:,} cells in {len(deviations):,} ranges)",
+                deviations,
+                sampled=sampled,
+                expected=True,
+            )
+        )
+    problem = judged.get("problem") if judged is not None else None
+    if problem:
+        out.append(Para(_styled(f"not as expected: {facts.one_line(problem)}", "bold red")))
+    elif not deviations:
+        out.append(Para(_styled("as expected: no deviations", "bold green")))
     return out
 
 
