@@ -12,12 +12,14 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import udpreach_argv
-from prockit import Services, loopback_services
+from conftest import run_cli, udpreach_argv
+from prockit import Services, loopback_services, wait_for
 
+from udpreach.core import schema
 from udpreach.core.portspec import format_ports
 
 
@@ -174,3 +176,33 @@ def test_an_entry_for_another_agent_is_named_but_fails_nothing(
     assert "expectations: 2,048 of 2,048 cells judged by 1 of 2 entries" in report
     assert "entry #2 (line 5) judged no cell: it is for agent pc-18" in report
     assert "as expected: no deviations" in report
+
+
+# ---------------------------------------------------------------------------------------
+# The agent list.
+
+
+def test_agents_json_names_its_schema_and_says_since_in_utc(services: Services) -> None:
+    wait_for(lambda: services.agents() == ["pc-17"], "pc-17 to register", 20)
+    proc = run_cli(
+        "agents", "--coordinator", services.endpoint, "--secret-file", str(services.secret),
+        "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["schema"] == schema.AGENTS == "udpreach/agents-v1"
+    (agent,) = doc["agents"]
+    assert isinstance(agent["since"], float)  # kept, for scripts that read it
+    since = datetime.fromtimestamp(agent["since"], UTC)
+    assert agent["since_utc"] == since.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_agents_with_none_registered_says_so(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("loopback-cli-secret-0123456789abcdef\n")
+    secret.chmod(0o600)
+    with loopback_services(tmp_path, secret, agent=False) as svc:
+        proc = run_cli("agents", "--coordinator", svc.endpoint, "--secret-file", str(secret))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""  # no empty table
+    assert proc.stderr == "no agent is registered\n"

@@ -19,10 +19,12 @@ from udpreach.cli.common import (
     SecretOpt,
     fail,
     mapped,
+    note,
     out_console,
     parse_endpoint,
     print_json,
 )
+from udpreach.core import schema
 from udpreach.core.errors import ConfigError
 
 
@@ -238,11 +240,30 @@ def agents(
     forbid_core_dumps()
     found = list_agents(host, port, load_secret(secret_file))
     if as_json:
-        print_json({"agents": found})
+        print_json({"schema": schema.AGENTS, "agents": [_agent_json(a) for a in found]})
+    elif not found:
+        note("no agent is registered")
     else:
         from udpreach.render.terminal import render_agents
 
         render_agents(found, out_console())
+
+
+def _agent_json(agent: dict[str, Any]) -> dict[str, Any]:
+    """An agent as ``agents --json`` lists it: the coordinator's fields, and beside each
+    time (seconds since the epoch) the same in ISO 8601, UTC (``since_utc``)."""
+    from datetime import UTC, datetime
+
+    out = dict(agent)
+    for key in ("since", "busy_since"):
+        ts = agent.get(key)
+        if isinstance(ts, int | float) and not isinstance(ts, bool):
+            try:
+                when = datetime.fromtimestamp(float(ts), UTC)
+            except (OverflowError, OSError, ValueError):  # not a time a clock gives
+                continue
+            out[f"{key}_utc"] = when.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return out
 
 
 @mapped
