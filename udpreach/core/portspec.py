@@ -21,7 +21,7 @@ PORT_LAST = 65535
 HIGH_PORTS = PORT_LAST - HIGH_FIRST + 1  # 64,512
 
 _ITEM = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
-_RANDOM = re.compile(r"^random:(\d{1,6})$")
+_NUMBER = re.compile(r"^[0-9]+$")
 
 
 def parse_ports(
@@ -45,13 +45,17 @@ def parse_ports(
     text = spec.strip()
     if not text:
         raise PortSpecError("empty port spec")
-    m = _RANDOM.match(text)
-    if m:
+    if text.startswith("random:") and "," not in text:
         if not allow_random:
             raise PortSpecError(f"'random:N' is not allowed here: {spec!r}")
-        n = int(m.group(1))
+        count = text.removeprefix("random:").strip()
+        if not _NUMBER.match(count):
+            raise PortSpecError(
+                f"random:N needs N to be a number of ports (1-{HIGH_PORTS}), got {count!r}"
+            )
+        n = int(count) if len(count) <= 6 else HIGH_PORTS + 1  # no 5,000-digit int()
         if not 1 <= n <= HIGH_PORTS:
-            raise PortSpecError(f"random:N needs 1 <= N <= {HIGH_PORTS}, got {n}")
+            raise PortSpecError(f"random:N needs 1 <= N <= {HIGH_PORTS}, got {count}")
         chooser = rng if rng is not None else random.SystemRandom()
         return tuple(sorted(chooser.sample(range(HIGH_FIRST, PORT_LAST + 1), n)))
     ports: set[int] = set()
