@@ -25,7 +25,7 @@ from typing import Annotated, Any, NoReturn, ParamSpec, TextIO, TypeVar, cast
 import typer
 
 from udpreach.core import schema
-from udpreach.core.errors import ConfigError, UdpreachError
+from udpreach.core.errors import AuthError, ConfigError, UdpreachError, UnreachableError
 
 try:  # typer 0.28 vendors click; older releases depend on it
     from typer._click import exceptions as click_errors
@@ -57,12 +57,14 @@ T = TypeVar("T")
 
 ERROR_SCHEMA = schema.ERROR
 DEBUG_ENV = "UDPREACH_DEBUG"  # set to 1: unexpected errors show their traceback
+COORDINATOR_ENV = "UDPREACH_COORDINATOR"
+SECRET_ENV = "UDPREACH_SECRET_FILE"
 
 CoordinatorOpt = Annotated[
     str,
     typer.Option(
         "--coordinator",
-        envvar="UDPREACH_COORDINATOR",
+        envvar=COORDINATOR_ENV,
         help="HOST:PORT of the coordinator.",
         show_default=False,
     ),
@@ -71,7 +73,7 @@ SecretOpt = Annotated[
     Path | None,
     typer.Option(
         "--secret-file",
-        envvar="UDPREACH_SECRET_FILE",
+        envvar=SECRET_ENV,
         help="File holding the shared secret (mode 0600).",
         show_default=False,
     ),
@@ -208,6 +210,42 @@ _PASS_THROUGH: tuple[type[BaseException], ...] = (
 )
 
 
+# Options a user may have set in the environment and forgotten, and the errors their value
+# can cause: (parameter, option, variable, errors it causes, what a ConfigError about it says).
+_FROM_ENV: tuple[tuple[str, str, str, tuple[type[UdpreachError], ...], str], ...] = (
+    ("coordinator", "--coordinator", COORDINATOR_ENV, (UnreachableError,), "--coordinator"),
+    ("secret_file", "--secret-file", SECRET_ENV, (AuthError,), "secret file"),
+)
+
+
+def _from_environment(param: str) -> bool:
+    """Whether the running command took *param* from its environment variable."""
+    try:  # typer 0.28 vendors click; older releases depend on it
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover - depends on the installed typer
+        from click import get_current_context  # type: ignore[no-redef,import-not-found,unused-ignore]
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return False
+    source = ctx.get_parameter_source(param)
+    return source is not None and source.name == "ENVIRONMENT"
+
+
+def _naming_the_environment(exc: BaseException) -> BaseException:
+    """*exc*, its message naming the environment variable its cause came from (a value
+    set in the environment and forgotten is the hardest to find)."""
+    if not isinstance(exc, UdpreachError):
+        return exc
+    text = str(exc)
+    for param, flag, var, causes, marker in _FROM_ENV:
+        caused = isinstance(exc, causes) or (isinstance(exc, ConfigError) and marker in text)
+        if caused and var not in text and _from_environment(param):
+            named = "" if flag in text else f"{flag} "
+            exc.args = (f"{text} ({named}from {var})",)
+            break
+    return exc
+
+
 def mapped(fn: Callable[P, T]) -> Callable[P, T]:
     """Decorate a command: every error it raises goes through ``map_error`` (``--json``
     taken from its ``as_json`` parameter)."""
@@ -220,7 +258,7 @@ def mapped(fn: Callable[P, T]) -> Callable[P, T]:
         except _PASS_THROUGH:
             raise
         except (Exception, KeyboardInterrupt) as exc:
-            map_error(exc, as_json=bool(kwargs.get("as_json", False)))
+            map_error(_naming_the_environment(exc), as_json=bool(kwargs.get("as_json", False)))
 
     return wrapper
 
