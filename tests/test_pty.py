@@ -214,10 +214,14 @@ def test_second_ctrl_c_quits_at_once(silent: SilentCoordinator, secret_file: Pat
     assert silent.received == ["run", "cancel"]
 
 
-def test_each_verdict_has_its_own_glyph_without_colour() -> None:
-    """With NO_COLOR, the demo's legend must tell every verdict apart by its glyph alone."""
-    res = run_pty(udpreach_argv("demo", "--loopback"), cols=120, env={"NO_COLOR": "1"})
+@pytest.mark.parametrize("no_color", [False, True], ids=["colour", "NO_COLOR"])
+def test_each_verdict_has_its_own_glyph_with_or_without_colour(no_color: bool) -> None:
+    """The demo's legend tells every verdict apart by its glyph alone: without colour, and
+    in colour too (a colour-blind user cannot tell green from red: every verdict was `█`)."""
+    env = {"NO_COLOR": "1"} if no_color else {}
+    res = run_pty(udpreach_argv("demo", "--loopback"), cols=120, env=env)
     assert res.returncode == 0, res.text
+    assert bool(_colours(res.raw)) != no_color
     legend = {}
     for verdict in VERDICTS:
         m = re.search(rf"(\S) {verdict}\b", res.text)

@@ -168,15 +168,25 @@ def test_without_colour_every_verdict_has_its_own_glyph(
     assert pure == [glyphs[v] for v in facts.VERDICTS], row
 
 
-def test_in_colour_the_matrix_keeps_solid_blocks_and_colours(
+def test_in_colour_every_verdict_keeps_its_glyph_and_its_colour(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Colour alone is lost on colour-blind eyes: the glyphs stay, coloured."""
     raw, out = render(rs.one_of_each(), 80, "colour", monkeypatch)
     (row,) = [line for line in out.splitlines() if line.startswith("5000 ")]
-    assert set(row[5:].strip()) <= {"█", "▓"}
-    # Five verdicts, five colours in that row.
+    cells = row[5:].strip()
+    seen = [g for i, g in enumerate(cells) if i == 0 or g != cells[i - 1]]
+    pure = [g for g in seen if g != GLYPHS_PLAIN["mixed"]]
+    assert pure == [GLYPHS_PLAIN[v] for v in facts.VERDICTS], row
+    # Five verdicts, five glyphs, five colours in that row.
     (raw_row,) = [line for line in raw.splitlines() if _ANSI.sub("", line).startswith("5000 ")]
-    assert len(set(re.findall(r"\x1b\[([0-9;]*)m█", raw_row))) == 5
+    coloured = set(re.findall(r"\x1b\[([0-9;]*)m([^\x1b])", raw_row))
+    by_glyph = {g: c for c, g in coloured if g in pure}
+    assert len(by_glyph) == 5, coloured
+    assert len(set(by_glyph.values())) == 5, coloured
+    flat = _flat(out)
+    for v in facts.VERDICTS:
+        assert f"{GLYPHS_PLAIN[v]} {v}" in flat  # the legend, glyph by glyph
 
 
 # ---------------------------------------------------------------------------------------

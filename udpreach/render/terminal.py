@@ -14,9 +14,9 @@ a command is ever cut or split:
   phrase a line), at any width, on a terminal or not; where any column would wrap, the
   same rows come as a list, one field a line.
 * A command is one line, always (``Command``), so it pastes as it was printed.
-* The matrix narrows its columns to the width; without colour (a pipe, ``NO_COLOR``,
-  ``TERM=dumb``) every verdict has its own glyph, and plain ASCII ones where the output
-  encoding is not UTF-8.
+* The matrix narrows its columns to the width; every verdict has its own glyph, coloured
+  where colour shows (a colour alone is lost on colour-blind eyes, a pipe, ``NO_COLOR`` and
+  ``TERM=dumb``), and plain ASCII ones where the output encoding is not UTF-8.
 * Long lists are folded (``udpreach.render.fold``) to at most ``MAX_ROWS`` rows, saying
   so and where the exact list is.
 """
@@ -47,9 +47,7 @@ COLOURS = {
     "untested": "magenta",
     "unknown": "grey50",
 }
-GLYPH_PURE = "█"
-GLYPH_MIXED = "▓"
-# Without colour every verdict has a glyph of its own; ASCII where the encoding needs it.
+# Every verdict has a glyph of its own, in colour or not; ASCII where the encoding needs it.
 GLYPHS_PLAIN = {
     "open": "·",
     "blocked": "█",
@@ -349,14 +347,11 @@ class Matrix:
         cols = max(MIN_MATRIX_COLUMNS, min(MATRIX_COLUMNS, options.max_width - label_w - 1))
         low, high, width, rows = bucket_matrix(self.doc, cols)
         nb = len(next(iter(rows.values())))
-        ascii_only = _ascii(console, options)
-        distinct = _plain(console) or ascii_only  # a glyph per verdict, not a colour
-        glyphs = GLYPHS_ASCII if ascii_only else GLYPHS_PLAIN
+        # A glyph per verdict, in colour too: a colour alone is lost on colour-blind eyes.
+        glyphs = GLYPHS_ASCII if _ascii(console, options) else GLYPHS_PLAIN
 
         def glyph(kind: str) -> str:
-            if distinct:
-                return glyphs[kind]
-            return GLYPH_MIXED if kind == "mixed" else GLYPH_PURE
+            return glyphs[kind]
 
         yield Para(Text(f"Matrix: source ports {low}-{high}, {width:,} per column", style="bold"))
         lo_s, hi_s = str(low), str(high)
@@ -376,10 +371,10 @@ class Matrix:
         items: list[Text] = []
         for verdict, colour in COLOURS.items():
             items.append(Text.assemble((glyph(verdict), colour), f" {verdict}"))
-        if distinct:
+        if _plain(console):
             items.append(Text(f"{glyph('mixed')} mixed (several verdicts)"))
         else:
-            items.append(Text(f"{GLYPH_MIXED} mixed (colour of the majority)"))
+            items.append(Text(f"{glyph('mixed')} mixed (several verdicts; colour of the majority)"))
         if blank:
             items.append(Text("blank: no planned port"))
         yield from _pack(items, options.max_width)
