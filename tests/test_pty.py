@@ -304,3 +304,28 @@ def test_show_on_a_terminal_never_wraps_a_table_column(
     if cols >= 250:  # wide enough for every detail on one line: the tables stay
         assert tables == 2, res.text
         assert any(cells[-1].startswith("ICMP type 3 code 13") for cells in _table_cells(res.text))
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("cols", [120, 200])
+def test_the_lab_demo_says_where_its_policy_is_and_keeps_every_rule_whole(cols: int) -> None:
+    """The demo's policy panel was 72 columns wide at any width (nft rules wrapped mid-rule
+    at 200) and the header said "policy below" when it came beside."""
+    from labkit import skip_without_lab
+
+    from udpreach.demo import _policy_rules
+    from udpreach.lab import bundled_policy
+
+    skip_without_lab()
+    res = run_pty(udpreach_argv("demo"), cols=cols, timeout=300)
+    assert res.returncode == 0, res.text
+    assert "Traceback" not in res.text
+    where = "beside" if cols >= 185 else "below"  # the panel is 107 columns wide
+    assert f"(nftables policy {where} the report)" in " ".join(res.text.split())
+    lines = res.text.splitlines()
+    policy_at = next(i for i, line in enumerate(lines) if "nftables policy on the router" in line)
+    report_at = next(i for i, line in enumerate(lines) if "udpreach run " in line)
+    assert (policy_at == report_at) if where == "beside" else (policy_at > report_at)
+    for rule in _policy_rules(bundled_policy("demo")).splitlines():
+        if rule.strip():
+            assert any(rule.strip() in line for line in lines), f"rule broken: {rule.strip()}"

@@ -397,26 +397,68 @@ def _pack(items: list[Text], width: int) -> Iterator[Text]:
 # The report.
 
 
+# Columns the report keeps when something is shown beside it (the demo's policy).
+BESIDE_REPORT_MIN = 76
+
+
+def fits_beside(width: int, beside_width: int) -> bool:
+    """Whether a terminal *width* columns wide shows something *beside_width* wide beside
+    the report (else it comes below the report)."""
+    return width >= beside_width + 2 + BESIDE_REPORT_MIN
+
+
 def render_run(doc: dict[str, Any], console: Console, *, beside: Any = None) -> None:
     """Print the whole human report of a run document.
 
     Args:
         beside: something to show to the left of the summary and range table (the demo puts
-            the firewall policy there), when the terminal is wide enough.
+            the firewall policy there) when the terminal is wide enough for both
+            (``fits_beside``), else below the report.
     """
     parts = run_renderables(doc)
-    if beside is not None and console.width >= 150:
+    beside_width = (
+        0 if beside is None else Measurement.get(console, console.options, beside).maximum
+    )
+    if beside is not None and fits_beside(console.width, beside_width):
         grid = Table.grid(padding=(0, 2))
-        grid.add_column()
-        grid.add_column()
+        grid.add_column(width=beside_width, no_wrap=True)  # as wide as it asks, always
+        grid.add_column(ratio=1)
         grid.add_row(beside, Group(*parts[:-1]))
         console.print(grid)
         console.print(parts[-1], crop=False)
         return
-    if beside is not None:
-        console.print(beside)
     for part in parts:
         console.print(part, crop=False)
+    if beside is not None:
+        console.print(beside, crop=False)
+
+
+class Policy:
+    """A firewall policy shown with a report: a panel as wide as its longest rule, or, where
+    the width cannot hold that panel, its title and one rule a line (never wrapped inside a
+    rule, never cut: a line wider than the terminal runs past its edge)."""
+
+    def __init__(self, text: str, title: str) -> None:
+        self.lines = [line.expandtabs(4).rstrip() for line in text.splitlines()]
+        self.title = title
+        inner = max([len(title) + 2, *(Text(line).cell_len for line in self.lines)])
+        self.width = inner + 4  # borders and padding
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        from rich.panel import Panel
+        from rich.syntax import Syntax
+
+        if self.width <= options.max_width:
+            code = Syntax("\n".join(self.lines), "bash", theme="ansi_dark", word_wrap=False)
+            yield Panel(code, title=Text(self.title), width=self.width)
+            return
+        yield Para(Text(self.title, style="bold"))
+        for line in self.lines:
+            yield Segment("  " + line)
+            yield Segment.line()
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement(self.width, self.width)
 
 
 def _head(doc: dict[str, Any]) -> Text:
