@@ -6,7 +6,12 @@ unexpected exception into one line on stderr and the contract's exit code (0 don
 deviations, 2 bad usage or configuration, 3 could not complete); with ``--json`` the line
 also goes to stdout as ``{"schema": "udpreach/error-v1", ...}`` so a pipeline always gets
 JSON. ``main`` in ``udpreach.cli`` does the same for click's own usage errors. Messages are
-printed as plain text: nothing in them is read as rich markup.
+printed as plain text: nothing in them is read as rich markup. An error caused by a value
+the command took from the environment (``UDPREACH_COORDINATOR``, ``UDPREACH_SECRET_FILE``)
+names the variable, since the user may have set it long ago.
+
+Standard output is made to outlive its reader (``udpreach show RUN | head -1``): a closed
+pipe changes neither what the command does nor its exit status, and prints nothing.
 
 This module imports typer only; rich, trio and numpy load when a command needs them, so
 ``udpreach --help`` stays fast.
@@ -58,7 +63,7 @@ T = TypeVar("T")
 ERROR_SCHEMA = schema.ERROR
 DEBUG_ENV = "UDPREACH_DEBUG"  # set to 1: unexpected errors show their traceback
 COORDINATOR_ENV = "UDPREACH_COORDINATOR"
-SECRET_ENV = "UDPREACH_SECRET_FILE"
+SECRET_ENV = "UDPREACH_SECRET_FILE"  # udpreach.secret.ENV_VAR (not imported: --help stays fast)
 
 CoordinatorOpt = Annotated[
     str,

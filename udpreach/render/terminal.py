@@ -15,8 +15,9 @@ a command is ever cut or split:
   same rows come as a list, one field a line.
 * A command is one line, always (``Command``), so it pastes as it was printed.
 * The matrix narrows its columns to the width; every verdict has its own glyph, coloured
-  where colour shows (a colour alone is lost on colour-blind eyes, a pipe, ``NO_COLOR`` and
-  ``TERM=dumb``), and plain ASCII ones where the output encoding is not UTF-8.
+  where colour shows (colour alone is lost on colour-blind eyes, and in a pipe, with
+  ``NO_COLOR`` or on ``TERM=dumb``), and plain ASCII ones where the output encoding is not
+  UTF-8.
 * Long lists are folded (``udpreach.render.fold``) to at most ``MAX_ROWS`` rows, saying
   so and where the exact list is.
 """
@@ -350,9 +351,6 @@ class Matrix:
         # A glyph per verdict, in colour too: a colour alone is lost on colour-blind eyes.
         glyphs = GLYPHS_ASCII if _ascii(console, options) else GLYPHS_PLAIN
 
-        def glyph(kind: str) -> str:
-            return glyphs[kind]
-
         yield Para(Text(f"Matrix: source ports {low}-{high}, {width:,} per column", style="bold"))
         lo_s, hi_s = str(low), str(high)
         gap = nb - len(lo_s) - len(hi_s)
@@ -366,15 +364,13 @@ class Matrix:
                     blank = True
                     continue
                 major = max(counts, key=lambda v: counts[v])
-                line.append(glyph(major if len(counts) == 1 else "mixed"), style=COLOURS[major])
+                line.append(glyphs[major if len(counts) == 1 else "mixed"], style=COLOURS[major])
             yield line
         items: list[Text] = []
         for verdict, colour in COLOURS.items():
-            items.append(Text.assemble((glyph(verdict), colour), f" {verdict}"))
-        if _plain(console):
-            items.append(Text(f"{glyph('mixed')} mixed (several verdicts)"))
-        else:
-            items.append(Text(f"{glyph('mixed')} mixed (several verdicts; colour of the majority)"))
+            items.append(Text.assemble((glyphs[verdict], colour), f" {verdict}"))
+        mixed = "" if _plain(console) else "; colour of the majority"
+        items.append(Text(f"{glyphs['mixed']} mixed (several verdicts{mixed})"))
         if blank:
             items.append(Text("blank: no planned port"))
         yield from _pack(items, options.max_width)
