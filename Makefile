@@ -11,7 +11,7 @@ SYS_VENV  := .venv-sys
 SYS_STAMP := $(SYS_VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test test-default test-system lint bench bench-deps clean system-deps
+.PHONY: demo test test-default test-system lint bench bench-deps clean lab-deps test-deps
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,21 +25,30 @@ $(SYS_STAMP): pyproject.toml Makefile
 	$(SYS_VENV)/bin/python -m pip install -q -e '.[dev]'
 	touch $(SYS_STAMP)
 
-# Root (as in CI) gets the real-firewall lab: install nftables and iproute2 when missing.
-system-deps:
-	@if [ "$$(id -u)" = "0" ]; then \
-	  missing=""; \
-	  command -v nft >/dev/null 2>&1 || missing="$$missing nftables"; \
-	  command -v ip  >/dev/null 2>&1 || missing="$$missing iproute2"; \
-	  command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
-	  if [ -n "$$missing" ]; then \
-	    echo "installing:$$missing"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
-	      || echo "warning: could not install$$missing; root-only tests will skip"; \
-	  fi; \
-	else echo "not root: the real-firewall lab tests will be skipped"; fi
+# As root (as in CI), each target installs the system packages it needs and says so in one
+# line: `make demo` the real-firewall lab's (nftables, iproute2); `make test` those and chromium
+# for the HTML report's browser tests. Not root: nothing is installed, and the demo runs over
+# loopback and those tests skip.
+# $(call apt_missing,COMMAND:PACKAGE ...,what they are for,what happens without them)
+apt_missing = \
+	if [ "$$(id -u)" != "0" ]; then echo "not root: nothing installed; $(3)"; exit 0; fi; \
+	missing=""; \
+	for need in $(1); do \
+	  command -v "$${need%%:*}" >/dev/null 2>&1 || missing="$$missing $${need\#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (apt-get) for $(2)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	    || echo "warning: could not install$$missing; $(3)"; \
+	fi
 
-demo: $(STAMP) system-deps
+lab-deps:
+	@$(call apt_missing,nft:nftables ip:iproute2,the real-firewall lab,the demo runs over loopback and the lab tests skip)
+
+test-deps: lab-deps
+	@$(call apt_missing,chromium:chromium,the HTML report's browser tests,the HTML report's browser tests skip without chromium)
+
+demo: $(STAMP) lab-deps
 	$(BIN)/udpreach demo
 
 test: test-default
@@ -49,10 +58,10 @@ test: test-default
 	  echo "$(SYS_PY) is the Python the suite just ran on: once is enough"; \
 	else $(MAKE) --no-print-directory test-system; fi
 
-test-default: $(STAMP) system-deps
+test-default: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q
 
-test-system: $(SYS_STAMP) system-deps
+test-system: $(SYS_STAMP) test-deps
 	@echo "the suite again on $(SYS_PY) ($$($(SYS_PY) -V 2>&1))"
 	$(SYS_VENV)/bin/python -m pytest -q
 
@@ -62,7 +71,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # The bench also compares with hping3 (and a C sendmmsg sender, built with gcc when present).
-bench-deps: system-deps
+bench-deps: lab-deps
 	@if [ "$$(id -u)" = "0" ] && ! command -v hping3 >/dev/null 2>&1; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hping3 >/dev/null) \
 	    || echo "warning: could not install hping3; its row will be skipped"; \

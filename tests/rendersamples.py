@@ -77,6 +77,9 @@ def _loss(estimate: float | None = 0.002, *, blocked: bool = True) -> dict[str, 
     }
 
 
+INTERRUPTED_LOSS = {"upper": 0.00036, "false_blocked_bound": 1.0, "confidence_reached": False}
+
+
 @_cached
 def interrupted_sweep(seed: int = 1) -> dict[str, Any]:
     rng = random.Random(seed)
@@ -97,7 +100,9 @@ def interrupted_sweep(seed: int = 1) -> dict[str, Any]:
         extra={
             "started": 1_764_133_200.0,
             "duration": 12.5,
-            "loss": _loss(0.0, blocked=False),
+            # As the engine writes it for a cancelled run (the trial's Ctrl-C'd sweep): no
+            # bound computed (1.0, "any blocked cell may be open"), the target not reached.
+            "loss": _loss(0.0, blocked=False) | INTERRUPTED_LOSS,
             "warnings": ["the run was cancelled by its requester"],
         },
     )
@@ -126,6 +131,38 @@ def sampled_run(seed: int = 2) -> dict[str, Any]:
     )
 
 
+@_cached
+def interrupted_sample(seed: int = 3) -> dict[str, Any]:
+    """The trial's other Ctrl-C: ``random:500`` to two ports through a policy that rejects
+    40000-49999, cancelled with about half of the samples settled (in random order, as
+    the probe sends): scattered rejected samples, the rest unknown."""
+    rng = random.Random(seed)
+    src = sorted(rng.sample(range(1024, 65536), 500))
+    led = Ledger([5000, 5001], src)
+    for d in (5000, 5001):
+        settled = [s for s in src if rng.random() < 0.5]
+        led.note_sent_many(d, settled)
+        for s in settled:
+            if 40000 <= s <= 49999:
+                led.note_icmp(d, s, IcmpInfo(3, 13, ROUTER))
+        _receive(led, d, [s for s in settled if not 40000 <= s <= 49999])
+    led.finish(complete=False)
+    return build_document(
+        run_id="20251126T053000-5a5a00",
+        complete=False,
+        agent=_agent(),
+        probe={"address": PROBE, "target": AGENT, "send_mode": "raw"},
+        plan=_plan(format_ports(src), (5000, 5001)),
+        ledger=led,
+        extra={
+            "started": 1_764_135_000.0,
+            "duration": 2.5,
+            "loss": _loss(0.0) | INTERRUPTED_LOSS,
+            "warnings": ["the run was cancelled by its requester"],
+        },
+    )
+
+
 V6_AGENT = "2001:db8:ffff:ffff:ffff:ffff:ffff:1002"
 V6_PROBE = "2001:db8:ffff:ffff:ffff:ffff:ffff:2002"
 V6_ROUTER = "2001:db8:ffff:ffff:ffff:ffff:ffff:fffe"
@@ -133,10 +170,14 @@ HOSTILE = '<script>alert("x")</script> [bold red]not markup[/] & "quotes"'
 
 
 @_cached
-def everything(*, v6: bool = False, loss_estimate: float | None = 0.002) -> dict[str, Any]:
+def everything(
+    *, v6: bool = False, loss_estimate: float | None = 0.002, complete: bool = True
+) -> dict[str, Any]:
     """Every verdict and detail: blocked (with inferred and icmp_limited cells) in
     scattered ranges that make a multi-rule iptables recommendation, rejected (verified and
-    not), untested, NAT, unknown; warnings and names that carry markup."""
+    not), untested, NAT; warnings and names that carry markup. With ``complete=False`` the
+    agent was lost before 64000-65535 to 5002 settled: those cells are unknown, the run is
+    incomplete, and (as for every incomplete run) nothing is recommended."""
     agent, probe, router = (V6_AGENT, V6_PROBE, V6_ROUTER) if v6 else (AGENT, PROBE, ROUTER)
     dst = (5000, 5001, 5002)
     led = Ledger(dst, range(1024, 65536))
@@ -155,12 +196,13 @@ def everything(*, v6: bool = False, loss_estimate: float | None = 0.002) -> dict
     _receive(led, 5001, [s for s in range(1024, 60000) if s not in nat], agent)
     _receive(led, 5001, list(nat), agent, shift=10000)
     _receive(led, 5001, list(range(60200, 65536)), agent)
-    # 5002 from 64000 on: never settled (unknown).
-    _receive(led, 5002, [s for s in range(1024, 64000) if s != 5353], agent)
+    # 5002 from 64000 on: never settled (unknown) in the incomplete run.
+    last = 65536 if complete else 64000
+    _receive(led, 5002, [s for s in range(1024, last) if s != 5353], agent)
     led.finish(complete=True)
     doc = build_document(
         run_id="20251126T070000-e7e7e7",
-        complete=False,
+        complete=complete,
         agent=_agent(agent, dst, name=HOSTILE),
         probe={"address": probe, "target": agent, "send_mode": "raw"},
         plan=_plan("1024-65535", dst),
@@ -176,12 +218,14 @@ def everything(*, v6: bool = False, loss_estimate: float | None = 0.002) -> dict
             "path_mtu": {"mtu": 1280, "from": router},
         },
     )
-    # The agent was lost before 64000-65535 to 5002 was settled: unknown, not blocked.
-    (lost,) = [r for r in doc["ranges"] if r["dst_port"] == 5002 and r["first"] == 64000]
-    lost["verdict"] = "unknown"
-    doc["summary"]["blocked"] -= 1536
-    doc["summary"]["unknown"] += 1536
-    doc["recommendations"] = recommend(doc)
+    if not complete:
+        # The agent was lost before 64000-65535 to 5002 was settled: unknown, not blocked.
+        (lost,) = [r for r in doc["ranges"] if r["dst_port"] == 5002 and r["first"] == 64000]
+        lost["verdict"] = "unknown"
+        doc["summary"]["blocked"] -= 1536
+        doc["summary"]["unknown"] += 1536
+        doc["loss"] |= INTERRUPTED_LOSS
+        doc["recommendations"] = recommend(doc)
     # The engine of issue 14 will set these; until it does, as the contract describes them.
     for r in doc["ranges"]:
         if r["verdict"] == "blocked" and r["first"] == 40000:

@@ -22,6 +22,10 @@ from prockit import python_output, stop
         (["--src-ports", "2000-1000"], "reversed range"),
         (["--src-ports", ""], "empty port spec"),
         (["--src-ports", "12a"], "malformed"),
+        (["--src-ports", "random:abc"], "random:N needs N to be a number of ports (1-64512)"),
+        (["--src-ports", "random:"], "random:N needs N to be a number of ports"),
+        (["--src-ports", "random:99999999"], "random:N needs 1 <= N <= 64512, got 99999999"),
+        (["--src-ports", "random:5,1024"], "'random:N' must stand alone"),
         (["--dst-ports", "5000,,5001"], "empty item"),
         (["--size", "8"], "--size"),
         (["--copies", "0"], "--copies"),
@@ -288,6 +292,34 @@ def test_coordinator_and_secret_from_the_environment(secret_file: Path) -> None:
     (line,) = missing.stderr.strip().splitlines()
     assert line.startswith("udpreach: Missing option '--coordinator'"), line
     assert line.endswith("(see 'udpreach agents -h')"), line
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "line"),
+    [
+        ({"UDPREACH_COORDINATOR": "bogus"}, [],
+         "--coordinator must be HOST:PORT, got 'bogus' (from UDPREACH_COORDINATOR)"),
+        ({}, ["--coordinator", "bogus"], "--coordinator must be HOST:PORT, got 'bogus'"),
+        ({"UDPREACH_COORDINATOR": "127.0.0.1:9"}, [],
+         "cannot reach coordinator 127.0.0.1:9: Connection refused "
+         "(--coordinator from UDPREACH_COORDINATOR)"),
+        ({"UDPREACH_SECRET_FILE": "/nonexistent/secret"}, ["--coordinator", "127.0.0.1:9"],
+         "cannot read secret file /nonexistent/secret: No such file or directory "
+         "(--secret-file from UDPREACH_SECRET_FILE)"),
+        ({}, ["--coordinator", "127.0.0.1:9", "--secret-file", "/nonexistent/secret"],
+         "cannot read secret file /nonexistent/secret: No such file or directory"),
+    ],
+)  # fmt: skip
+def test_an_error_from_the_environment_names_the_variable(
+    secret_file: Path, env: dict[str, str], args: list[str], line: str
+) -> None:
+    """`UDPREACH_COORDINATOR=bogus` said '--coordinator must be HOST:PORT', and the user had
+    given no --coordinator: a value set in the environment and forgotten is named."""
+    base = {"UDPREACH_SECRET_FILE": str(secret_file), "UDPREACH_COORDINATOR": ""}
+    for command in (["agents"], ["run", "--agent", "x"]):
+        proc = run_cli(*command, *args, env=base | env)
+        assert proc.returncode in (2, 3), proc.stderr
+        assert proc.stderr.splitlines() == [f"udpreach: {line}"]
 
 
 @pytest.mark.parametrize(

@@ -20,9 +20,12 @@ from udpreach.core.expect import (
     expect_from,
     judge,
     judged_cells,
+    judgement,
+    judgement_of,
     merge_ranges,
     parse_expect,
     summarize_judgement,
+    with_judgement,
 )
 from udpreach.core.portspec import parse_ports
 
@@ -419,3 +422,66 @@ def test_a_full_sweep_is_judged_quickly() -> None:
     elapsed = time.perf_counter() - t0
     assert sum(d["last"] - d["first"] + 1 for d in devs) > 0
     assert elapsed < 0.5, f"judging 16 x 64,512 cells took {elapsed:.2f} s"
+
+
+# ---------------------------------------------------------------------------------------
+# Entries that judge no cell (the document's "judgement").
+
+
+def _entry(dst: str, src: str, verdict: str = "open", agent: str | None = None) -> str:
+    who = f'agent = "{agent}"\n' if agent else ""
+    return f'[[expect]]\n{who}dst_ports = "{dst}"\nsrc_ports = "{src}"\nverdict = "{verdict}"\n'
+
+
+def test_each_entry_that_judges_no_cell_is_named_with_its_reason() -> None:
+    doc = baseline()  # pc-17: 5000 and 5001, source ports 1024-65535
+    text = (
+        _entry("5000-5001", "1024-65535")  # line 1: judges everything, at first
+        + _entry("5000", "40000-49999", "blocked", agent="pc-18")  # line 5: another agent
+        + _entry("6000", "1024-65535")  # line 10: a port the run did not plan
+        + _entry("5000", "1-1023")  # line 14: source ports the run did not plan
+        + _entry("5001", "2000-2999")  # line 18: overridden by the next one
+        + _entry("5001", "1024-9999")  # line 22
+    )
+    judged = judgement(doc, parse_expect(text))
+    assert [e["cells"] for e in judged["entries"]] == [64512 + 55536, 0, 0, 0, 0, 8976]
+    assert judged["cells"] == 2 * 64512
+    reasons = {u["entry"]: (u["line"], u["fails"], u["reason"]) for u in judged["unmatched"]}
+    assert reasons == {
+        2: (5, False, "it is for agent pc-18, and this run's agent is pc-17"),
+        3: (10, True, "none of its destination ports was planned (the run's: 5000-5001)"),
+        4: (14, True, "none of its source ports was planned (the run's: 1024-65535)"),
+        5: (18, True, "later entries override every one of its cells"),
+    }
+    assert judged["problem"] == (
+        "3 expectation entries judged no cell: #3 (line 10), #4 (line 14), #5 (line 18)"
+    )
+    assert judged["as_expected"] is False
+    assert judged["deviating"] == 10101  # the blocked, rejected and untested cells
+
+
+def test_entries_only_for_other_agents_judge_nothing_and_say_so() -> None:
+    judged = judgement(baseline(), parse_expect(_entry("5000", "1024-65535", agent="pc-71")))
+    assert (judged["cells"], judged["as_expected"]) == (0, False)
+    assert judged["problem"] == (
+        "the expectations judged no cell: every entry names another agent (pc-71), and this "
+        "run's agent is pc-17"
+    )
+
+
+def test_one_entry_that_judges_nothing_is_the_problem_in_full() -> None:
+    judged = judgement(baseline(), parse_expect(_entry("5000", "1024-65535") + _entry("6000", "1")))
+    assert judged["problem"] == (
+        "expectation entry #2 (line 5: dst 6000 src 1 open) judged no cell: none of its "
+        "destination ports was planned (the run's: 5000-5001)"
+    )
+
+
+def test_a_judgement_that_judged_everything_is_as_expected_and_rides_along() -> None:
+    doc = baseline()
+    entries = parse_expect(expect_from(doc))  # the baseline of itself: every cell as expected
+    doc["expect"] = [e.to_json() for e in entries]
+    assert judgement_of(docsamples.baseline()) is None  # never judged
+    judged = with_judgement(doc)["judgement"]
+    assert (judged["unmatched"], judged["problem"], judged["as_expected"]) == ([], None, True)
+    assert judgement_of(doc) is judged  # a document's own judgement is read, not redone

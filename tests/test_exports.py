@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
@@ -16,11 +17,12 @@ from typing import Any
 import docsamples
 import pytest
 import rendersamples
+from conftest import run_cli
 from docsamples import BASELINE_EXPECT, after_change, baseline, build_doc, cell_verdicts, docs
 from hypothesis import given, settings
 
 from udpreach.core.diff import diff_runs
-from udpreach.core.expect import judge, parse_expect
+from udpreach.core.expect import expect_from, judge, parse_expect
 from udpreach.core.intervals import merge_ranges
 from udpreach.core.recommend import MULTIPORT_SLOTS, iptables_rules, recommend
 from udpreach.render.csv import write_csv
@@ -343,10 +345,12 @@ def test_a_fully_open_port_is_the_fixed_port_and_ipv6_rules() -> None:
     ]
 
 
-def test_a_port_with_unknown_cells_is_not_recommended() -> None:
-    rec = recommend(docsamples.incomplete())
-    assert rec["fixed_ports"] == []
-    assert any("5001" in n and "run again" in n for n in rec["notes"])
+def test_an_incomplete_run_recommends_nothing() -> None:
+    rec = recommend(docsamples.incomplete())  # 5000 blocks 40000-49999; 5001 half unknown
+    assert (rec["fixed_ports"], rec["rules"]) == ([], [])
+    (note,) = rec["notes"]
+    assert "the run is incomplete (35,536 cells unknown)" in note
+    assert "run again" in note
 
 
 def test_ports_sharing_a_pattern_share_a_rule() -> None:
@@ -707,3 +711,154 @@ def test_reports_of_an_interrupted_sweep_stay_short(tmp_path: Path) -> None:
     failure = root.find("testsuite/testcase[@name='run complete']/failure")
     assert failure is not None
     assert len((failure.text or "").splitlines()) < 10
+
+
+# ---------------------------------------------------------------------------------------
+# Every export says what the JSON says about confidence (show --json against show --csv
+# --junit --markdown --html, through the real CLI).
+
+
+def _stored(doc: dict[str, Any], tmp_path: Path) -> Path:
+    from udpreach.store import RunStore
+
+    db = tmp_path / "runs.sqlite3"
+    with RunStore.open(db) as store:
+        store.finish(doc["run_id"], doc)
+    return db
+
+
+def _shown(doc: dict[str, Any], tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(show --json, the four exports show writes, show's terminal report) of *doc*."""
+    db = _stored(doc, tmp_path)
+    as_json = run_cli("show", doc["run_id"], "--db", str(db), "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    out = tmp_path / "out"
+    out.mkdir()
+    paths = {k: out / f"r.{k}" for k in ("html", "md", "xml", "csv")}
+    shown = run_cli(
+        "show", doc["run_id"], "--db", str(db), "--html", str(paths["html"]),
+        "--markdown", str(paths["md"]), "--junit", str(paths["xml"]), "--csv", str(paths["csv"]),
+        env={"COLUMNS": "100"},
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    page = _Texts()
+    page.feed(paths["html"].read_text())
+    root = ET.parse(paths["xml"]).getroot()
+    x = {
+        "html": page,
+        "md": paths["md"].read_text(),
+        "props": dict((p.get("name"), p.get("value")) for p in root.iter("property")),
+        "out": root.findtext("testsuite/system-out") or "",
+        "csv": _csv_rows(paths["csv"]),
+    }
+    return json.loads(as_json.stdout), x, shown.stdout
+
+
+def test_an_interrupted_run_has_reached_its_target_in_no_export(tmp_path: Path) -> None:
+    """The trial: a Ctrl-C'd sweep's JSON says bound 1.0, not reached; the exports said
+    bound 0, reached, "yes: no cell blocked"."""
+    doc, x, terminal = _shown(rendersamples.interrupted_sweep(), tmp_path)
+    assert doc["complete"] is False
+    assert doc["loss"]["false_blocked_bound"] == 1.0
+    assert doc["loss"]["confidence_reached"] is False
+    assert (x["props"]["false_blocked_bound"], x["props"]["confidence_reached"]) == ("1", "false")
+    assert {(r["false_blocked_bound"], r["confidence_reached"]) for r in x["csv"]} == {
+        ("1", "false")
+    }
+    not_reached = "NO: the run is incomplete (target 0.01)"
+    assert x["html"].by_id["bound"] == "<= 1"
+    assert x["html"].by_id["confidence-reached"] == not_reached
+    assert "| Chance that any 'blocked' cell is really open | \\<= 1 |" in x["md"]
+    assert f"| Confidence target reached | **{not_reached}** |" in x["md"]
+    assert f"confidence target reached: {not_reached}" in x["out"]
+    assert "chance that any 'blocked' cell is really open: <= 1" in x["out"]
+    for text in (x["html"].by_id["confidence"], x["md"], x["out"]):
+        assert "yes: no cell blocked" not in text
+        assert "none: no cell blocked" not in text
+    flat = " ".join(terminal.split())
+    assert "(confidence target not reached: the run is incomplete)" in flat
+    assert "really open: <= 1" in flat
+
+
+def test_a_run_that_says_reached_while_incomplete_is_not_reached_anywhere(
+    tmp_path: Path,
+) -> None:
+    """An incomplete run never reached its target, whatever its loss block claims."""
+    doc = rendersamples.everything(complete=False)
+    doc["loss"]["confidence_reached"] = True
+    _, x, terminal = _shown(doc, tmp_path)
+    assert x["props"]["confidence_reached"] == "false"
+    assert {r["confidence_reached"] for r in x["csv"]} == {"false"}
+    assert x["html"].by_id["confidence-reached"].startswith("NO: the run is incomplete")
+    assert "confidence target not reached: the run is incomplete" in " ".join(terminal.split())
+
+
+@pytest.mark.parametrize("bound", [0.0, 3e-9])
+def test_a_tiny_bound_reads_below_one_in_a_million_everywhere(bound: float, tmp_path: Path) -> None:
+    """The trial's "chance that any 'blocked' cell is really open: <= 0" claimed a
+    certainty no measurement gives."""
+    doc = rendersamples.everything()
+    doc["loss"]["false_blocked_bound"] = bound
+    shown, x, terminal = _shown(doc, tmp_path)
+    assert shown["loss"]["false_blocked_bound"] == bound  # the JSON keeps its number
+    assert x["props"]["false_blocked_bound"] == "< 1e-6"
+    assert {r["false_blocked_bound"] for r in x["csv"]} == {"< 1e-6"}
+    assert x["html"].by_id["bound"] == "< 1e-6"
+    assert "| Chance that any 'blocked' cell is really open | \\< 1e-6 |" in x["md"]
+    assert "chance that any 'blocked' cell is really open: < 1e-6" in x["out"]
+    flat = " ".join(terminal.split())
+    assert "chance that any 'blocked' cell is really open: < 1e-6 (confidence target" in flat
+    for text in (x["html"].by_id["bound"], x["md"], x["out"], terminal):
+        assert not re.search(r"<= 0(?![.\d])", text), text
+        assert not re.search(r"<= [0-9.]+e-0[0-9]", text), text
+
+
+def test_an_interrupted_run_recommends_no_rules(tmp_path: Path) -> None:
+    """A Ctrl-C'd random:500 run: rules for the scattered rejected samples that happened to
+    settle would open the wrong ports and miss the unknown ones, so none is offered, and
+    one note says why, in the JSON and every report."""
+    doc, x, terminal = _shown(rendersamples.interrupted_sample(), tmp_path)
+    assert doc["summary"]["rejected"] > 50
+    assert doc["summary"]["unknown"] > 400
+    rec = doc["recommendations"]
+    assert (rec["rules"], rec["fixed_ports"]) == ([], [])
+    (note,) = rec["notes"]
+    assert note.startswith("no rules and no fixed-port candidate: the run is incomplete")
+    for text in (terminal, x["md"], x["html"].by_id["recommendations"]):
+        flat = " ".join(text.split())
+        assert "nft insert" not in flat
+        assert "iptables -I" not in flat
+        assert "no rules and no fixed-port candidate: the run is incomplete" in flat
+    assert "no destination port passed" not in terminal
+    assert "none: the run is incomplete" in x["md"]
+    assert x["html"].by_id["fixed-ports"] == "none"
+
+
+def test_a_random_baseline_against_another_random_run_names_what_it_did_not_judge(
+    tmp_path: Path,
+) -> None:
+    """`expect --from` a random:500 run, judged against another random:500 run of the same
+    policy: the two samples hardly overlap, and the blocked entry judged nothing at all."""
+    entries = parse_expect(expect_from(rendersamples.sampled_run(2)), "base.toml")
+    doc = rendersamples.sampled_run(3)
+    doc["expect"] = [e.to_json() for e in entries]  # as the coordinator records a judged run
+    doc["deviations"] = judge(doc, entries)
+    assert doc["deviations"] == []  # what said "as expected: no deviations"
+    shown, x, terminal = _shown(doc, tmp_path)
+    judged = shown["judgement"]
+    assert (judged["cells"], judged["as_expected"]) == (2, False)
+    (u,) = judged["unmatched"]
+    assert (u["entry"], u["fails"]) == (2, True)
+    assert u["reason"].startswith("none of its source ports was among the 500 the run sampled")
+    flat = " ".join(terminal.split())
+    assert "expectations: 2 of 1,000 cells judged by 1 of 2 entries" in flat
+    assert f"entry #2 (line {u['line']}) judged no cell: none of its source ports" in flat
+    assert "not as expected: expectation entry #2" in flat
+    assert "as expected: no deviations" not in flat
+    # The exports say the same.
+    assert "Not as expected: expectation entry #2" in x["html"].by_id["not-as-expected"]
+    assert "**Not as expected: expectation entry #2" in x["md"]
+    assert "None: every judged cell is as expected." not in x["md"]
+    root = ET.parse(tmp_path / "out" / "r.xml").getroot()
+    failed = [c.get("name", "") for c in root.iter("testcase") if c.find("failure") is not None]
+    assert [n.split(":")[0] for n in failed] == [f"expect #2 (line {u['line']})"]

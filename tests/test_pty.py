@@ -18,10 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import rendersamples
 from conftest import run_cli, udpreach_argv
 from prockit import PtyResult, Services, loopback_services, run_pty
 
+from udpreach.core.expect import judge, parse_expect
 from udpreach.core.framing import Authenticated, ControlConnection, Message
+from udpreach.render import facts
+from udpreach.render.fold import fold
+from udpreach.render.terminal import MAX_ROWS
+from udpreach.store import RunStore
 
 PROGRESS = re.compile(r"^(round \d+|starting) ")
 ELAPSED = re.compile(r"\d+:\d\d:\d\d$")
@@ -208,13 +214,118 @@ def test_second_ctrl_c_quits_at_once(silent: SilentCoordinator, secret_file: Pat
     assert silent.received == ["run", "cancel"]
 
 
-def test_each_verdict_has_its_own_glyph_without_colour() -> None:
-    """With NO_COLOR, the demo's legend must tell every verdict apart by its glyph alone."""
-    res = run_pty(udpreach_argv("demo", "--loopback"), cols=120, env={"NO_COLOR": "1"})
+@pytest.mark.parametrize("no_color", [False, True], ids=["colour", "NO_COLOR"])
+def test_each_verdict_has_its_own_glyph_with_or_without_colour(no_color: bool) -> None:
+    """The demo's legend tells every verdict apart by its glyph alone: without colour, and
+    in colour too (a colour-blind user cannot tell green from red: every verdict was `█`)."""
+    env = {"NO_COLOR": "1"} if no_color else {}
+    res = run_pty(udpreach_argv("demo", "--loopback"), cols=120, env=env)
     assert res.returncode == 0, res.text
+    assert bool(_colours(res.raw)) != no_color
     legend = {}
     for verdict in VERDICTS:
         m = re.search(rf"(\S) {verdict}\b", res.text)
         assert m, f"{verdict!r} not in the legend: {res.text}"
         legend[verdict] = m.group(1)
     assert len(set(legend.values())) == len(VERDICTS), legend
+
+
+# ---------------------------------------------------------------------------------------
+# No table column wraps, piped or on a terminal, at any width: a list instead.
+
+
+def _table_cells(text: str) -> list[list[str]]:
+    """The cells of every body row line of the tables in *text*."""
+    return [
+        [c.strip() for c in line.strip().strip("│").split("│")]
+        for line in text.splitlines()
+        if line.startswith("│")
+    ]
+
+
+@pytest.fixture(scope="module")
+def stored_everything(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """A stored run with every detail a row can carry (ICMP, NAT, a hostile reason), judged
+    against an expectation that makes its rejected ranges deviations."""
+
+    doc = rendersamples.everything()
+    entries = parse_expect('[[expect]]\ndst_ports = "5001"\nsrc_ports = "60000-60199"\n'
+                           'verdict = "open"\n')  # fmt: skip
+    doc["expect"] = [e.to_json() for e in entries]
+    doc["deviations"] = judge(doc, entries)
+    db = tmp_path_factory.mktemp("stored") / "runs.sqlite3"
+    with RunStore.open(db) as store:
+        for stored in (doc, rendersamples.interrupted_sweep()):
+            store.finish(stored["run_id"], stored)
+    return db, doc
+
+
+def _check_no_cell_wraps(text: str, doc: dict[str, Any]) -> None:
+    """Every details cell holds whole phrases, every source-port cell a whole span, as the
+    report's rows (folded as the report folds them) have them."""
+    phrases, spans = set(), set()
+    for ranges in (doc["ranges"], doc.get("deviations") or []):
+        for row in fold(ranges, MAX_ROWS, sampled=facts.sampled(doc)).rows:
+            phrases.update(facts.row_details(row))
+            spans.add(facts.span(row.first, row.last))
+    for cells in _table_cells(text):
+        details, span = cells[-1], cells[1]
+        assert not details or details in phrases, f"a details cell wrapped: {details!r}"
+        assert not span or span in spans, f"a source-port cell wrapped: {span!r}"
+
+
+def test_piped_show_lists_what_a_table_would_wrap(
+    stored_everything: tuple[Path, dict[str, Any]],
+) -> None:
+    """Piped (80 columns, no terminal): the trial's report kept the wide table and wrapped
+    its details one word a line (an ICMP row took 13 lines)."""
+    db, doc = stored_everything
+    for shown in (doc, rendersamples.interrupted_sweep()):  # the trial's Ctrl-C'd run too
+        proc = run_cli("show", shown["run_id"], "--db", str(db), env={"COLUMNS": ""})
+        assert proc.returncode == 0, proc.stderr
+        _check_no_cell_wraps(proc.stdout, shown)
+        assert "┏" not in proc.stdout  # the details do not fit 80 columns: lists
+    out = run_cli("show", doc["run_id"], "--db", str(db), env={"COLUMNS": ""}).stdout
+    icmp = [line for line in out.splitlines() if "ICMP type 3 code 13" in line]
+    assert len(icmp) == 2  # the range and its deviation, each from its own line
+    for line in out.splitlines():  # only a command, one line by design, is wider
+        assert len(line) <= 80 or line.split()[0] in ("nft", "iptables"), line
+
+
+@pytest.mark.parametrize("cols", [60, 100, 160, 250])
+def test_show_on_a_terminal_never_wraps_a_table_column(
+    stored_everything: tuple[Path, dict[str, Any]], cols: int
+) -> None:
+    db, doc = stored_everything
+    res = run_pty(udpreach_argv("show", doc["run_id"], "--db", str(db)), cols=cols)
+    assert res.returncode == 0, res.text
+    _check_no_cell_wraps(res.text, doc)
+    tables = res.text.count("┏")
+    if cols >= 250:  # wide enough for every detail on one line: the tables stay
+        assert tables == 2, res.text
+        assert any(cells[-1].startswith("ICMP type 3 code 13") for cells in _table_cells(res.text))
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("cols", [120, 200])
+def test_the_lab_demo_says_where_its_policy_is_and_keeps_every_rule_whole(cols: int) -> None:
+    """The demo's policy panel was 72 columns wide at any width (nft rules wrapped mid-rule
+    at 200) and the header said "policy below" when it came beside."""
+    from labkit import skip_without_lab
+
+    from udpreach.demo import _policy_rules
+    from udpreach.lab import bundled_policy
+
+    skip_without_lab()
+    res = run_pty(udpreach_argv("demo"), cols=cols, timeout=300)
+    assert res.returncode == 0, res.text
+    assert "Traceback" not in res.text
+    where = "beside" if cols >= 185 else "below"  # the panel is 107 columns wide
+    assert f"(nftables policy {where} the report)" in " ".join(res.text.split())
+    lines = res.text.splitlines()
+    policy_at = next(i for i, line in enumerate(lines) if "nftables policy on the router" in line)
+    report_at = next(i for i, line in enumerate(lines) if "udpreach run " in line)
+    assert (policy_at == report_at) if where == "beside" else (policy_at > report_at)
+    for rule in _policy_rules(bundled_policy("demo")).splitlines():
+        if rule.strip():
+            assert any(rule.strip() in line for line in lines), f"rule broken: {rule.strip()}"

@@ -26,6 +26,8 @@ from udpreach.render.terminal import (
     GLYPHS_ASCII,
     GLYPHS_PLAIN,
     MAX_ROWS,
+    Policy,
+    fits_beside,
     render_agents,
     render_diff,
     render_run,
@@ -168,15 +170,25 @@ def test_without_colour_every_verdict_has_its_own_glyph(
     assert pure == [glyphs[v] for v in facts.VERDICTS], row
 
 
-def test_in_colour_the_matrix_keeps_solid_blocks_and_colours(
+def test_in_colour_every_verdict_keeps_its_glyph_and_its_colour(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Colour alone is lost on colour-blind eyes: the glyphs stay, coloured."""
     raw, out = render(rs.one_of_each(), 80, "colour", monkeypatch)
     (row,) = [line for line in out.splitlines() if line.startswith("5000 ")]
-    assert set(row[5:].strip()) <= {"█", "▓"}
-    # Five verdicts, five colours in that row.
+    cells = row[5:].strip()
+    seen = [g for i, g in enumerate(cells) if i == 0 or g != cells[i - 1]]
+    pure = [g for g in seen if g != GLYPHS_PLAIN["mixed"]]
+    assert pure == [GLYPHS_PLAIN[v] for v in facts.VERDICTS], row
+    # Five verdicts, five glyphs, five colours in that row.
     (raw_row,) = [line for line in raw.splitlines() if _ANSI.sub("", line).startswith("5000 ")]
-    assert len(set(re.findall(r"\x1b\[([0-9;]*)m█", raw_row))) == 5
+    coloured = set(re.findall(r"\x1b\[([0-9;]*)m([^\x1b])", raw_row))
+    by_glyph = {g: c for c, g in coloured if g in pure}
+    assert len(by_glyph) == 5, coloured
+    assert len(set(by_glyph.values())) == 5, coloured
+    flat = _flat(out)
+    for v in facts.VERDICTS:
+        assert f"{GLYPHS_PLAIN[v]} {v}" in flat  # the legend, glyph by glyph
 
 
 # ---------------------------------------------------------------------------------------
@@ -401,3 +413,40 @@ def test_beside_a_policy_on_a_wide_terminal_nothing_is_cut(
         stripped = [line.strip() for line in lines]
         for rule in doc["recommendations"]["rules"]:
             assert rule["nft"] in stripped
+
+
+# ---------------------------------------------------------------------------------------
+# The demo's policy: beside the report where both fit, below it otherwise, rules whole.
+
+
+def _demo_policy() -> Policy:
+    from udpreach.demo import _policy_rules
+    from udpreach.lab import bundled_policy
+
+    return Policy(_policy_rules(bundled_policy("demo")), "nftables policy on the router (ns)")
+
+
+@pytest.mark.parametrize("width", [80, 120, 150, 184, 185, 200, 240])
+def test_the_policy_is_as_wide_as_its_rules_beside_or_below(
+    width: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The panel was 72 columns at any width: nft rules wrapped mid-rule even at 200."""
+    policy = _demo_policy()
+    rules = [line.strip() for line in policy.lines if line.strip()]
+    longest = max(len(line) for line in policy.lines)
+    assert policy.width == longest + 4  # borders and padding, no more
+    console, buf = _console(width, "piped", monkeypatch)
+    render_run(rs.everything(), console, beside=policy)
+    lines = _text(buf).splitlines()
+    beside = fits_beside(width, policy.width)
+    assert beside == (width >= policy.width + 2 + 76)
+    if beside:
+        assert lines[0].startswith("╭")
+        assert "udpreach run" in lines[0]
+    else:  # the report first, the policy after it
+        assert lines[0].startswith("udpreach run")
+        at = next(i for i, line in enumerate(lines) if "nftables policy on the router" in line)
+        assert at > next(i for i, line in enumerate(lines) if line.startswith("Matrix"))
+    for rule in rules:  # every rule whole, on a line of its own
+        assert any(rule in line for line in lines), f"rule broken at width {width}: {rule}"
+    assert "…" not in "\n".join(lines)

@@ -3,8 +3,9 @@
 With root and nftables it builds the real-firewall lab (agent, router with a sample policy,
 probe in three network namespaces), runs the real ``udpreach probe`` and ``udpreach agent``
 processes inside it, sweeps every high source port, and prints the policy beside the
-matrix. Otherwise it does the same over loopback and says so. Everything it starts is
-stopped, and the lab is torn down, however the demo ends.
+report where the terminal is wide enough for both, else below it. Otherwise it does the
+same over loopback and says so. Everything it starts is stopped, and the lab is torn down,
+however the demo ends.
 
 Ctrl-C: every process the demo starts runs in a session of its own, so the terminal's
 SIGINT reaches the demo alone; the demo hands it on to the sweep (``udpreach run``), which
@@ -179,11 +180,9 @@ def _policy_rules(policy: str) -> str:
 
 def _lab_demo() -> int:
     from rich.console import Console
-    from rich.panel import Panel
-    from rich.syntax import Syntax
 
     from udpreach.lab import Lab, bundled_policy
-    from udpreach.render.terminal import render_run
+    from udpreach.render.terminal import Policy, fits_beside, render_run
     from udpreach.secret import new_secret
 
     policy = bundled_policy("demo")
@@ -196,9 +195,13 @@ def _lab_demo() -> int:
         probe_log, agent_log = d / "probe.log", d / "agent.log"
         with Lab.create(policy) as lab:
             info = lab.info
+            shown = Policy(
+                _policy_rules(policy), f"nftables policy on the router ({info.router_ns})"
+            )
+            where = "beside" if fits_beside(console.width, shown.width) else "below"
             say(
                 f"udpreach demo: lab {info.name}: agent {info.agent_addr} <-> router "
-                f"(nftables policy below) <-> probe {info.probe_addr}"
+                f"(nftables policy {where} the report) <-> probe {info.probe_addr}"
             )
             control = f"{info.probe_addr}:7870"
             probe_argv = lab.ns_argv(
@@ -231,10 +234,5 @@ def _lab_demo() -> int:
         if not proc.stdout.strip():
             return proc.returncode or 3
         doc = json.loads(proc.stdout)
-        beside = Panel(
-            Syntax(_policy_rules(policy), "bash", theme="ansi_dark", word_wrap=True),
-            title=f"nftables policy on the router ({info.router_ns})",
-            width=72,
-        )
-        render_run(doc, console, beside=beside)
+        render_run(doc, console, beside=shown)
         return proc.returncode

@@ -17,7 +17,7 @@ import typer
 
 from udpreach import __version__
 from udpreach.cli import history, run, service
-from udpreach.cli.common import click_errors, fail, one_line
+from udpreach.cli.common import click_errors, fail, one_line, pipe_safe_stdout
 from udpreach.cli.keys import key_app
 from udpreach.cli.lab import lab_app
 from udpreach.cli.secret import secret_app
@@ -72,6 +72,7 @@ def _wants_json(argv: list[str]) -> bool:
 
 def main() -> None:
     """Console-script entry point."""
+    pipe_safe_stdout()
     try:
         code = _main(sys.argv[1:])
     except typer.Exit as exc:

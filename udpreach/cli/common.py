@@ -6,7 +6,12 @@ unexpected exception into one line on stderr and the contract's exit code (0 don
 deviations, 2 bad usage or configuration, 3 could not complete); with ``--json`` the line
 also goes to stdout as ``{"schema": "udpreach/error-v1", ...}`` so a pipeline always gets
 JSON. ``main`` in ``udpreach.cli`` does the same for click's own usage errors. Messages are
-printed as plain text: nothing in them is read as rich markup.
+printed as plain text: nothing in them is read as rich markup. An error caused by a value
+the command took from the environment (``UDPREACH_COORDINATOR``, ``UDPREACH_SECRET_FILE``)
+names the variable, since the user may have set it long ago.
+
+Standard output is made to outlive its reader (``udpreach show RUN | head -1``): a closed
+pipe changes neither what the command does nor its exit status, and prints nothing.
 
 This module imports typer only; rich, trio and numpy load when a command needs them, so
 ``udpreach --help`` stays fast.
@@ -18,14 +23,14 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
+from typing import Annotated, Any, NoReturn, ParamSpec, TextIO, TypeVar, cast
 
 import typer
 
 from udpreach.core import schema
-from udpreach.core.errors import ConfigError, UdpreachError
+from udpreach.core.errors import AuthError, ConfigError, UdpreachError, UnreachableError
 
 try:  # typer 0.28 vendors click; older releases depend on it
     from typer._click import exceptions as click_errors
@@ -48,6 +53,7 @@ __all__ = [
     "one_line",
     "out_console",
     "parse_endpoint",
+    "pipe_safe_stdout",
     "print_json",
 ]
 
@@ -56,12 +62,14 @@ T = TypeVar("T")
 
 ERROR_SCHEMA = schema.ERROR
 DEBUG_ENV = "UDPREACH_DEBUG"  # set to 1: unexpected errors show their traceback
+COORDINATOR_ENV = "UDPREACH_COORDINATOR"
+SECRET_ENV = "UDPREACH_SECRET_FILE"  # udpreach.secret.ENV_VAR (not imported: --help stays fast)
 
 CoordinatorOpt = Annotated[
     str,
     typer.Option(
         "--coordinator",
-        envvar="UDPREACH_COORDINATOR",
+        envvar=COORDINATOR_ENV,
         help="HOST:PORT of the coordinator.",
         show_default=False,
     ),
@@ -70,7 +78,7 @@ SecretOpt = Annotated[
     Path | None,
     typer.Option(
         "--secret-file",
-        envvar="UDPREACH_SECRET_FILE",
+        envvar=SECRET_ENV,
         help="File holding the shared secret (mode 0600).",
         show_default=False,
     ),
@@ -142,10 +150,6 @@ def map_error(exc: BaseException, *, as_json: bool = False) -> NoReturn:
         fail(str(exc) or type(exc).__name__, exc.exit_code, as_json=as_json)
     if isinstance(exc, KeyboardInterrupt):
         fail("interrupted", 3, as_json=as_json)
-    if isinstance(exc, BrokenPipeError):
-        # Whoever read our output went away (`udpreach history | head`): nobody to tell.
-        _silence_stdout()
-        raise typer.Exit(3)
     if os.environ.get(DEBUG_ENV) == "1":
         raise exc
     fail(
@@ -155,12 +159,53 @@ def map_error(exc: BaseException, *, as_json: bool = False) -> NoReturn:
     )
 
 
-def _silence_stdout() -> None:
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
+class _PipeSafeStdout:
+    """Standard output that outlives its reader (``udpreach show RUN | head -1``).
+
+    Python ignores SIGPIPE, so a write to a pipe whose reader has gone raises
+    BrokenPipeError (and rich turns that into a silent ``exit 1``). The reader wanted no
+    more, which is no failure of the command: the first write that finds the pipe closed
+    points the descriptor at /dev/null, and the command carries on (exports, exit status)
+    exactly as it would have, saying nothing on stderr.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+            self._stream.flush()  # what was buffered goes to /dev/null with the rest
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def pipe_safe_stdout() -> None:
+    """Make ``sys.stdout`` survive its reader going away (see ``_PipeSafeStdout``)."""
+    if not isinstance(sys.stdout, _PipeSafeStdout) and sys.stdout is not None:
+        sys.stdout = cast(TextIO, _PipeSafeStdout(sys.stdout))
 
 
 _PASS_THROUGH: tuple[type[BaseException], ...] = (
@@ -168,6 +213,42 @@ _PASS_THROUGH: tuple[type[BaseException], ...] = (
     typer.Abort,
     click_errors.ClickException,
 )
+
+
+# Options a user may have set in the environment and forgotten, and the errors their value
+# can cause: (parameter, option, variable, errors it causes, what a ConfigError about it says).
+_FROM_ENV: tuple[tuple[str, str, str, tuple[type[UdpreachError], ...], str], ...] = (
+    ("coordinator", "--coordinator", COORDINATOR_ENV, (UnreachableError,), "--coordinator"),
+    ("secret_file", "--secret-file", SECRET_ENV, (AuthError,), "secret file"),
+)
+
+
+def _from_environment(param: str) -> bool:
+    """Whether the running command took *param* from its environment variable."""
+    try:  # typer 0.28 vendors click; older releases depend on it
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover - depends on the installed typer
+        from click import get_current_context  # type: ignore[no-redef,import-not-found,unused-ignore]
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return False
+    source = ctx.get_parameter_source(param)
+    return source is not None and source.name == "ENVIRONMENT"
+
+
+def _naming_the_environment(exc: BaseException) -> BaseException:
+    """*exc*, its message naming the environment variable its cause came from (a value
+    set in the environment and forgotten is the hardest to find)."""
+    if not isinstance(exc, UdpreachError):
+        return exc
+    text = str(exc)
+    for param, flag, var, causes, marker in _FROM_ENV:
+        caused = isinstance(exc, causes) or (isinstance(exc, ConfigError) and marker in text)
+        if caused and var not in text and _from_environment(param):
+            named = "" if flag in text else f"{flag} "
+            exc.args = (f"{text} ({named}from {var})",)
+            break
+    return exc
 
 
 def mapped(fn: Callable[P, T]) -> Callable[P, T]:
@@ -182,7 +263,7 @@ def mapped(fn: Callable[P, T]) -> Callable[P, T]:
         except _PASS_THROUGH:
             raise
         except (Exception, KeyboardInterrupt) as exc:
-            map_error(exc, as_json=bool(kwargs.get("as_json", False)))
+            map_error(_naming_the_environment(exc), as_json=bool(kwargs.get("as_json", False)))
 
     return wrapper
 

@@ -119,7 +119,10 @@ def show(
     html: HtmlOpt = None,
 ) -> None:
     """Print a stored run exactly as `run` printed it (--json: the same document)."""
+    from udpreach.core.expect import with_judgement
+
     (doc,) = _load(db, run_id)
+    doc = with_judgement(doc)
     if as_json:
         print_json(doc)
     else:

@@ -3,9 +3,9 @@
 ``run`` checks its options, asks the coordinator for a run over a blocking socket (no trio at
 start-up), shows the progress on stderr while it lasts, prints the report (or, with
 ``--json``, the document and nothing else on stdout), writes the requested files, and exits
-with the run's status: 0 done (as expected), 1 deviations, 3 incomplete, interrupted, or no
-cell could be tested at all. Ctrl-C asks the coordinator to stop the run and prints what was
-settled by then.
+with the run's status: 0 done (as expected), 1 deviations or an expectation entry that
+judged no cell, 3 incomplete, interrupted, or no cell could be tested at all. Ctrl-C asks
+the coordinator to stop the run and prints what was settled by then.
 """
 
 from pathlib import Path
@@ -19,10 +19,12 @@ from udpreach.cli.common import (
     SecretOpt,
     fail,
     mapped,
+    note,
     out_console,
     parse_endpoint,
     print_json,
 )
+from udpreach.core import schema
 from udpreach.core.errors import ConfigError
 
 
@@ -166,6 +168,9 @@ def run(
             on_progress=progress.update,
             on_cancel=on_cancel,
         )
+    from udpreach.core.expect import with_judgement
+
+    doc = with_judgement(doc)
     if as_json:
         print_json(doc)
     else:
@@ -193,6 +198,9 @@ def run(
         )
     if cells and untested == cells:
         fail(f"no cell could be tested: {_untested_reason(doc)}", 3, as_json=as_json)
+    problem = (doc.get("judgement") or {}).get("problem")
+    if problem:  # an expectation that judged nothing is not "as expected"
+        fail(f"--expect {expect}: {problem}", 1, as_json=as_json)
     if doc.get("deviations"):
         raise typer.Exit(1)
 
@@ -232,11 +240,30 @@ def agents(
     forbid_core_dumps()
     found = list_agents(host, port, load_secret(secret_file))
     if as_json:
-        print_json({"agents": found})
+        print_json({"schema": schema.AGENTS, "agents": [_agent_json(a) for a in found]})
+    elif not found:
+        note("no agent is registered")
     else:
         from udpreach.render.terminal import render_agents
 
         render_agents(found, out_console())
+
+
+def _agent_json(agent: dict[str, Any]) -> dict[str, Any]:
+    """An agent as ``agents --json`` lists it: the coordinator's fields, and beside each
+    time (seconds since the epoch) the same in ISO 8601, UTC (``since_utc``)."""
+    from datetime import UTC, datetime
+
+    out = dict(agent)
+    for key in ("since", "busy_since"):
+        ts = agent.get(key)
+        if isinstance(ts, int | float) and not isinstance(ts, bool):
+            try:
+                when = datetime.fromtimestamp(float(ts), UTC)
+            except (OverflowError, OSError, ValueError):  # not a time a clock gives
+                continue
+            out[f"{key}_utc"] = when.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return out
 
 
 @mapped

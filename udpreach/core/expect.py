@@ -20,6 +20,13 @@ deviations: an entry is charged only for the cells it owns after overrides. A ju
 whose verdict is ``untested`` or ``unknown`` satisfies no expectation and is therefore a
 deviation (fail closed: what was not measured is not confirmed).
 
+An entry that judges no cell is itself a finding (``judgement``): a mistyped agent name,
+destination ports the run did not plan, or an expectation from one ``random:N`` run used on
+another (the two samples hardly overlap) would otherwise pass as "no deviations" while
+checking nothing. An entry for this run's agent (or any agent) that judged no cell, or a
+file that judged no cell at all, makes the run "not as expected"; an entry naming another
+agent is listed but fails nothing (one file may serve several agents).
+
 ``expect_from`` writes the file back from a run with ``tomli_w``; cells of a ``blocked``
 range that the run could not tell from rejected (its ``icmp_limited`` count) are written as
 ``closed``, so that the baseline does not fail the next run of the same policy.
@@ -45,6 +52,7 @@ from udpreach.core.intervals import (
     cells_of,
     cut_range,
     freeze,
+    is_sampled,
     merge_ranges,
     planned_intervals,
     ranges_by_dst,
@@ -54,7 +62,7 @@ from udpreach.core.intervals import (
     union,
 )
 from udpreach.core.ledger import VERDICTS
-from udpreach.core.portspec import format_ports, parse_ports, ranges_of
+from udpreach.core.portspec import format_ports, parse_ports, ranges_of, short_spec
 
 __all__ = [
     "CLOSED",
@@ -66,6 +74,8 @@ __all__ = [
     "expect_from",
     "judge",
     "judged_cells",
+    "judgement",
+    "judgement_of",
     # The range algebra lives in udpreach.core.intervals; the store still imports these
     # five from here.
     "merge_ranges",
@@ -76,6 +86,7 @@ __all__ = [
     "summarize",
     "summarize_judgement",
     "union",
+    "with_judgement",
 ]
 
 CLOSED = ("blocked", "rejected")
@@ -453,6 +464,145 @@ def summarize_judgement(doc: dict[str, Any], entries: Sequence[ExpectEntry]) -> 
 def judged_cells(doc: dict[str, Any], entries: Sequence[ExpectEntry]) -> int:
     """Number of planned cells that the entries judge."""
     return sum(b - a + 1 for _, a, b, _ in _judged_pieces(doc, entries))
+
+
+def entry_label(entry: ExpectEntry, index: int, what: str = "") -> str:
+    """``#2 (line 7)``, ``#2 (line 7: what)``: how messages name an entry (``index`` is
+    0-based)."""
+    line = f"line {entry.line}" if entry.line else ""
+    inside = f"{line}: {what}" if line and what else line or what
+    return f"#{index + 1}" + (f" ({inside})" if inside else "")
+
+
+def entry_text(entry: ExpectEntry) -> str:
+    """``dst 5000 src 1024-65535 open, agent pc-71``: what an entry asks, in short."""
+    text = f"dst {short_spec(entry.dst_ports)} src {short_spec(entry.src_ports)} {entry.verdict}"
+    return text + (f", agent {entry.agent}" if entry.agent else "")
+
+
+def _why_no_cell(doc: dict[str, Any], res: EntryResult, planned: dict[int, list[Interval]]) -> str:
+    """Why an entry judged no cell of the document, in words."""
+    e = res.entry
+    if not res.applies:
+        return f"it is for agent {e.agent}, and this run's agent is {_agent_name(doc)}"
+    dsts = [d for d in e.dst_ports if d in planned]
+    if not dsts:
+        return f"none of its destination ports was planned (the run's: {short_spec(planned)})"
+    src = ranges_of(e.src_ports)
+    if all(subtract(src, planned[d]) == src for d in dsts):
+        spans = union(iv for d in dsts for iv in planned[d])
+        if is_sampled(spans):
+            return (
+                f"none of its source ports was among the {cells_of(spans):,} the run "
+                "sampled (two random:N samples hardly overlap: an expectation from one "
+                "judges little or nothing of another)"
+            )
+        return f"none of its source ports was planned (the run's: {spec_of(spans)})"
+    return "later entries override every one of its cells"
+
+
+def _agent_name(doc: dict[str, Any]) -> str:
+    return str((doc.get("agent") or {}).get("name", "?"))
+
+
+def judgement(doc: dict[str, Any], entries: Sequence[ExpectEntry]) -> dict[str, Any]:
+    """What the expectations made of a run: the document's ``judgement`` key.
+
+    Returns:
+        ``cells`` (judged), ``deviating`` (cells), ``entries`` (per entry, in file order:
+        ``entry`` (1-based), ``line``, ``agent``, ``dst_ports``, ``src_ports``, ``verdict``,
+        ``applies``, ``cells``, ``deviating``), ``unmatched`` (each entry that judged no
+        cell: ``entry``, ``line``, ``reason``, and ``fails``: false only for an entry naming
+        another agent), ``problem`` (one line when an entry, or the whole file, judged no
+        cell in a way that fails, else None) and ``as_expected`` (no deviation and no
+        problem).
+    """
+    results = summarize_judgement(doc, entries)
+    planned = {
+        d: union((int(r["first"]), int(r["last"])) for r in rs)
+        for d, rs in ranges_by_dst(doc.get("ranges", [])).items()
+    }
+    listed: list[dict[str, Any]] = []
+    unmatched: list[dict[str, Any]] = []
+    for res in results:
+        e = res.entry
+        listed.append(
+            {
+                "entry": res.index + 1,
+                "line": e.line,
+                "agent": e.agent,
+                "dst_ports": format_ports(e.dst_ports),
+                "src_ports": format_ports(e.src_ports),
+                "verdict": e.verdict,
+                "applies": res.applies,
+                "cells": res.cells,
+                "deviating": res.deviating_cells,
+            }
+        )
+        if res.cells == 0:
+            unmatched.append(
+                {
+                    "entry": res.index + 1,
+                    "line": e.line,
+                    "reason": _why_no_cell(doc, res, planned),
+                    "fails": res.applies,
+                }
+            )
+    cells = sum(res.cells for res in results)
+    failing = [u for u in unmatched if u["fails"]]
+    problem: str | None = None
+    if len(failing) == 1:
+        (u,) = failing
+        e = entries[u["entry"] - 1]
+        problem = (
+            f"expectation entry {entry_label(e, u['entry'] - 1, entry_text(e))} judged no "
+            f"cell: {u['reason']}"
+        )
+    elif failing:
+        labels = ", ".join(entry_label(entries[u["entry"] - 1], u["entry"] - 1) for u in failing)
+        problem = f"{len(failing)} expectation entries judged no cell: {labels}"
+    elif cells == 0:
+        others = sorted({str(e.agent) for e in entries if e.agent is not None})
+        problem = (
+            f"the expectations judged no cell: every entry names another agent "
+            f"({', '.join(others)}), and this run's agent is {_agent_name(doc)}"
+        )
+    deviating = sum(res.deviating_cells for res in results)
+    return {
+        "cells": cells,
+        "deviating": deviating,
+        "entries": listed,
+        "unmatched": unmatched,
+        "problem": problem,
+        "as_expected": problem is None and deviating == 0,
+    }
+
+
+def judgement_of(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """A document's ``judgement``: its own, or made from the entries it records under
+    ``expect`` (the coordinator records them; the judgement is read off them). None when
+    the run was not judged."""
+    own = doc.get("judgement")
+    if (
+        isinstance(own, dict)
+        and isinstance(own.get("cells"), int)
+        and isinstance(own.get("unmatched"), list)
+        and isinstance(own.get("as_expected"), bool)
+    ):
+        return own
+    try:
+        entries = entries_of(doc)
+    except ConfigError:
+        return None
+    return judgement(doc, entries) if entries else None
+
+
+def with_judgement(doc: dict[str, Any]) -> dict[str, Any]:
+    """The document with its ``judgement`` key, when it was judged (the same dict)."""
+    found = judgement_of(doc)
+    if found is not None:
+        doc["judgement"] = found
+    return doc
 
 
 # ---------------------------------------------------------------------------------------

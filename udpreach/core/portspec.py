@@ -21,7 +21,7 @@ PORT_LAST = 65535
 HIGH_PORTS = PORT_LAST - HIGH_FIRST + 1  # 64,512
 
 _ITEM = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
-_RANDOM = re.compile(r"^random:(\d{1,6})$")
+_NUMBER = re.compile(r"^[0-9]+$")
 
 
 def parse_ports(
@@ -45,13 +45,17 @@ def parse_ports(
     text = spec.strip()
     if not text:
         raise PortSpecError("empty port spec")
-    m = _RANDOM.match(text)
-    if m:
+    if text.startswith("random:") and "," not in text:
         if not allow_random:
             raise PortSpecError(f"'random:N' is not allowed here: {spec!r}")
-        n = int(m.group(1))
+        count = text.removeprefix("random:").strip()
+        if not _NUMBER.match(count):
+            raise PortSpecError(
+                f"random:N needs N to be a number of ports (1-{HIGH_PORTS}), got {count!r}"
+            )
+        n = int(count) if len(count) <= 6 else HIGH_PORTS + 1  # no 5,000-digit int()
         if not 1 <= n <= HIGH_PORTS:
-            raise PortSpecError(f"random:N needs 1 <= N <= {HIGH_PORTS}, got {n}")
+            raise PortSpecError(f"random:N needs 1 <= N <= {HIGH_PORTS}, got {count}")
         chooser = rng if rng is not None else random.SystemRandom()
         return tuple(sorted(chooser.sample(range(HIGH_FIRST, PORT_LAST + 1), n)))
     ports: set[int] = set()
@@ -107,3 +111,14 @@ def format_ports(ports: Iterable[int]) -> str:
     """The shortest SPEC for a set of ports: ``1024-2047,5000``."""
     parts = [str(a) if a == b else f"{a}-{b}" for a, b in ranges_of(ports)]
     return ",".join(parts)
+
+
+def short_spec(ports: Iterable[int], limit: int = 60) -> str:
+    """A port set for a message: its SPEC, or a summary of one longer than *limit*
+    (``500 ports in 497 spans from 1031-65480``: a random:500 sample)."""
+    ports = sorted(set(ports))
+    spec = format_ports(ports)
+    if len(spec) <= limit:
+        return spec
+    spans = ranges_of(ports)
+    return f"{len(ports)} ports in {len(spans)} spans from {spans[0][0]}-{spans[-1][1]}"

@@ -20,6 +20,12 @@ would open exactly the samples and miss the policy. For such a plan each rule op
 *spans* between closed samples instead: consecutive blocked or rejected samples of one
 destination port, with no sample of another verdict between them, make one span from the
 first to the last (the unsampled ports inside included), and the notes say so.
+
+An incomplete run (cancelled, agent lost) recommends nothing: its closed cells are whatever
+happened to settle before it ended (scattered sampled ports, in the probe's random order),
+and its unknown cells, which a rule would have to cover too, were never measured. A rule
+from it would open the wrong ports and miss the rest; a fixed port "open for every source
+port tested" would rest on the part that happened to be tested. One note says so.
 """
 
 from __future__ import annotations
@@ -136,6 +142,8 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
         the rule opens), ``verdicts``, ``sampled`` (true when ``src_ports`` spans a sampled
         plan's gaps), ``nft`` (one command) and ``iptables`` (a list of commands);
         ``notes``: caveats a person should read before pasting a rule.
+        An incomplete run gets neither rules nor fixed-port candidates, and one note
+        saying why.
     """
     ports: list[dict[str, Any]] = []
     fixed: list[int] = []
@@ -173,6 +181,18 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
             closed[d] = _closed_spans(rs) if sampled else union(shut)
             closed_cells[d] = counts["blocked"] + counts["rejected"]
 
+    if not doc.get("complete"):
+        unknown = sum(p["unknown"] for p in ports)
+        return {
+            "fixed_ports": [],
+            "ports": ports,
+            "rules": [],
+            "notes": [
+                f"no rules and no fixed-port candidate: the run is incomplete ({unknown:,} "
+                "cells unknown), and rules from the cells that happened to settle would open "
+                "scattered ports and miss the unknown ones; run again to completion"
+            ],
+        }
     notes: list[str] = []
     rules: list[dict[str, Any]] = []
     probe_addr = _address((doc.get("probe") or {}).get("address"))

@@ -29,6 +29,7 @@ RUN = "udpreach/run-v1"  # the run document (run --json, show --json, the store)
 DIFF = "udpreach/diff-v1"  # diff --json
 ERROR = "udpreach/error-v1"  # what a failing command prints with --json
 HISTORY = "udpreach/history-v1"  # history --json
+AGENTS = "udpreach/agents-v1"  # agents --json
 KEYS = "udpreach/keys-v1"  # key list --json
 KEYRING = "udpreach/keyring-v1"  # the keyring file
 LAB_STATE = "udpreach/lab-v1"  # a lab's state file

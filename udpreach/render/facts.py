@@ -9,7 +9,11 @@ missing is said to be "not recorded", never guessed.
 
 The loss estimate is *unknown* when nothing arrived at all (no cell open): then nothing
 tells loss from blocking, and a report must say so rather than print "0%, bound 0" (what
-the estimator's arithmetic gives for zero deliveries).
+the estimator's arithmetic gives for zero deliveries). Otherwise the false-blocked bound
+and whether the confidence target was reached are the document's own, never recomputed
+(an export that said "reached" where the JSON says not would be a lie), with one rule on
+top: an incomplete run has not reached its target. A bound below 1e-6 reads ``< 1e-6``:
+a sweep's arithmetic can round to 0, but no measurement proves a chance of zero.
 """
 
 from __future__ import annotations
@@ -105,7 +109,8 @@ class Confidence:
 
     ``estimate`` and ``bound`` are None when unknown; ``recorded`` is False for a document
     without a ``loss`` block at all (an older udpreach, or a run that ended before its
-    first round was judged).
+    first round was judged). ``complete`` is the document's own: an incomplete run never
+    reached its confidence target, whatever else it says.
     """
 
     recorded: bool
@@ -118,6 +123,7 @@ class Confidence:
     blocked: int
     rate_found: int | None
     rate_backoffs: int
+    complete: bool = True
 
     @property
     def loss_text(self) -> str:
@@ -129,19 +135,20 @@ class Confidence:
 
     @property
     def bound_text(self) -> str:
-        """The chance that any ``blocked`` cell is really open."""
-        if not self.blocked:
-            return "none: no cell blocked"
+        """The chance that any ``blocked`` cell is really open: the document's bound, or
+        ``none`` when no cell is blocked and the bound says nothing more."""
         if self.bound is None:
-            return "unknown"
-        return f"<= {self.bound:.2g}"
+            return "unknown" if self.blocked else "none: no cell blocked"
+        if not self.blocked and self.bound < TINY:
+            return "none: no cell blocked"
+        return bound_phrase(self.bound)
 
     @property
     def reached_text(self) -> str:
         target = f" (target {self.target:.2g})" if self.target is not None else ""
-        if not self.blocked:
-            return "yes: no cell blocked"
-        return ("yes" if self.reached else "NO") + target
+        if self.reached:
+            return "yes: no cell blocked" if not self.blocked else "yes" + target
+        return "NO" + ("" if self.complete else ": the run is incomplete") + target
 
     @property
     def attempts_text(self) -> str:
@@ -163,10 +170,10 @@ class Confidence:
             "loss_estimate": "unknown" if self.estimate is None else f"{self.estimate:.6g}",
             "loss_upper_99": "unknown" if self.upper is None else f"{self.upper:.6g}",
             "false_blocked_bound": (
-                "0"
-                if not self.blocked
-                else "unknown"
+                "unknown"
                 if self.bound is None
+                else "< 1e-6"
+                if self.bound < TINY
                 else f"{self.bound:.6g}"
             ),
             "confidence_target": "" if self.target is None else f"{self.target:.6g}",
@@ -174,11 +181,26 @@ class Confidence:
         }
 
 
+# A bound below this reads "< 1e-6": never "0" (no measurement proves a chance of zero).
+TINY = 1e-6
+
+
+def bound_phrase(bound: float) -> str:
+    """A false-blocked bound in words: ``<= 0.00012``, ``<= 1``, ``< 1e-6``."""
+    return "< 1e-6" if bound < TINY else f"<= {bound:.2g}"
+
+
 def confidence(doc: dict[str, Any]) -> Confidence:
-    """The confidence facts of a run document."""
+    """The confidence facts of a run document, as the document states them.
+
+    Two rules hold whatever the document says: an incomplete run has not reached its
+    target, and where nothing arrived the loss (and so the bound) is unknown, since nothing
+    tells loss from blocking then (an older estimator wrote "0%, bound 0" for that).
+    """
     summary = doc.get("summary") or {}
     blocked = _int(summary.get("blocked")) or 0
     opened = _int(summary.get("open")) or 0
+    complete = bool(doc.get("complete"))
     raw = doc.get("loss")
     loss: dict[str, Any] = raw if isinstance(raw, dict) else {}
     estimate = _number(loss.get("estimate"))
@@ -189,14 +211,17 @@ def confidence(doc: dict[str, Any]) -> Confidence:
         estimate = upper = bound = None  # nothing arrived: nothing measured the loss
     if estimate is None:
         upper = bound = None
-    if not blocked:
-        reached = True
+    said = loss.get("confidence_reached")
+    target = _number(loss.get("confidence_target"))
+    if not complete:
+        reached = False
+    elif not blocked:
+        reached = said if isinstance(said, bool) else True
     elif bound is None:
         reached = False
-    elif isinstance(loss.get("confidence_reached"), bool):
-        reached = bool(loss["confidence_reached"])
+    elif isinstance(said, bool):
+        reached = said
     else:
-        target = _number(loss.get("confidence_target"))
         reached = target is not None and bound <= target
     return Confidence(
         recorded=bool(loss),
@@ -204,11 +229,12 @@ def confidence(doc: dict[str, Any]) -> Confidence:
         upper=upper,
         attempts=_int(loss.get("attempts")),
         bound=bound,
-        target=_number(loss.get("confidence_target")),
+        target=target,
         reached=reached,
         blocked=blocked,
         rate_found=_int(loss.get("rate_found")),
         rate_backoffs=_int(loss.get("rate_backoffs")) or 0,
+        complete=complete,
     )
 
 
@@ -253,6 +279,13 @@ def path_mtu(doc: dict[str, Any]) -> str | None:
 
 def status(doc: dict[str, Any]) -> str:
     return "complete" if doc.get("complete") else "incomplete"
+
+
+def no_fixed_port(doc: dict[str, Any]) -> str:
+    """Why a run names no fixed-port candidate."""
+    if not doc.get("complete"):
+        return "the run is incomplete (only a complete run can show a port open for all)"
+    return "no destination port was open for every source port tested"
 
 
 def src_ports_text(plan: dict[str, Any], *, sep: str = ",") -> str:
@@ -335,6 +368,30 @@ def summary_extras(doc: dict[str, Any]) -> list[str]:
     if inferred:
         out.append(f"{inferred:,} verdicts inferred from samples of their range")
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Expectations (udpreach.core.expect.judgement).
+
+
+def judged_text(judged: dict[str, Any], planned: object = None) -> str:
+    """``1,234 of 129,024 cells judged by 2 of 3 entries, 10 deviating``."""
+    entries = judged.get("entries") or []
+    used = sum(1 for e in entries if _int(e.get("cells")))
+    deviating = _int(judged.get("deviating")) or 0
+    n = _int(judged.get("cells")) or 0
+    total = _int(planned)
+    text = f"{n:,} of {cells(total)}" if total is not None else cells(n)
+    text += f" judged by {used:,} of {len(entries):,} "
+    text += "entry" if len(entries) == 1 else "entries"
+    return text + (f", {deviating:,} deviating" if deviating else "")
+
+
+def unmatched_text(u: dict[str, Any]) -> str:
+    """One entry that judged no cell, and why."""
+    line = _int(u.get("line"))
+    where = f"entry #{u.get('entry', '?')}" + (f" (line {line})" if line else "")
+    return f"{where} judged no cell: {one_line(u.get('reason', '?'))}"
 
 
 # ---------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from udpreach.core.diff import DIFF_SCHEMA
 from udpreach.core.document import recommendations_of
+from udpreach.core.expect import judgement_of
 from udpreach.core.intervals import (
     Interval,
     Range,
@@ -279,6 +280,22 @@ def _confidence_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"id": i, "label": lab, "value": v, "bad": bad} for i, lab, v, bad in rows]
 
 
+def _judged(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """How many cells the expectations judged, and the entries that judged none."""
+    judged = judgement_of(doc)
+    if judged is None:
+        return None
+    problem = judged.get("problem")
+    return {
+        "text": facts.judged_text(judged, (doc.get("summary") or {}).get("cells")),
+        "unmatched": [
+            {"text": facts.unmatched_text(u), "fails": bool(u.get("fails"))}
+            for u in judged["unmatched"]
+        ],
+        "problem": facts.one_line(problem) if problem else "",
+    }
+
+
 def html_run(doc: dict[str, Any]) -> str:
     """The HTML page of a run document."""
     s = doc.get("summary") or {}
@@ -349,6 +366,7 @@ def html_run(doc: dict[str, Any]) -> str:
                 "ved",
             )
         ),
+        judged=_judged(doc),
         deviating_cells=sum(n_cells(r) for r in devs or []),
         deviating_ranges=len(devs or []),
         plan={
@@ -360,6 +378,7 @@ def html_run(doc: dict[str, Any]) -> str:
             "size": plan.get("size", "?"),
         },
         fixed=", ".join(str(p) for p in rec.get("fixed_ports") or []),
+        no_fixed=facts.no_fixed_port(doc),
         rules=[
             {
                 "src": str(rule.get("src_ports", "")).replace(",", ", "),

@@ -2,7 +2,8 @@
 
 Theory of operation: one test case per expectation entry (a case fails on the deviating
 cells charged to that entry, i.e. those it owns after later entries' overrides; an entry for
-another agent or covering no planned cell is skipped), plus one case "run complete". With no
+another agent is skipped; one that judged no cell of this agent's run fails, as does a file
+none of whose entries is for this agent), plus one case "run complete". With no
 expectations (none given and none recorded in the document under ``expect``) it asserts the
 tool's purpose instead: one case per destination port that fails when any tested source port
 was blocked or rejected. JUnit needs the per-entry breakdown, so it is the one report that
@@ -24,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from udpreach.core.diff import DIFF_SCHEMA
-from udpreach.core.expect import ExpectEntry, entries_of, summarize_judgement
+from udpreach.core.expect import ExpectEntry, entries_of, judgement, summarize_judgement
 from udpreach.core.intervals import Range, n_cells, ranges_by_dst
-from udpreach.core.portspec import format_ports, ranges_of
+from udpreach.core.portspec import short_spec
 from udpreach.render import facts
 from udpreach.render.fold import Row, fold
 
@@ -56,11 +57,7 @@ def _skip(case: ET.Element, message: str) -> None:
 
 def _ports_name(ports: Sequence[int]) -> str:
     """A port set for a test case's name: the SPEC, or a summary of a long one."""
-    spec = format_ports(ports)
-    if len(spec) <= NAME_SPEC:
-        return spec
-    spans = ranges_of(ports)
-    return f"{len(ports)} ports in {len(spans)} spans from {spans[0][0]}-{spans[-1][1]}"
+    return short_spec(ports, NAME_SPEC)
 
 
 def _lines(ranges: Sequence[Range], line: Callable[[Row], str], **how: Any) -> list[str]:
@@ -170,6 +167,8 @@ def write_junit(
     _properties(suite, doc)
 
     if entries:
+        judged = judgement(doc, entries)
+        reasons = {u["entry"]: u["reason"] for u in judged["unmatched"]}
         for res in summarize_judgement(doc, entries):
             e = res.entry
             name = (
@@ -181,8 +180,8 @@ def write_junit(
             case = _case(suite, "udpreach.expect", name)
             if not res.applies:
                 _skip(case, f"for agent {e.agent}, not {agent}")
-            elif res.cells == 0:
-                _skip(case, "covers no planned cell (or every cell is overridden by later entries)")
+            elif res.cells == 0:  # an expectation that checks nothing is no pass
+                _fail(case, f"judged no cell: {reasons.get(res.index + 1, '?')}", [])
             elif res.deviations:
                 _fail(
                     case,
@@ -190,6 +189,10 @@ def write_junit(
                     f"in {len(res.deviations)} ranges",
                     _lines(res.deviations, lambda row: _verdict_line(row, expected=True)),
                 )
+        if judged["problem"] and not any(u["fails"] for u in judged["unmatched"]):
+            # No entry is for this run's agent: nothing above failed, yet nothing was judged.
+            case = _case(suite, "udpreach.expect", "the expectations judge at least one cell")
+            _fail(case, str(judged["problem"]), [])
     else:
         for d, rs in ranges_by_dst(doc.get("ranges") or []).items():
             case = _case(suite, "udpreach.reach", f"dst {d}: every tested source port open")

@@ -15,6 +15,7 @@ from typing import Any
 
 from udpreach.core.diff import DIFF_SCHEMA
 from udpreach.core.document import recommendations_of
+from udpreach.core.expect import judgement_of
 from udpreach.core.intervals import Range, n_cells
 from udpreach.core.portspec import format_ports
 from udpreach.render import facts
@@ -129,8 +130,20 @@ def markdown_run(doc: dict[str, Any], *, diff: dict[str, Any] | None = None) -> 
     if "deviations" in doc:
         devs = doc.get("deviations") or []
         out += ["", "## Deviations from expectations", ""]
+        judged = judgement_of(doc)
+        problem = judged.get("problem") if judged is not None else None
+        if judged is not None:
+            out += [f"Expectations: {_md(facts.judged_text(judged, s.get('cells')))}.", ""]
+            for u in judged["unmatched"]:
+                text = _md(facts.unmatched_text(u))
+                out.append(f"- **{text}**" if u.get("fails") else f"- {text}")
+            if judged["unmatched"]:
+                out.append("")
+        if problem:
+            out += [f"**Not as expected: {_md(facts.one_line(problem))}.**", ""]
         if not devs:
-            out.append("None: every judged cell is as expected.")
+            if not problem:
+                out.append("None: every judged cell is as expected.")
         else:
             n = sum(n_cells(r) for r in devs)
             out += [f"**{n} cells deviate** in {len(devs)} ranges.", ""]
@@ -149,19 +162,16 @@ def markdown_run(doc: dict[str, Any], *, diff: dict[str, Any] | None = None) -> 
         out += ["", f"## Changes since run {_code(diff.get('run_a', '?'))}", ""]
         out += _changes(diff)
     out += ["", "## Recommendations", ""]
-    out += _recommendations(recommendations_of(doc))
+    out += _recommendations(doc)
     return "\n".join(out) + "\n"
 
 
-def _recommendations(rec: dict[str, Any]) -> list[str]:
+def _recommendations(doc: dict[str, Any]) -> list[str]:
+    rec = recommendations_of(doc)
     fixed = rec.get("fixed_ports") or []
     out = [
         "- Fixed UDP port for clients (FixedUDPPortValue): "
-        + (
-            ", ".join(str(p) for p in fixed)
-            if fixed
-            else "none: no destination port was open for every source port tested"
-        )
+        + (", ".join(str(p) for p in fixed) if fixed else f"none: {facts.no_fixed_port(doc)}")
         + ".",
     ]
     for note in rec.get("notes") or []:

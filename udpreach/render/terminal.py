@@ -10,12 +10,14 @@ a command is ever cut or split:
 * Free text is laid out by ``Para``, which wraps at spaces only; a token longer than the
   width (an IPv6 address at 30 columns) stands on its own line and runs past the edge,
   where the terminal, not udpreach, wraps it.
-* A table is used only when every column fits whole (rich wraps the details column at
-  spaces); otherwise the same rows come as a list, one field a line.
+* A table is used only when every value fits its column on one line (the details hold one
+  phrase a line), at any width, on a terminal or not; where any column would wrap, the
+  same rows come as a list, one field a line.
 * A command is one line, always (``Command``), so it pastes as it was printed.
-* The matrix narrows its columns to the width; without colour (a pipe, ``NO_COLOR``,
-  ``TERM=dumb``) every verdict has its own glyph, and plain ASCII ones where the output
-  encoding is not UTF-8.
+* The matrix narrows its columns to the width; every verdict has its own glyph, coloured
+  where colour shows (colour alone is lost on colour-blind eyes, and in a pipe, with
+  ``NO_COLOR`` or on ``TERM=dumb``), and plain ASCII ones where the output encoding is not
+  UTF-8.
 * Long lists are folded (``udpreach.render.fold``) to at most ``MAX_ROWS`` rows, saying
   so and where the exact list is.
 """
@@ -34,6 +36,7 @@ from rich.table import Table
 from rich.text import Text
 
 from udpreach.core.document import recommendations_of
+from udpreach.core.expect import judgement_of
 from udpreach.core.intervals import Range
 from udpreach.render import facts
 from udpreach.render.fold import Row, fold
@@ -45,9 +48,7 @@ COLOURS = {
     "untested": "magenta",
     "unknown": "grey50",
 }
-GLYPH_PURE = "█"
-GLYPH_MIXED = "▓"
-# Without colour every verdict has a glyph of its own; ASCII where the encoding needs it.
+# Every verdict has a glyph of its own, in colour or not; ASCII where the encoding needs it.
 GLYPHS_PLAIN = {
     "open": "·",
     "blocked": "█",
@@ -157,17 +158,21 @@ def _width(value: Text | str) -> int:
     return value.cell_len if isinstance(value, Text) else Text(value).cell_len
 
 
+def _lines_of(value: Text | str) -> list[Text]:
+    return list((value if isinstance(value, Text) else Text(value)).split("\n"))
+
+
 def _fitted_table(
     title: str,
     header: Sequence[tuple[str, JustifyMethod]],
     rows: Sequence[Sequence[Text | str]],
-    wrap: str | None = None,
 ) -> tuple[Table, int]:
-    """A table whose columns keep their values whole, and the width it needs.
+    """A table in which no value wraps, and the width it needs.
 
-    Every column is as wide as its widest value, except ``wrap`` (the details), which may
-    wrap at spaces and needs only its longest word. The table fits a width only if the
-    returned need is at most that width; otherwise rich would have to cut a value.
+    Every column is as wide as its widest line (a value may hold several lines: the
+    details, one phrase a line), so the table fits a width only if the returned need is at
+    most that width; otherwise rich would wrap a value (a range one word a line) or cut it,
+    and the caller lays the rows out as a list instead.
 
     Args:
         header: (column name, justify) pairs.
@@ -175,16 +180,9 @@ def _fitted_table(
     table = Table(title=Text(title), header_style="bold", title_justify="left")
     need = 1  # the left border
     for i, (name, justify) in enumerate(header):
-        values = [row[i] for row in rows]
-        if name == wrap:
-            longest = max(
-                (len(w) for v in values for w in Text.assemble(v).plain.split()), default=0
-            )
-            col_min = max(longest, max((len(w) for w in name.split()), default=0))
-            table.add_column(name, justify=justify)
-        else:
-            col_min = max([_width(name), *(_width(v) for v in values)])
-            table.add_column(name, justify=justify, no_wrap=True, width=col_min)
+        values = [line for row in rows for line in _lines_of(row[i])]
+        col_min = max([_width(name), *(line.cell_len for line in values)])
+        table.add_column(name, justify=justify, no_wrap=True, width=col_min)
         need += col_min + 3  # padding on both sides and a border
     for row in rows:  # as Text: a value is never read as rich markup
         table.add_row(*(v if isinstance(v, Text) else Text(v) for v in row))
@@ -259,10 +257,10 @@ class RangeSection:
         ]
         header.append(("details", "left"))
         rows = [
-            [*self._fields(row).values(), "; ".join(facts.row_details(row))]
+            [*self._fields(row).values(), "\n".join(facts.row_details(row))]
             for row in self.folded.rows
         ]
-        return _fitted_table(self.title, header, rows, wrap="details")
+        return _fitted_table(self.title, header, rows)
 
     def _list(self) -> list[Any]:
         out: list[Any] = [Para(Text(self.title, style="bold italic"))]
@@ -350,14 +348,8 @@ class Matrix:
         cols = max(MIN_MATRIX_COLUMNS, min(MATRIX_COLUMNS, options.max_width - label_w - 1))
         low, high, width, rows = bucket_matrix(self.doc, cols)
         nb = len(next(iter(rows.values())))
-        ascii_only = _ascii(console, options)
-        distinct = _plain(console) or ascii_only  # a glyph per verdict, not a colour
-        glyphs = GLYPHS_ASCII if ascii_only else GLYPHS_PLAIN
-
-        def glyph(kind: str) -> str:
-            if distinct:
-                return glyphs[kind]
-            return GLYPH_MIXED if kind == "mixed" else GLYPH_PURE
+        # A glyph per verdict, in colour too: a colour alone is lost on colour-blind eyes.
+        glyphs = GLYPHS_ASCII if _ascii(console, options) else GLYPHS_PLAIN
 
         yield Para(Text(f"Matrix: source ports {low}-{high}, {width:,} per column", style="bold"))
         lo_s, hi_s = str(low), str(high)
@@ -372,15 +364,13 @@ class Matrix:
                     blank = True
                     continue
                 major = max(counts, key=lambda v: counts[v])
-                line.append(glyph(major if len(counts) == 1 else "mixed"), style=COLOURS[major])
+                line.append(glyphs[major if len(counts) == 1 else "mixed"], style=COLOURS[major])
             yield line
         items: list[Text] = []
         for verdict, colour in COLOURS.items():
-            items.append(Text.assemble((glyph(verdict), colour), f" {verdict}"))
-        if distinct:
-            items.append(Text(f"{glyph('mixed')} mixed (several verdicts)"))
-        else:
-            items.append(Text(f"{GLYPH_MIXED} mixed (colour of the majority)"))
+            items.append(Text.assemble((glyphs[verdict], colour), f" {verdict}"))
+        mixed = "" if _plain(console) else "; colour of the majority"
+        items.append(Text(f"{glyphs['mixed']} mixed (several verdicts{mixed})"))
         if blank:
             items.append(Text("blank: no planned port"))
         yield from _pack(items, options.max_width)
@@ -403,26 +393,68 @@ def _pack(items: list[Text], width: int) -> Iterator[Text]:
 # The report.
 
 
+# Columns the report keeps when something is shown beside it (the demo's policy).
+BESIDE_REPORT_MIN = 76
+
+
+def fits_beside(width: int, beside_width: int) -> bool:
+    """Whether a terminal *width* columns wide shows something *beside_width* wide beside
+    the report (else it comes below the report)."""
+    return width >= beside_width + 2 + BESIDE_REPORT_MIN
+
+
 def render_run(doc: dict[str, Any], console: Console, *, beside: Any = None) -> None:
     """Print the whole human report of a run document.
 
     Args:
         beside: something to show to the left of the summary and range table (the demo puts
-            the firewall policy there), when the terminal is wide enough.
+            the firewall policy there) when the terminal is wide enough for both
+            (``fits_beside``), else below the report.
     """
     parts = run_renderables(doc)
-    if beside is not None and console.width >= 150:
+    beside_width = (
+        0 if beside is None else Measurement.get(console, console.options, beside).maximum
+    )
+    if beside is not None and fits_beside(console.width, beside_width):
         grid = Table.grid(padding=(0, 2))
-        grid.add_column()
-        grid.add_column()
+        grid.add_column(width=beside_width, no_wrap=True)  # as wide as it asks, always
+        grid.add_column(ratio=1)
         grid.add_row(beside, Group(*parts[:-1]))
         console.print(grid)
         console.print(parts[-1], crop=False)
         return
-    if beside is not None:
-        console.print(beside)
     for part in parts:
         console.print(part, crop=False)
+    if beside is not None:
+        console.print(beside, crop=False)
+
+
+class Policy:
+    """A firewall policy shown with a report: a panel as wide as its longest rule, or, where
+    the width cannot hold that panel, its title and one rule a line (never wrapped inside a
+    rule, never cut: a line wider than the terminal runs past its edge)."""
+
+    def __init__(self, text: str, title: str) -> None:
+        self.lines = [line.expandtabs(4).rstrip() for line in text.splitlines()]
+        self.title = title
+        inner = max([len(title) + 2, *(Text(line).cell_len for line in self.lines)])
+        self.width = inner + 4  # borders and padding
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        from rich.panel import Panel
+        from rich.syntax import Syntax
+
+        if self.width <= options.max_width:
+            code = Syntax("\n".join(self.lines), "bash", theme="ansi_dark", word_wrap=False)
+            yield Panel(code, title=Text(self.title), width=self.width)
+            return
+        yield Para(Text(self.title, style="bold"))
+        for line in self.lines:
+            yield Segment("  " + line)
+            yield Segment.line()
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement(self.width, self.width)
 
 
 def _head(doc: dict[str, Any]) -> Text:
@@ -458,14 +490,18 @@ def _loss_line(doc: dict[str, Any]) -> Text:
     if c.estimate is not None:
         line.append(f", {c.attempts_text}")
     line.append("; ")
+    bound = c.bound_text
     if not c.blocked:
         line.append("no cell blocked")
+        if not bound.startswith("none"):  # what the document says all the same
+            line.append(f", chance that any 'blocked' cell is really open: {bound}")
     else:
-        line.append(f"chance that any 'blocked' cell is really open: {c.bound_text}")
-        if not c.reached:
-            line.append("  (confidence target not reached)", style="bold red")
-        elif c.target is not None:
-            line.append(f" (confidence target {c.target:.2g} reached)")
+        line.append(f"chance that any 'blocked' cell is really open: {bound}")
+    if not c.reached:
+        why = "" if c.complete else ": the run is incomplete"
+        line.append(f"  (confidence target not reached{why})", style="bold red")
+    elif c.blocked and c.target is not None:
+        line.append(f" (confidence target {c.target:.2g} reached)")
     if c.rate_text:
         line.append(f"; {c.rate_text}")
     return line
@@ -505,22 +541,42 @@ def run_renderables(doc: dict[str, Any]) -> list[Any]:
     sampled = facts.sampled(doc)
     out.append(RangeSection("Source-port ranges", ranges, sampled=sampled))
     tail: list[Any] = [Matrix(doc)]
-    deviations = doc.get("deviations")
-    if isinstance(deviations, list):
-        if deviations:
-            n = sum(int(r["last"]) - int(r["first"]) + 1 for r in deviations)
-            tail.append(
-                RangeSection(
-                    f"Deviations from expectations ({n:,} cells in {len(deviations):,} ranges)",
-                    deviations,
-                    sampled=sampled,
-                    expected=True,
-                )
-            )
-        else:
-            tail.append(Para(_styled("as expected: no deviations", "bold green")))
+    tail += _expectations(doc, sampled)
     tail += _recommendations(doc)
     out.append(Group(*tail))
+    return out
+
+
+def _expectations(doc: dict[str, Any], sampled: bool) -> list[Any]:
+    """What the expectations found: how many cells they judged, the deviations, and every
+    entry that judged no cell (which, for this run's agent, is not "as expected")."""
+    deviations = doc.get("deviations")
+    judged = judgement_of(doc)
+    if not isinstance(deviations, list) and judged is None:
+        return []  # not judged against expectations
+    deviations = deviations if isinstance(deviations, list) else []
+    out: list[Any] = []
+    if judged is not None:
+        planned = (doc.get("summary") or {}).get("cells")
+        out.append(Para(f"expectations: {facts.judged_text(judged, planned)}"))
+        for u in judged["unmatched"]:
+            t = Text(facts.unmatched_text(u), style="red" if u.get("fails") else "")
+            out.append(Para(t, indent=2))
+    if deviations:
+        n = sum(int(r["last"]) - int(r["first"]) + 1 for r in deviations)
+        out.append(
+            RangeSection(
+                f"Deviations from expectations ({n:,} cells in {len(deviations):,} ranges)",
+                deviations,
+                sampled=sampled,
+                expected=True,
+            )
+        )
+    problem = judged.get("problem") if judged is not None else None
+    if problem:
+        out.append(Para(_styled(f"not as expected: {facts.one_line(problem)}", "bold red")))
+    elif not deviations:
+        out.append(Para(_styled("as expected: no deviations", "bold green")))
     return out
 
 
@@ -539,7 +595,7 @@ def _recommendations(doc: dict[str, Any]) -> list[Any]:
                 )
             )
         )
-    elif summary.get("open", 0) < summary.get("cells", 0):
+    elif doc.get("complete") and summary.get("open", 0) < summary.get("cells", 0):
         lines.append(Para(_styled("no destination port passed from every source port", "red")))
     rules = rec.get("rules") or []
     if rules:
@@ -663,7 +719,7 @@ class _AgentList:
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         header: list[tuple[str, JustifyMethod]] = [(c, "left") for c in self.COLUMNS]
-        table, need = _fitted_table("Registered agents", header, self.rows, wrap="ports")
+        table, need = _fitted_table("Registered agents", header, self.rows)
         if need <= options.max_width:
             yield table
             return

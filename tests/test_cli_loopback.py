@@ -1,0 +1,208 @@
+"""The real CLI against a real probe and agent on loopback, as the new-user trial ran it:
+output into a pipe that closes early, expectation files that judge nothing, the agent list.
+
+One probe and one agent serve the whole module (``prockit.loopback_services``); every test
+runs ``udpreach`` as a process and looks at what a user sees: its exit status, stdout and
+stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, udpreach_argv
+from prockit import Services, loopback_services, wait_for
+
+from udpreach.core import schema
+from udpreach.core.portspec import format_ports
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    tmp = tmp_path_factory.mktemp("loopback")
+    secret = tmp / "secret"
+    secret.write_text("loopback-cli-secret-0123456789abcdef\n")
+    secret.chmod(0o600)
+    with loopback_services(tmp, secret, agent_ports=2, name="pc-17") as svc:
+        yield svc
+
+
+def _run(services: Services, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``udpreach run`` against the module's agent (waiting for it to register)."""
+    return subprocess.run(
+        services.run_argv(*args), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _stored_run(services: Services, *args: str) -> dict:
+    proc = _run(services, "--json", *args)
+    assert proc.returncode in (0, 1), proc.stderr
+    doc: dict = json.loads(proc.stdout)
+    return doc
+
+
+# ---------------------------------------------------------------------------------------
+# A reader that goes away (`udpreach show RUN | head -1`).
+
+
+def _into_closed_pipe(argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run *argv* with stdout a pipe whose reader has already gone: every write to it finds
+    the pipe closed (what `| head -1` does to all but the first lines, without the race)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run(
+            argv, stdout=w, stderr=subprocess.PIPE, text=True, timeout=timeout, check=False
+        )
+    finally:
+        os.close(w)
+
+
+def test_a_closed_pipe_changes_no_exit_status_and_says_nothing(
+    services: Services, tmp_path: Path
+) -> None:
+    db = str(services.db)
+    doc = _stored_run(services, "--src-ports", "1024-3071")
+    blocked = tmp_path / "blocked.toml"  # loopback lets everything through: a deviation
+    blocked.write_text('[[expect]]\ndst_ports = "1-65535"\nsrc_ports = "1024-1100"\n'
+                       'verdict = "blocked"\n')  # fmt: skip
+    cases = [
+        (udpreach_argv("show", doc["run_id"], "--db", db), 0),
+        (udpreach_argv("show", doc["run_id"], "--db", db, "--json"), 0),
+        (udpreach_argv("history", "--db", db), 0),
+        (udpreach_argv("history", "--db", db, "--json"), 0),
+        (services.run_argv("--src-ports", "1024-2047"), 0),
+        (services.run_argv("--src-ports", "1024-2047", "--json"), 0),
+        (services.run_argv("--src-ports", "1024-2047", "--expect", str(blocked)), 1),
+        (services.run_argv("--src-ports", "1024-2047", "--expect", str(blocked), "--json"), 1),
+    ]
+    for argv, code in cases:
+        proc = _into_closed_pipe(argv)
+        what = " ".join(argv[3:6])
+        assert proc.returncode == code, f"{what}: exit {proc.returncode}: {proc.stderr}"
+        assert proc.stderr == "", f"{what}: {proc.stderr}"
+
+
+def test_a_closed_pipe_still_gets_the_reports_written(services: Services, tmp_path: Path) -> None:
+    """What the command does after printing (the export files) still happens."""
+    junit, csv = tmp_path / "r.xml", tmp_path / "r.csv"
+    argv = services.run_argv("--src-ports", "1024-2047", "--junit", str(junit), "--csv", str(csv))
+    proc = _into_closed_pipe(argv)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "<testsuite" in junit.read_text()
+    assert "1024,2047" in csv.read_text()
+
+
+def test_version_and_help_into_a_closed_pipe() -> None:
+    for args in (["--version"], ["run", "--help"]):
+        proc = _into_closed_pipe(udpreach_argv(*args))
+        assert (proc.returncode, proc.stderr) == (0, ""), args
+
+
+# ---------------------------------------------------------------------------------------
+# An expectation that judges nothing is not "as expected".
+
+
+def _expect_file(tmp_path: Path, *entries: dict[str, str]) -> Path:
+    path = tmp_path / "expect.toml"
+    path.write_text(
+        "".join("[[expect]]\n" + "".join(f'{k} = "{v}"\n' for k, v in e.items()) for e in entries)
+    )
+    return path
+
+
+OPEN = {"dst_ports": "1-65535", "src_ports": "1024-65535", "verdict": "open"}
+
+
+def test_a_mistyped_agent_judges_nothing_and_exits_1(services: Services, tmp_path: Path) -> None:
+    """The trial: `agent = "pc-71"` for pc-17 said "as expected: no deviations", exit 0."""
+    expect = _expect_file(tmp_path, {"agent": "pc-71", **OPEN})
+    proc = _run(services, "--src-ports", "1024-2047", "--expect", str(expect))
+    assert proc.returncode == 1, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line == (
+        f"udpreach: --expect {expect}: the expectations judged no cell: every entry names "
+        "another agent (pc-71), and this run's agent is pc-17"
+    )
+    report = " ".join(proc.stdout.split())
+    assert "expectations: 0 of 2,048 cells judged by 0 of 1 entry" in report
+    assert "entry #1 (line 1) judged no cell: it is for agent pc-71" in report
+    assert "not as expected: the expectations judged no cell" in report
+    assert "as expected: no deviations" not in report
+
+    proc = _run(services, "--src-ports", "1024-2047", "--expect", str(expect), "--json")
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(proc.stdout)  # one document, nothing else
+    assert doc["deviations"] == []  # the contract's form, unchanged
+    judged = doc["judgement"]
+    assert (judged["cells"], judged["as_expected"]) == (0, False)
+    assert [(u["entry"], u["line"], u["fails"]) for u in judged["unmatched"]] == [(1, 1, False)]
+    assert judged["problem"] in proc.stderr
+
+
+def test_an_entry_that_judges_nothing_fails_the_run_even_beside_good_ones(
+    services: Services, tmp_path: Path
+) -> None:
+    unplanned = {"dst_ports": "6000", "src_ports": "1024-65535", "verdict": "open"}
+    expect = _expect_file(tmp_path, OPEN, unplanned)
+    proc = _run(services, "--src-ports", "1024-2047", "--expect", str(expect), "--json")
+    assert proc.returncode == 1, proc.stderr
+    judged = json.loads(proc.stdout)["judgement"]
+    assert [e["cells"] for e in judged["entries"]] == [2048, 0]
+    (u,) = judged["unmatched"]
+    assert (u["entry"], u["line"], u["fails"]) == (2, 5, True)
+    assert u["reason"].startswith("none of its destination ports was planned")
+    (line,) = proc.stderr.splitlines()
+    assert "expectation entry #2 (line 5: dst 6000 src 1024-65535 open) judged no cell" in line
+    assert f"(the run's: {format_ports(services.agent_ports)})" in line
+
+
+def test_an_entry_for_another_agent_is_named_but_fails_nothing(
+    services: Services, tmp_path: Path
+) -> None:
+    """One file may serve several agents: pc-18's entry is listed, and pc-17's run passes."""
+    expect = _expect_file(tmp_path, OPEN, {"agent": "pc-18", **OPEN, "verdict": "blocked"})
+    proc = _run(services, "--src-ports", "1024-2047", "--expect", str(expect))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    report = " ".join(proc.stdout.split())
+    assert "expectations: 2,048 of 2,048 cells judged by 1 of 2 entries" in report
+    assert "entry #2 (line 5) judged no cell: it is for agent pc-18" in report
+    assert "as expected: no deviations" in report
+
+
+# ---------------------------------------------------------------------------------------
+# The agent list.
+
+
+def test_agents_json_names_its_schema_and_says_since_in_utc(services: Services) -> None:
+    wait_for(lambda: services.agents() == ["pc-17"], "pc-17 to register", 20)
+    proc = run_cli(
+        "agents", "--coordinator", services.endpoint, "--secret-file", str(services.secret),
+        "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["schema"] == schema.AGENTS == "udpreach/agents-v1"
+    (agent,) = doc["agents"]
+    assert isinstance(agent["since"], float)  # kept, for scripts that read it
+    since = datetime.fromtimestamp(agent["since"], UTC)
+    assert agent["since_utc"] == since.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_agents_with_none_registered_says_so(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("loopback-cli-secret-0123456789abcdef\n")
+    secret.chmod(0o600)
+    with loopback_services(tmp_path, secret, agent=False) as svc:
+        proc = run_cli("agents", "--coordinator", svc.endpoint, "--secret-file", str(secret))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""  # no empty table
+    assert proc.stderr == "no agent is registered\n"
