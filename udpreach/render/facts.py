@@ -501,7 +501,8 @@ def fold_note(folded: Folded) -> str | None:
         "unknown": "interleaved cells share a row: unknown with the verdict around it",
         "mixed": "interleaved ranges share a row",
     }.get(folded.how or "", "")
-    text = f"{len(folded.rows):,} rows for {folded.ranges:,} ranges"
+    rows = len(folded.rows)
+    text = f"{rows:,} row{'s' if rows != 1 else ''} for {folded.ranges:,} ranges"
     text += f" ({what})" if what else ""
     if folded.hidden:
         text += f"; {folded.hidden:,} more rows not shown"
