@@ -137,6 +137,27 @@ def test_reject_range_under_the_kernels_icmp_limit_is_rejected_with_inferred_cel
     assert sim.now < 30  # tens of seconds, not nmap's hours
 
 
+@pytest.mark.parametrize(
+    ("rate", "burst"),
+    [(1.0, 6.0), (2.0, 1.0), (10.0, 6.0)],
+    ids=["linux-1s-burst-6", "cisco-500ms", "10-per-s-burst-6"],
+)
+def test_the_report_names_the_icmp_senders_limit_it_measured(rate: float, burst: float) -> None:
+    """The rate limit in the warning and the document is measured from the errors' arrival
+    times (the engine's own schedule of test bursts must not show through)."""
+    path = Path(rules=DEMO, icmp_rate=rate, icmp_burst=burst)
+    for seed in (1, 2, 3):
+        sim, doc = run(path, seed=seed)
+        right(sim, doc, path)
+        got = doc["icmp_senders"][ROUTER]
+        assert got["period"] == pytest.approx(1 / rate, rel=0.1), got
+        assert abs(got["burst"] - burst) <= 1, got
+        said = [w for w in doc["warnings"] if "rate-limited" in w]
+        assert f"{ROUTER} about 1 per {got['period']:.2g}s after a burst of {got['burst']}" in (
+            said[0] if said else ""
+        ), said
+
+
 def test_two_runs_of_an_unchanged_policy_agree() -> None:
     path = Path(rules=DEMO)
     docs = [SimRun(path, seed=seed).run() for seed in (1, 2)]
@@ -454,3 +475,41 @@ def test_a_datagram_over_the_probes_route_mtu_is_a_path_mtu_finding() -> None:
     doc = sim.run()
     assert doc["path_mtu"] == {"mtu": 1500, "from": "route", "size": 3000}
     assert any("route has an MTU of 1500" in w for w in doc["warnings"])
+
+
+def test_a_limit_is_only_named_once_errors_came_after_the_burst() -> None:
+    from udpreach.core.silence import SenderBucket
+
+    b = SenderBucket(ROUTER)
+    assert b.limiter() is None
+    for t in (5.0, 5.001, 5.002, 5.003, 5.004, 5.005):  # Linux's burst of six
+        b.note(t)
+    assert b.limiter() is None  # a burst says nothing of the refill yet
+    b.note(6.0)
+    assert b.limiter() is None
+    for t in (8.0, 8.001, 9.0):  # two tokens waited for, then one
+        b.note(t)
+    assert b.limiter() == (6, pytest.approx(1.0, rel=0.01))
+
+
+def test_errors_booked_at_one_instant_still_give_a_finite_limit() -> None:
+    """Errors read in one batch share a timestamp: spans of 0 must not divide by zero."""
+    from udpreach.core.silence import MIN_PERIOD, SenderBucket
+
+    b = SenderBucket(ROUTER)
+    for t in [1.0] * 6 + [2.0] * 9:
+        b.note(t)
+    burst, period = b.limiter() or (0, 0.0)
+    assert burst >= 1
+    assert MIN_PERIOD <= period < 1.0
+
+
+def test_a_bucket_that_started_half_empty_still_shows_its_burst() -> None:
+    """A run right after another finds the sender's bucket partly drained: its first
+    errors are fewer than the burst, which shows later, after a long wait, all at once."""
+    from udpreach.core.silence import SenderBucket
+
+    b = SenderBucket(ROUTER)
+    for t in [0.0, 0.001, 1.0, 2.0] + [8.0] * 6 + [9.0, 10.0]:
+        b.note(t)
+    assert b.limiter() == (6, pytest.approx(1.0, rel=0.01))

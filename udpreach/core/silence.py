@@ -34,6 +34,7 @@ conclusions; the engine (``udpreach.core.sweep``) sends, waits and feeds back wh
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -59,6 +60,8 @@ MAX_BURST_CELLS = 256  # silent cells per test burst: the burst lasts a few ms a
 DEFAULT_PERIOD = 1.0  # Linux's default: one error per second per destination
 MIN_PERIOD, MAX_PERIOD = 0.01, 8.0
 DEFAULT_BURST = 6  # Linux's XRLIM_BURST_FACTOR
+BURST_WINDOW = 0.25  # seconds after a sender's first error that still count as its burst
+AT_ONCE = 0.02  # errors this close together came from tokens the bucket already held
 
 
 @dataclass
@@ -86,6 +89,46 @@ class SenderBucket:
             return None
         gaps.sort()
         return min(MAX_PERIOD, max(MIN_PERIOD, gaps[len(gaps) // 2]))
+
+    def limiter(self) -> tuple[int, float] | None:
+        """(burst, period) of the token bucket that explains the errors' arrival times, for
+        the report; None until at least two errors came after the first burst.
+
+        The bucket starts full, so the first errors come back to back: their count (within
+        ``BURST_WINDOW`` of the first) is the burst ``B``. Then any interval holding ``B + k``
+        errors refilled at least ``k`` tokens, so the period is at most its span over ``k``;
+        the tightest interval gives the estimate. It is the largest period the arrivals
+        allow: right when the run asked for more errors than the sender gave (the tests
+        do), long when it did not. The engine schedules by ``period`` (adapted burst by
+        burst, and guarded by control cells), not by this."""
+        t = np.asarray(self.times, dtype=np.float64)
+        n = len(t)
+        first = int(np.searchsorted(t, t[0] + BURST_WINDOW, side="right")) if n else 0
+        if n - first < 2:
+            return None
+
+        def period(burst: int) -> float:
+            best = math.inf
+            for k in range(1, n - burst + 1):
+                w = burst + k - 1  # errors i .. i + w: burst + k of them
+                best = min(best, float((t[w:] - t[: n - w]).min()) / k)
+            return best
+
+        def clamp(p: float) -> float:  # errors booked at one instant make a span of 0
+            return min(MAX_PERIOD, max(MIN_PERIOD, p))
+
+        # A fast sender refills within the window too: take that share out of the burst.
+        p = clamp(period(first))
+        burst = max(1, min(first, round(first - (t[first - 1] - t[0]) / p)))
+        # A bucket that was not full at the start (a run right after another) shows its
+        # burst later, when a test burst after a long wait is answered all at once.
+        at_once = int((np.searchsorted(t, t + AT_ONCE, side="right") - np.arange(n)).max())
+        burst = max(burst, at_once)
+        if n - burst < 2:
+            return None
+        if burst != first:
+            p = clamp(period(burst))
+        return burst, p
 
     def ready_at(self, tokens: int) -> float:
         """When it will have refilled ``tokens`` tokens since it last answered."""

@@ -1328,9 +1328,7 @@ class Sweep:
         c = self.conclusion
         if c is None:
             return
-        rates = ", ".join(
-            f"{b.address} about 1 per {b.period:.2g}s" for b in self.senders.values() if b.errors
-        )
+        rates = ", ".join(_limiter_text(b) for b in self.senders.values() if b.errors)
         parts = [f"ICMP errors were rate-limited on the path ({rates})"]
         if c.inferred_rejected or c.inferred_blocked:
             parts.append(
@@ -1554,11 +1552,15 @@ class Sweep:
         if facts.path_mtu is not None:
             out["path_mtu"] = dict(facts.path_mtu)
         if self.senders:
-            out["icmp_senders"] = {
-                a: {"errors": b.errors, "period": round(b.period, 3)}
-                for a, b in self.senders.items()
-                if b.errors
-            }
+            out["icmp_senders"] = {}
+            for a, b in self.senders.items():
+                if b.errors:
+                    est = b.limiter()
+                    out["icmp_senders"][a] = {
+                        "errors": b.errors,
+                        "burst": est[0] if est else None,
+                        "period": round(est[1], 3) if est else None,
+                    }
         if extra:
             out.update(extra)
         return build_document(
@@ -1585,3 +1587,12 @@ def _describe_changes(changed: list[tuple[int, int, str, str]]) -> str:
             f"dst {d} source ports {format_ports(sorted(srcs))} were {before}, now {after}"
         )
     return "; ".join(parts)
+
+
+def _limiter_text(b: silence.SenderBucket) -> str:
+    """A sender's rate limit as the report says it: measured, or only its error count."""
+    est = b.limiter()
+    if est is None:
+        return f"{b.address}: {b.errors:,} error{'s' if b.errors != 1 else ''}"
+    burst, period = est
+    return f"{b.address} about 1 per {period:.2g}s after a burst of {burst}"
