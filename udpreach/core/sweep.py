@@ -1552,15 +1552,16 @@ class Sweep:
         if facts.path_mtu is not None:
             out["path_mtu"] = dict(facts.path_mtu)
         if self.senders:
-            out["icmp_senders"] = {}
-            for a, b in self.senders.items():
-                if b.errors:
-                    est = b.limiter()
-                    out["icmp_senders"][a] = {
-                        "errors": b.errors,
-                        "burst": est[0] if est else None,
-                        "period": round(est[1], 3) if est else None,
+            senders: dict[str, dict[str, Any]] = {}
+            for address, bucket in self.senders.items():
+                if bucket.errors:
+                    limit = bucket.limiter()
+                    senders[address] = {
+                        "errors": bucket.errors,
+                        "burst": limit[0] if limit else None,
+                        "period": round(limit[1], 3) if limit else None,
                     }
+            out["icmp_senders"] = senders
         if extra:
             out.update(extra)
         return build_document(
