@@ -619,6 +619,12 @@ class Coordinator:
                 log.info("connection from %s ended: %s", addr, first or type(first).__name__)
             else:
                 log.error("connection from %s failed: %s: %s", addr, type(first).__name__, first)
+                if role == "requester":  # told, not left with "connection closed by peer"
+                    await chan.refuse(
+                        f"the probe failed serving this request ({type(first).__name__}: "
+                        f"{first}); its log has the details",
+                        "internal",
+                    )
         return Outcome.OK
 
     def _auth_failed(self, addr: str, why: str) -> None:

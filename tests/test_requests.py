@@ -164,3 +164,28 @@ async def test_a_failing_history_never_costs_the_document(tmp_path: Path) -> Non
     assert after["warnings"] == []
     with RunStore.open(db, create=False) as reader:
         assert [r["run_id"] for r in reader.history()] == [after["run_id"]]
+
+
+async def test_a_probe_failure_during_a_run_is_told_to_the_requester(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug that raises while a run is served reaches the requester as one line naming it
+    (exit 3), not as "control connection closed by peer"; the coordinator serves on."""
+    from udpreach.core.errors import UnreachableError
+    from udpreach.core.sweep import Sweep
+
+    real = Sweep.document
+
+    def broken(self: Sweep, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise ValueError("cannot convert float NaN to integer")
+
+    with trio.fail_after(DEADLINE):
+        async with harness("alpha") as h:
+            monkeypatch.setattr(Sweep, "document", broken)
+            with pytest.raises(UnreachableError) as info:
+                await ask(h, "alpha", {"src_ports": "1024-1055"})
+            monkeypatch.setattr(Sweep, "document", real)
+            doc = await ask(h, "alpha", {"src_ports": "1024-1055"})
+    assert "the probe failed serving this request" in str(info.value)
+    assert "ValueError: cannot convert float NaN to integer" in str(info.value)
+    assert doc["summary"]["open"] == 32
