@@ -113,6 +113,21 @@ def test_drop_and_reject_with_unlimited_icmp_need_no_tests() -> None:
     assert all("inferred" not in r for r in doc["ranges"])
 
 
+def test_a_stage_whose_every_cell_is_credited_does_not_wait_out_its_settle() -> None:
+    """Nothing is in flight once every cell a stage sent was credited: the run ends a
+    receipt batch after its last datagram, not a settle wait (delay x 1.25 + 20 ms) later.
+    A stage with a dark cell still waits the whole settle for a late datagram."""
+    sim, doc = run(Path())
+    assert doc["summary"]["open"] == 64512
+    sweep = sim.sweep
+    assert sim.now - sweep._last_send < 0.5 * sweep.settle_wait()
+
+    dark = Path(rules=[Rule("drop", (40000, 40000))], icmp_rate=1e6, icmp_burst=1e6)
+    sim, doc = run(dark, src_ports="39000-40999")
+    right(sim, doc, dark)
+    assert sim.now - sim.sweep._last_send >= sim.sweep.settle_wait()
+
+
 def test_two_destination_ports_with_different_policies() -> None:
     path = Path(
         rules=[Rule("drop", (2000, 2999), dsts=(5000,)), Rule("reject", (2500, 2599), dsts=(5001,))]

@@ -50,7 +50,8 @@ _SKIP = 0xFF  # a key byte for slots that belong in no range (unplanned, or left
 __all__ = ["VERDICTS", "IcmpInfo", "Ledger", "Verdict"]  # the verdicts: udpreach.core.schema
 
 PENDING = 0
-_CODE = {Verdict.OPEN: 1, Verdict.BLOCKED: 2, Verdict.REJECTED: 3, Verdict.UNTESTED: 4}
+OPEN = 1  # the state code of a credited cell
+_CODE = {Verdict.OPEN: OPEN, Verdict.BLOCKED: 2, Verdict.REJECTED: 3, Verdict.UNTESTED: 4}
 _CODE_UNKNOWN = 5
 _NAME = {1: "open", 2: "blocked", 3: "rejected", 4: "untested", 5: "unknown", 0: "unknown"}
 

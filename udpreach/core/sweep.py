@@ -43,7 +43,7 @@ from udpreach.core.datagram import MIN_SIZE, TokenCodec
 from udpreach.core.document import build_document
 from udpreach.core.errors import ProtocolError
 from udpreach.core.framing import decode_receipts
-from udpreach.core.ledger import PENDING, IcmpInfo, Ledger
+from udpreach.core.ledger import OPEN, PENDING, IcmpInfo, Ledger
 from udpreach.core.loss import (
     BlockEvidence,
     LossEstimate,
@@ -263,6 +263,7 @@ class Sweep:
         # not go to every planned destination port.
         self._queue: np.ndarray = np.zeros(0, dtype=np.intp)
         self._only: dict[int, list[int]] = {}
+        self._open_at: float | None = None  # when every cell of the stage was credited
         self._qpos = 0
         self._requeues: dict[int, int] = {}
         self._next_send = now
@@ -349,8 +350,15 @@ class Sweep:
                 return self._send_batch(now)
             self._move("drain")
         # Settling: wait for the last datagrams to arrive (by the delay measured so far),
-        # then a flush barrier.
-        self._settle_at = self._last_send + self.settle_wait()
+        # then a flush barrier. A stage whose every cell was credited has nothing left in
+        # flight to wait for.
+        settle_at = self._last_send + self.settle_wait()
+        if now < settle_at:
+            if self._open_at is None and self._stage_all_open():
+                self._open_at = now
+            if self._open_at is not None:
+                settle_at = self._open_at
+        self._settle_at = settle_at
         if now < self._settle_at:
             if self._judging and out is None and now - self._last_flush >= FLUSH_EVERY:
                 return self._flush(now, final=False)
@@ -358,6 +366,15 @@ class Sweep:
         if out is None:
             return self._flush(now, final=True)
         return Wait(out[1] + REPLY_TIMEOUT)
+
+    def _stage_all_open(self) -> bool:
+        """Whether every cell the current stage sent is credited (the pilot and sweep rounds,
+        whose cells were all unseen when sent; a recheck re-sends cells already open, and
+        ICMP tests wait for errors, not credits)."""
+        if self.stage not in (Stage.PILOT, Stage.SWEEP) or self._only or not len(self._queue):
+            return False
+        q = self._queue
+        return all(bool((self.ledger.view(d).state[q] == OPEN).all()) for d in self.plan.dst_ports)
 
     def settle_wait(self) -> float:
         """How long after its last datagram a stage is judged: the measured UDP delay with
@@ -766,6 +783,7 @@ class Sweep:
             srcs = srcs[order]
         self._queue = srcs
         self._only = only
+        self._open_at = None
         self._qpos = 0
         self._requeues = {}
         # Windows are kept across stages (receipts name them); a new stage opens its own.
