@@ -38,6 +38,7 @@ from udpreach.core.errors import (
     UdpreachError,
     UnreachableError,
 )
+from udpreach.core.errors import leaves as error_leaves
 from udpreach.core.framing import Malformed, Message, client_key, parse_key_text
 from udpreach.core.messages import (
     REPLY_TO,
@@ -277,14 +278,7 @@ _SESSION_FAILURES = (UnreachableError, ProtocolError, AuthError, trio.TooSlowErr
 def _session_failure(group: BaseExceptionGroup[Any]) -> BaseException | None:
     """The first expected failure in *group* if that is all it holds (Cancelled aside),
     else None (the group is then re-raised as it is)."""
-    leaves: list[BaseException] = []
-    todo: list[BaseException] = [group]
-    while todo:
-        exc = todo.pop(0)
-        if isinstance(exc, BaseExceptionGroup):
-            todo[:0] = exc.exceptions
-        else:
-            leaves.append(exc)
+    leaves = error_leaves(group)
     failures = [e for e in leaves if not isinstance(e, trio.Cancelled)]
     if failures and all(isinstance(e, _SESSION_FAILURES) for e in failures):
         return failures[0]

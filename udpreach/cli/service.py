@@ -29,6 +29,7 @@ from udpreach.cli.common import (
     parse_endpoint,
 )
 from udpreach.core.errors import ConfigError, UdpreachError
+from udpreach.core.errors import leaves as error_leaves
 
 log = logging.getLogger("udpreach.probe")
 
@@ -41,14 +42,7 @@ SEND_MODES = ("auto", "raw", "bind")
 def first_error(group: BaseExceptionGroup[Any]) -> BaseException:
     """The error to report from a group: its first ``UdpreachError``, else its first leaf
     that is not a cancellation, else its first leaf."""
-    leaves: list[BaseException] = []
-    todo: list[BaseException] = [group]
-    while todo:
-        exc = todo.pop(0)
-        if isinstance(exc, BaseExceptionGroup):
-            todo[:0] = exc.exceptions
-        else:
-            leaves.append(exc)
+    leaves = error_leaves(group)
     for kind in (UdpreachError, KeyboardInterrupt):
         for leaf in leaves:
             if isinstance(leaf, kind):

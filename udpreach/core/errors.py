@@ -6,6 +6,8 @@ configuration, 3 could not complete.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class UdpreachError(Exception):
     """Base class: every error the CLI turns into a one-line message."""
@@ -37,3 +39,16 @@ class UnreachableError(UdpreachError):
 
 class AgentUnavailableError(UdpreachError):
     """The named agent is not registered, or was lost during the run."""
+
+
+def leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    """The exceptions of ``group`` and of its nested groups, depth first, in order."""
+    out: list[BaseException] = []
+    todo: list[BaseException] = [group]
+    while todo:
+        exc = todo.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            todo[:0] = exc.exceptions
+        else:
+            out.append(exc)
+    return out
