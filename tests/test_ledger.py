@@ -629,3 +629,28 @@ def test_batch_credit_equals_record_by_record(
         got = fast.note_receipts_packed(packed, addrs, interest).tolist()
         assert got == _credit_one_by_one(slow, records, addrs, interest)
         assert _everything(fast) == _everything(slow)
+
+
+def test_a_batch_says_which_credited_records_were_for_the_latest_attempt() -> None:
+    """The engine's delay measure reads ``last_latest``: a record credited for an earlier
+    attempt than the cell's last send, a refused one (an attempt never sent) and an
+    unplanned one are not "latest"; the batch's own order is kept."""
+    led = Ledger([5000, 5001], [1024, 1025, 1026])
+    for s in (1024, 1025, 1026):
+        led.note_sent(5000, s)
+    led.note_sent(5000, 1025)  # 1025 was sent twice: attempt 1 is not its latest
+    led.note_sent(5001, 1024)
+    records = [
+        (5000, 1024, 1),  # latest
+        (5000, 1025, 1),  # credited, an earlier attempt
+        (5000, 1026, 3),  # refused: attempt 3 never sent
+        (4999, 1024, 1),  # unplanned
+        (5001, 1024, 1),  # latest, in another column
+        (5000, 1025, 2),  # latest
+    ]
+    wire = b"".join(RECEIPT.pack(0, d, s, a, s) for d, s, a in records)
+    led.note_receipts_packed(wire, ["198.18.2.2"])
+    assert led.last_accepted is not None
+    assert led.last_latest is not None
+    assert led.last_accepted.tolist() == [True, True, False, False, True, True]
+    assert led.last_latest.tolist() == [True, False, False, False, True, True]

@@ -192,7 +192,11 @@ class Ledger:
         # translated on the way, as one from another source port ("" : not known).
         self.expected_source = ""
         self._base: dict[int, np.ndarray] = {}  # per dst: attempts of earlier epochs
-        self.last_accepted: np.ndarray | None = None  # of the last batch: records credited
+        # Of the last batch (``note_receipts_packed``): which records were credited, and
+        # which of those were for their cell's latest attempt (only those date from when it
+        # was last sent: the engine's delay measure).
+        self.last_accepted: np.ndarray | None = None
+        self.last_latest: np.ndarray | None = None
 
     def _batch_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """numpy's view of the planned source ports, and a scratch array that finds a port
@@ -290,6 +294,7 @@ class Ledger:
         latest = np.zeros(n, dtype=bool)  # the record is for its cell's latest attempt
         accepted = np.zeros(n, dtype=bool)  # the record was credited (not refused)
         self.last_accepted = accepted
+        self.last_latest = latest
         refused = stale = 0
         # Per address index (the last one: past the batch's list), whether it is another
         # address than the probe's own.
@@ -301,11 +306,17 @@ class Ledger:
         received = opened = settled = 0
         # Cells credited for the first time: (record index, column, source port), per port.
         firsts: list[tuple[np.ndarray, _Column, np.ndarray]] = []
-        for d in np.unique(dst[ok]).tolist():
+        # Whether the first records in ``firsts`` are in batch order as they stand (one
+        # column, no cell twice in it: the usual case, which then needs no sort).
+        in_order = True
+        wanted = dst[ok]
+        one_dst = len(wanted) > 0 and bool((wanted == wanted[0]).all())
+        for d in [int(wanted[0])] if one_dst else np.unique(wanted).tolist():
             col = self._cols.get(d)
             if col is None:
                 continue
-            k = np.flatnonzero(ok & (dst == d))  # this column's records, in batch order
+            # This column's records, in batch order.
+            k = np.flatnonzero(ok) if one_dst else np.flatnonzero(ok & (dst == d))
             rc = np.frombuffer(col.received, dtype=np.uint16)
             sent = np.frombuffer(col.sent, dtype=np.uint16)
             # Only what was sent can be received, once per datagram: an attempt beyond the
@@ -320,7 +331,8 @@ class Ledger:
                 fits &= ~old
             index = np.arange(len(s))
             slot[s] = index
-            if np.array_equal(slot[s], index):  # no cell twice: the usual case
+            once = np.array_equal(slot[s], index)  # no cell twice: the usual case
+            if once:
                 fits &= rc[s] < sent[s]
             else:  # the n-th receipt of a cell in this batch needs n more datagrams
                 # (counting only its receipts that passed the attempt check above)
@@ -341,13 +353,12 @@ class Ledger:
             latest[k] = att[k].astype(np.int64) == sent[s]
             accepted[k] = True
             received += len(k)
-            index = np.arange(len(s))
-            slot[s] = index
-            if np.array_equal(slot[s], index):  # no cell twice: the usual case
-                cells, first_rec, lowest = s, index, att[k]
+            if once:  # (then neither is any cell of what it credits)
+                cells, first_rec, lowest = s, np.arange(len(s)), att[k]
                 r = rc[s]
                 rc[s] = r + (r < 0xFFFF)
             else:
+                in_order = False
                 cells, first_rec, which, count = np.unique(
                     s, return_index=True, return_inverse=True, return_counts=True
                 )
@@ -374,12 +385,20 @@ class Ledger:
         if firsts:
             # Addresses enter the table on first credit, in batch order, as one by one (a
             # column with a repeated cell lists its first records in port order: sort).
-            order = np.sort(np.concatenate([r for r, _, _ in firsts]))
+            if in_order and len(firsts) == 1:
+                order = firsts[0][0]
+            else:
+                order = np.sort(np.concatenate([r for r, _, _ in firsts]))
             ai = np.minimum(rec["ai"], len(addrs))
-            seen, at = np.unique(ai[order], return_index=True)
+            named = ai[order]
+            if bool((named == named[0]).all()):  # one address (the usual case)
+                first_named = [int(named[0])]
+            else:
+                seen, at = np.unique(named, return_index=True)
+                first_named = seen[np.argsort(at)].tolist()
             names = [*addrs, "?"]
             lut = np.zeros(len(addrs) + 1, dtype=np.uint16)
-            for a in seen[np.argsort(at)].tolist():
+            for a in first_named:
                 lut[a] = self._addr_idx(names[a])
             for r, col, cells in firsts:
                 np.frombuffer(col.obs_addr, dtype=np.uint16)[cells] = lut[ai[r]]

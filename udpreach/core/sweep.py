@@ -586,13 +586,10 @@ class Sweep:
         if len(recs) and self._recheck:
             self._note_recheck(recs)
         # The delay is read off what the ledger credited (a receipt it refused, or a repeat,
-        # says nothing about when a datagram arrived): latest attempts only, before they
-        # are counted.
-        if len(recs):
-            latest = self._latest(recs)
+        # says nothing about when a datagram arrived), for the latest attempts only.
         fresh = led.note_receipts_packed(recs, addrs)
-        if len(recs) and led.last_accepted is not None:
-            self._note_delays(recs, latest & led.last_accepted, now)
+        if len(recs) and led.last_latest is not None:
+            self._note_delays(recs, led.last_latest, now)
         if len(fresh) and self._windows:
             of = self._win_of[fresh]
             of = of[(of >= 0) & (of < len(self._windows))]
@@ -601,19 +598,6 @@ class Sweep:
                 wins = self._windows
                 for w in np.flatnonzero(counts).tolist():
                     wins[w].delivered += int(counts[w])
-
-    def _latest(self, recs: bytes | memoryview) -> np.ndarray:
-        """Which records are for their cell's latest attempt (only those date from when
-        that attempt was sent)."""
-        rec = np.frombuffer(recs, dtype=_RECORD)
-        srcs = rec["src"].astype(np.intp)
-        latest = np.zeros(len(rec), dtype=bool)
-        for d in np.unique(rec["dst"]).tolist():
-            if d not in self.ledger.dst_ports:
-                continue
-            m = rec["dst"] == d
-            latest[m] = rec["att"][m] == self.ledger.view(int(d)).sent[srcs[m]]
-        return latest
 
     def _note_delays(self, recs: bytes | memoryview, use: np.ndarray, now: float) -> None:
         rec = np.frombuffer(recs, dtype=_RECORD)
