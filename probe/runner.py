@@ -22,6 +22,7 @@ from probe.sender import BindSender, IcmpEvent, route_mtu
 from udpreach.core.datagram import TokenCodec, derive_run_key
 from udpreach.core.document import never_started
 from udpreach.core.errors import AgentUnavailableError
+from udpreach.core.ledger import compress_snapshot
 from udpreach.core.plan import Plan
 from udpreach.core.sweep import (
     Checkpoint,
@@ -270,12 +271,15 @@ class RunExecution:
         """Store the ledger in a worker thread; skipped while the last one is still going."""
         if self.store is None or self._store_busy:
             return
-        snapshot = sweep.ledger.snapshot()
+        parts = sweep.ledger.snapshot_parts()  # a copy: compressed off the event loop
         self._store_busy = True
+        store, run_id = self.store, self.run_id
 
         async def write() -> None:
             try:
-                await self._store("checkpoint", self.run_id, snapshot)
+                await self._off_loop(
+                    "checkpoint", lambda: store.checkpoint(run_id, compress_snapshot(parts))
+                )
             finally:
                 self._store_busy = False
 
@@ -286,8 +290,12 @@ class RunExecution:
         if self.store is None:
             return True
         call = getattr(self.store, what)
+        return await self._off_loop(what, lambda: call(*args, **kwargs))
+
+    async def _off_loop(self, what: str, work: Callable[[], object]) -> bool:
+        """``work`` (a store call) in a worker thread; False (and a log line) if it failed."""
         try:
-            await trio.to_thread.run_sync(lambda: call(*args, **kwargs))
+            await trio.to_thread.run_sync(work)
         except Exception as exc:  # the run and its document go on whatever the disk does
             log.error("run %s: could not %s it in the store: %s", self.run_id, what, exc)
             return False

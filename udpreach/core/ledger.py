@@ -160,6 +160,12 @@ class _Column:
         self.obs_port = array("H", bytes(2 * SLOTS))
 
 
+def compress_snapshot(parts: Sequence[bytes]) -> bytes:
+    """A ledger snapshot from ``Ledger.snapshot_parts`` (safe in another thread: it only
+    reads its own copy)."""
+    return SNAPSHOT_MAGIC + zlib.compress(b"".join(parts), 1)
+
+
 class Ledger:
     """Every planned cell of one run and the evidence gathered for it."""
 
@@ -677,7 +683,8 @@ class Ledger:
     # -- snapshots (checkpoints) ------------------------------------------------------------
 
     def snapshot(self) -> bytes:
-        """Everything the ledger knows, compressed: what the coordinator checkpoints.
+        """Everything the ledger knows, compressed: what the coordinator checkpoints
+        (``compress_snapshot(self.snapshot_parts())``).
 
         Theory: a checkpoint in the middle of a round meets the settled cells scattered (the
         sweep goes in random order), where ``ranges()`` would make a dict per fragment, tens
@@ -685,6 +692,12 @@ class Ledger:
         pattern; ``from_snapshot`` turns them back into a ledger (and ranges) when, rarely,
         an interrupted run is read.
         """
+        return compress_snapshot(self.snapshot_parts())
+
+    def snapshot_parts(self) -> list[bytes]:
+        """A copy of what ``snapshot`` compresses: cheap (memory copies), so that the
+        coordinator takes it between two batches and compresses it in a worker thread
+        (16 destination ports: about 3 ms here, where compressing takes about 30)."""
         header = {
             "byteorder": sys.byteorder,
             "dst_ports": list(self.dst_ports),
@@ -701,7 +714,7 @@ class Ledger:
             col = self._cols[d]
             parts += [bytes(getattr(col, name)) for name in _BYTE_COLUMNS]
             parts += [getattr(col, name).tobytes() for name in _WORD_COLUMNS]
-        return SNAPSHOT_MAGIC + zlib.compress(b"".join(parts), 1)
+        return parts
 
     @classmethod
     def from_snapshot(cls, data: bytes, src_ports: Sequence[int]) -> Ledger:
