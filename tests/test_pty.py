@@ -214,6 +214,20 @@ def test_second_ctrl_c_quits_at_once(silent: SilentCoordinator, secret_file: Pat
     assert silent.received == ["run", "cancel"]
 
 
+def test_one_interrupt_delivered_twice_is_one_ctrl_c(
+    silent: SilentCoordinator, secret_file: Path
+) -> None:
+    """GNU ``timeout -s INT`` (a CI job's limit) signals the command and then its process
+    group: two SIGINTs microseconds apart are one interrupt, which waits for the partial
+    report, not a second one that drops it."""
+    res = _silent_run(silent, secret_file, interrupts=2, interrupt_gap=0.0)
+    assert res.returncode == 3, res.text
+    assert "interrupted again" not in res.text
+    assert "udpreach: interrupted: no partial report from the coordinator within 5s" in res.text
+    assert res.seconds >= 5
+    assert silent.received == ["run", "cancel"]
+
+
 @pytest.mark.parametrize("no_color", [False, True], ids=["colour", "NO_COLOR"])
 def test_each_verdict_has_its_own_glyph_with_or_without_colour(no_color: bool) -> None:
     """The demo's legend tells every verdict apart by its glyph alone: without colour, and

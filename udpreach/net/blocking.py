@@ -116,6 +116,10 @@ def agents_from(msg: Message) -> list[dict[str, Any]]:
     return [a.to_json() for a in typed.agents]
 
 
+#: SIGINTs closer together than this count as one (see ``Interrupts``).
+SIGINT_SAME = 0.05
+
+
 class Interrupts:
     """Counts SIGINTs while active and wakes a waiting ``select`` when one arrives.
 
@@ -127,6 +131,7 @@ class Interrupts:
 
     def __init__(self) -> None:
         self.count = 0
+        self._last = -SIGINT_SAME
         self._pair: tuple[socket.socket, socket.socket] | None = None
         self._old_handler: Any = None
         self._old_fd = -1
@@ -148,6 +153,13 @@ class Interrupts:
         return self
 
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        # One interrupt can arrive twice: GNU ``timeout -s INT`` (a CI job's time limit)
+        # signals the command and then its process group. A second Ctrl-C within
+        # SIGINT_SAME of the first is the same one; a person's second press comes later.
+        now = time.monotonic()
+        if now - self._last < SIGINT_SAME:
+            return
+        self._last = now
         self.count += 1
 
     def __exit__(
