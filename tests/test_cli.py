@@ -30,6 +30,10 @@ from prockit import python_output, stop
         (["--size", "8"], "--size"),
         (["--copies", "0"], "--copies"),
         (["--coordinator", "nohostport"], "HOST:PORT"),
+        # Report files are checked before anything is sent (the coordinator here is
+        # unreachable: reaching for it first would be exit 3).
+        (["--junit", "/nonexistent-udpreach/j.xml"], "there is no folder /nonexistent-udpreach"),
+        (["--html", "/tmp"], "cannot write --html /tmp: it is a folder"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(secret_file: Path, args: list[str], needle: str) -> None:

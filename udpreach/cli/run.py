@@ -145,6 +145,10 @@ def run(
     host, port = parse_endpoint(coordinator, "--coordinator")
     plan = _plan(src_ports, dst_ports, copies, rate, size, wait, icmp_budget, max_delay)
     entries = _expectations(expect)
+    if junit or markdown or csv_out or html:
+        from udpreach.render.exports import check_report_paths
+
+        check_report_paths(junit, markdown, csv_out, html)
     forbid_core_dumps()  # the key file's contents must never land in a core file
     secret = load_secret(secret_file)
     cancelled: list[float] = []
@@ -180,7 +184,14 @@ def run(
     if junit or markdown or csv_out or html:
         from udpreach.render.exports import write_reports
 
-        write_reports(doc, entries, junit, markdown, csv_out, html)
+        try:
+            write_reports(doc, entries, junit, markdown, csv_out, html)
+        except ConfigError as exc:  # checked before the run: the disk changed since
+            fail(
+                f"{exc}; the run itself finished (its results are on standard output)",
+                3,
+                as_json=as_json,
+            )
     summary = doc.get("summary") or {}
     cells, untested = _int(summary.get("cells")), _int(summary.get("untested"))
     if cancelled:

@@ -7,6 +7,7 @@ writer is imported only when its file is asked for (Jinja2, for one, is not chea
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from udpreach.core.errors import ConfigError
 from udpreach.core.expect import ExpectEntry
 
 # The diff's home is udpreach.core.diff; the CLI's `diff` command imports it from here.
-__all__ = ["diff_runs", "write_reports"]
+__all__ = ["check_report_paths", "diff_runs", "write_reports"]
 
 
 def write_reports(
@@ -32,22 +33,59 @@ def write_reports(
     Raises:
         ConfigError: a file cannot be written.
     """
+    flag = ""
     try:
         if junit:
             from udpreach.render.junit import write_junit
 
+            flag = f"--junit {junit}"
             write_junit(doc, entries, junit)
         if markdown:
             from udpreach.render.markdown import write_markdown
 
+            flag = f"--markdown {markdown}"
             write_markdown(doc, markdown)
         if csv_out:
             from udpreach.render.csv import write_csv
 
+            flag = f"--csv {csv_out}"
             write_csv(doc, csv_out)
         if html:
             from udpreach.render.html import write_html
 
+            flag = f"--html {html}"
             write_html(doc, html)
     except OSError as exc:
-        raise ConfigError(f"cannot write report: {exc}") from None
+        raise ConfigError(f"cannot write {flag}: {exc.strerror or exc}") from None
+
+
+def check_report_paths(
+    junit: Path | None = None,
+    markdown: Path | None = None,
+    csv_out: Path | None = None,
+    html: Path | None = None,
+) -> None:
+    """Refuse report files that cannot be written, before a run sends anything (a sweep
+    would otherwise end with its file refused).
+
+    Raises:
+        ConfigError: the first such file, and why.
+    """
+    for flag, path in (("--junit", junit), ("--markdown", markdown), ("--csv", csv_out),
+                       ("--html", html)):  # fmt: skip
+        if path is None:
+            continue
+        problem = _unwritable(path)
+        if problem:
+            raise ConfigError(f"cannot write {flag} {path}: {problem}")
+
+
+def _unwritable(path: Path) -> str | None:
+    if path.is_dir():
+        return "it is a folder"
+    folder = path.parent
+    if not folder.is_dir():
+        return f"there is no folder {folder}"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else "permission denied"
+    return None if os.access(folder, os.W_OK | os.X_OK) else f"permission denied in {folder}"
