@@ -337,8 +337,21 @@ def test_short_frame_after_handshake_is_refused() -> None:
 
 def test_oversize_preauth_frame_refused_from_its_header() -> None:
     server = ControlConnection("server", SECRET)
-    with pytest.raises(ProtocolError, match=str(MAX_PREAUTH)):
+    with pytest.raises(ProtocolError, match="does not speak udpreach's control protocol"):
         server.receive_data(struct.pack(">I", MAX_PREAUTH + 1))
+
+
+def test_another_protocol_on_the_port_is_named_not_read_as_a_length() -> None:
+    """A coordinator address that points at a web server: "wrong port?" and what it said,
+    not "a frame of 1213486160 bytes" (b"HTTP" read as a length)."""
+    c = ControlConnection("client", SECRET)
+    c.initiate()
+    with pytest.raises(ProtocolError) as info:
+        c.receive_data(b"HTTP/1.0 400 Bad Request\r\nServer: x\r\n\r\n")
+    assert str(info.value) == (
+        "the other end does not speak udpreach's control protocol (wrong port?): it sent "
+        "'HTTP/1.0 400 Bad Request'"
+    )
 
 
 def test_preauth_limit_is_inclusive() -> None:

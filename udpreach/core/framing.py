@@ -180,6 +180,15 @@ def _proof(key: bytes, label: bytes, purpose: str, key_id: str, nc: bytes, ns: b
     return hmac.new(key, msg + nc + ns, hashlib.sha256).digest()
 
 
+def _stranger(start: bytes) -> str:
+    """What to say of a peer whose first bytes are no udpreach handshake frame."""
+    text = start.split(b"\r")[0].split(b"\n")[0]
+    shown = ""
+    if text and all(32 <= c < 127 for c in text):
+        shown = f": it sent {text.decode()!r}"
+    return f"the other end does not speak udpreach's control protocol (wrong port?){shown}"
+
+
 def _frame(body: bytes) -> bytes:
     return _LEN.pack(len(body)) + body
 
@@ -342,7 +351,10 @@ class ControlConnection:
             (n,) = _LEN.unpack_from(self._inbuf)
             cap = self._max_frame if self.phase is Phase.OPEN else MAX_PREAUTH
             if n > cap or n == 0:
+                authenticated = self.phase is Phase.OPEN
                 self.phase = Phase.CLOSED
+                if not authenticated:  # not a udpreach peer at all, most likely
+                    raise ProtocolError(_stranger(bytes(self._inbuf[:64])))
                 raise ProtocolError(f"control frame of {n} bytes refused (limit {cap})")
             if len(self._inbuf) < 4 + n:
                 break
