@@ -451,7 +451,13 @@ class _Ticket:
     execution: RunExecution | None = None
     cancelled: bool = False
     gone: bool = False
+    answered: bool = False  # its last message is on its way: the requester may close now
     waiting: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    async def answer(self, chan: Channel, msg: Msg) -> None:
+        """Send the request's last message."""
+        self.answered = True
+        await chan.send(msg)
 
 
 class Coordinator:
@@ -862,8 +868,9 @@ class Coordinator:
                     peer.unsolicited("receipts or a malformed message from a requester")
         except (UnreachableError, ProtocolError):
             ticket.gone = True
-            what = ticket.execution.run_id if ticket.execution else "(not started)"
-            log.warning("requester of run %s went away; stopping it", what)
+            if not ticket.answered:  # (closing once answered is what a requester does)
+                what = ticket.execution.run_id if ticket.execution else "(not started)"
+                log.warning("requester of run %s went away; stopping it", what)
             if ticket.execution is not None:
                 ticket.execution.cancel()
             ticket.waiting.cancel()
@@ -941,12 +948,12 @@ class Coordinator:
         try:
             entries = _expect_entries(list(req.expect))
         except ConfigError as exc:
-            await chan.send(Error("bad_plan", str(exc)))
+            await ticket.answer(chan, Error("bad_plan", str(exc)))
             return
         claimed = await self._claim(name, min(req.wait, MAX_WAIT), req.plan.to_json(), ticket)
         if isinstance(claimed, Error):
             if not ticket.gone:
-                await chan.send(claimed)
+                await ticket.answer(chan, claimed)
             return
         session, plan, warnings = claimed
         try:
@@ -975,7 +982,7 @@ class Coordinator:
         text = json.dumps(doc, separators=(",", ":"))
         for i in range(0, len(text), RESULT_CHUNK):
             await chan.send(ResultPart(text[i : i + RESULT_CHUNK]))
-        await chan.send(ResultEnd(bool(doc["complete"])))
+        await ticket.answer(chan, ResultEnd(bool(doc["complete"])))
 
     async def _execute(
         self,
@@ -993,11 +1000,11 @@ class Coordinator:
         try:
             source = self.cfg.source or route_source(target)
         except OSError as exc:
-            await chan.send(Error("no_route", f"no route to {target}: {exc}"))
+            await ticket.answer(chan, Error("no_route", f"no route to {target}: {exc}"))
             return None
         key = self._run_key(session)
         if key is None:
-            await chan.send(Error("revoked", f"agent {session.name!r}'s key was revoked"))
+            await ticket.answer(chan, Error("revoked", f"agent {session.name!r}'s key was revoked"))
             return None
 
         async def progress(body: dict[str, Any]) -> None:

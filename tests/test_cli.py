@@ -201,6 +201,9 @@ def test_end_to_end_real_processes(tmp_path: Path, secret_file: Path) -> None:
     for log in ("probe.log", "agent.log"):
         text = (tmp_path / log).read_text()
         assert "Traceback" not in text, text
+    # A requester that closes once it has its answer (a document, an unknown agent) did
+    # not "go away" from a run.
+    assert "went away" not in (tmp_path / "probe.log").read_text()
     assert os.path.exists(db)
 
 

@@ -189,3 +189,26 @@ async def test_a_probe_failure_during_a_run_is_told_to_the_requester(
     assert "the probe failed serving this request" in str(info.value)
     assert "ValueError: cannot convert float NaN to integer" in str(info.value)
     assert doc["summary"]["open"] == 32
+
+
+async def test_a_requester_that_closes_once_answered_did_not_go_away(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A requester closes as soon as it has its document (or its error): the coordinator
+    must not log that as "went away; stopping it". A busy probe is slow to get from the
+    last message to the end of the request: here 0.3 s, so the close always comes first."""
+    real = Coordinator._serve_run
+
+    async def slow_to_finish(self: Coordinator, *args: Any, **kwargs: Any) -> None:
+        await real(self, *args, **kwargs)
+        await trio.sleep(0.3)
+
+    monkeypatch.setattr(Coordinator, "_serve_run", slow_to_finish)
+    with trio.fail_after(DEADLINE):
+        async with harness("alpha") as h:
+            doc = await ask(h, "alpha", {"src_ports": "1024-1055"})
+            with pytest.raises(AgentUnavailableError):
+                await ask(h, "nobody", {"src_ports": "1024-1055"})
+            await trio.sleep(0.5)
+    assert doc["complete"] is True
+    assert "went away" not in caplog.text
