@@ -8,6 +8,7 @@ thousands of lines for an interrupted run or a random:500 plan.
 
 from __future__ import annotations
 
+import copy
 import io
 import re
 from pathlib import Path
@@ -373,6 +374,29 @@ def test_diff_lists_uncertain_cells_apart(monkeypatch: pytest.MonkeyPatch) -> No
         assert "60000-60099" in flat
         assert "100 cells moved between rejected and blocked" in flat
         assert "…" not in flat
+
+
+def test_a_diff_against_an_interrupted_run_is_not_called_sampled(
+    monkeypatch: pytest.MonkeyPatch, interrupted: dict[str, Any]
+) -> None:
+    """An interrupted run against a complete one: thousands of "unknown -> open" ranges
+    with unchanged cells between them fold into a row that counts cells and ranges; the
+    plan was not sampled, and the report must not say "sampled ports"."""
+    b = copy.deepcopy(interrupted)
+    b["run_id"] = "20251126T090000-b0b0b0"
+    b["complete"] = True
+    for r in b["ranges"]:
+        r["verdict"] = "open"
+    d = diff_runs(interrupted, b)
+    assert len(d["changes"]) > 1000
+    console, buf = _console(80, "piped", monkeypatch)
+    render_diff(d, console)
+    flat = _flat(_text(buf))
+    assert "sampled" not in flat
+    for dst in (5000, 5001):
+        moved = [c for c in d["changes"] if c["dst_port"] == dst]
+        cells = sum(c["last"] - c["first"] + 1 for c in moved)
+        assert f"{cells:,} cells in {len(moved):,} ranges" in flat
 
 
 def test_agents_fit_any_width(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -470,8 +470,11 @@ def row_details(row: Row) -> list[str]:
     if row.exact and row.source is not None:
         return range_details(row.source)
     out: list[str] = []
-    if row.source is not None:  # one verdict and one set of details across sampled gaps
-        out.append(f"{row.cells:,} sampled ports ({row.ranges:,} ranges)")
+    if row.source is not None:  # one label and one set of details, across gaps
+        if row.sampled:  # (the ports between were not planned)
+            out.append(f"{row.cells:,} sampled ports ({row.ranges:,} ranges)")
+        else:  # (a diff: the cells between did not change)
+            out.append(f"{row.cells:,} cells in {row.ranges:,} ranges")
         out += range_details(row.source, whole=False)
     else:
         parts = ", ".join(f"{n:,} {lab}" for lab, n in ordered(row.counts))

@@ -70,6 +70,7 @@ class Row:
     icmp: list[Any] = field(default_factory=list)  # distinct ICMP details (up to DETAILS)
     reasons: list[str] = field(default_factory=list)  # distinct untested reasons
     more_details: bool = False  # more distinct ICMP details or reasons than kept
+    sampled: bool = False  # from a sampled plan: the ports its span skips were not planned
 
     @property
     def label(self) -> str:
@@ -118,6 +119,20 @@ def fold(
         wildcard: the label that agrees with any other in step 2 (None: skip step 2).
         sampled: the ranges come from a sampled plan (step 1 applies).
     """
+    out = _fold(ranges, cap, label, wildcard, sampled)
+    if sampled:
+        for row in out.rows:
+            row.sampled = True
+    return out
+
+
+def _fold(
+    ranges: Sequence[Range],
+    cap: int,
+    label: Callable[[Range], str] | None,
+    wildcard: str | None,
+    sampled: bool,
+) -> Folded:
     items: list[_Item] = []
     append = items.append
     for r in ranges:  # the one pass over every range: kept plain, it is most of the cost
