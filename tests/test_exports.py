@@ -3,6 +3,7 @@ recommendations (fixed port, rules to open what is blocked)."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -862,3 +863,39 @@ def test_a_random_baseline_against_another_random_run_names_what_it_did_not_judg
     root = ET.parse(tmp_path / "out" / "r.xml").getroot()
     failed = [c.get("name", "") for c in root.iter("testcase") if c.find("failure") is not None]
     assert [n.split(":")[0] for n in failed] == [f"expect #2 (line {u['line']})"]
+
+
+def test_diff_says_when_its_runs_cannot_show_a_change_of_one_path(tmp_path: Path) -> None:
+    """Two agents' runs, or a run that did not finish: the diff still lists the cells, and
+    a note on stderr says why they are no evidence that one path changed."""
+    import typer
+    from typer.testing import CliRunner
+
+    from udpreach.cli.history import register
+    from udpreach.store import RunStore
+
+    a = docsamples.baseline()
+    b = copy.deepcopy(a)
+    b["run_id"] = "20251126T090000-b0b0b0"
+    b["agent"] = {**b["agent"], "name": "vm", "registered": "198.18.1.2"}
+    b["complete"] = False
+    b["ranges"][0]["verdict"] = "unknown"
+    db = tmp_path / "runs.sqlite3"
+    with RunStore.open(db) as st:
+        for doc in (a, b):
+            st.finish(doc["run_id"], doc)
+    app = typer.Typer()
+    register(app)
+    res = CliRunner().invoke(app, ["diff", a["run_id"], b["run_id"], "--db", str(db)])
+    assert res.exit_code == 1, res.output
+    err = " ".join(res.stderr.split())
+    assert "then 'vm' at 198.18.1.2): their differences may be two paths" in err
+    first = a["ranges"][0]
+    n = first["last"] - first["first"] + 1
+    assert (
+        f"note: {n:,} of the changed cells were unknown in one run (run {b['run_id']} did not "
+        "finish)" in err
+    )
+    same = CliRunner().invoke(app, ["diff", a["run_id"], a["run_id"], "--db", str(db)])
+    assert same.exit_code == 0
+    assert "note:" not in same.stderr

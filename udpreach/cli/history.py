@@ -159,11 +159,44 @@ def diff(
             err.print(
                 f"note: {n:,} cells planned only in run {which} were not compared", markup=False
             )
+    for line in _diff_notes(doc_a, doc_b, d):
+        err.print(f"note: {line}", markup=False)
     _write(d, junit, markdown, csv_out, html)
     if not d["compared"]:
         fail(f"runs {d['run_a']} and {d['run_b']} have no planned cell in common", 2)
     if d["changes"]:
         raise typer.Exit(1)
+
+
+def _diff_notes(doc_a: dict[str, Any], doc_b: dict[str, Any], d: dict[str, Any]) -> list[str]:
+    """What a reader of the diff must know about the two runs themselves."""
+    out = []
+
+    def who(doc: dict[str, Any]) -> tuple[str, str]:
+        agent = doc.get("agent")
+        if not isinstance(agent, dict):
+            return "?", "?"
+        return str(agent.get("name", "?")), str(agent.get("registered", "?"))
+
+    (na, aa), (nb, ab) = who(doc_a), who(doc_b)
+    if (na, aa) != (nb, ab):
+        out.append(
+            f"the runs measured different agents ({na!r} at {aa}, then {nb!r} at {ab}): "
+            "their differences may be two paths, not a change of one"
+        )
+    unknown = sum(
+        int(r["last"]) - int(r["first"]) + 1
+        for r in d["changes"]
+        if "unknown" in (r["before"], r["after"])
+    )
+    if unknown:
+        ended = [str(x.get("run_id")) for x in (doc_a, doc_b) if not x.get("complete")]
+        which = f" (run {' and '.join(ended)} did not finish)" if ended else ""
+        out.append(
+            f"{unknown:,} of the changed cells were unknown in one run{which}: not measured "
+            "there, so not evidence that the path changed"
+        )
+    return out
 
 
 def _render_diff(d: dict[str, Any]) -> None:
