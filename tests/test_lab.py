@@ -6,7 +6,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
+import sys
 
 import pytest
 import typer
@@ -15,7 +17,7 @@ from typer.testing import CliRunner
 from udpreach import lab as labmod
 from udpreach.cli.lab import lab_app
 from udpreach.core.errors import ConfigError
-from udpreach.lab import Lab, bundled_policy, list_namespaces, render_policy
+from udpreach.lab import Lab, _command, bundled_policy, list_namespaces, render_policy
 
 try:
     from labkit import (
@@ -214,6 +216,21 @@ def test_demo_policy_matches_its_ground_truth():
             assert o.observed[1] in DEMO_NAT_PORTS
 
 
+def test_lab_exec_finds_udpreach_off_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sudo`` resets PATH and a venv may not be activated: ``lab exec ... -- udpreach``
+    still runs this udpreach; other programs are PATH's, or a clear error."""
+    mine = shutil.which("udpreach", path=os.path.dirname(sys.executable))
+    if mine is None:
+        pytest.skip("no udpreach script next to this Python")
+    monkeypatch.setenv("PATH", "/nonexistent-ur")
+    assert _command("udpreach") == mine
+    with pytest.raises(ConfigError, match="no program 'sh' on PATH"):
+        _command("sh")
+    assert _command("/bin/sh") == "/bin/sh"
+    with pytest.raises(ConfigError, match="/nonexistent-ur/x is not a program"):
+        _command("/nonexistent-ur/x")
+
+
 @pytest.mark.root
 def test_cli_up_exec_down():
     skip_without_lab()
@@ -238,6 +255,13 @@ def test_cli_up_exec_down():
             app, ["lab", "exec", "agent", "--name", name, "--", "sh", "-c", "exit 7"]
         )
         assert ran.exit_code == 7
+        # A program that is nowhere: one line naming it, exit 2 (not ip's "exec of ...
+        # failed"); ``udpreach`` is found next to this Python even off PATH (sudo, a venv).
+        nowhere = runner.invoke(
+            app, ["lab", "exec", "agent", "--name", name, "--", "no-such-program-ur"]
+        )
+        assert nowhere.exit_code == 2
+        assert "no program 'no-such-program-ur' on PATH" in nowhere.stderr
         listed = subprocess.run(
             ["ip", "netns", "exec", info["router_ns"], "nft", "list", "ruleset"],
             capture_output=True,

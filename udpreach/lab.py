@@ -39,6 +39,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -615,6 +616,7 @@ def lab_exec(role: Role, argv: list[str], name: str | None = None) -> int:
     missing = sorted(set(lab.info.namespaces) - set(list_namespaces()))
     if missing:
         raise ConfigError(f"lab {lab.info.name} is broken ({missing[0]} is gone): lab down")
+    argv = [_command(argv[0]), *argv[1:]]
     try:
         child = subprocess.Popen(lab.ns_argv(role, argv))
     except OSError as exc:
@@ -628,6 +630,27 @@ def lab_exec(role: Role, argv: list[str], name: str | None = None) -> int:
             # to end (an agent shuts down cleanly) and report its status, not ours.
             continue
     return 128 - code if code < 0 else code
+
+
+def _command(cmd: str) -> str:
+    """The program ``lab exec`` runs: ``cmd`` as PATH finds it. ``udpreach`` itself is
+    this one when PATH has none (a venv not activated, or ``sudo``'s reset PATH).
+
+    Raises:
+        ConfigError: no such program.
+    """
+    if os.sep in cmd:
+        if not os.access(cmd, os.X_OK) or os.path.isdir(cmd):
+            raise ConfigError(f"lab exec: {cmd} is not a program that can be run")
+        return cmd
+    found = shutil.which(cmd)
+    if found:
+        return found
+    if cmd == "udpreach":
+        mine = shutil.which("udpreach", path=os.path.dirname(sys.executable))
+        if mine:
+            return mine
+    raise ConfigError(f"lab exec: no program {cmd!r} on PATH (give its full path)")
 
 
 def list_namespaces() -> list[str]:
