@@ -571,3 +571,15 @@ def test_an_earlier_process_with_our_pid_is_gone() -> None:
     assert _owner_gone(f"{me}:{_INCARNATION}") is False
     assert _owner_gone(f"{me}:00000000") is True  # a restarted container's pid 1
     assert _owner_gone(me) is False  # an old owner without incarnation: cannot tell
+
+
+def test_a_new_database_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """The history names agents, addresses and the policies found: mode 0600, like the
+    secret, for the database and the files SQLite keeps beside it."""
+    db = tmp_path / "runs.sqlite3"
+    with RunStore.open(db) as store:
+        store.finish("20251126T020000-d4e5f6", {"run_id": "20251126T020000-d4e5f6"})
+        beside = [p for p in tmp_path.iterdir() if p.name.startswith("runs.sqlite3")]
+        assert len(beside) >= 2  # the database and its write-ahead log
+        for p in beside:
+            assert p.stat().st_mode & 0o777 == 0o600, p

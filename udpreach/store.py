@@ -227,10 +227,11 @@ class RunStore:
             return cls._open_readonly(p)
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
+            # Only its owner reads the history (addresses, policies found): 0600, and
+            # SQLite gives its -wal and -shm files the database file's mode.
+            os.close(os.open(p, os.O_WRONLY | os.O_CREAT, 0o600))
         except OSError as exc:
-            raise ConfigError(
-                f"cannot create the directory for the run database {p}: {exc.strerror}"
-            ) from None
+            raise ConfigError(f"cannot write the run database {p}: {exc.strerror or exc}") from None
         conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(p, timeout=5.0, isolation_level=None, check_same_thread=False)
