@@ -62,6 +62,8 @@ def new_secret(path: str | Path, *, force: bool = False) -> Path:
         ConfigError: the file exists (without force) or cannot be written.
     """
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p} is a folder: give the secret file's name")
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
     try:
         fd = os.open(p, flags, 0o600)

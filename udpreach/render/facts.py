@@ -77,6 +77,11 @@ def cells(n: int) -> str:
     return f"{n:,} cell{'s' if n != 1 else ''}"
 
 
+def ranges(n: int) -> str:
+    """``1 range``, ``4,219 ranges``."""
+    return f"{n:,} range{'s' if n != 1 else ''}"
+
+
 def span(first: object, last: object) -> str:
     """``40000-49999``, or ``5000`` for one port."""
     return str(first) if first == last else f"{first}-{last}"
@@ -474,7 +479,7 @@ def row_details(row: Row) -> list[str]:
         if row.sampled:  # (the ports between were not planned)
             out.append(f"{row.cells:,} sampled ports ({row.ranges:,} ranges)")
         else:  # (a diff: the cells between did not change)
-            out.append(f"{row.cells:,} cells in {row.ranges:,} ranges")
+            out.append(f"{cells(row.cells)} in {ranges(row.ranges)}")
         out += range_details(row.source, whole=False)
     else:
         parts = ", ".join(f"{n:,} {lab}" for lab, n in ordered(row.counts))

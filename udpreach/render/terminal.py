@@ -566,7 +566,8 @@ def _expectations(doc: dict[str, Any], sampled: bool) -> list[Any]:
         n = sum(int(r["last"]) - int(r["first"]) + 1 for r in deviations)
         out.append(
             RangeSection(
-                f"Deviations from expectations ({n:,} cells in {len(deviations):,} ranges)",
+                f"Deviations from expectations ({facts.cells(n)} in "
+                f"{facts.ranges(len(deviations))})",
                 deviations,
                 sampled=sampled,
                 expected=True,
@@ -660,7 +661,7 @@ def render_diff(diff: dict[str, Any], console: Console) -> None:
         )
         console.print(
             Para(
-                f"{n:,} cells changed verdict in {len(changes):,} ranges "
+                f"{facts.cells(n)} changed verdict in {facts.ranges(len(changes))} "
                 f"({facts.count(compared)} cells compared)."
             ),
             crop=False,
@@ -680,7 +681,7 @@ def render_diff(diff: dict[str, Any], console: Console) -> None:
         )
         console.print(
             Para(
-                f"{u:,} cells moved between rejected and blocked cells that could not be told "
+                f"{facts.cells(u)} moved between rejected and blocked cells that could not be told "
                 "from rejected (ICMP was rate-limited): not counted as changes."
             ),
             crop=False,
