@@ -21,6 +21,7 @@ from docsamples import after_change, baseline, build_doc
 from typer.testing import CliRunner
 
 from udpreach.cli.history import register
+from udpreach.core.diff import diff_runs
 from udpreach.core.errors import ConfigError
 from udpreach.core.expect import judge, parse_expect
 from udpreach.core.ledger import IcmpInfo, Ledger
@@ -583,3 +584,34 @@ def test_a_new_database_is_readable_by_its_owner_only(tmp_path: Path) -> None:
         assert len(beside) >= 2  # the database and its write-ahead log
         for p in beside:
             assert p.stat().st_mode & 0o777 == 0o600, p
+
+
+def test_saved_json_documents_are_runs_too(cli: typer.Typer, tmp_path: Path) -> None:
+    """`run --json > before.json` (the README's example): show, diff and expect --from read
+    the file as a stored run, with no database at all; a file that is no run document, or
+    a .json name with no file, is one line and exit 2."""
+    before, after = tmp_path / "before.json", tmp_path / "after.json"
+    before.write_text(json.dumps(baseline()))
+    after.write_text(json.dumps(after_change()))
+    nodb = tmp_path / "none" / "runs.sqlite3"
+    shown = invoke(cli, "show", str(before), "--db", str(nodb), "--json")
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["run_id"] == baseline()["run_id"]
+    d = invoke(cli, "diff", str(before), str(after), "--db", str(nodb), "--json")
+    assert d.exit_code == 1, d.output
+    assert json.loads(d.stdout) == json.loads(json.dumps(diff_runs(baseline(), after_change())))
+    exp = invoke(cli, "expect", "--from", str(before), "--db", str(nodb))
+    assert exp.exit_code == 0, exp.output
+    assert "[[expect]]" in exp.stdout
+    assert not nodb.parent.exists()
+    bad = tmp_path / "bad.json"
+    for text, why in (('{"schema": "x"}', "not a udpreach/run-v1 document"),
+                      ("[1, NaN]", "NaN is not JSON"), ("{", "Expecting")):  # fmt: skip
+        bad.write_text(text)
+        res = invoke(cli, "show", str(bad))
+        assert res.exit_code == 2
+        assert f"{bad} is not a udpreach run document" in res.stderr
+        assert why in res.stderr
+    res = invoke(cli, "diff", str(tmp_path / "missing.json"), str(before))
+    assert res.exit_code == 2
+    assert "no file" in res.stderr

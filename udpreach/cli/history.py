@@ -8,6 +8,7 @@ unknown or ambiguous run id) through the one error mapper. ``diff`` exits 1 when
 changed. Times are UTC, and say so.
 """
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,9 @@ import typer
 
 from udpreach.cli.common import JsonOpt, err_console, fail, mapped, out_console, print_json
 from udpreach.core import schema
+from udpreach.core.errors import ConfigError
+
+MAX_DOCUMENT_FILE = 1 << 30  # bytes: far above any run's document
 
 DbOpt = Annotated[
     Path | None,
@@ -34,11 +38,43 @@ CsvOpt = Annotated[Path | None, typer.Option("--csv", help="Write the ranges as 
 HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML page.")]
 
 
-def _load(db: Path | None, *run_ids: str) -> list[dict[str, Any]]:
-    from udpreach.store import RunStore
+def _load(db: Path | None, *refs: str) -> list[dict[str, Any]]:
+    """The run documents ``refs`` name: a stored run's id or unique prefix, or a file that
+    ``run --json`` wrote (a path to an existing file, or any name ending in .json)."""
+    docs: dict[int, dict[str, Any]] = {}
+    stored = []
+    for i, ref in enumerate(refs):
+        if ref.endswith(".json") or Path(ref).is_file():
+            docs[i] = _read_document(Path(ref))
+        else:
+            stored.append(i)
+    if stored:
+        from udpreach.store import RunStore
 
-    with RunStore.open(db, create=False) as store:
-        return [store.load(r) for r in run_ids]
+        with RunStore.open(db, create=False) as store:
+            for i in stored:
+                docs[i] = store.load(refs[i])
+    return [docs[i] for i in range(len(refs))]
+
+
+def _read_document(path: Path) -> dict[str, Any]:
+    """A run document from a file (``run --json > FILE``), checked as a received one is."""
+    from udpreach.core.messages import MessageError, check_document
+
+    def refuse(value: str) -> None:
+        raise ValueError(f"{value} is not JSON")
+
+    try:
+        if path.stat().st_size > MAX_DOCUMENT_FILE:
+            raise ConfigError(f"{path} is too large to be a run document")
+        doc = json.loads(path.read_bytes(), parse_constant=refuse)
+        return check_document(doc)
+    except FileNotFoundError:
+        raise ConfigError(f"no file {path} (and a run id does not end in .json)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (ValueError, RecursionError, MessageError) as exc:
+        raise ConfigError(f"{path} is not a udpreach run document ({exc})") from None
 
 
 def _write(doc: dict[str, Any], *paths: Path | None) -> None:
@@ -110,7 +146,9 @@ def history(
 
 
 def show(
-    run_id: Annotated[str, typer.Argument(help="A run id, or a unique prefix of one.")],
+    run_id: Annotated[
+        str, typer.Argument(help="A run id, a unique prefix of one, or a file `run --json` wrote.")
+    ],
     db: DbOpt = None,
     as_json: JsonOpt = False,
     junit: JunitOpt = None,
@@ -134,8 +172,8 @@ def show(
 
 
 def diff(
-    run_a: Annotated[str, typer.Argument(help="The earlier run (id or unique prefix).")],
-    run_b: Annotated[str, typer.Argument(help="The later run (id or unique prefix).")],
+    run_a: Annotated[str, typer.Argument(help="The earlier run (id, unique prefix or JSON file).")],
+    run_b: Annotated[str, typer.Argument(help="The later run (id, unique prefix or JSON file).")],
     db: DbOpt = None,
     as_json: JsonOpt = False,
     junit: JunitOpt = None,
@@ -209,7 +247,7 @@ def expect_from_run(
     from_run: Annotated[
         str,
         typer.Option(
-            "--from", help="The stored run (id or unique prefix) to take expectations from."
+            "--from", help="The run (id, unique prefix or JSON file) to take expectations from."
         ),
     ],
     db: DbOpt = None,
