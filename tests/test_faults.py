@@ -74,7 +74,9 @@ def test_agent_killed_mid_run(tmp_path: Path, secret_file: Path) -> None:
                 "regression: RunExecution.execute catches AgentUnavailableError, but it arrives "
                 "wrapped in an ExceptionGroup from _send_round's nursery: no document is sent"
             )
-        assert err.strip().splitlines()[-1].startswith("udpreach: the run ended before")
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("udpreach: the run ended before"), err
+        assert re.search(r"agent .* was lost", last), last  # says why, not only that
         doc = json.loads(out)
         assert doc["run_id"] == run_id
         assert doc["complete"] is False

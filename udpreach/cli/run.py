@@ -203,7 +203,8 @@ def run(
         )
     if not doc.get("complete"):
         fail(
-            "the run ended before every cell was settled (unsettled cells are 'unknown')",
+            "the run ended before every cell was settled (unsettled cells are 'unknown')"
+            + _why_incomplete(doc),
             3,
             as_json=as_json,
         )
@@ -222,6 +223,15 @@ def _int(value: Any) -> int:
 
 def _settled(summary: dict[str, Any]) -> int:
     return _int(summary.get("cells")) - _int(summary.get("unknown"))
+
+
+def _why_incomplete(doc: dict[str, Any]) -> str:
+    """``: <the warning that says why the agent stopped answering>``, when there is one."""
+    for w in doc.get("warnings") or []:
+        text = str(w)
+        if "agent" in text and any(k in text for k in ("lost", "did not answer", "went away")):
+            return f": {text}"
+    return ""
 
 
 def _untested_reason(doc: dict[str, Any]) -> str:
