@@ -34,6 +34,7 @@ from prockit import python_output, stop
         # unreachable: reaching for it first would be exit 3).
         (["--junit", "/nonexistent-udpreach/j.xml"], "there is no folder /nonexistent-udpreach"),
         (["--html", "/tmp"], "cannot write --html /tmp: it is a folder"),
+        (["--csv", "/tmp/" + "a" * 300 + ".csv"], "File name too long"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(secret_file: Path, args: list[str], needle: str) -> None:

@@ -615,3 +615,21 @@ def test_saved_json_documents_are_runs_too(cli: typer.Typer, tmp_path: Path) -> 
     res = invoke(cli, "diff", str(tmp_path / "missing.json"), str(before))
     assert res.exit_code == 2
     assert "no file" in res.stderr
+
+
+def test_a_file_never_hides_a_stored_run(
+    cli: typer.Typer, filled: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file in the current folder named like a run id (`show RUN > RUN`) is not read as
+    the run: only a name with a slash or ending in .json is a file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "20251126T02").write_text("the report, as text")
+    res = invoke(cli, "show", "20251126T02", "--db", str(filled), "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["run_id"] == "20251126T020000-d4e5f6"
+    res = invoke(cli, "show", "./20251126T02", "--db", str(filled))
+    assert res.exit_code == 2
+    assert "20251126T02 is not a udpreach run document" in res.stderr
+    long = invoke(cli, "show", "x" * 300, "--db", str(filled))
+    assert long.exit_code == 2
+    assert "no stored run matches" in long.stderr

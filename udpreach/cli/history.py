@@ -9,6 +9,7 @@ changed. Times are UTC, and say so.
 """
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,11 +41,12 @@ HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write a self-conta
 
 def _load(db: Path | None, *refs: str) -> list[dict[str, Any]]:
     """The run documents ``refs`` name: a stored run's id or unique prefix, or a file that
-    ``run --json`` wrote (a path to an existing file, or any name ending in .json)."""
+    ``run --json`` wrote, named as a path (a name ending in .json, or holding a slash: a run
+    id has neither, so a file never hides a stored run)."""
     docs: dict[int, dict[str, Any]] = {}
     stored = []
     for i, ref in enumerate(refs):
-        if ref.endswith(".json") or Path(ref).is_file():
+        if ref.endswith(".json") or "/" in ref or os.sep in ref:
             docs[i] = _read_document(Path(ref))
         else:
             stored.append(i)
@@ -70,7 +72,7 @@ def _read_document(path: Path) -> dict[str, Any]:
         doc = json.loads(path.read_bytes(), parse_constant=refuse)
         return check_document(doc)
     except FileNotFoundError:
-        raise ConfigError(f"no file {path} (and a run id does not end in .json)") from None
+        raise ConfigError(f"no file {path} (a run id has no slash and no .json)") from None
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
     except (ValueError, RecursionError, MessageError) as exc:
@@ -195,7 +197,9 @@ def diff(
         n = sum(r["last"] - r["first"] + 1 for r in d[key])
         if n:
             err.print(
-                f"note: {n:,} cells planned only in run {which} were not compared", markup=False
+                f"note: {n:,} cell{'s' if n != 1 else ''} planned only in run {which} "
+                f"{'were' if n != 1 else 'was'} not compared",
+                markup=False,
             )
     for line in _diff_notes(doc_a, doc_b, d):
         err.print(f"note: {line}", markup=False)

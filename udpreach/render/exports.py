@@ -81,11 +81,14 @@ def check_report_paths(
 
 
 def _unwritable(path: Path) -> str | None:
-    if path.is_dir():
-        return "it is a folder"
-    folder = path.parent
-    if not folder.is_dir():
-        return f"there is no folder {folder}"
-    if path.exists():
-        return None if os.access(path, os.W_OK) else "permission denied"
+    try:
+        if path.is_dir():
+            return "it is a folder"
+        folder = path.parent
+        if not folder.is_dir():
+            return f"there is no folder {folder}"
+        if path.exists():
+            return None if os.access(path, os.W_OK) else "permission denied"
+    except OSError as exc:  # a name too long, a folder that cannot be searched
+        return str(exc.strerror or exc)
     return None if os.access(folder, os.W_OK | os.X_OK) else f"permission denied in {folder}"

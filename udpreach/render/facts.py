@@ -72,8 +72,10 @@ def count(n: object) -> str:
     return f"{n:,}" if isinstance(n, int) and not isinstance(n, bool) else str(n)
 
 
-def cells(n: int) -> str:
-    """``1 cell``, ``1,024 cells``."""
+def cells(n: object) -> str:
+    """``1 cell``, ``1,024 cells`` (what is not a number: as is, with ``cells``)."""
+    if not isinstance(n, int) or isinstance(n, bool):
+        return f"{n} cells"
     return f"{n:,} cell{'s' if n != 1 else ''}"
 
 

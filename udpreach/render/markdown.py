@@ -207,12 +207,12 @@ def _changes(diff: dict[str, Any]) -> list[str]:
         return _folded_table(folded, header, "b")
 
     if not changes:
-        out.append(f"No verdict changed ({diff.get('compared', 0)} cells compared).")
+        out.append(f"No verdict changed ({facts.cells(diff.get('compared', 0))} compared).")
     else:
         n = sum(n_cells(r) for r in changes)
         out += [
             f"**{n} cells changed verdict** in {len(changes)} ranges "
-            f"({diff.get('compared', 0)} cells compared).",
+            f"({facts.cells(diff.get('compared', 0))} compared).",
             "",
         ]
         out += table(changes)
@@ -230,7 +230,7 @@ def _changes(diff: dict[str, Any]) -> list[str]:
         if only:
             out += [
                 "",
-                f"Not compared: {sum(n_cells(r) for r in only)} cells planned only in run "
+                f"Not compared: {facts.cells(sum(n_cells(r) for r in only))} planned only in run "
                 f"{_code(which)}.",
             ]
     return out

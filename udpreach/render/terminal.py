@@ -662,12 +662,12 @@ def render_diff(diff: dict[str, Any], console: Console) -> None:
         console.print(
             Para(
                 f"{facts.cells(n)} changed verdict in {facts.ranges(len(changes))} "
-                f"({facts.count(compared)} cells compared)."
+                f"({facts.cells(compared)} compared)."
             ),
             crop=False,
         )
     else:
-        console.print(Para(f"No verdict changed ({facts.count(compared)} cells compared)."))
+        console.print(Para(f"No verdict changed ({facts.cells(compared)} compared)."))
     if uncertain:
         u = sum(int(r["last"]) - int(r["first"]) + 1 for r in uncertain)
         console.print(
