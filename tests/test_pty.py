@@ -320,6 +320,37 @@ def test_show_on_a_terminal_never_wraps_a_table_column(
         assert any(cells[-1].startswith("ICMP type 3 code 13") for cells in _table_cells(res.text))
 
 
+def test_history_and_key_list_fit_a_narrow_terminal(
+    stored_everything: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """At 60 columns `history` wrapped its status onto a line of its own at column 0 (it
+    looked like another run) and `key list` wrapped each key's date: each run still starts
+    the only unindented line, and nothing is wider than the terminal."""
+    db, _ = stored_everything
+    res = run_pty(udpreach_argv("history", "--db", str(db)), cols=60)
+    assert res.returncode == 0, res.text
+    lines = [line for line in res.text.splitlines() if line.strip()]
+    assert all(len(line) <= 60 for line in lines), res.text
+    heads = [line for line in lines if not line.startswith(" ")]
+    assert len(heads) == 2, res.text  # the two stored runs
+    assert all(re.match(r"\d{8}T?\d*-", line) for line in heads), res.text
+    assert any(line.strip().endswith("complete") for line in lines if line.startswith("    "))
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
+    keyring = tmp_path / "config" / "udpreach" / "keyring.json"
+    for argv in (["pc-17-with-a-long-name", "--out", str(tmp_path / "k1")],
+                 ["ci", "--operator", "--out", str(tmp_path / "k2")]):  # fmt: skip
+        added = run_pty(udpreach_argv("key", "add", *argv, "--keyring", str(keyring)), cols=60)
+        assert added.returncode == 0, added.text
+    listed = run_pty(udpreach_argv("key", "list", "--keyring", str(keyring)), cols=60, env=env)
+    assert listed.returncode == 0, listed.text
+    out = [line for line in listed.text.splitlines() if line.strip()]
+    assert all(len(line) <= 60 for line in out), listed.text
+    assert [line.split()[0] for line in out if not line.startswith(" ")] == [
+        "pc-17-with-a-long-name",
+        "ci",
+    ]
+
+
 @pytest.mark.root
 @pytest.mark.parametrize("cols", [120, 200])
 def test_the_lab_demo_says_where_its_policy_is_and_keeps_every_rule_whole(cols: int) -> None:

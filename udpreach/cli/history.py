@@ -117,6 +117,7 @@ def history(
             return store.history(limit), store.problems
 
     from rich.markup import escape
+    from rich.padding import Padding
 
     runs, problems = fetch()
     for line in problems:  # damaged or unreadable rows: skipped, and said
@@ -140,11 +141,18 @@ def history(
         judged = (
             "" if devs is None else f", [bold]{devs:,}[/] deviating" if devs else ", as expected"
         )
-        out.print(
-            f"[bold]{escape(str(r['run_id']))}[/]  {_when(r.get('started'))}  "
-            f"agent {escape(str(r.get('agent') or '?'))}  [{style}]{status}[/]"
-        )
-        out.print(f"    {int(s.get('cells', 0)):,} cells: {counts or 'none'}{judged}")
+        rid, when, agent = str(r["run_id"]), _when(r.get("started")), str(r.get("agent") or "?")
+        first = f"[bold]{escape(rid)}[/]  {when}"
+        marked = f"agent {escape(agent)}  [{style}]{status}[/]"
+        plain = len(rid) + 2 + len(when) + 2 + len(f"agent {agent}  {status}")
+        if plain <= out.width:
+            out.print(f"{first}  {marked}")
+        else:  # a narrow terminal: the agent and status on a line of their own, indented
+            out.print(first)
+            out.print(Padding(marked, (0, 0, 0, 4)))
+        # Indented as a whole: a line that wraps never starts at column 0 (another run).
+        out.print(Padding(f"{int(s.get('cells', 0)):,} cells: {counts or 'none'}{judged}",
+                          (0, 0, 0, 4)))  # fmt: skip
 
 
 def show(

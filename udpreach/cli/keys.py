@@ -6,6 +6,7 @@ another) and prints one line; a running probe picks changes up by itself. Errors
 line on stderr with the contract's exit code (2: bad name, existing key, unusable file).
 """
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -104,9 +105,16 @@ def list_keys(
         _say(f"no keys in {ring.path}")
         return
     width = max(len(r["name"]) for r in rows)
+    lines = []
     for r in rows:
         added = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(r["added"]))
-        sys.stdout.write(f"{r['name']:<{width}}  {r['role']:<8}  {r['fingerprint']}  {added}\n")
+        lines.append((f"{r['name']:<{width}}  {r['role']:<8}  {r['fingerprint']}", added))
+    # One line per key (for grep), unless a terminal is too narrow for it: then the date
+    # goes on a line of its own rather than wrapping mid-word.
+    columns = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
+    split = bool(columns) and any(len(head) + 2 + len(added) > columns for head, added in lines)
+    for head, added in lines:
+        sys.stdout.write(f"{head}\n  added {added}\n" if split else f"{head}  {added}\n")
 
 
 @key_app.command("revoke")
