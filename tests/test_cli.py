@@ -35,6 +35,8 @@ from prockit import python_output, stop
         (["--junit", "/nonexistent-udpreach/j.xml"], "there is no folder /nonexistent-udpreach"),
         (["--html", "/tmp"], "cannot write --html /tmp: it is a folder"),
         (["--csv", "/tmp/" + "a" * 300 + ".csv"], "File name too long"),
+        (["--wait", "nan"], "--wait must be 0-86400 seconds"),
+        (["--wait", "inf"], "--wait must be 0-86400 seconds"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(secret_file: Path, args: list[str], needle: str) -> None:
@@ -45,6 +47,33 @@ def test_bad_input_is_one_line_and_exit_2(secret_file: Path, args: list[str], ne
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("encoding", "needle"),
+    [
+        ("utf-16", "is not UTF-8 text (UTF-16 ('Unicode' in Notepad)): save it as UTF-8"),
+        ("latin-1", "is not UTF-8 text (byte 4 is not UTF-8): save it as UTF-8"),
+        ("utf-8-sig", None),
+    ],
+)
+def test_an_expectation_file_in_another_encoding_is_said_plainly(
+    tmp_path: Path, secret_file: Path, encoding: str, needle: str | None
+) -> None:
+    """Windows editors save "Unicode" (UTF-16) or add a BOM: one line and exit 2 (it was an
+    internal error, exit 3), and a BOM is simply dropped."""
+    exp = tmp_path / "exp.toml"
+    text = '# Größe\n[[expect]]\ndst_ports = "5000"\nsrc_ports = "1024-2047"\nverdict = "open"\n'
+    exp.write_bytes(text.encode(encoding))
+    proc = run_cli("run", "--coordinator", "127.0.0.1:9", "--secret-file", str(secret_file),
+                   "--agent", "x", "--expect", str(exp))  # fmt: skip
+    assert "Traceback" not in proc.stderr
+    if needle is None:  # read fine: the run then fails on the coordinator, unreachable
+        assert proc.returncode == 3, proc.stderr
+        assert "cannot reach coordinator" in proc.stderr
+    else:
+        assert proc.returncode == 2, proc.stderr
+        assert f"{exp} {needle}" in proc.stderr
 
 
 _IMPORTS_AFTER = """

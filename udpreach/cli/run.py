@@ -40,6 +40,7 @@ def _plan(
 ) -> dict[str, Any]:
     """The plan the coordinator is asked for, checked here first (exit 2 on a bad one)."""
     from udpreach.core.datagram import MAX_SIZE, MIN_SIZE
+    from udpreach.core.messages import MAX_WAIT
     from udpreach.core.plan import MAX_ICMP_BUDGET, MAX_MAX_DELAY
     from udpreach.core.portspec import format_ports, parse_ports
 
@@ -51,8 +52,8 @@ def _plan(
         raise ConfigError(f"--rate must be positive, got {rate}")
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise ConfigError(f"--size must be {MIN_SIZE}-{MAX_SIZE} bytes, got {size}")
-    if wait < 0:
-        raise ConfigError("--wait must not be negative")
+    if not 0 <= wait <= MAX_WAIT:  # NaN fails both
+        raise ConfigError(f"--wait must be 0-{MAX_WAIT:g} seconds")
     if not 0 <= icmp_budget <= MAX_ICMP_BUDGET:  # NaN fails both
         raise ConfigError(f"--icmp-budget must be 0-{MAX_ICMP_BUDGET:g} seconds")
     if not 0 < max_delay <= MAX_MAX_DELAY:
@@ -74,9 +75,15 @@ def _expectations(expect: Path | None) -> list[Any]:
     from udpreach.core.expect import parse_expect
 
     try:
-        text = expect.read_text()
+        data = expect.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {expect}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")  # TOML is UTF-8; a BOM (Windows editors) is dropped
+    except UnicodeDecodeError as exc:
+        utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
+        hint = "UTF-16 ('Unicode' in Notepad)" if utf16 else f"byte {exc.start} is not UTF-8"
+        raise ConfigError(f"{expect} is not UTF-8 text ({hint}): save it as UTF-8") from None
     return parse_expect(text, str(expect))
 
 
