@@ -299,12 +299,13 @@ async def run_agent(
     identity = parse_key_text(cfg.secret)
     if identity is not None and identity.role != "agent":
         raise ConfigError(
-            f"the key file holds {identity.name!r}'s operator key; an agent needs its own"
+            f"the key file holds the operator key of {identity.name!r}; an agent needs its own"
             " agent key (udpreach key add NAME on the coordinator's host)"
         )
     if identity is not None and identity.name != cfg.name:
         raise ConfigError(
-            f"--name {cfg.name!r} does not match the key file, which is agent {identity.name!r}'s"
+            f"--name {cfg.name!r} does not match the key file, which is the key of agent "
+            f"{identity.name!r}"
         )
     listen = cfg.listen or ("::" if ":" in cfg.host else "0.0.0.0")
     state = AgentState()

@@ -1004,7 +1004,9 @@ class Coordinator:
             return None
         key = self._run_key(session)
         if key is None:
-            await ticket.answer(chan, Error("revoked", f"agent {session.name!r}'s key was revoked"))
+            await ticket.answer(
+                chan, Error("revoked", f"the key of agent {session.name!r} was revoked")
+            )
             return None
 
         async def progress(body: dict[str, Any]) -> None:

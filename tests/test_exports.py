@@ -113,7 +113,7 @@ def test_junit_one_case_per_entry(tmp_path: Path) -> None:
     assert "line 2" in first.get("name", "")
     fail = first.find("failure")
     assert fail is not None
-    assert "201 of 119024 cells deviate" in fail.get("message", "")
+    assert "201 of 119,024 cells deviate" in fail.get("message", "")
     assert "dst 5001 src 60000-60199 (200 cells): rejected, expected open" in (fail.text or "")
     fail = second.find("failure")
     assert fail is not None
@@ -167,7 +167,7 @@ def test_markdown_for_a_change_ticket(tmp_path: Path) -> None:
     text = p.read_text()
     assert text.startswith("# udpreach run `20251126T020000-d4e5f6`")
     assert "| 129024 | 123823 | 5000 | 200 | 1 | 0 |" in text
-    assert "**5201 cells deviate** in 3 ranges." in text
+    assert "**5,201 cells deviate** in 3 ranges." in text
     assert "| 5000 | 45000-49999 | 5000 | open | blocked |  |" in text
     assert "pc\\|17\\_x" in text  # a pipe cannot break the table
     assert "## Changes since run `20251126T010000-a1b2c3`" in text
@@ -268,7 +268,7 @@ def test_html_heat_map_cells(tmp_path: Path) -> None:
     assert page.refs == []
     assert not page.tags & {"script", "link", "img", "iframe"}
     assert 'id="deviations"' in text
-    assert "5201 cells deviate" in text
+    assert "5,201 cells deviate" in text
 
 
 def test_html_escapes_what_the_agent_sent(tmp_path: Path) -> None:

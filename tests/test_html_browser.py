@@ -318,7 +318,7 @@ def test_the_page_lists_the_deviations(rendered: tuple[_Measured, Shot, str]) ->
     section = dom[dom.index('id="deviations"') :]
     section = section[: section.index("</section>")]
     text = re.sub(r"<[^>]+>", " ", section)
-    assert "4032 cells deviate" in text  # four closed buckets of 1008 on 5000-5001
+    assert "4,032 cells deviate" in text  # four closed buckets of 1008 on 5000-5001
     rows = re.findall(r"<tr>(.*?)</tr>", section)
     cells = [re.sub(r"<[^>]+>", "", r) for r in rows]
     assert any("11104-12111" in r and "blocked" in r and "open" in r for r in cells), cells

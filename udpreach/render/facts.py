@@ -481,7 +481,7 @@ def row_details(row: Row) -> list[str]:
         if row.sampled:  # (the ports between were not planned)
             out.append(f"{row.cells:,} sampled ports ({row.ranges:,} ranges)")
         else:  # (a diff: the cells between did not change)
-            out.append(f"{cells(row.cells)} in {ranges(row.ranges)}")
+            out.append(f"in {ranges(row.ranges)}")
         out += range_details(row.source, whole=False)
     else:
         parts = ", ".join(f"{n:,} {lab}" for lab, n in ordered(row.counts))

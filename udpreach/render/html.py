@@ -367,8 +367,8 @@ def html_run(doc: dict[str, Any]) -> str:
             )
         ),
         judged=_judged(doc),
-        deviating_cells=sum(n_cells(r) for r in devs or []),
-        deviating_ranges=len(devs or []),
+        deviating_cells=facts.cells(sum(n_cells(r) for r in devs or [])),
+        deviating_ranges=facts.ranges(len(devs or [])),
         plan={
             "src": facts.src_ports_text(plan, sep=", ").removeprefix("source ports "),
             "full": "" if listed else facts.one_line(plan.get("src_ports", "")),

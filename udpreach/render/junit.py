@@ -185,8 +185,8 @@ def write_junit(
             elif res.deviations:
                 _fail(
                     case,
-                    f"{res.deviating_cells} of {res.cells} cells deviate "
-                    f"in {len(res.deviations)} ranges",
+                    f"{res.deviating_cells:,} of {facts.cells(res.cells)} deviate "
+                    f"in {facts.ranges(len(res.deviations))}",
                     _lines(res.deviations, lambda row: _verdict_line(row, expected=True)),
                 )
         if judged["problem"] and not any(u["fails"] for u in judged["unmatched"]):

@@ -146,7 +146,7 @@ def markdown_run(doc: dict[str, Any], *, diff: dict[str, Any] | None = None) -> 
                 out.append("None: every judged cell is as expected.")
         else:
             n = sum(n_cells(r) for r in devs)
-            out += [f"**{n} cells deviate** in {len(devs)} ranges.", ""]
+            out += [f"**{facts.cells(n)} deviate** in {facts.ranges(len(devs))}.", ""]
             out += _folded_table(
                 fold(devs, MAX_TABLE_ROWS, sampled=sampled),
                 ["dst port", "source ports", "cells", "verdict", "expected", "details"],
