@@ -128,6 +128,7 @@ def test_coordinator_killed_mid_run_then_agent_comes_back(
         _assert_no_traceback(err)
         assert len(err.strip().splitlines()) == 1, err
         assert "coordinator" in err or "control connection" in err, err
+        assert f"during run {run_id}; the probe's history keeps what it settled" in err, err
 
         # The history knows the run was cut short, and which cells it never settled.
         hist = json.loads(svc.cli("history", "--db", str(svc.db), "--json").stdout)["runs"]

@@ -67,6 +67,7 @@ class RunReply:
     def __init__(self, on_progress: Callable[[dict[str, Any]], None]) -> None:
         self._on_progress = on_progress
         self._parts: list[str] = []
+        self.run_id: str | None = None  # from the first progress message
 
     def feed(self, msg: Message) -> dict[str, Any] | None:
         """Take one message; the run document once it is complete, else None.
@@ -79,7 +80,10 @@ class RunReply:
         """
         typed = parse(msg.body, TO_REQUESTER)  # MessageError is a ProtocolError
         if isinstance(typed, Progress):
-            self._on_progress(typed.to_json())
+            body = typed.to_json()
+            if self.run_id is None and isinstance(body.get("run_id"), str):
+                self.run_id = body["run_id"]
+            self._on_progress(body)
         elif isinstance(typed, ResultPart):
             self._parts.append(typed.data)
         elif isinstance(typed, ResultEnd):
@@ -453,6 +457,11 @@ def _follow_run(
                 text = str(exc)
                 raise RunInterruptedError(
                     text if text.startswith("interrupted") else f"interrupted; {text}"
+                ) from None
+            if started and reply.run_id:  # the probe went away mid-run: say which run
+                raise UnreachableError(
+                    f"{exc} during run {reply.run_id}; the probe's history keeps what it "
+                    f"settled (udpreach show {reply.run_id} on the probe's host)"
                 ) from None
             raise
         if msg.type == "progress":
