@@ -84,6 +84,7 @@ from udpreach.core.messages import (
 from udpreach.core.plan import Plan, plan_from_request
 from udpreach.core.sweep import SweepSettings
 from udpreach.keyring import KeyringWatch, forbid_core_dumps
+from udpreach.net import hostport
 from udpreach.net.channel import Channel, MemoryBudget
 from udpreach.store import StoreError
 
@@ -505,10 +506,10 @@ class Coordinator:
             listeners = await trio.open_tcp_listeners(self.cfg.port, host=self.cfg.host)
         except OSError as exc:
             raise ConfigError(
-                f"cannot listen on {self.cfg.host}:{self.cfg.port}: {exc.strerror or exc}"
+                f"cannot listen on {hostport(self.cfg.host, self.cfg.port)}: {exc.strerror or exc}"
             ) from None
         sockname = listeners[0].socket.getsockname()
-        log.info("coordinator listening on %s:%d", sockname[0], sockname[1])
+        log.info("coordinator listening on %s", hostport(sockname[0], sockname[1]))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, self._handle, listeners)
             nursery.start_soon(self._report_suppressed)

@@ -143,6 +143,13 @@ def test_unreachable_coordinator_is_exit_3(secret_file: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_an_ipv6_coordinator_is_named_in_brackets(secret_file: Path) -> None:
+    """`2001:2::2:7870` reads as one address; the message names it as it is typed."""
+    proc = run_cli("agents", "--coordinator", "[::1]:9", "--secret-file", str(secret_file))
+    assert proc.returncode == 3
+    assert "cannot reach coordinator [::1]:9: " in proc.stderr
+
+
 def test_secret_new_is_0600(tmp_path: Path) -> None:
     target = tmp_path / "fresh"
     proc = run_cli("secret", "new", str(target))

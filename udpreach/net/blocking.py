@@ -49,6 +49,7 @@ from udpreach.core.messages import (
     loads,
     parse,
 )
+from udpreach.net import hostport
 
 CONNECT_TIMEOUT = 10.0
 LIMIT_RETRIES = 4
@@ -288,10 +289,12 @@ def _addresses(host: str, port: int, within: float) -> list[Any]:
 
     threading.Thread(target=lookup, name="udpreach-resolve", daemon=True).start()
     if not done.wait(within):
-        raise UnreachableError(f"coordinator {host}:{port}: no address for it in {within:g}s")
+        raise UnreachableError(
+            f"coordinator {hostport(host, port)}: no address for it in {within:g}s"
+        )
     if isinstance(found[0], OSError):
         reason = found[0].strerror or str(found[0])
-        raise UnreachableError(f"cannot reach coordinator {host}:{port}: {reason}")
+        raise UnreachableError(f"cannot reach coordinator {hostport(host, port)}: {reason}")
     result: list[Any] = found[0]
     return result
 
@@ -313,9 +316,9 @@ def _dial(host: str, port: int, within: float) -> socket.socket:
             sock.close()
             error = exc
     if error is None or isinstance(error, TimeoutError):
-        raise UnreachableError(f"coordinator {host}:{port} did not answer in {within:g}s")
+        raise UnreachableError(f"coordinator {hostport(host, port)} did not answer in {within:g}s")
     reason = error.strerror or str(error)
-    raise UnreachableError(f"cannot reach coordinator {host}:{port}: {reason}")
+    raise UnreachableError(f"cannot reach coordinator {hostport(host, port)}: {reason}")
 
 
 def connect_blocking(
@@ -335,7 +338,7 @@ def connect_blocking(
             return _connect_once(host, port, secret, purpose, within)
         except ConnectionLimitError as exc:
             if attempt == LIMIT_RETRIES - 1:
-                raise ConnectionLimitError(f"coordinator {host}:{port}: {exc}") from None
+                raise ConnectionLimitError(f"coordinator {hostport(host, port)}: {exc}") from None
             time.sleep(0.05 * 2**attempt * (0.5 + random.random()))
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -348,7 +351,7 @@ def _connect_once(
     try:
         chan.conn.initiate()
         chan._flush()
-        ev = chan.next_event(within, f"coordinator {host}:{port}: handshake timed out")
+        ev = chan.next_event(within, f"coordinator {hostport(host, port)}: handshake timed out")
         if not isinstance(ev, Authenticated):
             raise ProtocolError("unexpected message during the handshake")
     except BaseException:

@@ -27,6 +27,7 @@ from udpreach.core.framing import (
     Message,
 )
 from udpreach.core.messages import Msg
+from udpreach.net import hostport
 
 READ_SIZE = 65536
 WRITE_TIMEOUT = 10.0
@@ -218,26 +219,31 @@ async def _connect_once(
         with trio.fail_after(within):
             stream = await trio.open_tcp_stream(host, port)
     except trio.TooSlowError:
-        raise UnreachableError(f"coordinator {host}:{port} did not answer in {within:g}s") from None
+        raise UnreachableError(
+            f"coordinator {hostport(host, port)} did not answer in {within:g}s"
+        ) from None
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        raise UnreachableError(f"cannot reach coordinator {host}:{port}: {reason}") from None
+        raise UnreachableError(
+            f"cannot reach coordinator {hostport(host, port)}: {reason}"
+        ) from None
     chan = Channel(stream, ControlConnection("client", secret, purpose=purpose))
     try:
         with trio.fail_after(within):
             await chan.client_handshake()
     except trio.TooSlowError:
         await chan.aclose()
-        raise UnreachableError(f"coordinator {host}:{port}: handshake timed out") from None
+        raise UnreachableError(f"coordinator {hostport(host, port)}: handshake timed out") from None
     except ConnectionLimitError as exc:
         await chan.aclose()
-        raise ConnectionLimitError(f"coordinator {host}:{port}: {exc}") from None
+        raise ConnectionLimitError(f"coordinator {hostport(host, port)}: {exc}") from None
     except UnreachableError as exc:
         await chan.aclose()
         # A coordinator of an older version closes without a word, as does one at its
         # connection limit (a newer one says which version it speaks).
         raise UnreachableError(
-            f"coordinator {host}:{port} closed the connection during the handshake ({exc}):"
+            f"coordinator {hostport(host, port)} closed the connection during the handshake "
+            f"({exc}):"
             f" an older udpreach version there (this one speaks {PROTO}), or too many"
             " connections from here"
         ) from None
