@@ -712,7 +712,13 @@ class Coordinator:
                     f" {reg.name!r} (run it with --name {auth.key_id})"
                 )
             return None
-        if self._keys is not None and self._keys.ring.entries.get(reg.name) is not None:
+        entry = self._keys.ring.entries.get(reg.name) if self._keys is not None else None
+        if entry is not None:
+            if entry.role != "agent":
+                return (
+                    f"{reg.name!r} is the name of an operator key in the coordinator's"
+                    " keyring: give this agent another --name"
+                )
             return (
                 f"agent name {reg.name!r} has its own key in the coordinator's keyring:"
                 " run the agent with that key file as --secret-file"
@@ -748,8 +754,13 @@ class Coordinator:
                         Error(
                             "name_in_use",
                             f"agent name {name!r} is in use by an agent connected from"
-                            f" {old.observed} since {utc(old.since)}; give this agent"
-                            " another --name",
+                            f" {old.observed} since {utc(old.since)}; "
+                            + (
+                                "its key is for one agent: give this one a key of its own"
+                                " (udpreach key add)"
+                                if auth.key_id is not None
+                                else "give this agent another --name"
+                            ),
                             re="register",
                         )
                     )

@@ -29,6 +29,7 @@ from udpreach.core.framing import (
     client_key,
     parse_key_text,
 )
+from udpreach.secret import load_secret
 
 # --- the keyring file ---------------------------------------------------------------------
 
@@ -270,6 +271,19 @@ def test_agents_prove_their_names_and_operators_make_requests(keyed: Keyed) -> N
     assert "Traceback" not in op.stderr + thief.stderr
     agents = keyed.cli("agents", "--json", key=ci)
     assert [a["name"] for a in json.loads(agents.stdout)["agents"]] == ["pc-17"]
+    # A second agent with the same key file: another --name cannot help (the key names
+    # it), a key of its own does.
+    keyed.agent(pc17, "dup.log")
+    wait_log(keyed.tmp / "dup.log", "its key is for one agent: give this one a key of its own",
+             timeout=20)  # fmt: skip
+
+
+def test_a_malformed_key_file_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "pc-17.key"
+    bad.write_bytes(b"udpreach-key-v1 agent pc-17 zz\n")
+    bad.chmod(0o600)
+    with pytest.raises(ConfigError, match=f"^{bad}: malformed udpreach key file$"):
+        load_secret(bad)
 
 
 def test_a_silent_agents_name_goes_to_its_key_and_revocation_is_live(keyed: Keyed) -> None:

@@ -16,6 +16,7 @@ import stat
 from pathlib import Path
 
 from udpreach.core.errors import ConfigError
+from udpreach.core.framing import parse_key_text
 
 MIN_SECRET_BYTES = 16
 ENV_VAR = "UDPREACH_SECRET_FILE"  # the CLI's --secret-file reads it (typer's envvar=)
@@ -47,6 +48,10 @@ def load_secret(path: str | Path | None) -> bytes:
         data = p.read_bytes().strip()
     except OSError as exc:
         raise ConfigError(f"cannot read secret file {p}: {exc.strerror}") from None
+    try:
+        parse_key_text(data)  # a key file (udpreach key add) must be whole
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
     if len(data) < MIN_SECRET_BYTES:
         raise ConfigError(
             f"secret file {p} holds {len(data)} bytes; at least {MIN_SECRET_BYTES} are needed "
