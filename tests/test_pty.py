@@ -304,6 +304,12 @@ def test_piped_show_lists_what_a_table_would_wrap(
     assert len(icmp) == 2  # the range and its deviation, each from its own line
     for line in out.splitlines():  # only a command, one line by design, is wider
         assert len(line) <= 80 or line.split()[0] in ("nft", "iptables"), line
+    # A saved report diffs cleanly: no line ends in the spaces rich pads tables with.
+    for args in (("show", doc["run_id"]), ("history",), ("diff", doc["run_id"], doc["run_id"])):
+        piped = run_cli(*args, "--db", str(db), env={"COLUMNS": ""})
+        assert piped.returncode == 0, piped.stderr
+        assert [line for line in piped.stdout.splitlines() if line.endswith(" ")] == []
+        assert piped.stdout.endswith("\n")
 
 
 @pytest.mark.parametrize("cols", [60, 100, 160, 250])

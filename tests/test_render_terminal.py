@@ -475,3 +475,18 @@ def test_the_policy_is_as_wide_as_its_rules_beside_or_below(
     for rule in rules:  # every rule whole, on a line of its own
         assert any(rule in line for line in lines), f"rule broken at width {width}: {rule}"
     assert "…" not in "\n".join(lines)
+
+
+def test_trimmed_lines_drop_trailing_spaces_and_keep_everything_else() -> None:
+    import io
+
+    from udpreach.render.console import TrimmedLines
+
+    out = io.StringIO()
+    t = TrimmedLines(out)
+    t.write("a  \nb")
+    assert out.getvalue() == "a\n"  # "b" may go on: held until its line ends
+    t.write("c  \n\n  d ")
+    assert out.getvalue() == "a\nbc\n\n"
+    t.flush()  # the unfinished rest goes out as it is: nothing is lost at exit
+    assert out.getvalue() == "a\nbc\n\n  d "

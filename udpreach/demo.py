@@ -113,9 +113,9 @@ def wait_ready(path: Path, proc: subprocess.Popen[bytes], log: Path) -> dict[str
 
 def say(text: str) -> None:
     """A note on stderr, wrapped at word boundaries to the terminal's width."""
-    from rich.console import Console
+    from udpreach.render.console import report_console
 
-    Console(stderr=True, highlight=False).print(text, markup=False)
+    report_console(stderr=True).print(text, markup=False)
 
 
 def run_demo(*, loopback: bool = False) -> int:
@@ -179,14 +179,14 @@ def _policy_rules(policy: str) -> str:
 
 
 def _lab_demo() -> int:
-    from rich.console import Console
 
     from udpreach.lab import Lab, bundled_policy
+    from udpreach.render.console import report_console
     from udpreach.render.terminal import Policy, fits_beside, render_run
     from udpreach.secret import new_secret
 
     policy = bundled_policy("demo")
-    console = Console(highlight=False)
+    console = report_console()
     with tempfile.TemporaryDirectory(prefix="udpreach-demo-") as tmp:
         d = Path(tmp)
         os.chmod(d, 0o700)

@@ -98,10 +98,10 @@ def err_console() -> Any:
 
 
 def out_console() -> Any:
-    """rich's console on stdout (reports)."""
-    from rich.console import Console
+    """rich's console on stdout (reports); piped, without trailing spaces."""
+    from udpreach.render.console import report_console
 
-    return Console(highlight=False)
+    return report_console()
 
 
 def one_line(message: str) -> str:

@@ -31,9 +31,9 @@ lab_app = typer.Typer(
 
 def _console(stderr: bool = False) -> Any:
     # rich and udpreach.lab load only when a lab command runs: `udpreach --help` stays fast.
-    from rich.console import Console
+    from udpreach.render.console import report_console
 
-    return Console(stderr=stderr, highlight=False)
+    return report_console(stderr=stderr)
 
 
 def _escape(text: str) -> str:
