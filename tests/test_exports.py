@@ -453,20 +453,27 @@ def test_rejected_to_a_plain_blocked_is_a_change() -> None:
     assert len(d["changes"]) == 1
 
 
-def test_uncertain_cells_do_not_fail_the_diff_command(tmp_path: Path) -> None:
+def _history_app(tmp_path: Path, *docs: dict[str, Any]) -> tuple[Any, Path]:
+    """The history commands as an app, over a database holding ``docs``."""
     import typer
-    from typer.testing import CliRunner
 
     from udpreach.cli.history import register
     from udpreach.store import RunStore
 
-    a, b = _rejected_then_limited(100)
     db = tmp_path / "runs.sqlite3"
     with RunStore.open(db) as st:
-        for doc in (a, b):
+        for doc in docs:
             st.finish(doc["run_id"], doc)
     app = typer.Typer()
     register(app)
+    return app, db
+
+
+def test_uncertain_cells_do_not_fail_the_diff_command(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    a, b = _rejected_then_limited(100)
+    app, db = _history_app(tmp_path, a, b)
     out = {k: tmp_path / f"d.{k}" for k in ("junit", "markdown", "csv", "html")}
     args = [x for k, p in out.items() for x in (f"--{k}", str(p))]
     res = CliRunner().invoke(app, ["diff", a["run_id"], b["run_id"], "--db", str(db), *args])
@@ -868,11 +875,7 @@ def test_a_random_baseline_against_another_random_run_names_what_it_did_not_judg
 def test_diff_says_when_its_runs_cannot_show_a_change_of_one_path(tmp_path: Path) -> None:
     """Two agents' runs, or a run that did not finish: the diff still lists the cells, and
     a note on stderr says why they are no evidence that one path changed."""
-    import typer
     from typer.testing import CliRunner
-
-    from udpreach.cli.history import register
-    from udpreach.store import RunStore
 
     a = docsamples.baseline()
     b = copy.deepcopy(a)
@@ -880,12 +883,7 @@ def test_diff_says_when_its_runs_cannot_show_a_change_of_one_path(tmp_path: Path
     b["agent"] = {**b["agent"], "name": "vm", "registered": "198.18.1.2"}
     b["complete"] = False
     b["ranges"][0]["verdict"] = "unknown"
-    db = tmp_path / "runs.sqlite3"
-    with RunStore.open(db) as st:
-        for doc in (a, b):
-            st.finish(doc["run_id"], doc)
-    app = typer.Typer()
-    register(app)
+    app, db = _history_app(tmp_path, a, b)
     res = CliRunner().invoke(app, ["diff", a["run_id"], b["run_id"], "--db", str(db)])
     assert res.exit_code == 1, res.output
     err = " ".join(res.stderr.split())

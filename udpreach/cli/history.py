@@ -200,12 +200,14 @@ def diff(
         print_json(d)
     else:
         _render_diff(d)
+    from udpreach.render.facts import cells
+
     err = err_console()
     for key, which in (("only_a", d["run_a"]), ("only_b", d["run_b"])):
         n = sum(r["last"] - r["first"] + 1 for r in d[key])
         if n:
             err.print(
-                f"note: {n:,} cell{'s' if n != 1 else ''} planned only in run {which} "
+                f"note: {cells(n)} planned only in run {which} "
                 f"{'were' if n != 1 else 'was'} not compared",
                 markup=False,
             )

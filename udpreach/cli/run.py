@@ -188,20 +188,21 @@ def run(
         from udpreach.render.terminal import render_run
 
         render_run(doc, out_console())
-    unwritten = ""  # a report file refused after the run (checked before it: the disk changed)
+    unwritten = None  # why a report file was refused after the run (checked before: the disk)
     if junit or markdown or csv_out or html:
         from udpreach.render.exports import write_reports
 
         try:
             write_reports(doc, entries, junit, markdown, csv_out, html)
         except ConfigError as exc:
-            unwritten = f"; and {exc}"
+            unwritten = str(exc)
+    also = f"; and {unwritten}" if unwritten else ""
     summary = doc.get("summary") or {}
     cells, untested = _int(summary.get("cells")), _int(summary.get("untested"))
     if cancelled:
         fail(
             f"interrupted: the run was stopped with {_settled(summary):,} of {cells:,} cells "
-            f"settled; the rest are unknown{unwritten}",
+            f"settled; the rest are unknown{also}",
             3,
             as_json=as_json,
         )
@@ -209,13 +210,13 @@ def run(
         fail(
             "the run ended before every cell was settled (unsettled cells are 'unknown')"
             + _why_incomplete(doc)
-            + unwritten,
+            + also,
             3,
             as_json=as_json,
         )
     if unwritten:
-        why = unwritten.removeprefix("; and ")
-        fail(f"{why}; the run finished (its results are on standard output)", 3, as_json=as_json)
+        fail(f"{unwritten}; the run finished (its results are on standard output)", 3,
+             as_json=as_json)  # fmt: skip
     if cells and untested == cells:
         fail(f"no cell could be tested: {_untested_reason(doc)}", 3, as_json=as_json)
     problem = (doc.get("judgement") or {}).get("problem")
