@@ -7,6 +7,16 @@ path sends back (a firewall's reject) is queued on it (IP_RECVERR); when the lin
 the error queue is drained and the socket closed. A port that cannot be bound (in use on
 this host, or privileged) makes its cells ``untested``, never ``blocked``.
 
+Closing is a third of a bind-mode sweep's system time (the kernel tears the socket down on
+the way out of ``close``), so spent sockets are closed on a thread of their own (``_Closer``),
+on the other core while this one opens and sends: their descriptors are detached from their
+socket objects, handed over in chunks and closed with ``close_range`` over each run of
+consecutive numbers (one system call, and the GIL released once, for hundreds of them).
+That is safe because every number in such a run is one of the handed-over descriptors,
+which nothing else owns. Binding a source port whose previous socket is still waiting to be
+closed waits for the closer (the port is not "in use"); the file descriptor budget counts
+the waiting ones.
+
 All methods are synchronous and do a bounded amount of work; the trio shell calls them in
 batches between checkpoints and paces them.
 """
@@ -15,9 +25,11 @@ from __future__ import annotations
 
 import _socket
 import errno
+import os
 import resource
 import select
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -93,6 +105,20 @@ def by_source(batch: CellBatch) -> dict[int, list[tuple[int, bytes]]]:
     return out
 
 
+def _aligned_sources(batch: Sequence[Group]) -> list[int] | None:
+    """The source ports every group of ``batch`` shares, each once, in order; else None."""
+    first = batch[0][1]
+    srcs = first.tolist() if hasattr(first, "tolist") else [int(s) for s in first]
+    for _, other, _ in batch[1:]:
+        if other is not first:
+            other_list = other.tolist() if hasattr(other, "tolist") else [int(s) for s in other]
+            if other_list != srcs:
+                return None
+    if len(set(srcs)) != len(srcs):
+        return None
+    return srcs
+
+
 def raise_fd_limit(wanted: int) -> int:
     """Raise the soft open-files limit towards *wanted*; return the usable limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -127,6 +153,95 @@ def route_mtu(target: str, ipv6: bool) -> int:
         return 1500
 
 
+def fd_runs(fds: Sequence[int]) -> list[tuple[int, int]]:
+    """``fds`` as runs of consecutive numbers ``(first, last)``, in ascending order."""
+    out: list[tuple[int, int]] = []
+    if not fds:
+        return out
+    ordered = sorted(fds)
+    first = prev = ordered[0]
+    for fd in ordered[1:]:
+        if fd != prev + 1:
+            out.append((first, prev))
+            first = fd
+        prev = fd
+    out.append((first, prev))
+    return out
+
+
+class _Closer:
+    """Closes handed-over file descriptors on a thread of its own (see the module's text).
+
+    ``pending`` is how many are handed over and not closed yet; ``holds(port)`` says whether
+    a source port's socket is among them; ``closed`` counts the chunks closed. They are kept
+    under one lock, taken once per chunk.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._chunks: deque[tuple[list[int], list[int]] | None] = deque()
+        self._ports: dict[int, int] = {}  # source port -> sockets of it waiting to be closed
+        self.pending = 0
+        self.closed = 0  # chunks closed so far
+        self._thread: threading.Thread | None = None
+
+    def close_later(self, fds: list[int], ports: list[int]) -> None:
+        if not fds:
+            return
+        with self._cond:
+            held = self._ports
+            for port in ports:
+                held[port] = held.get(port, 0) + 1
+            self.pending += len(fds)
+            self._chunks.append((fds, ports))
+            self._cond.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="udpreach-closer", daemon=True
+                )
+                self._thread.start()
+
+    def holds(self, port: int) -> bool:
+        with self._cond:
+            return port in self._ports
+
+    def wait(self, at_most: int = 0, timeout: float = 5.0) -> bool:
+        """Block until no more than ``at_most`` descriptors wait (False: ``timeout`` passed)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.pending <= at_most, timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close everything handed over (waiting at most ``timeout``) and end the thread."""
+        self.wait(0, timeout)
+        with self._cond:
+            if self._thread is not None:
+                self._chunks.append(None)
+                self._cond.notify_all()
+                self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._chunks))
+                chunk = self._chunks.popleft()
+            if chunk is None:
+                return
+            fds, ports = chunk
+            for first, last in fd_runs(fds):
+                os.closerange(first, last + 1)  # close_range(2): releases the GIL once
+            with self._cond:
+                held = self._ports
+                for port in ports:
+                    left = held[port] - 1
+                    if left:
+                        held[port] = left
+                    else:
+                        del held[port]
+                self.pending -= len(fds)
+                self.closed += 1
+                self._cond.notify_all()
+
+
 class BindSender:
     """Bind-per-source-port sender with ICMP error capture."""
 
@@ -144,6 +259,11 @@ class BindSender:
         # (the rest of a group the kernel's buffer held back) reuses it; binding anew would
         # fail with "in use" against our own socket and make the cells "untested".
         self._lingering: dict[int, _socket.socket] = {}
+        self._closer = _Closer()
+        if self.family == socket.AF_INET6:
+            self._recverr = (SOL_IPV6, IPV6_RECVERR)
+        else:
+            self._recverr = (SOL_IP, IP_RECVERR)
         self.icmp_seen = 0
 
     def free_slots(self) -> int:
@@ -153,27 +273,40 @@ class BindSender:
     def oldest_age(self, now: float) -> float:
         return now - self._open[0][0] if self._open else 0.0
 
+    def _bind(self, src: int) -> _socket.socket | GroupResult:
+        """A new socket bound to ``src`` with IP_RECVERR on, or why there is none."""
+        closer = self._closer
+        for _ in range(2):
+            closed = closer.closed
+            # The plain C socket type: socket.socket's Python-level __init__ costs a third more.
+            s = _socket.socket(self.family, _NONBLOCK_DGRAM)
+            try:
+                s.setsockopt(*self._recverr, 1)
+                s.bind((self.source, src))
+                return s
+            except OSError as exc:
+                s.close()
+                if exc.errno == errno.EADDRINUSE:
+                    # Our own spent socket, waiting to be closed (or closed just now)?
+                    if closer.holds(src) or closer.closed != closed:
+                        closer.wait()
+                        continue
+                    return GroupResult([], "source port in use on the probe host")
+                if exc.errno in (errno.EACCES, errno.EPERM):
+                    return GroupResult([], "binding this source port is not permitted here")
+                return GroupResult([], f"cannot bind source port: {exc.strerror or exc}")
+        return GroupResult([], "source port in use on the probe host")
+
     def send_group(self, src: int, items: Sequence[tuple[int, bytes]], now: float) -> GroupResult:
         """Send one source port's datagrams: ``items`` are (dst port, payload)."""
         reused = self._lingering.get(src)
         if reused is not None:
             s = reused
         else:
-            # The plain C socket type: socket.socket's Python-level __init__ costs a third more.
-            s = _socket.socket(self.family, _NONBLOCK_DGRAM)
-            try:
-                if self.family == socket.AF_INET6:
-                    s.setsockopt(SOL_IPV6, IPV6_RECVERR, 1)
-                else:
-                    s.setsockopt(SOL_IP, IP_RECVERR, 1)
-                s.bind((self.source, src))
-            except OSError as exc:
-                s.close()
-                if exc.errno == errno.EADDRINUSE:
-                    return GroupResult([], "source port in use on the probe host")
-                if exc.errno in (errno.EACCES, errno.EPERM):
-                    return GroupResult([], "binding this source port is not permitted here")
-                return GroupResult([], f"cannot bind source port: {exc.strerror or exc}")
+            bound = self._bind(src)
+            if isinstance(bound, GroupResult):
+                return bound
+            s = bound
         sent: list[int] = []
         result = GroupResult(sent)
         target = self.target
@@ -201,6 +334,12 @@ class BindSender:
             self._lingering[src] = s
         return result
 
+    def _make_room(self, count: int) -> None:
+        """Wait for the closer if ``count`` more sockets would pass the descriptor budget."""
+        closer = self._closer
+        if closer.pending and len(self._open) + closer.pending + count > self.max_open:
+            closer.wait(max(0, self.max_open - len(self._open) - count))
+
     def send_cells(
         self, batch: CellBatch, now: float, pace: tuple[int, float] | None = None
     ) -> BatchResults | None:
@@ -210,7 +349,12 @@ class BindSender:
         Returns:
             None when every datagram went out, else one ``GroupResult`` per source port.
         """
+        if pace is None and not isinstance(batch, Mapping) and batch:
+            srcs = _aligned_sources(batch)
+            if srcs is not None:
+                return self._send_aligned(batch, srcs, now)
         groups = by_source(batch)
+        self._make_room(len(groups))
         if pace is None:
             results = [(src, self.send_group(src, items, now)) for src, items in groups.items()]
         else:
@@ -230,6 +374,72 @@ class BindSender:
             if len(res.sent) != len(groups[src]):
                 return results
         return None
+
+    def _send_aligned(
+        self, batch: Sequence[Group], srcs: list[int], now: float
+    ) -> BatchResults | None:
+        """``send_cells`` for the usual batch: every group has the same source ports, each
+        once (one socket per port sends to every destination port in group order). Per
+        port only the system calls and a dictionary lookup; a port where anything fails goes
+        through ``send_group`` for the rest of its datagrams, and the results are built only
+        when something did not go out."""
+        self._make_room(len(srcs))
+        dsts = [g[0] for g in batch]
+        target = self.target
+        lingering, remember = self._lingering, self._open.append
+        new, family, source = _socket.socket, self.family, self.source
+        level, option = self._recverr
+        failed: list[tuple[int, GroupResult]] = []
+        if len(batch) == 1:
+            dst = dsts[0]
+            addr = (target, dst)
+            for i, (src, payload) in enumerate(zip(srcs, batch[0][2], strict=True)):
+                s = lingering.get(src)
+                try:
+                    if s is None:
+                        s = new(family, _NONBLOCK_DGRAM)
+                        try:
+                            s.setsockopt(level, option, 1)
+                            s.bind((source, src))
+                        except OSError:
+                            s.close()
+                            raise
+                        remember((now, src, s))
+                        lingering[src] = s
+                    s.sendto(payload, addr)
+                except OSError:
+                    failed.append((i, self.send_group(src, [(dst, payload)], now)))
+        else:
+            addrs = [(target, d) for d in dsts]
+            cols = [list(g[2]) for g in batch]
+            width = len(addrs)
+            for i, src in enumerate(srcs):
+                s = lingering.get(src)
+                j = 0
+                try:
+                    if s is None:
+                        s = new(family, _NONBLOCK_DGRAM)
+                        try:
+                            s.setsockopt(level, option, 1)
+                            s.bind((source, src))
+                        except OSError:
+                            s.close()
+                            raise
+                        remember((now, src, s))
+                        lingering[src] = s
+                    for j in range(width):
+                        s.sendto(cols[j][i], addrs[j])
+                except OSError:
+                    rest = [(dsts[k], cols[k][i]) for k in range(j, width)]
+                    res = self.send_group(src, rest, now)
+                    res.sent[:0] = dsts[:j]
+                    failed.append((i, res))
+        if all(len(res.sent) == len(dsts) for _, res in failed):
+            return None
+        results: BatchResults = [(src, GroupResult(list(dsts))) for src in srcs]
+        for i, res in failed:
+            results[i] = (srcs[i], res)
+        return results
 
     def _drain(self, src: int, s: _socket.socket) -> list[IcmpEvent]:
         out: list[IcmpEvent] = []
@@ -282,14 +492,26 @@ class BindSender:
         for _, _, s in done:
             register(s, 0)  # POLLERR and POLLHUP are reported whatever is asked for
         flagged = {fd for fd, ev in poller.poll(0) if ev & select.POLLERR}
+        lingering = self._lingering
+        fds: list[int] = []
+        ports: list[int] = []
         for _, src, s in done:
             if s.fileno() in flagged:
                 events.extend(self._drain(src, s))
-            self._lingering.pop(src, None)
-            s.close()
+            lingering.pop(src, None)
+            fds.append(s.detach())  # closed by the closer; the socket object owns it no more
+            ports.append(src)
+        self._closer.close_later(fds, ports)
         return events
 
     def close(self) -> None:
+        """Close every socket (waiting a bounded time for the closer to finish)."""
         self._lingering.clear()
+        fds: list[int] = []
+        ports: list[int] = []
         while self._open:
-            self._open.popleft()[2].close()
+            _, src, s = self._open.popleft()
+            fds.append(s.detach())
+            ports.append(src)
+        self._closer.close_later(fds, ports)
+        self._closer.stop()

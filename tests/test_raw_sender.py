@@ -7,7 +7,10 @@ Every wait is bounded: sockets have timeouts and ICMP errors are polled against 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +19,7 @@ import pytest
 
 import probe.raw
 from probe.raw import RawSender, make_sender, raw_available
-from probe.sender import BindSender, CellBatch, GroupResult, IcmpEvent
+from probe.sender import BindSender, CellBatch, GroupResult, IcmpEvent, fd_runs
 from udpreach.core.block import Block
 from udpreach.core.errors import ConfigError
 
@@ -253,8 +256,6 @@ def test_icmp_errors_for_datagrams_we_did_not_send_are_ignored() -> None:
 def test_partial_batches_report_backpressure_and_refusals_per_group(
     monkeypatch: pytest.MonkeyPatch, blocks: bool
 ) -> None:
-    import errno
-
     # The kernel's answers, scripted: 1 sent then a refusal; then the rest runs out of buffer.
     answers = [(1, errno.EPERM), (1, errno.ENOBUFS)]
 
@@ -406,3 +407,117 @@ def test_a_batch_of_payloads_of_many_lengths_arrives_exact() -> None:
         assert sender.send_cells({port: (srcs, payloads)}) is None
         got = receive(rx, len(payloads))
     assert got == {p: (SRC4, s) for s, p in zip(srcs, payloads, strict=True)}
+
+
+# -- bind mode: the usual batch's fast path, and the closer thread --------------------------
+
+
+def test_fd_runs_cover_exactly_the_descriptors_given() -> None:
+    assert fd_runs([]) == []
+    assert fd_runs([7]) == [(7, 7)]
+    assert fd_runs([9, 3, 4, 5, 10, 12]) == [(3, 5), (9, 10), (12, 12)]
+    fds = [40, 41, 43, 44, 45, 47, 100, 42]
+    covered = {n for a, b in fd_runs(fds) for n in range(a, b + 1)}
+    assert covered == set(fds)  # never a number that was not handed over
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_aligned_batches_send_every_datagram_and_report_only_what_failed(width: int) -> None:
+    """The runner's batch form (a list of groups sharing their source ports): a busy port in
+    the middle is ``untested`` and every other datagram arrives, from its own source port,
+    to every destination port."""
+    with contextlib.ExitStack() as stack:
+        busy = stack.enter_context(udp(SRC4))
+        rxs = [stack.enter_context(udp(DST4)) for _ in range(width)]
+        dsts = [rx.getsockname()[1] for rx in rxs]
+        busy_port = busy.getsockname()[1]
+        srcs = [closed_port(SRC4) for _ in range(4)]
+        srcs.insert(2, busy_port)
+        batch = [(d, srcs, [b"%d>%d" % (s, d) for s in srcs]) for d in dsts]
+        bind = BindSender(SRC4, DST4, linger=10.0)
+        try:
+            results = bind.send_cells(batch, 0.0)
+            for d, rx in zip(dsts, rxs, strict=True):
+                want = {b"%d>%d" % (s, d): (SRC4, s) for s in srcs if s != busy_port}
+                assert receive(rx, len(want)) == want
+            everything = bind.send_cells(
+                [(d, srcs[:2], [b"again"] * 2) for d in dsts], 1.0
+            )  # the lingering sockets of the first two ports send again
+        finally:
+            bind.close()
+    assert results is not None
+    assert [s for s, _ in results] == srcs
+    got = dict(results)
+    assert got[busy_port].sent == []
+    assert "in use" in (got[busy_port].untested or "")
+    assert all(got[s] == GroupResult(dsts) for s in srcs if s != busy_port)
+    assert everything is None
+
+
+def test_a_port_whose_spent_socket_waits_for_the_closer_is_not_in_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Closing happens on the closer's thread; binding the same source port again before it
+    got there waits for it (the port is ours, not "in use"), and the descriptor budget
+    counts the sockets still waiting to be closed."""
+    import probe.sender
+
+    gate = threading.Event()
+    real = os.closerange
+
+    def slow_closerange(first: int, last: int) -> None:
+        gate.wait(WAIT)
+        real(first, last)
+
+    monkeypatch.setattr(probe.sender.os, "closerange", slow_closerange)
+    bind = BindSender(SRC4, DST4, linger=0.0)
+    bind.max_open = 6
+    timer = threading.Timer(0.2, gate.set)
+    try:
+        with udp(DST4) as rx:
+            port = rx.getsockname()[1]
+            srcs = [closed_port(SRC4) for _ in range(4)]
+            assert bind.send_cells([(port, srcs, [b"one"] * 4)], 0.0) is None
+            bind.reap(1.0)  # all four handed to the closer, which is held at the gate
+            assert bind._closer.pending == 4
+            assert bind._closer.holds(srcs[0])
+            timer.start()
+            t0 = time.monotonic()
+            # 4 waiting + 4 new > 6: the send waits for the closer, then binds the same ports
+            assert bind.send_cells([(port, srcs, [b"two"] * 4)], 2.0) is None
+            assert time.monotonic() - t0 >= 0.15
+            assert bind._closer.pending == 0
+            got = [rx.recvfrom(64) for _ in range(8)]
+    finally:
+        timer.cancel()
+        gate.set()
+        bind.close()
+    assert sorted(a[1] for _, a in got) == sorted(srcs * 2)
+    assert bind._closer.pending == 0
+
+
+def test_spent_sockets_are_closed_and_nothing_else_is() -> None:
+    """The closer closes runs of consecutive descriptors with one call: only ever the
+    descriptors handed to it, not a neighbour opened between them."""
+    bind = BindSender(SRC4, DST4, linger=0.0)
+    foreign: list[socket.socket] = []
+    fds: list[int] = []
+    try:
+        with udp(DST4) as rx:
+            port = rx.getsockname()[1]
+            for _ in range(6):
+                src = closed_port(SRC4)
+                assert bind.send_cells([(port, [src], [b"x"])], 0.0) is None
+                fds.append(bind._lingering[src].fileno())
+                foreign.append(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            bind.reap(1.0)
+            assert bind._closer.wait(0)
+            for fd in fds:
+                with pytest.raises(OSError, match=rf"\[Errno {errno.EBADF}\]"):
+                    os.fstat(fd)
+            for s in foreign:
+                os.fstat(s.fileno())  # still open
+    finally:
+        bind.close()
+        for s in foreign:
+            s.close()
