@@ -178,9 +178,10 @@ for sport in range(first, last + 1):
 print(f"seconds={time.perf_counter() - t0:.6f} failed={failed}")
 """
 
-# The senders alone, no engine: prints the seconds the send loop took. "raw-many" sends as
-# the runner does: groups of (dst, source ports, payloads), a batch per BATCH_SECONDS of
-# sending at the run's rate (the pacer's batch); the payloads are made beforehand.
+# The senders alone, no engine: prints the seconds the send loop took. "raw-many" and
+# "bind" send as the runner does: groups of (dst, source ports, payloads), a batch per
+# BATCH_SECONDS of sending at the run's rate (the pacer's batch); the payloads are made
+# beforehand. "raw-group" sends one source port's group per call.
 _SENDER_ONLY = r"""
 import sys, time
 import numpy as np
@@ -196,12 +197,14 @@ if kind == "bind":
     sender = BindSender(src, dst, linger=0.0)
 else:
     sender = RawSender(src, dst)
-if kind == "raw-many":
+if kind in ("raw-many", "bind"):
     payloads = codec.encode_block(port, srcs, 1)
     step = max(1, int(rate * BATCH_SECONDS))
     t0 = time.perf_counter()
     for i in range(0, len(srcs), step):
         sender.send_cells([(port, srcs[i : i + step], payloads[i : i + step])], 0.0)
+        if kind == "bind":
+            sender.reap(time.monotonic())
 else:
     batch = [(sp, [(port, codec.encode(port, sp, 1))]) for sp in srcs.tolist()]
     t0 = time.perf_counter()
@@ -889,7 +892,7 @@ class Bench:
         kinds = ["bind"] + ([] if self.raw_reason else ["raw-group", "raw-many"])
         for kind in kinds:
             label = {
-                "bind": "BindSender.send_group alone",
+                "bind": "BindSender.send_cells alone",
                 "raw-group": "RawSender.send_group alone",
                 "raw-many": "RawSender.send_cells alone",
             }[kind]
