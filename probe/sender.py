@@ -7,11 +7,12 @@ path sends back (a firewall's reject) is queued on it (IP_RECVERR); when the lin
 the error queue is drained and the socket closed. A port that cannot be bound (in use on
 this host, or privileged) makes its cells ``untested``, never ``blocked``.
 
-Closing is a third of a bind-mode sweep's system time (the kernel tears the socket down on
-the way out of ``close``), so spent sockets are closed on a thread of their own (``_Closer``),
-on the other core while this one opens and sends: their descriptors are detached from their
-socket objects, handed over in chunks and closed with ``close_range`` over each run of
-consecutive numbers (one system call, and the GIL released once, for hundreds of them).
+Closing was a sixth of the probe's time in a bind-mode sweep (17.5% of py-spy's samples:
+the kernel tears the socket down on the way out of ``close``), so spent sockets are closed
+on a thread of their own (``_Closer``), on the other core while this one opens and sends:
+their descriptors are detached from their socket objects, handed over in chunks and closed
+with ``close_range`` over each run of consecutive numbers (one system call, and the GIL
+released once, for hundreds of them).
 That is safe because every number in such a run is one of the handed-over descriptors,
 which nothing else owns. Binding a source port whose previous socket is still waiting to be
 closed waits for the closer (the port is not "in use"); the file descriptor budget counts
@@ -273,19 +274,26 @@ class BindSender:
     def oldest_age(self, now: float) -> float:
         return now - self._open[0][0] if self._open else 0.0
 
+    def _bound_socket(self, src: int) -> _socket.socket:
+        """A new socket bound to ``src`` with IP_RECVERR on (OSError if it cannot be)."""
+        # The plain C socket type: socket.socket's Python-level __init__ costs a third more.
+        s = _socket.socket(self.family, _NONBLOCK_DGRAM)
+        try:
+            s.setsockopt(*self._recverr, 1)
+            s.bind((self.source, src))
+        except OSError:
+            s.close()
+            raise
+        return s
+
     def _bind(self, src: int) -> _socket.socket | GroupResult:
         """A new socket bound to ``src`` with IP_RECVERR on, or why there is none."""
         closer = self._closer
         for _ in range(2):
             closed = closer.closed
-            # The plain C socket type: socket.socket's Python-level __init__ costs a third more.
-            s = _socket.socket(self.family, _NONBLOCK_DGRAM)
             try:
-                s.setsockopt(*self._recverr, 1)
-                s.bind((self.source, src))
-                return s
+                return self._bound_socket(src)
             except OSError as exc:
-                s.close()
                 if exc.errno == errno.EADDRINUSE:
                     # Our own spent socket, waiting to be closed (or closed just now)?
                     if closer.holds(src) or closer.closed != closed:
@@ -387,8 +395,7 @@ class BindSender:
         dsts = [g[0] for g in batch]
         target = self.target
         lingering, remember = self._lingering, self._open.append
-        new, family, source = _socket.socket, self.family, self.source
-        level, option = self._recverr
+        bound = self._bound_socket
         failed: list[tuple[int, GroupResult]] = []
         if len(batch) == 1:
             dst = dsts[0]
@@ -397,13 +404,7 @@ class BindSender:
                 s = lingering.get(src)
                 try:
                     if s is None:
-                        s = new(family, _NONBLOCK_DGRAM)
-                        try:
-                            s.setsockopt(level, option, 1)
-                            s.bind((source, src))
-                        except OSError:
-                            s.close()
-                            raise
+                        s = bound(src)
                         remember((now, src, s))
                         lingering[src] = s
                     s.sendto(payload, addr)
@@ -418,13 +419,7 @@ class BindSender:
                 j = 0
                 try:
                     if s is None:
-                        s = new(family, _NONBLOCK_DGRAM)
-                        try:
-                            s.setsockopt(level, option, 1)
-                            s.bind((source, src))
-                        except OSError:
-                            s.close()
-                            raise
+                        s = bound(src)
                         remember((now, src, s))
                         lingering[src] = s
                     for j in range(width):
