@@ -308,3 +308,30 @@ def test_the_hosts_reassembly_failures_are_read_where_linux_keeps_them(tmp_path:
     assert reassembly_failures(str(snmp)) is None
     if sys.platform.startswith("linux"):
         assert isinstance(reassembly_failures(), int)
+
+
+def test_the_agents_code_imports_without_the_posix_only_modules() -> None:
+    """Windows has no ``fcntl``, ``resource``, ``termios``, ``pwd`` or ``grp``: the agent's
+    command and everything it imports must load without them (the keyring's file lock, the
+    coordinator's business, imported ``fcntl`` at the top and broke the agent there)."""
+    import subprocess
+
+    script = (
+        "import sys\n"
+        "BLOCKED = {'fcntl', 'resource', 'termios', 'pwd', 'grp', 'tty', 'pty'}\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name in BLOCKED:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "for name in BLOCKED: sys.modules.pop(name, None)\n"
+        "import udpreach.cli, udpreach.cli.service, agent.service\n"
+        "from udpreach.keyring import forbid_core_dumps\n"
+        "forbid_core_dumps()\n"
+        "print('imported')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "imported"

@@ -23,13 +23,13 @@ half a keyring. Core dumps are switched off before any key is read (``forbid_cor
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import hmac
 import json
 import os
 import secrets
 import stat
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,14 +56,17 @@ def forbid_core_dumps() -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
     except (ImportError, ValueError, OSError):  # pragma: no cover - not on POSIX
         pass
+    if not sys.platform.startswith("linux"):
+        return
     try:
         import ctypes
-        import ctypes.util
 
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # The process's own symbols, libc's among them: ctypes.util.find_library would
+        # run /sbin/ldconfig, a process start for every command that reads a key.
+        libc = ctypes.CDLL(None, use_errno=True)
         pr_set_dumpable = 4
         libc.prctl(pr_set_dumpable, 0, 0, 0, 0)
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
+    except (OSError, AttributeError):  # pragma: no cover - a libc without prctl
         pass
 
 
@@ -254,6 +257,14 @@ def edit(path: str | Path | None = None, *, create: bool = False) -> Iterator[Ke
     Raises:
         ConfigError: as ``Keyring.load``, or the file or its directory cannot be written.
     """
+    try:
+        import fcntl  # here, not at the top: Windows has none, and the agent imports this
+    except ImportError:
+        raise ConfigError(
+            "a keyring is edited where the coordinator runs (Linux or macOS): this system "
+            "has no fcntl file locks"
+        ) from None
+
     forbid_core_dumps()
     p = Path(path) if path is not None else default_path()
     try:
