@@ -179,9 +179,10 @@ def run(
             on_progress=progress.update,
             on_cancel=on_cancel,
         )
-    from udpreach.core.expect import with_judgement
+    if doc.get("expect") or doc.get("judgement"):  # judged: its judgement, read off it
+        from udpreach.core.expect import with_judgement
 
-    doc = with_judgement(doc)
+        doc = with_judgement(doc)
     if as_json:
         print_json(doc)
     else:
