@@ -39,6 +39,8 @@ from udpreach.core.errors import ConfigError
 RCVBUF_WANTED = 16 * 1024 * 1024
 DRAIN_MAX = 4096  # datagrams per drain pass before yielding to other tasks
 DRAIN_CHUNK = mmsg.SLOTS  # datagrams handed to the core at once: one recvmmsg's worth
+COALESCE = 0.001  # a pause between reads while datagrams trickle in (``coalesce_wait``)
+SKB_OVERHEAD = 1024  # bytes a kernel books per datagram beyond its payload (a high guess)
 SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; Python's socket module does not name it
 WSAEACCES = 10013  # what Windows says for a reserved (excluded) port
 WSAEADDRINUSE = 10048
@@ -197,6 +199,27 @@ def drain(state: HasCore, listener: Listener, limit: int = DRAIN_MAX) -> int:
         if chunk:
             core.on_datagrams(chunk, normalize_addr)
     return n
+
+
+def coalesce_wait(read: int, interval: float, rcvbuf: int, size: int) -> float:
+    """How long a listener may pause before it waits for its socket again: ``COALESCE``
+    or 0.
+
+    Waking costs more than reading: an epoll round trip and a trio reschedule, tens of
+    microseconds, where reading and checking a datagram costs about 2. A sweep arriving at
+    70,000 datagrams a second woke the agent every 20 datagrams, and the wake-ups were
+    about 40% of the agent's CPU. So after a pass that emptied the socket with fewer than a
+    chunk (``read``), the listener pauses and lets datagrams gather, but only when the rate
+    just seen (``read`` over the ``interval`` since the previous pass) would fill at most a
+    quarter of the receive buffer (``rcvbuf`` bytes, datagrams of ``size`` bytes) in that
+    pause, and never after a silence (an interval over 10 ms says nothing of the rate).
+    """
+    if not 0 < read < DRAIN_CHUNK or not 0 < interval <= 0.01:
+        return 0.0
+    room = rcvbuf // (size + SKB_OVERHEAD)
+    if read / interval * COALESCE * 4 > room:
+        return 0.0
+    return COALESCE
 
 
 def reassembly_failures(path: str = "/proc/net/snmp") -> int | None:

@@ -25,6 +25,7 @@ from agent.listen import (
     DRAIN_MAX,
     RCVBUF_WANTED,
     Listener,
+    coalesce_wait,
     drain,
     normalize_addr,
     open_listeners,
@@ -106,12 +107,21 @@ def drain_all(state: AgentState) -> None:
 
 
 async def _receive_loop(state: AgentState, listener: Listener, wake: list[trio.Event]) -> None:
+    last = float("-inf")
     while True:
         await trio.lowlevel.wait_readable(listener.sock)
-        drain(state, listener)
+        now = trio.current_time()
+        read = drain(state, listener)
         run = state.core.current
-        if run is not None and run.needs_flush():
+        if run is None:
+            continue
+        if run.needs_flush():
             wake[0].set()
+        # Fewer, fuller reads while a run's datagrams trickle in (see coalesce_wait).
+        pause = coalesce_wait(read, now - last, listener.rcvbuf, run.codec.size)
+        last = now
+        if pause:
+            await trio.sleep(pause)
 
 
 async def _send_batches(state: AgentState, chan: Channel) -> None:

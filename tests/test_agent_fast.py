@@ -388,3 +388,24 @@ def test_drain_hands_every_datagram_over_in_order(
         dict(ref.rejected),
     )
     assert DRAIN_CHUNK < 200  # the 200-datagram cases cross chunk boundaries
+
+
+def test_a_listener_pauses_only_while_datagrams_trickle_in_slower_than_its_buffer_allows() -> None:
+    """``coalesce_wait``: after a pass that emptied the socket with less than a chunk, a
+    pause of COALESCE, as long as the rate just seen fills at most a quarter of the receive
+    buffer in it; never after a full chunk (more is waiting), an empty pass, or a silence."""
+    from agent.listen import COALESCE, SKB_OVERHEAD, coalesce_wait
+
+    rcvbuf = 212_992  # Linux's default ceiling for an unprivileged agent
+    room = rcvbuf // (16 + SKB_OVERHEAD)  # 16-byte datagrams: 204 fit
+    # 20 datagrams in 0.3 ms: 67,000 a second, 67 in a pause; a quarter of the room is 51
+    assert coalesce_wait(20, 0.0003, rcvbuf, 16) == 0.0
+    assert coalesce_wait(20, 0.0003, 16 * 1024 * 1024, 16) == COALESCE  # root's buffer
+    # 20 in 0.5 ms: 40 in a pause, under a quarter of the room
+    assert room >= 4 * 40
+    assert coalesce_wait(20, 0.0005, rcvbuf, 16) == COALESCE
+    assert coalesce_wait(20, 0.0005, rcvbuf, 1472) == 0.0  # the same rate of bigger ones
+    assert coalesce_wait(DRAIN_CHUNK, 0.0005, 1 << 24, 16) == 0.0  # a full chunk: read on
+    assert coalesce_wait(0, 0.0005, 1 << 24, 16) == 0.0
+    assert coalesce_wait(1, 0.5, 1 << 24, 16) == 0.0  # after a silence: no rate to go by
+    assert coalesce_wait(1, float("inf"), 1 << 24, 16) == 0.0  # the first pass of all
