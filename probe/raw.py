@@ -387,6 +387,15 @@ class RawSender:
     def oldest_age(self, now: float) -> float:
         return 0.0
 
+    # No socket per source port, so nothing to open ahead (``BindSender.prepare``).
+    spare_wanted = 0
+
+    def spare_room(self) -> int:
+        return 0
+
+    def prepare(self, until: float, clock: Callable[[], float] | None = None) -> int:
+        return 0
+
     def send_group(self, src: int, items: Sequence[tuple[int, bytes]], now: float) -> GroupResult:
         """Send one source port's datagrams: ``items`` are (dst port, payload).
 

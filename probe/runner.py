@@ -61,6 +61,8 @@ PROGRESS_EVERY = 0.1
 TICK_EVERY = 10.0  # a one-way "still here" to the agent during long runs
 SPIN_BELOW = 0.001  # waits shorter than this are spun: trio's timers are not that fine
 YIELD_EVERY = 0.004  # while spinning or sending, let other tasks in this often
+PREPARE_SLICE = 0.0005  # spare sockets are opened this long at a time between checkpoints
+SPARE_SECONDS = 0.25  # bind mode: spare sockets for this much of the coming sends at most
 
 
 def new_run_id() -> str:
@@ -195,6 +197,7 @@ class RunExecution:
                 if self.rate_cap is not None:
                     sweep.rate_cap = self.rate_cap()
                 sender.linger = sweep.linger()
+                sender.spare_wanted = sweep.sources_ahead(SPARE_SECONDS)
                 events = sender.reap(now)
                 if events:
                     sweep.on_icmp(events, now)
@@ -219,6 +222,13 @@ class RunExecution:
                     if await self._send(sweep, {"type": "flush", "seq": act.seq}):
                         nursery.start_soon(self._await_flush, sweep, act.seq)
                 elif isinstance(act, Wait):
+                    if sender.spare_room() > 0:
+                        # Bind mode: open spare sockets for the next sends, a slice at a
+                        # time, other tasks (the agent's replies) let in after each.
+                        sender.prepare(min(act.until, now + PREPARE_SLICE), clock)
+                        await trio.lowlevel.checkpoint()
+                        last_yield = clock()
+                        continue
                     if act.until - now < SPIN_BELOW:
                         if now - last_yield >= YIELD_EVERY:
                             await trio.lowlevel.checkpoint()

@@ -605,3 +605,27 @@ def test_the_pilots_reference_counts_only_datagrams_that_went_out() -> None:
     sim.run(stop=lambda sweep: sweep.stage is Stage.SWEEP)  # cancelled as round 1 begins
     assert sum(sim.refusals.values()) > 10  # the pilot did meet refused ports
     assert sim.sweep.pacer.reference == 1.0
+
+
+def test_sources_ahead_counts_the_first_round_during_the_pilot_and_what_the_rate_reaches() -> None:
+    """What a bind-mode sender opens sockets ahead for: during the pilot, the rest of the
+    pilot and the whole first round; in a round, the rest of its queue; never more than
+    the current rate sends from in the time asked about, and nothing once the run ends."""
+    seen: list[tuple[Stage, int, int]] = []
+
+    def watch(sweep: Any) -> bool:
+        seen.append((sweep.stage, sweep.sources_ahead(3600.0), sweep.sources_ahead(0.01)))
+        return False
+
+    sim = SimRun(Path(), src_ports="1024-17407", rate=100_000)
+    sim.run(stop=watch)
+    pilot = [s for s in seen if s[0] is Stage.PILOT]
+    sweep1 = [s for s in seen if s[0] is Stage.SWEEP]
+    assert pilot
+    assert sweep1
+    assert all(16384 <= whole <= 16384 + 128 for _, whole, _ in pilot)
+    assert sweep1[0][1] <= 16384
+    assert sweep1[-1][1] == 0  # the queue runs down to nothing
+    # 10 ms at the rate (at most 100,000 a second, one destination port): at most 1,001
+    assert all(soon <= min(whole, 1001) for _, whole, soon in seen)
+    assert sim.sweep.sources_ahead(3600.0) == 0

@@ -521,3 +521,68 @@ def test_spent_sockets_are_closed_and_nothing_else_is() -> None:
         bind.close()
         for s in foreign:
             s.close()
+
+
+# -- bind mode: spare sockets opened ahead ---------------------------------------------------
+
+
+def test_spare_sockets_are_opened_as_wanted_bound_by_the_sends_and_closed_at_the_end() -> None:
+    """Time the sender would wait opens spare sockets, as many as the runner wants and the
+    descriptor budget allows; the sends bind them (datagrams leave from the right ports), a
+    port that cannot be bound is ``untested`` and leaves its spare in the pool, and
+    ``close`` closes the spares left."""
+    bind = BindSender(SRC4, DST4, linger=10.0)
+    try:
+        assert bind.prepare(time.perf_counter() + 1.0) == 0  # none wanted: none opened
+        bind.spare_wanted = 5
+        assert bind.prepare(time.perf_counter() + 1.0) == 5
+        assert bind.spare_room() == 0
+        spares = {s.fileno() for s in bind._spare}
+        with udp(SRC4) as busy, udp(DST4) as rx:
+            port, busy_port = rx.getsockname()[1], busy.getsockname()[1]
+            srcs = [closed_port(SRC4) for _ in range(3)]
+            srcs.insert(1, busy_port)
+            results = bind.send_cells([(port, srcs, [b"%d" % s for s in srcs])], 0.0)
+            want = {b"%d" % s: (SRC4, s) for s in srcs if s != busy_port}
+            assert receive(rx, 3) == want
+        assert results is not None
+        assert "in use" in (dict(results)[busy_port].untested or "")
+        assert {bind._lingering[s].fileno() for s in srcs if s != busy_port} <= spares
+        assert len(bind._spare) == 2  # the failed bind gave its spare back
+        bind.max_open = len(bind._open) + 2  # the budget: 3 open, 2 spare, room for 2
+        assert bind.spare_room() == 0
+        assert bind.prepare(time.perf_counter() + 1.0) == 0
+        left = [s.fileno() for s in bind._spare]
+    finally:
+        bind.close()
+    for fd in left:
+        with pytest.raises(OSError, match=rf"\[Errno {errno.EBADF}\]"):
+            os.fstat(fd)
+
+
+def test_a_paced_batch_opens_spare_sockets_between_its_datagrams(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Paced sending (the pilot: one datagram at a time) opens spare sockets while it waits
+    for the next datagram's time, and every datagram still arrives from its port. When no
+    more descriptors can be had, the sender stops asking for spares and sends on."""
+    bind = BindSender(SRC4, DST4, linger=10.0)
+    bind.spare_wanted = 40
+    try:
+        with udp(DST4) as rx:
+            port = rx.getsockname()[1]
+            srcs = [closed_port(SRC4) for _ in range(4)]
+            got = bind.send_cells([(port, srcs, [b"%d" % s for s in srcs])], 0.0, pace=(1, 0.005))
+            assert got is None
+            assert receive(rx, 4) == {b"%d" % s: (SRC4, s) for s in srcs}
+            assert 0 < len(bind._spare) <= 40
+
+            def no_more(self: BindSender) -> Any:
+                raise OSError(errno.EMFILE, "Too many open files")
+
+            monkeypatch.setattr(BindSender, "_new_socket", no_more)
+            bind.spare_wanted = len(bind._spare) + 10
+            assert bind.prepare(time.perf_counter() + 1.0) == 0
+            assert bind.spare_wanted == 0
+    finally:
+        bind.close()

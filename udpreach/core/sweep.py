@@ -395,6 +395,16 @@ class Sweep:
             delay = self.delay_quiet
         return max(2 * rtt, DELAY_FACTOR * delay + SETTLE_MARGIN)
 
+    def sources_ahead(self, within: float) -> int:
+        """Source ports the next sends will use within ``within`` seconds at the current
+        rate: of the rest of this stage's queue, and after the pilot of the whole first
+        round (a bind-mode sender opens sockets for them ahead, in time it would otherwise
+        wait)."""
+        left = len(self._queue) - self._qpos
+        if self.stage is Stage.PILOT:
+            left += len(self.plan.src_ports)
+        return max(0, min(left, int(self._rate() * within / self._per_src) + 1))
+
     def linger(self) -> float:
         """How long a bind-mode socket should stay open for an ICMP error to come back."""
         return max(0.05, 4 * self.settings.control_rtt, min(2.0, self.settle_wait()))
