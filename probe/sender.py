@@ -281,6 +281,7 @@ class BindSender:
         # many the next sends will want.
         self._spare: list[_socket.socket] = []
         self.spare_wanted = 0
+        self._spares_failed = False  # no more descriptors once: no spares from then on
 
     def free_slots(self) -> int:
         """How many more source ports may be opened before the oldest must be reaped."""
@@ -314,6 +315,8 @@ class BindSender:
 
     def spare_room(self) -> int:
         """How many more spare sockets are wanted and fit the descriptor budget."""
+        if self._spares_failed:
+            return 0
         budget = self.max_open - len(self._open) - self._closer.pending
         return min(self.spare_wanted, SPARE_MAX, budget) - len(self._spare)
 
@@ -330,7 +333,7 @@ class BindSender:
                 spare.append(self._new_socket())
                 made += 1
         except OSError:  # out of descriptors or kernel memory: the sends open their own
-            self.spare_wanted = 0
+            self._spares_failed = True
         return made
 
     def _spin_until(self, due: float, clock: Callable[[], float]) -> float:
