@@ -117,6 +117,8 @@ async def _receive_loop(state: AgentState, listener: Listener, wake: list[trio.E
             continue
         if run.needs_flush():
             wake[0].set()
+        if listener.batch is None:
+            continue  # recvfrom, one at a time (not Linux): no pauses (see coalesce_wait)
         # Fewer, fuller reads while a run's datagrams trickle in (see coalesce_wait).
         pause = coalesce_wait(read, now - last, listener.rcvbuf, run.codec.size)
         last = now

@@ -397,15 +397,17 @@ def test_a_listener_pauses_only_while_datagrams_trickle_in_slower_than_its_buffe
     from agent.listen import COALESCE, SKB_OVERHEAD, coalesce_wait
 
     rcvbuf = 212_992  # Linux's default ceiling for an unprivileged agent
-    room = rcvbuf // (16 + SKB_OVERHEAD)  # 16-byte datagrams: 204 fit
-    # 20 datagrams in 0.3 ms: 67,000 a second, 67 in a pause; a quarter of the room is 51
-    assert coalesce_wait(20, 0.0003, rcvbuf, 16) == 0.0
-    assert coalesce_wait(20, 0.0003, 16 * 1024 * 1024, 16) == COALESCE  # root's buffer
-    # 20 in 0.5 ms: 40 in a pause, under a quarter of the room
-    assert room >= 4 * 40
-    assert coalesce_wait(20, 0.0005, rcvbuf, 16) == COALESCE
-    assert coalesce_wait(20, 0.0005, rcvbuf, 1472) == 0.0  # the same rate of bigger ones
+    room = rcvbuf // (16 + SKB_OVERHEAD)  # 16-byte datagrams: 103 fit, booked at the most
+    # 20 datagrams in 0.5 ms: 40,000 a second, 40 in a pause; a quarter of the room is 25
+    assert coalesce_wait(20, 0.0005, rcvbuf, 16) == 0.0
+    assert coalesce_wait(20, 0.0005, 16 * 1024 * 1024, 16) == COALESCE  # root's buffer
+    # 20 in 2 ms: 20 in a pause, under a quarter of the room
+    assert room >= 4 * 20
+    assert coalesce_wait(20, 0.002, rcvbuf, 16) == COALESCE
+    assert coalesce_wait(20, 0.002, rcvbuf, 4000) == 0.0  # the same rate of bigger ones
     assert coalesce_wait(DRAIN_CHUNK, 0.0005, 1 << 24, 16) == 0.0  # a full chunk: read on
     assert coalesce_wait(0, 0.0005, 1 << 24, 16) == 0.0
-    assert coalesce_wait(1, 0.5, 1 << 24, 16) == 0.0  # after a silence: no rate to go by
+    # The first pass after a gap (between a probe's 4 ms batches, or a silence): the few
+    # datagrams read say nothing of the rate of the rest of the batch
+    assert coalesce_wait(3, 0.004, 1 << 24, 16) == 0.0
     assert coalesce_wait(1, float("inf"), 1 << 24, 16) == 0.0  # the first pass of all
