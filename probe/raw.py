@@ -393,6 +393,9 @@ class RawSender:
     def spare_room(self) -> int:
         return 0
 
+    def trim_spares(self) -> None:
+        pass
+
     def prepare(self, until: float, clock: Callable[[], float] | None = None) -> int:
         return 0
 

@@ -198,6 +198,7 @@ class RunExecution:
                     sweep.rate_cap = self.rate_cap()
                 sender.linger = sweep.linger()
                 sender.spare_wanted = sweep.sources_ahead(SPARE_SECONDS)
+                sender.trim_spares()
                 events = sender.reap(now)
                 if events:
                     sweep.on_icmp(events, now)

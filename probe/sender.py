@@ -58,7 +58,7 @@ from probe.icmp import (
 from udpreach.core.sweep import IcmpReport
 
 IP_RECVERR = 11
-SPARE_MAX = 16384  # spare sockets opened ahead at most (descriptors; a few MB of kernel memory)
+SPARE_MAX = 16384  # spare sockets opened ahead at most (2.6 kB of kernel slab each: 43 MB)
 SPARE_GUARD = 2e-5  # a spare socket is opened only this long before a paced send is due
 _NONBLOCK_DGRAM = socket.SOCK_DGRAM | getattr(socket, "SOCK_NONBLOCK", 0)
 _ERRQ_FLAGS = MSG_ERRQUEUE | socket.MSG_DONTWAIT
@@ -320,6 +320,16 @@ class BindSender:
         budget = self.max_open - len(self._open) - self._closer.pending
         return min(self.spare_wanted, SPARE_MAX, budget) - len(self._spare)
 
+    def trim_spares(self) -> None:
+        """Close the spare sockets beyond what is wanted now (the rate fell, the stage
+        ended): a run never holds descriptors it will not use."""
+        keep = max(0, min(self.spare_wanted, SPARE_MAX))
+        spare = self._spare
+        if len(spare) > keep:
+            fds = [s.detach() for s in spare[keep:]]
+            del spare[keep:]
+            self._closer.close_later(fds, [-1] * len(fds))  # no port: never waited on
+
     def prepare(self, until: float, clock: Callable[[], float] = time.perf_counter) -> int:
         """Open spare sockets until ``clock()`` reaches ``until`` or none is wanted;
         returns how many. Time the caller would otherwise spin or sleep away."""
@@ -561,9 +571,9 @@ class BindSender:
         """Close every socket (waiting a bounded time for the closer to finish)."""
         self._lingering.clear()
         self.spare_wanted = 0
-        fds: list[int] = [s.detach() for s in self._spare]
-        ports: list[int] = [-1] * len(fds)  # no port: never "held" for a bind to wait on
-        self._spare.clear()
+        self.trim_spares()  # all of them, with nothing wanted
+        fds: list[int] = []
+        ports: list[int] = []
         while self._open:
             _, src, s = self._open.popleft()
             fds.append(s.detach())

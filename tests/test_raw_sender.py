@@ -529,8 +529,8 @@ def test_spent_sockets_are_closed_and_nothing_else_is() -> None:
 def test_spare_sockets_are_opened_as_wanted_bound_by_the_sends_and_closed_at_the_end() -> None:
     """Time the sender would wait opens spare sockets, as many as the runner wants and the
     descriptor budget allows; the sends bind them (datagrams leave from the right ports), a
-    port that cannot be bound is ``untested`` and leaves its spare in the pool, and
-    ``close`` closes the spares left."""
+    port that cannot be bound is ``untested`` and leaves its spare in the pool, fewer wanted
+    closes the surplus, and ``close`` closes the spares left."""
     bind = BindSender(SRC4, DST4, linger=10.0)
     try:
         assert bind.prepare(time.perf_counter() + 1.0) == 0  # none wanted: none opened
@@ -549,9 +549,16 @@ def test_spare_sockets_are_opened_as_wanted_bound_by_the_sends_and_closed_at_the
         assert "in use" in (dict(results)[busy_port].untested or "")
         assert {bind._lingering[s].fileno() for s in srcs if s != busy_port} <= spares
         assert len(bind._spare) == 2  # the failed bind gave its spare back
-        bind.max_open = len(bind._open) + 2  # the budget: 3 open, 2 spare, room for 2
+        bind.max_open = len(bind._open) + 2  # the budget: 3 open and the 2 spares, no more
         assert bind.spare_room() == 0
         assert bind.prepare(time.perf_counter() + 1.0) == 0
+        bind.spare_wanted = 1  # fewer wanted now: the surplus is closed
+        surplus = bind._spare[1].fileno()
+        bind.trim_spares()
+        assert len(bind._spare) == 1
+        assert bind._closer.wait(0)
+        with pytest.raises(OSError, match=rf"\[Errno {errno.EBADF}\]"):
+            os.fstat(surplus)
         left = [s.fileno() for s in bind._spare]
     finally:
         bind.close()
