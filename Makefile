@@ -58,10 +58,13 @@ test: test-default
 	  echo "$(SYS_PY) is the Python the suite just ran on: once is enough"; \
 	else $(MAKE) --no-print-directory test-system; fi
 
-# The suite's long tests mostly wait (ICMP rate limits, 20 s attacks, timeouts), so it runs in
-# 4 worker processes whatever the core count (pytest-xdist; a test file stays on one worker):
-# 236 s instead of 629 s on a 2-core VM. `make test TEST_WORKERS=0` runs it in one process.
-TEST_WORKERS ?= 4
+# The suite's long tests mostly wait (ICMP rate limits, 20 s attacks, timeouts), so as root it
+# runs in 4 worker processes whatever the core count (pytest-xdist; a test file stays on one
+# worker): 236-265 s instead of 629 s on a 2-core VM. As root the loopback probes send raw
+# (no source port bound); without root each binds its source ports on 127.0.0.2, and files
+# side by side would take each other's ports, so the suite runs in one process there.
+# TEST_WORKERS=N sets the count (0: one process).
+TEST_WORKERS ?= $(shell [ "$$(id -u)" = 0 ] && echo 4 || echo 0)
 PYTEST_ARGS := -q -n $(TEST_WORKERS) --dist loadfile
 
 test-default: $(STAMP) test-deps
