@@ -390,24 +390,19 @@ def test_drain_hands_every_datagram_over_in_order(
     assert DRAIN_CHUNK < 200  # the 200-datagram cases cross chunk boundaries
 
 
-def test_a_listener_pauses_only_while_datagrams_trickle_in_slower_than_its_buffer_allows() -> None:
-    """``coalesce_wait``: after a pass that emptied the socket with less than a chunk, a
-    pause of COALESCE, as long as the rate just seen fills at most a quarter of the receive
-    buffer in it; never after a full chunk (more is waiting), an empty pass, or a silence."""
-    from agent.listen import COALESCE, SKB_OVERHEAD, coalesce_wait
+def test_a_listener_pauses_only_while_datagrams_trickle_in_and_its_buffer_takes_a_burst() -> None:
+    """``coalesce_wait``: after a pass that emptied the socket with less than a chunk, soon
+    after the previous pass, a pause of COALESCE, where the receive buffer holds four
+    pauses' worth of datagrams at BURST_RATE; never after a full chunk (more is waiting),
+    an empty pass or a gap, and never with an unprivileged agent's default buffer."""
+    from agent.listen import COALESCE, coalesce_wait
 
-    rcvbuf = 212_992  # Linux's default ceiling for an unprivileged agent
-    room = rcvbuf // (16 + SKB_OVERHEAD)  # 16-byte datagrams: 103 fit, booked at the most
-    # 20 datagrams in 0.5 ms: 40,000 a second, 40 in a pause; a quarter of the room is 25
-    assert coalesce_wait(20, 0.0005, rcvbuf, 16) == 0.0
-    assert coalesce_wait(20, 0.0005, 16 * 1024 * 1024, 16) == COALESCE  # root's buffer
-    # 20 in 2 ms: 20 in a pause, under a quarter of the room
-    assert room >= 4 * 20
-    assert coalesce_wait(20, 0.002, rcvbuf, 16) == COALESCE
-    assert coalesce_wait(20, 0.002, rcvbuf, 4000) == 0.0  # the same rate of bigger ones
-    assert coalesce_wait(DRAIN_CHUNK, 0.0005, 1 << 24, 16) == 0.0  # a full chunk: read on
-    assert coalesce_wait(0, 0.0005, 1 << 24, 16) == 0.0
-    # The first pass after a gap (between a probe's 4 ms batches, or a silence): the few
-    # datagrams read say nothing of the rate of the rest of the batch
-    assert coalesce_wait(3, 0.004, 1 << 24, 16) == 0.0
-    assert coalesce_wait(1, float("inf"), 1 << 24, 16) == 0.0  # the first pass of all
+    root, default = 16 * 1024 * 1024, 212_992  # SO_RCVBUFFORCE's 16 MiB; Linux's default
+    assert coalesce_wait(20, 0.0005, root, 16) == COALESCE
+    assert coalesce_wait(20, 0.0005, default, 16) == 0.0  # a burst would overflow it
+    assert coalesce_wait(20, 0.0005, root, 4000) == 0.0  # big datagrams: 4,000 do not fit
+    assert coalesce_wait(DRAIN_CHUNK, 0.0005, root, 16) == 0.0  # a full chunk: read on
+    assert coalesce_wait(0, 0.0005, root, 16) == 0.0
+    # The first pass after a gap (between a probe's 4 ms batches, or a silence)
+    assert coalesce_wait(3, 0.004, root, 16) == 0.0
+    assert coalesce_wait(1, float("inf"), root, 16) == 0.0  # the first pass of all
