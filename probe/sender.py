@@ -465,38 +465,24 @@ class BindSender:
         lingering, remember = self._lingering, self._open.append
         bound = self._bound_socket
         failed: list[tuple[int, GroupResult]] = []
-        if len(batch) == 1:
-            dst = dsts[0]
-            addr = (target, dst)
-            for i, (src, payload) in enumerate(zip(srcs, batch[0][2], strict=True)):
-                s = lingering.get(src)
-                try:
-                    if s is None:
-                        s = bound(src)
-                        remember((now, src, s))
-                        lingering[src] = s
-                    s.sendto(payload, addr)
-                except OSError:
-                    failed.append((i, self.send_group(src, [(dst, payload)], now)))
-        else:
-            addrs = [(target, d) for d in dsts]
-            cols = [list(g[2]) for g in batch]
-            width = len(addrs)
-            for i, src in enumerate(srcs):
-                s = lingering.get(src)
-                j = 0
-                try:
-                    if s is None:
-                        s = bound(src)
-                        remember((now, src, s))
-                        lingering[src] = s
-                    for j in range(width):
-                        s.sendto(cols[j][i], addrs[j])
-                except OSError:
-                    rest = [(dsts[k], cols[k][i]) for k in range(j, width)]
-                    res = self.send_group(src, rest, now)
-                    res.sent[:0] = dsts[:j]
-                    failed.append((i, res))
+        addrs = [(target, d) for d in dsts]
+        cols = [list(g[2]) for g in batch]
+        width = len(addrs)
+        for i, src in enumerate(srcs):
+            s = lingering.get(src)
+            j = 0
+            try:
+                if s is None:
+                    s = bound(src)
+                    remember((now, src, s))
+                    lingering[src] = s
+                for j in range(width):
+                    s.sendto(cols[j][i], addrs[j])
+            except OSError:
+                rest = [(dsts[k], cols[k][i]) for k in range(j, width)]
+                res = self.send_group(src, rest, now)
+                res.sent[:0] = dsts[:j]
+                failed.append((i, res))
         if all(len(res.sent) == len(dsts) for _, res in failed):
             return None
         results: BatchResults = [(src, GroupResult(list(dsts))) for src in srcs]
