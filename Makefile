@@ -59,13 +59,14 @@ test: test-default
 	else $(MAKE) --no-print-directory test-system; fi
 
 # The suite's long tests mostly wait (ICMP rate limits, 20 s attacks, timeouts), so as root it
-# runs in 4 worker processes whatever the core count (pytest-xdist; a test file stays on one
-# worker): 236-265 s instead of 629 s on a 2-core VM. As root the loopback probes send raw
-# (no source port bound); without root each binds its source ports on 127.0.0.2, and files
-# side by side would take each other's ports, so the suite runs in one process there.
-# TEST_WORKERS=N sets the count (0: one process).
+# runs in 4 worker processes whatever the core count (pytest-xdist). A test file stays on one
+# worker, and the longest files start first, in the order tests/conftest.py puts them
+# (--no-loadscope-reorder): 190 s instead of 629 s in one process on a 2-core VM. As root the
+# loopback probes send raw (no source port bound); without root each binds its source ports
+# on 127.0.0.2, and files side by side would take each other's ports, so the suite runs in
+# one process there. TEST_WORKERS=N sets the count (0: one process).
 TEST_WORKERS ?= $(shell [ "$$(id -u)" = 0 ] && echo 4 || echo 0)
-PYTEST_ARGS := -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST_ARGS := -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-default: $(STAMP) test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
