@@ -11,6 +11,7 @@ never sends UDP: its sockets are only ever read.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import random
 import secrets
@@ -214,8 +215,46 @@ async def _handle(
         log.debug("ignoring control message %r", typed.TYPE)
 
 
+def callback_source(listen: str | None, host: str) -> str | None:
+    """Where the control connection must leave from: the address the agent listens on,
+    when that is one address. The coordinator registers the address a connection comes
+    from (as a mail server does), so an agent that listens on 127.0.0.3 or on one address of
+    a multi-homed host and connected from another would have its datagrams sent where
+    nothing listens. None: it listens on every address, any source will do.
+
+    Raises:
+        ConfigError: the listening address cannot reach the coordinator's address family.
+    """
+    if listen is None:
+        return None
+    try:
+        ip = ipaddress.ip_address(listen.split("%", 1)[0])
+    except ValueError:
+        return listen  # a name: the kernel resolves it when binding
+    if ip.is_unspecified:
+        return None
+    try:
+        peer = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return listen  # a coordinator by name: the connection attempt says what fails
+    if peer.version != ip.version:
+        raise ConfigError(
+            f"--listen {listen} is IPv{ip.version} and the coordinator {host} is IPv"
+            f"{peer.version}: an agent registers the address it connects from, so it listens "
+            "on an address of the coordinator's family (or on all addresses: leave out --listen)"
+        )
+    return listen
+
+
 async def _session(state: AgentState, cfg: AgentConfig) -> None:
-    chan = await connect(cfg.host, cfg.port, cfg.secret, "agent", cfg.connect_timeout)
+    chan = await connect(
+        cfg.host,
+        cfg.port,
+        cfg.secret,
+        "agent",
+        cfg.connect_timeout,
+        local_address=callback_source(cfg.listen, cfg.host),
+    )
     try:
         sockname = chan.stream.socket.getsockname()  # type: ignore[attr-defined]
         local = normalize_addr(sockname[0])
@@ -319,6 +358,7 @@ async def run_agent(
             f"--name {cfg.name!r} does not match the key file, which is the key of agent "
             f"{identity.name!r}"
         )
+    callback_source(cfg.listen, cfg.host)  # an address that cannot register fails here, once
     listen = cfg.listen or ("::" if ":" in cfg.host else "0.0.0.0")
     state = AgentState()
     state.listeners = open_listeners(cfg.ports, listen)

@@ -90,6 +90,7 @@ class Services:
     agent: subprocess.Popen[bytes] | None = None
     extra: list[subprocess.Popen[Any]] = field(default_factory=list)
     probe_args: tuple[str, ...] = ()
+    agent_listen: str = "127.0.0.1"
 
     @property
     def endpoint(self) -> str:
@@ -126,7 +127,7 @@ class Services:
     def start_agent(self) -> None:
         self.agent = start(
             ["agent", "--coordinator", self.endpoint, "--secret-file", str(self.secret),
-             "--port", ",".join(map(str, self.agent_ports)), "--listen", "127.0.0.1",
+             "--port", ",".join(map(str, self.agent_ports)), "--listen", self.agent_listen,
              "--name", self.agent_name],
             self.agent_log,
         )  # fmt: skip
@@ -173,11 +174,14 @@ def loopback_services(
     name: str = "fault-agent",
     probe_args: tuple[str, ...] = (),
     agent: bool = True,
+    agent_listen: str = "127.0.0.1",
 ) -> Iterator[Services]:
-    """A probe on 127.0.0.1 (sending from 127.0.0.2) and an agent on 127.0.0.1."""
+    """A probe on 127.0.0.1 (sending from 127.0.0.2) and an agent on 127.0.0.1 (or
+    ``agent_listen``)."""
     svc = Services(
         tmp=tmp, secret=secret, db=tmp / "runs.sqlite3", host="127.0.0.1", port=0,
-        agent_ports=free_udp_ports(agent_ports), agent_name=name, probe_args=probe_args,
+        agent_ports=free_udp_ports(agent_ports, agent_listen), agent_name=name,
+        probe_args=probe_args, agent_listen=agent_listen,
     )  # fmt: skip
     with ExitStack() as stack:
         stack.callback(lambda: [stop(p, signal.SIGKILL) for p in svc.extra])

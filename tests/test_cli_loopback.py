@@ -206,3 +206,37 @@ def test_agents_with_none_registered_says_so(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""  # no empty table
     assert proc.stderr == "no agent is registered\n"
+
+
+def test_an_agent_listening_on_one_address_registers_that_address(
+    tmp_path: Path, secret_file: Path
+) -> None:
+    """``agent --listen 127.0.0.3``: the agent connects to the coordinator from 127.0.0.3,
+    so that is the callback the coordinator registers and the datagrams reach it. Before,
+    it registered 127.0.0.1, where nothing listened: the run said every cell was rejected
+    (port unreachable), exit 0, and recommended firewall rules."""
+    with loopback_services(tmp_path, secret_file, name="l3", agent_listen="127.0.0.3") as svc:
+        wait_for(lambda: "l3" in svc.agents() or None, "the agent to register", 20)
+        got = subprocess.run(
+            svc.run_argv("--src-ports", "1024-1100", "--json"),
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        log = svc.agent_log.read_text()
+    assert got.returncode == 0, got.stderr
+    doc = json.loads(got.stdout)
+    assert doc["agent"]["registered"] == doc["agent"]["observed"] == "127.0.0.3"
+    assert doc["summary"]["open"] == 77, doc["summary"]
+    assert "callback 127.0.0.3" in log
+
+
+def test_an_agent_listening_where_it_cannot_register_says_so(secret_file: Path) -> None:
+    """An IPv6 listening address with an IPv4 coordinator cannot be the address it
+    registers from: one line, exit 2, before anything is bound or dialled."""
+    got = run_cli(
+        "agent", "--coordinator", "127.0.0.1:9", "--secret-file", str(secret_file),
+        "--port", "0", "--listen", "::1", timeout=30,
+    )  # fmt: skip
+    assert got.returncode == 2, got.stderr
+    lines = got.stderr.strip().splitlines()
+    assert len(lines) == 1, got.stderr
+    assert "--listen ::1 is IPv6 and the coordinator 127.0.0.1 is IPv4" in lines[0]

@@ -258,7 +258,11 @@ def agent(
     ] = None,
     listen: Annotated[
         str | None,
-        typer.Option("--listen", help="Local address to listen on (default: all addresses)."),
+        typer.Option(
+            "--listen",
+            help="Local address to listen on, and to register from (default: all addresses;"
+            " the coordinator registers the address the agent connects from).",
+        ),
     ] = None,
     log_level: LogLevelOpt = "info",
     log_json: LogJsonOpt = False,

@@ -191,8 +191,17 @@ class Channel:
 LIMIT_RETRIES = 4
 
 
-async def connect(host: str, port: int, secret: bytes, purpose: str, within: float) -> Channel:
-    """Dial the coordinator and authenticate, each step bounded by *within* seconds.
+async def connect(
+    host: str,
+    port: int,
+    secret: bytes,
+    purpose: str,
+    within: float,
+    local_address: str | None = None,
+) -> Channel:
+    """Dial the coordinator and authenticate, each step bounded by *within* seconds (from
+    ``local_address`` when one is given: an agent that listens on one address registers
+    that one, the address the coordinator sees the connection come from).
 
     A coordinator at a connection limit says so; then the dial is tried again a few times,
     a moment later (its limits drop the oldest unauthenticated connections, not newcomers).
@@ -204,7 +213,7 @@ async def connect(host: str, port: int, secret: bytes, purpose: str, within: flo
     """
     for attempt in range(LIMIT_RETRIES):
         try:
-            return await _connect_once(host, port, secret, purpose, within)
+            return await _connect_once(host, port, secret, purpose, within, local_address)
         except ConnectionLimitError:
             if attempt == LIMIT_RETRIES - 1:
                 raise
@@ -213,19 +222,20 @@ async def connect(host: str, port: int, secret: bytes, purpose: str, within: flo
 
 
 async def _connect_once(
-    host: str, port: int, secret: bytes, purpose: str, within: float
+    host: str, port: int, secret: bytes, purpose: str, within: float, local_address: str | None
 ) -> Channel:
+    source = f" from {local_address}" if local_address else ""
     try:
         with trio.fail_after(within):
-            stream = await trio.open_tcp_stream(host, port)
+            stream = await trio.open_tcp_stream(host, port, local_address=local_address)
     except trio.TooSlowError:
         raise UnreachableError(
-            f"coordinator {hostport(host, port)} did not answer in {within:g}s"
+            f"coordinator {hostport(host, port)} did not answer in {within:g}s{source}"
         ) from None
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise UnreachableError(
-            f"cannot reach coordinator {hostport(host, port)}: {reason}"
+            f"cannot reach coordinator {hostport(host, port)}{source}: {reason}"
         ) from None
     chan = Channel(stream, ControlConnection("client", secret, purpose=purpose))
     try:
