@@ -4,8 +4,8 @@
 start-up), shows the progress on stderr while it lasts, prints the report (or, with
 ``--json``, the document and nothing else on stdout), writes the requested files, and exits
 with the run's status: 0 done (as expected), 1 deviations or an expectation entry that
-judged no cell, 3 incomplete, interrupted, or no cell could be tested at all. Ctrl-C asks
-the coordinator to stop the run and prints what was settled by then.
+judged no cell, 3 incomplete, interrupted, or no cell could be tested at all. Ctrl-C (or
+SIGTERM) asks the coordinator to stop the run and prints what was settled by then.
 """
 
 from pathlib import Path

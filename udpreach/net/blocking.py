@@ -125,8 +125,15 @@ def agents_from(msg: Message) -> list[dict[str, Any]]:
 SIGINT_SAME = 0.05
 
 
+#: What interrupts a run: Ctrl-C, and SIGTERM (``timeout`` in a CI job, ``kill``, a service
+#: manager): each asks the coordinator to stop the run and prints what was settled, so that
+#: a pipeline still gets its document (or, with --json, an error document).
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class Interrupts:
-    """Counts SIGINTs while active and wakes a waiting ``select`` when one arrives.
+    """Counts SIGINTs and SIGTERMs while active and wakes a waiting ``select`` when one
+    arrives.
 
     The handler only counts: the requester decides at a safe point what an interrupt means
     (ask the coordinator to cancel, or give up). ``signal.set_wakeup_fd`` writes to a socket
@@ -138,8 +145,8 @@ class Interrupts:
         self.count = 0
         self._last = -SIGINT_SAME
         self._pair: tuple[socket.socket, socket.socket] | None = None
-        self._old_handler: Any = None
-        self._old_fd = -1
+        self._old_handlers: dict[int, Any] = {}
+        self._old_fd: int | None = None  # set while ours is the wakeup fd
 
     def __enter__(self) -> Interrupts:
         if threading.current_thread() is not threading.main_thread():
@@ -149,8 +156,10 @@ class Interrupts:
             s.setblocking(False)
         try:
             self._old_fd = signal.set_wakeup_fd(pair[1].fileno(), warn_on_full_buffer=False)
-            self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+            for sig in INTERRUPT_SIGNALS:
+                self._old_handlers[sig] = signal.signal(sig, self._on_sigint)
         except (ValueError, OSError):
+            self._restore()
             for s in pair:
                 s.close()
             return self
@@ -158,9 +167,9 @@ class Interrupts:
         return self
 
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
-        # One interrupt can arrive twice: GNU ``timeout -s INT`` (a CI job's time limit)
-        # signals the command and then its process group. A second Ctrl-C within
-        # SIGINT_SAME of the first is the same one; a person's second press comes later.
+        # One interrupt can arrive twice: GNU ``timeout`` (a CI job's time limit) signals
+        # the command and then its process group. A second signal within SIGINT_SAME of the
+        # first is the same one; a person's second press comes later.
         now = time.monotonic()
         if now - self._last < SIGINT_SAME:
             return
@@ -175,11 +184,18 @@ class Interrupts:
     ) -> None:
         if self._pair is None:
             return
-        signal.signal(signal.SIGINT, self._old_handler)
-        signal.set_wakeup_fd(self._old_fd)
+        self._restore()
         for s in self._pair:
             s.close()
         self._pair = None
+
+    def _restore(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers.clear()
+        if self._old_fd is not None:
+            signal.set_wakeup_fd(self._old_fd)
+            self._old_fd = None
 
     def fileno(self) -> int | None:
         """The socket that becomes readable when a signal arrives (None when inert)."""
