@@ -99,6 +99,7 @@ class AgentState:
     bad_messages: int = 0  # in this session
     last_warning: float = float("-inf")
     reasm_base: int | None = None  # the host's reassembly failures when the run started
+    flush_wake: list[trio.Event] | None = None  # the session's flusher's wake-up (see _flusher)
 
 
 def drain_all(state: AgentState) -> None:
@@ -136,9 +137,15 @@ async def _send_batches(state: AgentState, chan: Channel) -> None:
 
 
 async def _flusher(state: AgentState, chan: Channel, wake_box: list[trio.Event]) -> None:
+    """Send receipts every FLUSH_INTERVAL during a run, or at once when a listener wakes it
+    (a batch is full). Between runs it sleeps until a run starts: an idle agent, which may
+    run for months on a client, never wakes (it woke 100 times a second)."""
     while True:
-        with trio.move_on_after(FLUSH_INTERVAL):
-            await wake_box[0].wait()
+        if state.core.current is None:
+            await wake_box[0].wait()  # set when a run starts
+        else:
+            with trio.move_on_after(FLUSH_INTERVAL):
+                await wake_box[0].wait()
         wake_box[0] = trio.Event()
         await _send_batches(state, chan)
 
@@ -188,6 +195,8 @@ async def _handle(
         key = derive_run_key(client_key(cfg.secret), typed.run_id, typed.nonce, nonce_a)
         core.start_run(typed.run_id, TokenCodec(key, typed.size))
         del key
+        if state.flush_wake is not None:
+            state.flush_wake[0].set()  # the flusher's timer runs again
         state.reasm_base = reassembly_failures()
         log.info("run %s started by the coordinator (%d-byte datagrams)", typed.run_id, typed.size)
         await chan.send(RunReady(typed.run_id, nonce_a))
@@ -291,6 +300,7 @@ async def _session(state: AgentState, cfg: AgentConfig) -> None:
                 local,
             )
         wake_box = [trio.Event()]
+        state.flush_wake = wake_box
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_flusher, state, chan, wake_box)
@@ -319,6 +329,7 @@ async def _session(state: AgentState, cfg: AgentConfig) -> None:
             raise failure from None
     finally:
         state.chan = None
+        state.flush_wake = None
         state.core.end_run()
         await chan.aclose()
 
