@@ -239,6 +239,7 @@ def test_cli_up_exec_down():
     app.command()(lambda: None)
     runner = CliRunner()
     name = f"ur-t{os.getpid() % 10000:04d}cli"
+    name2 = f"ur-t{os.getpid() % 10000:04d}cli2"
     try:
         up = runner.invoke(app, ["lab", "up", "--policy", "demo", "--name", name, "--json"])
         assert up.exit_code == 0, up.stderr
@@ -270,11 +271,25 @@ def test_cli_up_exec_down():
             check=True,
         )
         assert "sport 30000-30999 reject" in listed.stdout
+
+        # With two labs up (or more: other labs on the host only add to them), `lab down`
+        # without a name removes none: one of them may be someone else's. It removed all.
+        second = runner.invoke(app, ["lab", "up", "--name", name2])
+        assert second.exit_code == 0, second.stderr
+        refused = runner.invoke(app, ["lab", "down"])
+        assert refused.exit_code == 2
+        assert "labs are up (" in refused.stderr
+        assert name in refused.stderr
+        assert name2 in refused.stderr
+        assert "--all" in refused.stderr
+        assert {f"{name}-router", f"{name2}-router"} <= set(list_namespaces())
     finally:
         down = runner.invoke(app, ["lab", "down", "--name", name])
+        down2 = runner.invoke(app, ["lab", "down", "--name", name2])
     assert down.exit_code == 0
     assert down.stdout.strip() == f"removed {name}"
-    assert [ns for ns in list_namespaces() if ns.startswith(name + "-")] == []
+    assert down2.exit_code == 0
+    assert [ns for ns in list_namespaces() if ns.startswith((name + "-", name2 + "-"))] == []
 
 
 @pytest.mark.root

@@ -579,11 +579,17 @@ def lab_up(policy_text: str, ipv6: bool, name: str | None = None) -> LabInfo:
     return Lab.create(policy_text, ipv6=ipv6, name=name, persistent=True).info
 
 
-def lab_down(name: str | None = None) -> list[str]:
-    """Remove the lab ``name``, or (None) every persistent lab and every stale one.
+def lab_down(name: str | None = None, *, every: bool = False) -> list[str]:
+    """Remove the lab ``name``; without a name the only persistent lab (as ``lab exec``
+    picks it), or with ``every`` all of them; either way also every stale one (its owner
+    is gone).
 
     Returns:
         The names of the labs removed (empty when there was nothing to remove).
+
+    Raises:
+        ConfigError: several labs are up and neither a name nor ``every`` says which: on a
+            shared host the others may be someone else's.
     """
     require_root()
     if name is not None:
@@ -596,6 +602,11 @@ def lab_down(name: str | None = None) -> list[str]:
         _remove(lab_name)
         return [lab_name]
     removed = [rec.info.name for rec in list_labs() if rec.persistent]
+    if len(removed) > 1 and not every:
+        raise ConfigError(
+            f"{len(removed)} labs are up ({', '.join(sorted(removed))}): choose one with "
+            "--name, or remove them all with --all"
+        )
     for lab_name in removed:
         _remove(lab_name)
     return sorted({*removed, *remove_stale_labs()})

@@ -165,15 +165,19 @@ def _render(info: "LabInfo", policy_label: str) -> None:
 def down(
     name: Annotated[
         str | None,
-        typer.Option(
-            "--name", help="The lab to remove (default: every lab `up` made, and stale ones)."
-        ),
+        typer.Option("--name", help="The lab to remove (default: the only one that is up)."),
     ] = None,
+    every: Annotated[
+        bool, typer.Option("--all", help="Remove every lab `up` made (when several are up).")
+    ] = False,
 ) -> None:
-    """Remove a lab: its namespaces, whatever runs in them, its firewall."""
+    """Remove a lab: its namespaces, whatever runs in them, its firewall (and any lab whose
+    owner is gone)."""
     from udpreach import lab
 
-    removed = lab.lab_down(name)
+    if name is not None and every:
+        raise ConfigError("--name and --all: choose one")
+    removed = lab.lab_down(name, every=every)
     if not removed:
         _console(stderr=True).print(f"no lab named {_escape(name)}" if name else "no lab to remove")
     for lab_name in removed:
