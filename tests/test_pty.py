@@ -70,6 +70,8 @@ def test_demo_loopback_on_a_terminal(cols: int, no_color: bool) -> None:
     _check_terminal_output(res, cols, no_color)
     notes = [s for s in res.segments() if s.startswith("udpreach demo")]
     assert notes, res.text
+    # The report names its run; the demo says that its history is gone with it.
+    assert "its run history went with it" in " ".join(res.text.split())
     for s in res.segments():  # the demo's own notes wrap at words, within the terminal
         assert len(s) <= cols, s
 
@@ -373,6 +375,7 @@ def test_the_lab_demo_says_where_its_policy_is_and_keeps_every_rule_whole(cols: 
     assert "Traceback" not in res.text
     where = "beside" if cols >= 185 else "below"  # the panel is 107 columns wide
     assert f"(nftables policy {where} the report)" in " ".join(res.text.split())
+    assert "its run history went with it" in " ".join(res.text.split())
     lines = res.text.splitlines()
     policy_at = next(i for i, line in enumerate(lines) if "nftables policy on the router" in line)
     report_at = next(i for i, line in enumerate(lines) if "udpreach run " in line)
