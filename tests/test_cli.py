@@ -389,6 +389,18 @@ def test_json_failures_print_the_error_document(
     }
 
 
+def test_probe_db_in_no_directory_is_refused(tmp_path: Path, secret_file: Path) -> None:
+    """``probe --db /typo/dir/x.db`` made the directories without a word and started."""
+    db = tmp_path / "no-such-dir" / "runs.sqlite3"
+    proc = run_cli(
+        "probe", "--control", "127.0.0.1:0", "--secret-file", str(secret_file), "--db", str(db),
+        timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [f"udpreach: --db {db}: no directory {db.parent}"]
+    assert not db.parent.exists()
+
+
 def test_messages_are_not_read_as_markup(tmp_path: Path, secret_file: Path) -> None:
     """An expectation error quotes the file's `[[expect]]`: rich used to eat it as markup."""
     bad = tmp_path / "e.toml"

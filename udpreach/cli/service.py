@@ -223,6 +223,10 @@ def probe(
         keyring=ring,
         send_mode=send_mode,
     )
+    if db is not None and not db.expanduser().parent.is_dir():
+        # A path the user typed: a typo must not make directories (the default path's,
+        # ~/.local/share/udpreach, are made as needed).
+        raise ConfigError(f"--db {db}: no directory {db.expanduser().parent}")
     store = RunStore.open(db)
 
     async def main() -> None:
