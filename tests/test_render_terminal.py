@@ -490,3 +490,16 @@ def test_trimmed_lines_drop_trailing_spaces_and_keep_everything_else() -> None:
     assert out.getvalue() == "a\nbc\n\n"
     t.flush()  # the unfinished rest goes out as it is: nothing is lost at exit
     assert out.getvalue() == "a\nbc\n\n  d "
+
+
+def test_one_cell_is_one_cell_from_one_source_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of one source port said "1 cells: 1 open" and "Matrix: source ports 53-53"."""
+    doc = docsamples.build_doc(src="53")
+    _, text = render(doc, 80, "plain", monkeypatch)
+    flat = _flat(text)
+    assert "1 cell: 1 open" in flat
+    assert "Matrix: source port 53," in flat
+    doc = docsamples.build_doc(src="53-54")
+    _, text = render(doc, 80, "plain", monkeypatch)
+    assert "2 cells: 2 open" in _flat(text)
+    assert "Matrix: source ports 53-54," in _flat(text)

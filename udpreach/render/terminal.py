@@ -351,7 +351,9 @@ class Matrix:
         # A glyph per verdict, in colour too: a colour alone is lost on colour-blind eyes.
         glyphs = GLYPHS_ASCII if _ascii(console, options) else GLYPHS_PLAIN
 
-        yield Para(Text(f"Matrix: source ports {low}-{high}, {width:,} per column", style="bold"))
+        span = f"{low}" if low == high else f"{low}-{high}"
+        ports = "port" if low == high else "ports"
+        yield Para(Text(f"Matrix: source {ports} {span}, {width:,} per column", style="bold"))
         lo_s, hi_s = str(low), str(high)
         gap = nb - len(lo_s) - len(hi_s)
         yield Text("dst".rjust(label_w) + " " + (lo_s + " " * gap + hi_s if gap >= 1 else lo_s))
@@ -475,7 +477,8 @@ def _head(doc: dict[str, Any]) -> Text:
 
 def _summary_line(doc: dict[str, Any]) -> Text:
     s = doc.get("summary", {})
-    t = Text(f"{s.get('cells', 0):,} cells: ")
+    cells = s.get("cells", 0)
+    t = Text(f"{cells:,} cell{'' if cells == 1 else 's'}: ")
     parts = [(f"{s[v]:,} {v}", c) for v, c in COLOURS.items() if s.get(v)]
     for i, (txt, colour) in enumerate(parts):
         if i:
@@ -493,7 +496,11 @@ def _loss_line(doc: dict[str, Any]) -> Text:
     bound = c.bound_text
     if not c.blocked:
         line.append("no cell blocked")
-        if not bound.startswith("none"):  # what the document says all the same
+        if not c.complete:
+            # Its bound (1: nothing is known of the unknown cells) read "no cell blocked,
+            # chance that any 'blocked' cell is really open: <= 1"; the JSON keeps it.
+            line.append(" so far")
+        elif not bound.startswith("none"):  # what the document says all the same
             line.append(f", chance that any 'blocked' cell is really open: {bound}")
     else:
         line.append(f"chance that any 'blocked' cell is really open: {bound}")
