@@ -19,6 +19,7 @@ from udpreach.core.sweep import (
     SweepSettings,
     Wait,
 )
+from udpreach.render import facts
 
 FULL = range(1024, 65536)
 DEMO = [Rule("drop", (40000, 49999)), Rule("reject", (30000, 30999))]
@@ -102,6 +103,24 @@ def test_clean_path_everything_open_in_one_round() -> None:
     assert doc["probe_stats"]["sent"] <= 64512 + 128  # the end's recheck: a sample again
     assert doc["loss"]["confidence_reached"] is True
     assert doc["warnings"] == []
+
+
+def test_a_run_held_below_its_rate_by_the_probes_ceiling_says_so() -> None:
+    """--size 8000 ran at 1,562/s under the probe's byte ceiling (12.5 MB/s) while the
+    report said only "rate <= 100,000/s": the document keeps the ceiling it was held to,
+    and the plan line names it. A ceiling above the plan's rate is not mentioned."""
+    sim = SimRun(Path(), src_ports="1024-5119", rate=100_000)
+    sim.sweep.rate_cap = 2_000.0
+    doc = sim.run()
+    assert doc["summary"]["open"] == 4096
+    assert doc["loss"]["rate_ceiling"] == 2000
+    assert doc["duration"] >= 4096 / 2000
+    assert "rate <= 100,000/s (the probe's rate ceiling held it to 2,000/s)" in facts.plan_text(doc)
+    sim = SimRun(Path(), src_ports="1024-5119", rate=100_000)
+    sim.sweep.rate_cap = 500_000.0
+    doc = sim.run()
+    assert "rate_ceiling" not in doc["loss"]
+    assert "ceiling" not in facts.plan_text(doc)
 
 
 def test_drop_and_reject_with_unlimited_icmp_need_no_tests() -> None:

@@ -251,6 +251,7 @@ class Sweep:
             ceiling = min(ceiling, max(1.0, s.byte_rate / self.datagram_bytes))
         self.pacer = Pacer(ceiling=ceiling)
         self.rate_cap: float | None = None  # the shell's share of the probe's global ceiling
+        self._held_to: float | None = None  # the lowest such share below the plan's rate
         self.route_mtu: int | None = None  # the probe's route MTU towards the agent, if known
         self.phase = Phase.PLANNED
         self.stage = Stage.SWEEP
@@ -417,8 +418,11 @@ class Sweep:
 
     def _rate(self) -> float:
         rate = self.pacer.rate
-        if self.rate_cap is not None:
-            rate = min(rate, self.rate_cap)
+        cap = self.rate_cap
+        if cap is not None:
+            rate = min(rate, cap)
+            if cap < self.plan.rate and (self._held_to is None or cap < self._held_to):
+                self._held_to = cap  # the report says why the run went slower than asked
         return max(1.0, rate)
 
     def _send_batch(self, now: float) -> Action:
@@ -1538,6 +1542,9 @@ class Sweep:
         loss["rate_backoffs"] = self.pacer.backoffs
         if self.pacer.limit_found is not None:
             loss["limiter_rate"] = round(self.pacer.limit_found)
+        if self._held_to is not None:
+            # The probe's --max-rate / --max-bytes-rate (shared by the runs at a time).
+            loss["rate_ceiling"] = max(1, round(self._held_to))
         out: dict[str, Any] = {
             "started": started,
             "finished": finished,

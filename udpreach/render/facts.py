@@ -332,10 +332,12 @@ def plan_text(doc: dict[str, Any], *, sep: str = ",") -> str:
     plan = doc.get("plan") or {}
     rate = plan.get("rate", "?")
     auto = " (auto)" if plan.get("copies_mode") == "auto" else ""
+    ceiling = _int((doc.get("loss") or {}).get("rate_ceiling"))
+    held = f" (the probe's rate ceiling held it to {ceiling:,}/s)" if ceiling else ""
     return (
         f"{src_ports_text(plan, sep=sep)} to destination ports "
         f"{dst_ports_text(plan.get('dst_ports'), sep=sep)}; "
-        f"copies <= {plan.get('copies', '?')}{auto}, rate <= {count(rate)}/s, "
+        f"copies <= {plan.get('copies', '?')}{auto}, rate <= {count(rate)}/s{held}, "
         f"{plan.get('size', '?')} bytes"
     )
 
