@@ -389,6 +389,25 @@ def test_json_failures_print_the_error_document(
     }
 
 
+@pytest.mark.parametrize(
+    ("name", "line"),
+    [
+        ("", "--name is empty (leave it out for the host name)"),
+        ("x" * 65, f"--name '{'x' * 65}': use letters, digits, '.', '_' or '-', starting with "
+         "a letter or digit, at most 64 characters"),
+    ],
+)  # fmt: skip
+def test_a_bad_agent_name_is_refused_in_one_line(secret_file: Path, name: str, line: str) -> None:
+    """An empty --name silently became the host name; a long one was refused without the
+    limit being said."""
+    proc = run_cli(
+        "agent", "--coordinator", "127.0.0.1:9", "--secret-file", str(secret_file),
+        "--port", "0", "--name", name, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [f"udpreach: {line}"]
+
+
 def test_probe_db_in_no_directory_is_refused(tmp_path: Path, secret_file: Path) -> None:
     """``probe --db /typo/dir/x.db`` made the directories without a word and started."""
     db = tmp_path / "no-such-dir" / "runs.sqlite3"

@@ -287,9 +287,14 @@ def agent(
         raise ConfigError("an agent listens on at most 1024 ports")
     secret = load_secret(secret_file)
     identity = parse_key_text(secret)  # an agent key names its agent
+    if name is not None and not name.strip():
+        raise ConfigError("--name is empty (leave it out for the host name)")
     agent_name = name or (identity.name if identity else socket.gethostname().split(".")[0])
     if not AGENT_NAME_RE.match(agent_name):
-        raise ConfigError(f"--name {agent_name!r}: use letters, digits, '.', '_' or '-'")
+        raise ConfigError(
+            f"--name {agent_name!r}: use letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit, at most 64 characters"
+        )
     cfg = AgentConfig(
         host=host,
         port=cport,
