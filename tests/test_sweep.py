@@ -16,6 +16,7 @@ from udpreach.core.sweep import (
     Finished,
     Phase,
     Send,
+    Sweep,
     SweepSettings,
     Wait,
 )
@@ -119,6 +120,24 @@ def test_a_run_held_below_its_rate_by_the_probes_ceiling_says_so() -> None:
     sim = SimRun(Path(), src_ports="1024-5119", rate=100_000)
     sim.sweep.rate_cap = 500_000.0
     doc = sim.run()
+    assert "rate_ceiling" not in doc["loss"]
+    assert "ceiling" not in facts.plan_text(doc)
+
+
+def test_a_ceiling_that_held_only_a_moment_is_not_named() -> None:
+    """The probe's ceiling is shared by the runs at a time: a run that overlapped another
+    for its first batches was held to half its rate only then. It went at its own rate, and
+    the report must not blame the ceiling (it kept the lowest share ever seen)."""
+    sim = SimRun(Path(), src_ports="1024-65535", rate=100_000)
+    sim.sweep.rate_cap = 50_000.0
+
+    def overlap_ends(sweep: Sweep) -> bool:
+        if sweep.ledger.sent_total > 2_000:
+            sweep.rate_cap = 100_000.0  # the other run ended
+        return False
+
+    doc = sim.run(stop=overlap_ends)
+    assert doc["summary"]["open"] == 64512
     assert "rate_ceiling" not in doc["loss"]
     assert "ceiling" not in facts.plan_text(doc)
 

@@ -251,7 +251,9 @@ class Sweep:
             ceiling = min(ceiling, max(1.0, s.byte_rate / self.datagram_bytes))
         self.pacer = Pacer(ceiling=ceiling)
         self.rate_cap: float | None = None  # the shell's share of the probe's global ceiling
-        self._held_to: float | None = None  # the lowest such share below the plan's rate
+        # Datagrams sent while that share, and not the plan or the pacer, set the rate: by
+        # the share (rounded), so that the report names the one most of them went out under.
+        self._held_to: dict[int, int] = {}
         self.route_mtu: int | None = None  # the probe's route MTU towards the agent, if known
         self.phase = Phase.PLANNED
         self.stage = Stage.SWEEP
@@ -418,12 +420,17 @@ class Sweep:
 
     def _rate(self) -> float:
         rate = self.pacer.rate
-        cap = self.rate_cap
-        if cap is not None:
-            rate = min(rate, cap)
-            if cap < self.plan.rate and (self._held_to is None or cap < self._held_to):
-                self._held_to = cap  # the report says why the run went slower than asked
+        if self.rate_cap is not None:
+            rate = min(rate, self.rate_cap)
         return max(1.0, rate)
+
+    def _note_ceiling(self, count: int) -> None:
+        """Count a batch against the probe's ceiling when that is what held its rate below
+        the plan's (the report says why the run went slower than asked)."""
+        cap = self.rate_cap
+        if cap is not None and cap < self.plan.rate and cap < self.pacer.rate:
+            key = max(1, round(cap))
+            self._held_to[key] = self._held_to.get(key, 0) + count
 
     def _send_batch(self, now: float) -> Action:
         if self._burst is not None and self._qpos == 0:
@@ -458,6 +465,8 @@ class Sweep:
                     groups.append((d, int(a), ss[attempts == a]))
             count += len(ss)
         self._qpos += len(srcs)
+        if not pilot:
+            self._note_ceiling(count)
         if pilot and count > 1:  # one datagram at a time, at the pilot's gentle rate
             return Send(tuple(groups), count, 1, 1 / rate)
         burst = self.pacer.burst if not pilot else 0
@@ -1542,9 +1551,11 @@ class Sweep:
         loss["rate_backoffs"] = self.pacer.backoffs
         if self.pacer.limit_found is not None:
             loss["limiter_rate"] = round(self.pacer.limit_found)
-        if self._held_to is not None:
-            # The probe's --max-rate / --max-bytes-rate (shared by the runs at a time).
-            loss["rate_ceiling"] = max(1, round(self._held_to))
+        held = sum(self._held_to.values())
+        if held and 2 * held >= led.sent_total:
+            # The probe's --max-rate / --max-bytes-rate (shared by the runs at a time) held
+            # most of the run's datagrams below the plan's rate: the share most went under.
+            loss["rate_ceiling"] = max(self._held_to.items(), key=lambda kv: (kv[1], -kv[0]))[0]
         out: dict[str, Any] = {
             "started": started,
             "finished": finished,
