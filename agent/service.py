@@ -100,6 +100,7 @@ class AgentState:
     last_warning: float = float("-inf")
     reasm_base: int | None = None  # the host's reassembly failures when the run started
     flush_wake: list[trio.Event] | None = None  # the session's flusher's wake-up (see _flusher)
+    source: str | None = None  # the control connection's source address (callback_source)
 
 
 def drain_all(state: AgentState) -> None:
@@ -224,35 +225,44 @@ async def _handle(
         log.debug("ignoring control message %r", typed.TYPE)
 
 
-def callback_source(listen: str | None, host: str) -> str | None:
-    """Where the control connection must leave from: the address the agent listens on,
-    when that is one address. The coordinator registers the address a connection comes
-    from (as a mail server does), so an agent that listens on 127.0.0.3 or on one address of
-    a multi-homed host and connected from another would have its datagrams sent where
-    nothing listens. None: it listens on every address, any source will do.
+def callback_source(bound: str, host: str, listen: str | None = None) -> str | None:
+    """Where the control connection must leave from, given the address the listeners are
+    bound to (``bound``, as ``getsockname`` gives it). The coordinator registers the address
+    a connection comes from (as a mail server does), so an agent that listens on one address
+    of a multi-homed host, or on 127.0.0.3, and connected from another would have its
+    datagrams sent where nothing listens. None: any source will do (``::`` takes both
+    families).
 
     Raises:
-        ConfigError: the listening address cannot reach the coordinator's address family.
+        ConfigError: the listening address cannot take datagrams to any address the agent
+            could register with this coordinator (another address family).
     """
-    if listen is None:
-        return None
+    ip = ipaddress.ip_address(normalize_addr(bound))  # IPv4-mapped: the IPv4 it stands for
     try:
-        ip = ipaddress.ip_address(listen.split("%", 1)[0])
+        peer: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(
+            host.split("%", 1)[0]
+        )
     except ValueError:
-        return listen  # a name: the kernel resolves it when binding
+        peer = None  # a coordinator by name: its address family is known once connected
+    shown = listen or str(ip)
     if ip.is_unspecified:
-        return None
-    try:
-        peer = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return listen  # a coordinator by name: the connection attempt says what fails
-    if peer.version != ip.version:
+        if ip.version == 6:
+            return None  # dual-stack: both families arrive
+        if peer is not None and peer.version == 6:
+            raise ConfigError(
+                f"--listen {shown} takes IPv4 only and the coordinator {host} is IPv6: the "
+                "agent registers the address it connects from (listen on :: for both)"
+            )
+        return "0.0.0.0" if peer is None else None  # by name: reached over IPv4 only
+    if peer is not None and peer.version != ip.version:
         raise ConfigError(
-            f"--listen {listen} is IPv{ip.version} and the coordinator {host} is IPv"
+            f"--listen {shown} is IPv{ip.version} and the coordinator {host} is IPv"
             f"{peer.version}: an agent registers the address it connects from, so it listens "
             "on an address of the coordinator's family (or on all addresses: leave out --listen)"
         )
-    return listen
+    if listen and "%" in listen and ip.is_link_local:
+        return listen  # the scope the user named, for the kernel to bind with
+    return str(ip)
 
 
 async def _session(state: AgentState, cfg: AgentConfig) -> None:
@@ -262,7 +272,7 @@ async def _session(state: AgentState, cfg: AgentConfig) -> None:
         cfg.secret,
         "agent",
         cfg.connect_timeout,
-        local_address=callback_source(cfg.listen, cfg.host),
+        local_address=state.source,
     )
     try:
         sockname = chan.stream.socket.getsockname()  # type: ignore[attr-defined]
@@ -369,11 +379,14 @@ async def run_agent(
             f"--name {cfg.name!r} does not match the key file, which is the key of agent "
             f"{identity.name!r}"
         )
-    callback_source(cfg.listen, cfg.host)  # an address that cannot register fails here, once
     listen = cfg.listen or ("::" if ":" in cfg.host else "0.0.0.0")
     state = AgentState()
     state.listeners = open_listeners(cfg.ports, listen)
     try:
+        # Where it connects from, for the callback it registers (a name is bound once, to
+        # the address it resolved to); an address that cannot be registered fails here.
+        bound = str(state.listeners[0].sock.getsockname()[0])
+        state.source = callback_source(bound, cfg.host, cfg.listen)
         granted = min(li.rcvbuf for li in state.listeners)
         if granted < 8 * 1024 * 1024:
             log.warning(

@@ -23,8 +23,16 @@ from test_token import reference_verify
 
 import agent.core
 from agent.core import RECENT_RUNS, AgentCore, AgentRun
-from agent.service import DRAIN_CHUNK, AgentState, Listener, drain, normalize_addr
+from agent.service import (
+    DRAIN_CHUNK,
+    AgentState,
+    Listener,
+    callback_source,
+    drain,
+    normalize_addr,
+)
 from udpreach.core.datagram import Cell, Reject, TokenCodec, derive_run_key, run_tag
+from udpreach.core.errors import ConfigError
 from udpreach.core.framing import RECEIPT, decode_receipts, encode_receipts
 
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -406,3 +414,29 @@ def test_a_listener_pauses_only_while_datagrams_trickle_in_and_its_buffer_takes_
     # The first pass after a gap (between a probe's 4 ms batches, or a silence)
     assert coalesce_wait(3, 0.004, root, 16) == 0.0
     assert coalesce_wait(1, float("inf"), root, 16) == 0.0  # the first pass of all
+
+
+@pytest.mark.parametrize(
+    ("bound", "host", "listen", "source"),
+    [
+        ("::", "127.0.0.1", None, None),  # dual-stack: any source
+        ("0.0.0.0", "127.0.0.1", None, None),
+        ("0.0.0.0", "coordinator.example", None, "0.0.0.0"),  # by name: over IPv4 only
+        ("127.0.0.3", "127.0.0.1", "127.0.0.3", "127.0.0.3"),
+        ("::ffff:127.0.0.3", "127.0.0.1", "::ffff:127.0.0.3", "127.0.0.3"),  # IPv4 arrives
+        ("127.0.0.3", "127.0.0.1", "localhost3", "127.0.0.3"),  # a name: what it bound to
+        ("fe80::1", "fe80::2%eth0", "fe80::1%eth0", "fe80::1%eth0"),  # its scope kept
+    ],
+)
+def test_the_callback_source_is_where_the_agent_listens(
+    bound: str, host: str, listen: str | None, source: str | None
+) -> None:
+    assert callback_source(bound, host, listen) == source
+
+
+@pytest.mark.parametrize(
+    ("bound", "host"), [("::1", "127.0.0.1"), ("127.0.0.3", "::1"), ("0.0.0.0", "::1")]
+)
+def test_a_listening_address_that_cannot_register_is_refused(bound: str, host: str) -> None:
+    with pytest.raises(ConfigError, match="coordinator"):
+        callback_source(bound, host)

@@ -230,17 +230,27 @@ def test_an_agent_listening_on_one_address_registers_that_address(
     assert "callback 127.0.0.3" in log
 
 
-def test_an_agent_listening_where_it_cannot_register_says_so(secret_file: Path) -> None:
-    """An IPv6 listening address with an IPv4 coordinator cannot be the address it
-    registers from: one line, exit 2, before anything is bound or dialled."""
+@pytest.mark.parametrize(
+    ("listen", "coordinator", "line"),
+    [
+        ("::1", "127.0.0.1:9", "--listen ::1 is IPv6 and the coordinator 127.0.0.1 is IPv4"),
+        ("0.0.0.0", "[::1]:9",
+         "--listen 0.0.0.0 takes IPv4 only and the coordinator ::1 is IPv6"),
+    ],
+)  # fmt: skip
+def test_an_agent_listening_where_it_cannot_register_says_so(
+    secret_file: Path, listen: str, coordinator: str, line: str
+) -> None:
+    """A listening address of another family than the coordinator's cannot be the address
+    the agent registers from: one line, exit 2, before it dials."""
     got = run_cli(
-        "agent", "--coordinator", "127.0.0.1:9", "--secret-file", str(secret_file),
-        "--port", "0", "--listen", "::1", timeout=30,
+        "agent", "--coordinator", coordinator, "--secret-file", str(secret_file),
+        "--port", "0", "--listen", listen, timeout=30,
     )  # fmt: skip
     assert got.returncode == 2, got.stderr
     lines = got.stderr.strip().splitlines()
     assert len(lines) == 1, got.stderr
-    assert "--listen ::1 is IPv6 and the coordinator 127.0.0.1 is IPv4" in lines[0]
+    assert line in lines[0]
 
 
 def _wakeups(pid: int) -> int:

@@ -10,6 +10,7 @@ frame cannot make the coordinator hold more than that.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from collections import deque
 from collections.abc import Mapping
@@ -17,7 +18,7 @@ from typing import Any
 
 import trio
 
-from udpreach.core.errors import ProtocolError, UnreachableError
+from udpreach.core.errors import ProtocolError, UnreachableError, leaves
 from udpreach.core.framing import (
     PROTO,
     Authenticated,
@@ -221,6 +222,17 @@ async def connect(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _why(exc: OSError) -> str:
+    """Why a dial failed: trio's "all attempts to connect to X failed" keeps the reasons in
+    its cause (the first one says it: refused, no route, the source address not usable)."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        for leaf in leaves(cause):
+            if isinstance(leaf, OSError):  # trio's strerror repeats the address: the errno's
+                return os.strerror(leaf.errno) if leaf.errno else str(leaf)
+    return exc.strerror or str(exc)
+
+
 async def _connect_once(
     host: str, port: int, secret: bytes, purpose: str, within: float, local_address: str | None
 ) -> Channel:
@@ -233,9 +245,8 @@ async def _connect_once(
             f"coordinator {hostport(host, port)} did not answer in {within:g}s{source}"
         ) from None
     except OSError as exc:
-        reason = exc.strerror or str(exc)
         raise UnreachableError(
-            f"cannot reach coordinator {hostport(host, port)}{source}: {reason}"
+            f"cannot reach coordinator {hostport(host, port)}{source}: {_why(exc)}"
         ) from None
     chan = Channel(stream, ControlConnection("client", secret, purpose=purpose))
     try:
