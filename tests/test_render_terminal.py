@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from udpreach.core.diff import diff_runs
 from udpreach.core.ledger import Ledger
 from udpreach.render import facts
+from udpreach.render.markdown import markdown_run
 from udpreach.render.terminal import (
     GLYPHS_ASCII,
     GLYPHS_PLAIN,
@@ -503,3 +504,11 @@ def test_one_cell_is_one_cell_from_one_source_port(monkeypatch: pytest.MonkeyPat
     _, text = render(doc, 80, "plain", monkeypatch)
     assert "2 cells: 2 open" in _flat(text)
     assert "Matrix: source ports 53-54," in _flat(text)
+    # The rule to open one blocked cell said "source ports 53 ... (1 blocked cells)".
+    one = docsamples.build_doc(
+        src="53", spans=[{"dst": 5000, "first": 53, "last": 53, "verdict": "blocked"}]
+    )
+    _, text = render(one, 120, "plain", monkeypatch)
+    assert "# source port 53 to destination port(s) 5000 (1 blocked cell)" in _flat(text)
+    md = markdown_run(one)
+    assert "To open source port 53 to destination port(s) 5000 (1 cell, blocked):" in md

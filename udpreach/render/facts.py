@@ -327,6 +327,17 @@ def dst_ports_text(ports: Any, *, sep: str = ",") -> str:
     return spec.replace(",", sep) or "?"
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 cell``, ``2,000 cells``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def source_ports_label(spec: str) -> str:
+    """``source port 53`` for one port, else ``source ports 53-54, 80``."""
+    one = spec.strip().isdigit()
+    return f"source port{'' if one else 's'} {spec}"
+
+
 def plan_text(doc: dict[str, Any], *, sep: str = ",") -> str:
     """The plan in one sentence."""
     plan = doc.get("plan") or {}

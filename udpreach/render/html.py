@@ -381,9 +381,9 @@ def html_run(doc: dict[str, Any]) -> str:
         no_fixed=facts.no_fixed_port(doc),
         rules=[
             {
-                "src": str(rule.get("src_ports", "")).replace(",", ", "),
+                "src": facts.source_ports_label(str(rule.get("src_ports", "")).replace(",", ", ")),
                 "dst": format_ports(rule.get("dst_ports") or []),
-                "cells": f"{rule.get('cells', 0):,}",
+                "cells": facts.counted(int(rule.get("cells", 0) or 0), "cell"),
                 "verdicts": "/".join(rule.get("verdicts") or []),
                 "nft": rule.get("nft", ""),
                 "iptables": list(rule.get("iptables") or []),

@@ -180,9 +180,11 @@ def _recommendations(doc: dict[str, Any]) -> list[str]:
     for rule in rules[:MAX_RULES]:
         out += [
             "",
-            f"To open source ports {_md(str(rule.get('src_ports', '')).replace(',', ', '))} "
-            f"to destination port(s) {_md(format_ports(rule.get('dst_ports') or []))} "
-            f"({rule.get('cells', 0)} cells, {'/'.join(rule.get('verdicts') or [])}):",
+            "To open "
+            + _md(facts.source_ports_label(str(rule.get("src_ports", "")).replace(",", ", ")))
+            + f" to destination port(s) {_md(format_ports(rule.get('dst_ports') or []))} "
+            f"({facts.counted(int(rule.get('cells', 0) or 0), 'cell')}, "
+            f"{'/'.join(rule.get('verdicts') or [])}):",
             "",
             "```sh",
             facts.one_line(rule.get("nft", "")),

@@ -612,7 +612,7 @@ def _recommendations(doc: dict[str, Any]) -> list[Any]:
         dsts = facts.dst_ports_text(r.get("dst_ports"), sep=", ")
         spans = str(r.get("src_ports", "")).split(",")
         verdicts = "/".join(r.get("verdicts") or [])
-        what = f"{r.get('cells', 0):,} {verdicts} cells"
+        what = facts.counted(int(r.get("cells", 0) or 0), f"{verdicts} cell")
         if len(spans) > MAX_RULE_SPANS:
             lines.append(
                 Para(
@@ -625,7 +625,8 @@ def _recommendations(doc: dict[str, Any]) -> list[Any]:
             continue
         lines.append(
             Para(
-                f"# source ports {', '.join(spans)} to destination port(s) {dsts} ({what})",
+                f"# {facts.source_ports_label(', '.join(spans))} to destination port(s) "
+                f"{dsts} ({what})",
                 indent=2,
             )
         )
