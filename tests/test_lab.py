@@ -3,12 +3,15 @@ datagrams meet. Tests marked ``root`` build real labs and skip, saying why, else
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import typer
@@ -271,6 +274,28 @@ def test_cli_up_exec_down():
             check=True,
         )
         assert "sport 30000-30999 reject" in listed.stdout
+
+        # SIGTERM for `lab exec` (kill, a CI job's timeout) is handed on to the command,
+        # whose status it then reports; it used to end alone and orphan the command.
+        ready = f"/tmp/{name}-trap"
+        script = f"trap 'exit 42' TERM; : > {ready}; sleep 30 & wait"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "udpreach", "lab", "exec", "agent", "--name", name, "--",
+             "sh", "-c", script],
+        )  # fmt: skip
+        try:
+            for _ in range(200):
+                if os.path.exists(ready):
+                    break
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 42
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=5)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(ready)
 
         # With two labs up (or more: other labs on the host only add to them), `lab down`
         # without a name removes none: one of them may be someone else's. It removed all.

@@ -632,14 +632,29 @@ def lab_exec(role: Role, argv: list[str], name: str | None = None) -> int:
         child = subprocess.Popen(lab.ns_argv(role, argv))
     except OSError as exc:
         raise LabError(f"cannot run ip netns exec: {exc}") from None
-    while True:
-        try:
-            code = child.wait()
-            break
-        except KeyboardInterrupt:
-            # The terminal sent SIGINT to the command too: like a shell, let it decide how
-            # to end (an agent shuts down cleanly) and report its status, not ours.
-            continue
+    # A SIGTERM for `lab exec` (kill, a CI job's timeout) is the command's: handed on, as
+    # the terminal hands Ctrl-C to both; the command then ends as it does on its own (a run
+    # prints what was settled) and `lab exec` reports its status.
+    def hand_on(signum: int, frame: object) -> None:
+        with contextlib.suppress(OSError):
+            child.send_signal(signum)
+
+    try:
+        old_term = signal.signal(signal.SIGTERM, hand_on)
+    except ValueError:  # not the main thread: nothing to hand on
+        old_term = None
+    try:
+        while True:
+            try:
+                code = child.wait()
+                break
+            except KeyboardInterrupt:
+                # The terminal sent SIGINT to the command too: like a shell, let it decide
+                # how to end (an agent shuts down cleanly) and report its status, not ours.
+                continue
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     return 128 - code if code < 0 else code
 
 
