@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -418,6 +419,34 @@ def test_probe_db_in_no_directory_is_refused(tmp_path: Path, secret_file: Path) 
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [f"udpreach: --db {db}: no directory {db.parent}"]
     assert not db.parent.exists()
+
+
+def test_sigterm_while_dialling_gives_the_error_document(secret_file: Path) -> None:
+    """A coordinator that accepts and never answers holds `run` in its handshake for up to
+    10 s; a SIGTERM then (`timeout` in CI) killed it with nothing on stdout, though --json
+    promises a pipeline its JSON."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        proc = subprocess.Popen(
+            udpreach_argv("run", "--coordinator", f"127.0.0.1:{port}", "--secret-file",
+                          str(secret_file), "--agent", "x", "--json"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            conn, _ = server.accept()  # dialled: now in the handshake
+            with conn:
+                time.sleep(0.3)
+                proc.send_signal(signal.SIGTERM)
+                out, err = proc.communicate(timeout=15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=5)
+    assert proc.returncode == 3, err
+    assert err.strip().splitlines() == ["udpreach: interrupted"]
+    assert json.loads(out) == {"schema": "udpreach/error-v1", "error": "interrupted", "exit": 3}
 
 
 def test_messages_are_not_read_as_markup(tmp_path: Path, secret_file: Path) -> None:

@@ -632,6 +632,7 @@ def lab_exec(role: Role, argv: list[str], name: str | None = None) -> int:
         child = subprocess.Popen(lab.ns_argv(role, argv))
     except OSError as exc:
         raise LabError(f"cannot run ip netns exec: {exc}") from None
+
     # A SIGTERM for `lab exec` (kill, a CI job's timeout) is the command's: handed on, as
     # the terminal hands Ctrl-C to both; the command then ends as it does on its own (a run
     # prints what was settled) and `lab exec` reports its status.

@@ -146,7 +146,7 @@ def run(
     """Test the path from the probe to an agent and print the pass/fail matrix."""
     from udpreach.cli.progress import ProgressDisplay
     from udpreach.keyring import forbid_core_dumps
-    from udpreach.net.blocking import request_run
+    from udpreach.net.blocking import request_run, sigterm_interrupts
     from udpreach.secret import load_secret
 
     host, port = parse_endpoint(coordinator, "--coordinator")
@@ -167,7 +167,7 @@ def run(
             "for what was settled (Ctrl-C again to quit now)"
         )
 
-    with ProgressDisplay() as progress:
+    with sigterm_interrupts(), ProgressDisplay() as progress:
         doc = request_run(
             host,
             port,

@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -129,6 +129,26 @@ SIGINT_SAME = 0.05
 #: manager): each asks the coordinator to stop the run and prints what was settled, so that
 #: a pipeline still gets its document (or, with --json, an error document).
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While the body runs (in the main thread), SIGTERM raises KeyboardInterrupt as Ctrl-C
+    does: before a run has started (dialling, the handshake: up to CONNECT_TIMEOUT with a
+    silent coordinator) a ``timeout`` still ends ``run`` with its one line and exit 3, and
+    with --json its error document. ``Interrupts`` takes SIGTERM over during the run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 class Interrupts:
