@@ -262,6 +262,33 @@ def test_reject_next_to_drop_is_split_at_the_right_port(tmp_path: Path) -> None:
         assert off <= limited, why
 
 
+def test_reject_and_drop_mixed_in_one_dark_run_are_never_guessed(tmp_path: Path) -> None:
+    """An adversarial review's policies, through nftables with the kernel's ICMP limits:
+    on 5000, eight 64-port bands alternating reject and drop; on 5001, even ports rejected
+    and odd ones dropped (mixed per port, as behind an ECMP pair out of step). Cells
+    between two samples of one kind took that kind: drops came out `rejected` (inferred),
+    rejects inferred `blocked`, and two runs disagreed. Every verdict must now be the
+    truth, or `blocked` within its range's icmp_limited count."""
+    policy = rules(
+        *(f"udp dport 5000 udp sport {40000 + 64 * k}-{40063 + 64 * k} "
+          + ("reject with icmpx type admin-prohibited" if k % 2 == 0 else "drop")
+          for k in range(8)),
+        "udp dport 5001 udp sport 40000-40511 udp sport & 1 == 0 "
+        "reject with icmpx type admin-prohibited",
+        "udp dport 5001 udp sport 40000-40511 udp sport & 1 == 1 drop",
+    )  # fmt: skip
+
+    def truth(d: int, s: int) -> str:
+        if not 40000 <= s <= 40511:
+            return "open"
+        reject = (s - 40000) // 64 % 2 == 0 if d == 5000 else s % 2 == 0
+        return "rejected" if reject else "blocked"
+
+    with lab_udpreach(policy, tmp_path, ports="5000,5001") as lr:
+        code, doc, err = timed_run(lr, "--src-ports", "38000-42999")
+        check_right(code, doc, err, lr, truth)
+
+
 # --- 3. a policer on one port band ------------------------------------------------------------
 
 

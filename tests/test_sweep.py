@@ -8,6 +8,8 @@ cells / rate.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from simpath import AGENT, ROUTER, Path, Rule, SimRun, mismatches, truth, verdicts
 
@@ -140,6 +142,68 @@ def test_a_ceiling_that_held_only_a_moment_is_not_named() -> None:
     assert doc["summary"]["open"] == 64512
     assert "rate_ceiling" not in doc["loss"]
     assert "ceiling" not in facts.plan_text(doc)
+
+
+class _Every(Rule):
+    """A rule on the source ports of its range that ``pick`` chooses (by parity, or by a
+    hash like an ECMP pair's member choice)."""
+
+    def __init__(self, action: str, srcs: tuple[int, int], pick: Callable[[int], bool]) -> None:
+        super().__init__(action, srcs)
+        self.pick = pick
+
+    def matches(self, dst: int, src: int) -> bool:
+        return super().matches(dst, src) and self.pick(src)
+
+
+def _strictly_right(sim: SimRun, doc: dict, path: Path) -> None:
+    """Every cell right; a blocked range's rejects no more than its icmp_limited count (the
+    cells the run says it could not tell apart)."""
+    srcs = sorted(set(sim.plan.src_ports))
+    want = truth(path, sim.plan.dst_ports, srcs)
+    got = {(r["dst_port"], x): r for r in doc["ranges"] for x in range(r["first"], r["last"] + 1)}
+    wrong = 0
+    for r in doc["ranges"]:
+        cells = [(r["dst_port"], x) for x in range(r["first"], r["last"] + 1)]
+        truths = [want[c] for c in cells]
+        if r["verdict"] == "blocked":
+            wrong += truths.count("open") + max(
+                0, truths.count("rejected") - r.get("icmp_limited", 0)
+            )
+        else:
+            wrong += sum(t != r["verdict"] for t in truths)
+    assert len(got) == len(want)
+    assert wrong == 0, f"{wrong} cells wrong"
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        # 40000-40511 in eight 64-port bands: reject, drop, reject, ...
+        [Rule("reject" if k % 2 == 0 else "drop", (40000 + 64 * k, 40063 + 64 * k))
+         for k in range(8)],
+        # even ports rejected, odd ones dropped
+        [_Every("reject", (30000, 30999), lambda x: x % 2 == 0),
+         _Every("drop", (30000, 30999), lambda x: x % 2 == 1)],
+        # an ECMP pair out of step: the member a flow hashes to rejects or drops
+        [_Every("reject", (30000, 31999), lambda x: (x * 2654435761) >> 16 & 1 == 0),
+         _Every("drop", (30000, 31999), lambda x: (x * 2654435761) >> 16 & 1 == 1)],
+    ],
+    ids=["64-port-bands", "parity", "ecmp-hash"],
+)  # fmt: skip
+def test_reject_and_drop_mixed_finer_than_the_samples_are_never_guessed(
+    rules: list[Rule],
+) -> None:
+    """An adversarial review's policies: reject and drop alternating inside one silent
+    stretch. Unlabelled cells between two samples of one kind took that kind, so dropped
+    bands were reported rejected (inferred) and rejects inferred as drops, and two runs
+    disagreed. Now a gap is inferred only when it is narrow and the stretch's boundaries
+    were all found; what the budget cannot tell apart is icmp_limited, never a guess."""
+    path = Path(rules=rules)
+    sim, doc = run(path)
+    _strictly_right(sim, doc, path)
+    again_sim, again = run(Path(rules=rules, seed=2))
+    _strictly_right(again_sim, again, path)
 
 
 def test_drop_and_reject_with_unlimited_icmp_need_no_tests() -> None:
@@ -566,3 +630,19 @@ def test_a_bucket_that_started_half_empty_still_shows_its_burst() -> None:
     for t in [0.0, 0.001, 1.0, 2.0] + [8.0] * 6 + [9.0, 10.0]:
         b.note(t)
     assert b.limiter() == (6, pytest.approx(1.0, rel=0.01))
+
+
+def test_scattered_blocked_cells_without_loss_are_called_a_rule() -> None:
+    """Every eighth port dropped, nothing lost: the warning said "loss, not a rule?" with
+    the run's loss at 0. And the interleaved reject/drop edge of a dark stretch (blocked
+    and rejected cells, no open ones between them) is not "scattered"."""
+    path = Path(rules=[_Every("drop", (40000, 49999), lambda x: x % 8 == 0)])
+    sim, doc = run(path, src_ports="38000-51999")
+    right(sim, doc, path)
+    (warning,) = [w for w in doc["warnings"] if "scattered" in w]
+    assert "(no loss was seen: a rule on single ports?)" in warning
+    bands = [
+        Rule("reject" if k % 2 == 0 else "drop", (40000 + 64 * k, 40063 + 64 * k)) for k in range(8)
+    ]
+    _, doc = run(Path(rules=bands), src_ports="38000-42999")
+    assert not [w for w in doc["warnings"] if "scattered" in w], doc["warnings"]

@@ -21,12 +21,17 @@ to be dropped and only as many expected rejects as the sender has had time to re
 The cells are not tested one by one. A *dark run* is a maximal run of planned source ports
 of one destination port between open (or untested) cells. Its cells carry labels: R (an
 error of its own, by ICMP type, code and sender), D (confirmed dropped) or none. A run is
-settled when both of its ends are labelled, every quarter of it holds a label, and no two
-neighbouring labels differ without an unlabelled cell between them being searched: between
-an R and a D (or two R of different details) the midpoint is tested, so a boundary costs
-about log2 of the run's length tests (binary search). Unlabelled cells between two labels of
-the same kind take that kind, *inferred*. The time spent is capped by the run's ICMP budget;
-what the budget cannot settle is ``icmp_limited``: dropped or rejected is not known.
+settled when both of its ends are labelled, every eighth of it holds a label, no two
+confirmed drops are more than ``MAX_GAP_DROP`` cells apart, and no two neighbouring labels
+differ without an unlabelled cell between them being searched: between an R and a D (or two
+R of different details) points across the gap are tested, so a boundary costs a few tokens.
+Unlabelled cells between two labels of the same kind take that kind, *inferred*, but only in
+a run whose boundaries were all found: where one is left, reject and drop may alternate
+finer than the samples (an ECMP pair out of step, rules by parity or in narrow bands), and
+nothing in that run is inferred. The time spent is capped by the run's ICMP budget; what the
+budget cannot settle is ``icmp_limited``: dropped or rejected is not known. A band of the
+other kind narrower than the samples' spacing, alone in a run, can still pass unseen: the
+report counts every inferred cell as such.
 
 This module is pure: it reads the ledger's arrays and returns cells to test and the
 conclusions; the engine (``udpreach.core.sweep``) sends, waits and feeds back what came.
@@ -54,7 +59,15 @@ from udpreach.core.ledger import (
 U, D = 0, 1  # label kinds: unlabelled, confirmed dropped; R labels are 2 + the ICMP index
 _OPEN, _BLOCKED, _REJECTED, _UNTESTED = 1, 2, 3, 4  # ledger state codes
 CONFIRMATIONS = 2  # silent tests a cell must pass to be a confirmed drop
-SEGMENTS = 4  # a settled run holds a label in each of this many equal parts
+# A settled run holds a label in each of this many equal parts: spread samples, so that
+# reject and drop mixed through a run (an ECMP pair out of step, rules by parity or in
+# narrow bands) show both kinds; a half-and-half mix passes 9 samples unseen 1 time in 500.
+SEGMENTS = 8
+# Between two confirmed drops, unlabelled cells take their kind only across a gap no wider
+# than this: testing expected drops costs no token (hundreds go in one burst, before one
+# control), so drop stretches are sampled this densely, and a reject band that wide cannot
+# hide in one. Expected rejects cost a token (one a second) each: their gaps stay wider.
+MAX_GAP_DROP = 128
 SEARCH_POINTS = 16  # points tested across a reject/drop boundary in one burst
 MAX_BURST_CELLS = 256  # silent cells per test burst: the burst lasts a few ms at most
 DEFAULT_PERIOD = 1.0  # Linux's default: one error per second per destination
@@ -229,6 +242,13 @@ def needs(run: Run) -> list[tuple[int, str, int]]:
             mid = _nearest_u(labels, lo, hi, (lo + hi) // 2)
             if mid is not None and mid not in out:
                 add(mid, expect_at(mid))
+    for a, b in pairwise(labelled.tolist()):  # drop gaps too wide to infer across
+        if labels[a] != D or labels[b] != D or b - a - 1 <= MAX_GAP_DROP:
+            continue
+        for at in range(a + MAX_GAP_DROP, b, MAX_GAP_DROP):  # cheap: all in one burst
+            near = _nearest_u(labels, a + 1, b, at)
+            if near is not None and near not in out:
+                add(near, "cheap")
     for a, b in pairwise(labelled.tolist()):  # boundaries
         if labels[a] == labels[b] or b - a <= 1:
             continue
@@ -246,6 +266,19 @@ def needs(run: Run) -> list[tuple[int, str, int]]:
         for pos in picks.tolist():
             add(pos, "search")
     return [(pos, *out[pos]) for pos in order]
+
+
+def resolved(labels: np.ndarray) -> bool:
+    """Whether every boundary between labels of different kinds was found: no unlabelled
+    cell lies between two neighbouring labels that differ. Where one is left, the run's
+    make-up is not known (reject and drop may alternate finer than the samples, as behind
+    an ECMP pair out of step), so none of its cells is inferred."""
+    labelled = np.flatnonzero(labels != U)
+    if len(labelled) < 2:
+        return True
+    kinds = labels[labelled]
+    differ = kinds[1:] != kinds[:-1]
+    return not bool((differ & (np.diff(labelled) > 1)).any())
 
 
 def all_needs(runs: Iterable[Run]) -> list[Need]:
@@ -290,8 +323,12 @@ def conclude(ledger: Ledger, runs: Sequence[Run]) -> Conclusion:
             out.dropped += ledger.settle(run.dst, dropped, Verdict.BLOCKED, OBSERVED)
         labelled = np.flatnonzero(labels != U)
         covered = np.zeros(len(labels), dtype=bool)
-        for a, b in pairwise(labelled.tolist()):
+        # Inferred only where the run's boundaries were all found, and between drops only
+        # across gaps as narrow as they are sampled (MAX_GAP_DROP).
+        for a, b in pairwise(labelled.tolist() if resolved(labels) else []):
             if b - a <= 1 or labels[a] != labels[b]:
+                continue
+            if labels[a] == D and b - a - 1 > MAX_GAP_DROP:
                 continue
             gap = srcs[a + 1 : b][labels[a + 1 : b] == U]
             covered[a + 1 : b] = True

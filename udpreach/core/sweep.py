@@ -1473,24 +1473,32 @@ class Sweep:
                 )
 
     def _scattered_warning(self) -> None:
-        """Flag blocked cells scattered among open ones: loss, not a firewall rule."""
+        """Flag blocked cells scattered among open ones: loss, or a rule on single ports.
+
+        Scattered means at least three stretches of blocked cells apart from each other by
+        open ones (rejected cells between blocked ones are one dark stretch: the edge of a
+        reject and drop range is not scattered), and few blocked cells beside the open."""
         spans: list[str] = []
+        ports = np.sort(self._planned)
         for d in self.plan.dst_ports:
-            v = self.ledger.view(d)
-            state = v.state[np.sort(self._planned)]
-            ports = np.sort(self._planned)
+            state = self.ledger.view(d).state[ports]
             for b in range(0, len(ports), BLOCK):
                 st = state[b : b + BLOCK]
                 blocked = int(np.count_nonzero(st == 2))
                 opened = int(np.count_nonzero(st == 1))
                 if blocked and opened and blocked <= opened // 4:
-                    runs = int(np.count_nonzero(np.diff((st == 2).astype(np.int8)) == 1))
+                    dark = ((st == 2) | (st == 3)).astype(np.int8)
+                    runs = int(np.count_nonzero(np.diff(np.r_[0, dark]) == 1))
                     if runs >= 3:
                         spans.append(f"{d}: {ports[b]}-{ports[min(len(ports), b + BLOCK) - 1]}")
         if spans:
             shown = ", ".join(spans[:8]) + (f" and {len(spans) - 8} more" if len(spans) > 8 else "")
+            if self.loss is not None and self.loss.upper < 0.001:
+                why = "no loss was seen: a rule on single ports?"
+            else:
+                why = "loss, not a rule?"
             self.facts.warnings.append(
-                "blocked cells lie scattered among open ones (loss, not a rule?) in " + shown
+                f"blocked cells lie scattered among open ones ({why}) in {shown}"
             )
 
     def progress(self) -> dict[str, Any]:
