@@ -204,6 +204,13 @@ def test_reject_and_drop_mixed_finer_than_the_samples_are_never_guessed(
     _strictly_right(sim, doc, path)
     again_sim, again = run(Path(rules=rules, seed=2))
     _strictly_right(again_sim, again, path)
+    # A budget that ends before the runs are sampled (4 s: no test burst at all; 8 s: some
+    # drops silent once, not twice): the lab's first try inferred rejects across them.
+    for budget in (4.0, 8.0):
+        short_sim, short = run(
+            path, dst_ports=(5000, 5001), settings=SweepSettings(icmp_budget=budget)
+        )
+        _strictly_right(short_sim, short, path)
 
 
 def test_drop_and_reject_with_unlimited_icmp_need_no_tests() -> None:
@@ -646,3 +653,20 @@ def test_scattered_blocked_cells_without_loss_are_called_a_rule() -> None:
     ]
     _, doc = run(Path(rules=bands), src_ports="38000-42999")
     assert not [w for w in doc["warnings"] if "scattered" in w], doc["warnings"]
+
+
+def test_a_run_whose_samples_turn_between_reject_and_drop_often_is_mixed() -> None:
+    """Reject next to drop (one turn) or a drop between two rejects (two) can be searched
+    and inferred; a third turn means they alternate, and nothing in the run is inferred
+    (an ECMP pair out of step in the lab passed the other rules by chance)."""
+    import numpy as np
+
+    from udpreach.core import silence
+
+    u, d, r, r2 = silence.U, silence.D, 2, 3  # unlabelled, dropped, two kinds of reject
+    assert not silence.mixed(np.array([r, u, r, u, d, u, d]))
+    assert not silence.mixed(np.array([r, u, d, d, u, r]))
+    assert not silence.mixed(np.array([r, r2, u, d, r]))  # two rejects of other kinds: 2
+    assert silence.mixed(np.array([r, u, d, u, r, u, d]))
+    assert silence.resolved(np.array([r, r, d, d, u, d]))
+    assert not silence.resolved(np.array([r, u, d]))

@@ -26,12 +26,14 @@ confirmed drops are more than ``MAX_GAP_DROP`` cells apart, and no two neighbour
 differ without an unlabelled cell between them being searched: between an R and a D (or two
 R of different details) points across the gap are tested, so a boundary costs a few tokens.
 Unlabelled cells between two labels of the same kind take that kind, *inferred*, but only in
-a run whose boundaries were all found: where one is left, reject and drop may alternate
-finer than the samples (an ECMP pair out of step, rules by parity or in narrow bands), and
-nothing in that run is inferred. The time spent is capped by the run's ICMP budget; what the
-budget cannot settle is ``icmp_limited``: dropped or rejected is not known. A band of the
-other kind narrower than the samples' spacing, alone in a run, can still pass unseen: the
-report counts every inferred cell as such.
+a run that is settled (nothing left to test: a run the budget ended on is not) and whose
+boundaries were all found, and whose samples turn between reject and drop at most
+``MAX_TURNS`` times: otherwise reject and drop may alternate finer than the samples (an ECMP
+pair out of step, rules by parity or in narrow bands), and nothing in that run is inferred.
+A cell silent in one test so far counts as a drop for this. The time spent is capped by the
+run's ICMP budget; what the budget cannot settle is ``icmp_limited``: dropped or rejected is
+not known. A band of the other kind narrower than the samples' spacing, alone in a run, can
+still pass unseen: the report counts every inferred cell as such.
 
 This module is pure: it reads the ledger's arrays and returns cells to test and the
 conclusions; the engine (``udpreach.core.sweep``) sends, waits and feeds back what came.
@@ -68,6 +70,9 @@ SEGMENTS = 8
 # control), so drop stretches are sampled this densely, and a reject band that wide cannot
 # hide in one. Expected rejects cost a token (one a second) each: their gaps stay wider.
 MAX_GAP_DROP = 128
+# A run whose samples turn between reject and drop more often than this is mixed: nothing in
+# it is inferred (a reject beside a drop, or a drop between two rejects, turns twice).
+MAX_TURNS = 2
 SEARCH_POINTS = 16  # points tested across a reject/drop boundary in one burst
 MAX_BURST_CELLS = 256  # silent cells per test burst: the burst lasts a few ms at most
 DEFAULT_PERIOD = 1.0  # Linux's default: one error per second per destination
@@ -156,6 +161,9 @@ class Run:
     dst: int
     srcs: np.ndarray
     labels: np.ndarray
+    # Cells silent once in a test where the sender could answer: a drop not yet confirmed
+    # (None: none). Not a label, but evidence enough that the run is not all reject.
+    tentative: np.ndarray | None = None
 
     @property
     def unlabelled(self) -> int:
@@ -190,12 +198,14 @@ def dark_runs(ledger: Ledger, confirms: dict[int, np.ndarray]) -> Iterator[Run]:
         rejected = state == _REJECTED
         labels[rejected] = 2 + v.icmp[planned][rejected].astype(np.int64)
         conf = confirms.get(d)
+        once: np.ndarray | None = None
         if conf is not None:
             dropped = (state == PENDING) & (conf[planned] >= CONFIRMATIONS)
             labels[dropped] = D
+            once = (state == PENDING) & (conf[planned] > 0) & ~dropped
         edges = np.diff(np.r_[0, dark.astype(np.int8), 0])
         for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True):
-            yield Run(d, planned[a:b], labels[a:b])
+            yield Run(d, planned[a:b], labels[a:b], None if once is None else once[a:b])
 
 
 def _nearest_u(labels: np.ndarray, lo: int, hi: int, at: int) -> int | None:
@@ -268,6 +278,14 @@ def needs(run: Run) -> list[tuple[int, str, int]]:
     return [(pos, *out[pos]) for pos in order]
 
 
+def mixed(labels: np.ndarray) -> bool:
+    """Whether the run's labels turn between reject and drop more than ``MAX_TURNS`` times:
+    reject and drop then alternate through it (an ECMP pair out of step, rules by parity or
+    in narrow bands), and the cells between any two samples may be of either kind."""
+    kinds = labels[labels != U] >= 2
+    return int(np.count_nonzero(kinds[1:] != kinds[:-1])) > MAX_TURNS
+
+
 def resolved(labels: np.ndarray) -> bool:
     """Whether every boundary between labels of different kinds was found: no unlabelled
     cell lies between two neighbouring labels that differ. Where one is left, the run's
@@ -310,9 +328,10 @@ class Conclusion:
 def conclude(ledger: Ledger, runs: Sequence[Run]) -> Conclusion:
     """Settle what the labels allow and mark the rest (see the module docstring).
 
-    Confirmed drops are blocked (observed); unlabelled cells between two labels of the same
-    kind take that kind (inferred); other unlabelled cells without ICMP evidence of their own
-    are ``icmp_limited``.
+    Confirmed drops are blocked (observed); in a settled run (nothing left to test, every
+    boundary found), unlabelled cells between two labels of the same kind take that kind
+    (inferred); other unlabelled cells without ICMP evidence of their own are
+    ``icmp_limited``.
     """
     out = Conclusion()
     for run in runs:
@@ -321,21 +340,30 @@ def conclude(ledger: Ledger, runs: Sequence[Run]) -> Conclusion:
         dropped = srcs[labels == D]
         if len(dropped):
             out.dropped += ledger.settle(run.dst, dropped, Verdict.BLOCKED, OBSERVED)
-        labelled = np.flatnonzero(labels != U)
         covered = np.zeros(len(labels), dtype=bool)
         # Inferred only where the run's boundaries were all found, and between drops only
-        # across gaps as narrow as they are sampled (MAX_GAP_DROP).
-        for a, b in pairwise(labelled.tolist() if resolved(labels) else []):
-            if b - a <= 1 or labels[a] != labels[b]:
-                continue
-            if labels[a] == D and b - a - 1 > MAX_GAP_DROP:
+        # across gaps as narrow as they are sampled (MAX_GAP_DROP). A cell silent in one test
+        # so far (the budget ended before its second) counts as a drop here: no reject is
+        # inferred across it, though it is not settled itself.
+        seen = labels
+        if run.tentative is not None and run.tentative.any():
+            seen = labels.copy()
+            seen[(labels == U) & run.tentative] = D
+        labelled = np.flatnonzero(seen != U)
+        # ... and only in a run sampled as the module's text says (nothing left to test):
+        # a run the budget ended on has gaps a band of the other kind may hide in.
+        inferable = resolved(seen) and not mixed(seen) and not needs(run)
+        for a, b in pairwise(labelled.tolist() if inferable else []):
+            if b - a <= 1 or seen[a] != seen[b] or labels[a] == U or labels[b] == U:
+                continue  # different kinds, or a tentative end: nothing to infer from
+            if seen[a] == D and b - a - 1 > MAX_GAP_DROP:
                 continue
             gap = srcs[a + 1 : b][labels[a + 1 : b] == U]
             covered[a + 1 : b] = True
-            if labels[a] == D:
+            if seen[a] == D:
                 out.inferred_blocked += ledger.settle(run.dst, gap, Verdict.BLOCKED, INFERRED)
             else:
-                info = ledger.icmp_info(int(labels[a]) - 2)
+                info = ledger.icmp_info(int(seen[a]) - 2)
                 if info is not None:
                     out.inferred_rejected += ledger.settle(
                         run.dst, gap, Verdict.REJECTED, INFERRED, info
