@@ -61,7 +61,7 @@ test: test-default
 # The suite's long tests mostly wait (ICMP rate limits, 20 s attacks, timeouts), so as root it
 # runs in 4 worker processes whatever the core count (pytest-xdist). A test file stays on one
 # worker, and the longest files start first, in the order tests/conftest.py puts them
-# (--no-loadscope-reorder): 190 s instead of 629 s in one process on a 2-core VM. As root the
+# (--no-loadscope-reorder): 190-250 s instead of 629 s in one process on a 2-core VM. As root the
 # loopback probes send raw (no source port bound); without root each binds its source ports
 # on 127.0.0.2, and files side by side would take each other's ports, so the suite runs in
 # one process there. TEST_WORKERS=N sets the count (0: one process).
