@@ -246,7 +246,7 @@ def needs(run: Run) -> list[tuple[int, str, int]]:
     for pos in (0, n - 1):  # both ends
         if labels[pos] == U:
             add(pos, expect_at(pos))
-    for k in range(min(SEGMENTS, n)):  # every quarter holds a label
+    for k in range(min(SEGMENTS, n)):  # every eighth holds a label
         lo, hi = k * n // SEGMENTS, (k + 1) * n // SEGMENTS
         if hi > lo and not (labels[lo:hi] != U).any():
             mid = _nearest_u(labels, lo, hi, (lo + hi) // 2)
@@ -293,7 +293,7 @@ def resolved(labels: np.ndarray) -> bool:
     an ECMP pair out of step), so none of its cells is inferred."""
     labelled = np.flatnonzero(labels != U)
     if len(labelled) < 2:
-        return True
+        return True  # nothing to search between; ``needs`` still asks for both ends
     kinds = labels[labelled]
     differ = kinds[1:] != kinds[:-1]
     return not bool((differ & (np.diff(labelled) > 1)).any())
