@@ -608,20 +608,24 @@ def truth(
 def mismatches(
     doc: dict[str, Any], want: dict[tuple[int, int], str], *, limited_ok: bool = True
 ) -> list[tuple[tuple[int, int], str, str]]:
-    """Cells whose verdict differs from ``want``. A cell of a blocked range's icmp_limited
-    count is right where the truth is rejected or blocked (the budget could not tell)."""
+    """Cells whose verdict differs from ``want``. A blocked range with ``"icmp_limited": N``
+    says N of its cells could not be told dropped or rejected: up to N of its cells whose
+    truth is rejected count as right; if more of them are rejected in truth, all are wrong
+    (as the lab's ``wrong_cells`` counts them)."""
     got = verdicts(doc)
-    limited: set[tuple[int, int]] = set()
+    allowed: set[tuple[int, int]] = set()
     if limited_ok:
         for r in doc["ranges"]:
-            if r["verdict"] == "blocked" and r.get("icmp_limited"):
-                limited.update((r["dst_port"], s) for s in range(r["first"], r["last"] + 1))
+            if r["verdict"] != "blocked" or not r.get("icmp_limited"):
+                continue
+            cells = [(r["dst_port"], s) for s in range(r["first"], r["last"] + 1)]
+            rejected = [c for c in cells if want.get(c) == "rejected"]
+            if len(rejected) <= r["icmp_limited"]:
+                allowed.update(rejected)
     bad = []
     for cell, v in want.items():
         g = got.get(cell)
-        if g == v:
-            continue
-        if cell in limited and v in ("rejected", "blocked") and g == "blocked":
+        if g == v or cell in allowed:
             continue
         bad.append((cell, v, str(g)))
     return bad

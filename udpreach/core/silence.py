@@ -63,7 +63,8 @@ _OPEN, _BLOCKED, _REJECTED, _UNTESTED = 1, 2, 3, 4  # ledger state codes
 CONFIRMATIONS = 2  # silent tests a cell must pass to be a confirmed drop
 # A settled run holds a label in each of this many equal parts: spread samples, so that
 # reject and drop mixed through a run (an ECMP pair out of step, rules by parity or in
-# narrow bands) show both kinds; a half-and-half mix passes 9 samples unseen 1 time in 500.
+# narrow bands) show both kinds; 9 samples of a half-and-half mix are all of one kind 1 time
+# in 256.
 SEGMENTS = 8
 # Between two confirmed drops, unlabelled cells take their kind only across a gap no wider
 # than this: testing expected drops costs no token (hundreds go in one burst, before one
