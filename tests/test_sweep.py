@@ -202,6 +202,62 @@ def test_reject_and_drop_mixed_finer_than_the_samples_are_never_guessed(
         _strictly_right(short_sim, short, path)
 
 
+_RDR = [
+    Rule("reject", (30000, 34999)),
+    Rule("drop", (35000, 35999)),
+    Rule("reject", (36000, 40999)),
+]
+_ECMP = [
+    _Every("reject", (30000, 31999), lambda x: (x * 2654435761) >> 16 & 1 == 0),
+    _Every("drop", (30000, 31999), lambda x: (x * 2654435761) >> 16 & 1 == 1),
+]
+
+
+@pytest.mark.parametrize(
+    ("rules", "limits"),
+    [
+        (_RDR, {"icmp_rate": 2}),  # Cisco's default: one error every 500 ms
+        (_RDR, {"icmp_rate": 10}),  # Linux's IPv6 default: one every 100 ms
+        (_ECMP, {"icmp_burst": 50}),  # a burst as big as Linux's host-wide one
+        ([Rule("reject" if k % 2 == 0 else "drop", (40000 + 200 * k, 40199 + 200 * k))
+          for k in range(10)], {"icmp_burst": 50}),
+        # Linux's IPv4 default; the drop band is under an eighth of the silent stretch
+        ([Rule("reject", (30000, 39999)), Rule("drop", (35630, 36829))], {}),
+    ],
+    ids=["rdr-2/s", "rdr-10/s", "ecmp-burst-50", "200-port-bands-burst-50", "drop-in-reject"],
+)  # fmt: skip
+def test_a_sender_that_answers_fast_does_not_hide_drop_bands(
+    rules: list[Rule], limits: dict[str, int]
+) -> None:
+    """The sweep's own ICMP errors land only on rejects: with a sender that answers often
+    they filled every eighth of a silent stretch, no test looked for drops there, and the
+    drop bands between them came out rejected (inferred): 800-1,200 wrong cells in each of
+    these. Eighths are now sampled by tests placed by position, and wide gaps between
+    rejects are halved while the budget lasts."""
+    path = Path(rules=rules, **limits)  # type: ignore[arg-type]
+    sim, doc = run(path, src_ports="20000-45000")
+    _strictly_right(sim, doc, path)
+
+
+def test_two_kinds_of_reject_side_by_side_are_split_within_the_budget() -> None:
+    """Two reject rules with different ICMP codes, at Linux's default limit: the boundary is
+    bisected one token at a time, and a burst of expected rejects alone spends no token on
+    a control."""
+    rules = [
+        Rule("reject", (30000, 30999), icmp=(3, 13)),
+        Rule("reject", (31000, 31999), icmp=(3, 3)),
+    ]
+    path = Path(rules=rules)
+    sim, doc = run(path, src_ports="20000-45000")
+    right(sim, doc, path)
+    rejected = {
+        (r["first"], r["last"], r["icmp"]["code"])
+        for r in doc["ranges"]
+        if r["verdict"] == "rejected"
+    }
+    assert rejected == {(30000, 30999, 13), (31000, 31999, 3)}
+
+
 def test_drop_and_reject_with_unlimited_icmp_need_no_tests() -> None:
     """A kinder world, set up on purpose: a router that answers every datagram."""
     path = Path(rules=DEMO, icmp_unlimited=True)
@@ -411,6 +467,18 @@ def test_a_policy_change_mid_run_is_said_and_the_latest_evidence_wins() -> None:
     assert doc["probe_stats"]["epochs"] == 2
     assert any("path changed during the run" in w for w in doc["warnings"])
     assert len(doc["ranges"]) == 3
+
+
+@pytest.mark.parametrize("at", [0.3, 0.4, 0.5])
+def test_a_reject_range_that_appears_mid_run_is_never_called_dropped(at: float) -> None:
+    # The recheck that finds the change draws the router's burst of errors; the repeated
+    # sweep must not meet the reject range with the bucket still empty and call it silent.
+    new = [Rule("drop", (20000, 24999)), Rule("reject", (30000, 30999))]
+    path = Path(later=(at, new))
+    sim, doc = run(path)
+    assert doc["probe_stats"]["epochs"] == 2
+    bad = mismatches(doc, truth(path, sim.plan.dst_ports, sorted(set(sim.plan.src_ports)), 1e9))
+    assert bad == [], f"{len(bad)} wrong, e.g. {bad[:5]}"
 
 
 def test_a_session_limit_is_reported_by_time_not_as_a_blocked_range() -> None:

@@ -21,8 +21,11 @@ to be dropped and only as many expected rejects as the sender has had time to re
 The cells are not tested one by one. A *dark run* is a maximal run of planned source ports
 of one destination port between open (or untested) cells. Its cells carry labels: R (an
 error of its own, by ICMP type, code and sender), D (confirmed dropped) or none. A run is
-settled when both of its ends are labelled, every eighth of it holds a label, no two
-confirmed drops are more than ``MAX_GAP_DROP`` cells apart, and no two neighbouring labels
+settled when both of its ends are labelled, every eighth of it holds a label a test placed
+(the sweep's own errors land only on rejects: a sender that answers often, every 100 ms as
+Linux does for IPv6, would otherwise fill every eighth with rejects and hide the drops
+between them), no two confirmed drops are more than ``MAX_GAP_DROP`` cells apart, and no
+two neighbouring labels
 differ without an unlabelled cell between them being searched: between an R and a D (or two
 R of different details) points across the gap are tested, so a boundary costs a few tokens.
 Unlabelled cells between two labels of the same kind take that kind, *inferred*, but only in
@@ -32,8 +35,15 @@ boundaries were all found, and whose samples turn between reject and drop at mos
 pair out of step, rules by parity or in narrow bands), and nothing in that run is inferred.
 A cell silent in one test so far counts as a drop for this. The time spent is capped by the
 run's ICMP budget; what the budget cannot settle is ``icmp_limited``: dropped or rejected is
-not known. A band of the other kind narrower than the samples' spacing, alone in a run, can
+not known. Once every run is settled, what is left of the budget halves the widest gaps
+between rejects (``MAX_GAP_REJECT``), so drop bands narrower than an eighth are looked for
+too. A band of the other kind narrower than the samples' spacing, alone in a run, can
 still pass unseen: the report counts every inferred cell as such.
+
+A burst waits for as many tokens as it holds expected rejects, plus the controls: near the
+end of the budget it shrinks to what still fits, and a burst of expected rejects alone (a
+bisection between two kinds of reject) sends no control, so each of its steps costs one
+token. A control is any cell its sender rejected that may still be sent.
 
 This module is pure: it reads the ledger's arrays and returns cells to test and the
 conclusions; the engine (``udpreach.core.sweep``) sends, waits and feeds back what came.
@@ -42,7 +52,7 @@ conclusions; the engine (``udpreach.core.sweep``) sends, waits and feeds back wh
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -71,6 +81,12 @@ SEGMENTS = 8
 # control), so drop stretches are sampled this densely, and a reject band that wide cannot
 # hide in one. Expected rejects cost a token (one a second) each: their gaps stay wider.
 MAX_GAP_DROP = 128
+# Between two rejects of one kind, after the run is settled and while the budget lasts,
+# the widest gaps are halved until none is wider than this: the sweep's own errors can only
+# ever land on rejects, so a drop band between them is found only by tests placed by
+# position. Each point costs a token (one a second at Linux's IPv4 default): a budget too
+# short for all of them still ends with the widest gaps halved first.
+MAX_GAP_REJECT = 256
 # A run whose samples turn between reject and drop more often than this is mixed: nothing in
 # it is inferred (a reject beside a drop, or a drop between two rejects, turns twice).
 MAX_TURNS = 2
@@ -165,6 +181,9 @@ class Run:
     # Cells silent once in a test where the sender could answer: a drop not yet confirmed
     # (None: none). Not a label, but evidence enough that the run is not all reject.
     tentative: np.ndarray | None = None
+    # Cells a test burst placed, chosen by position (None: none). The sweep's own errors
+    # land only on rejects: a drop band between them is never sampled by them.
+    tested: np.ndarray | None = None
 
     @property
     def unlabelled(self) -> int:
@@ -177,16 +196,20 @@ class Need:
 
     dst: int
     src: int
-    kind: str  # cheap | costly | search
+    kind: str  # cheap | costly | search | refine (see ``refinements``: costly too)
     weight: int
     group: tuple[int, int] | None = None  # a search's boundary (its points go together)
 
     @property
     def costly(self) -> bool:
-        return self.kind == "costly"
+        return self.kind in ("costly", "refine")
 
 
-def dark_runs(ledger: Ledger, confirms: dict[int, np.ndarray]) -> Iterator[Run]:
+def dark_runs(
+    ledger: Ledger,
+    confirms: dict[int, np.ndarray],
+    tested: dict[int, np.ndarray] | None = None,
+) -> Iterator[Run]:
     """Every dark run of the ledger, with its labels (see the module docstring)."""
     planned = np.flatnonzero(ledger.planned_mask())
     for d in ledger.dst_ports:
@@ -204,9 +227,17 @@ def dark_runs(ledger: Ledger, confirms: dict[int, np.ndarray]) -> Iterator[Run]:
             dropped = (state == PENDING) & (conf[planned] >= CONFIRMATIONS)
             labels[dropped] = D
             once = (state == PENDING) & (conf[planned] > 0) & ~dropped
+        placed = tested.get(d) if tested is not None else None
+        by_test = None if placed is None else placed[planned]
         edges = np.diff(np.r_[0, dark.astype(np.int8), 0])
         for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True):
-            yield Run(d, planned[a:b], labels[a:b], None if once is None else once[a:b])
+            yield Run(
+                d,
+                planned[a:b],
+                labels[a:b],
+                None if once is None else once[a:b],
+                None if by_test is None else by_test[a:b],
+            )
 
 
 def _nearest_u(labels: np.ndarray, lo: int, hi: int, at: int) -> int | None:
@@ -247,9 +278,14 @@ def needs(run: Run) -> list[tuple[int, str, int]]:
     for pos in (0, n - 1):  # both ends
         if labels[pos] == U:
             add(pos, expect_at(pos))
-    for k in range(min(SEGMENTS, n)):  # every eighth holds a label
+    # Every eighth holds a label a test placed: a drop (only tests find those) or a reject
+    # answered to a test (the sweep's own errors land only on rejects).
+    sampled = labels == D
+    if run.tested is not None:
+        sampled |= (labels != U) & run.tested
+    for k in range(min(SEGMENTS, n)):
         lo, hi = k * n // SEGMENTS, (k + 1) * n // SEGMENTS
-        if hi > lo and not (labels[lo:hi] != U).any():
+        if hi > lo and not sampled[lo:hi].any():
             mid = _nearest_u(labels, lo, hi, (lo + hi) // 2)
             if mid is not None and mid not in out:
                 add(mid, expect_at(mid))
@@ -300,14 +336,38 @@ def resolved(labels: np.ndarray) -> bool:
     return not bool((differ & (np.diff(labelled) > 1)).any())
 
 
+def refinements(run: Run) -> list[tuple[int, int]]:
+    """Midpoints of the gaps wider than ``MAX_GAP_REJECT`` between two rejects of one kind,
+    each with its gap's width. Not needed for a run to be settled (``needs``): tested while
+    the budget lasts, widest first, they find drop bands narrower than an eighth."""
+    labels = run.labels
+    labelled = np.flatnonzero(labels != U)
+    out: list[tuple[int, int]] = []
+    for a, b in pairwise(labelled.tolist()):
+        if labels[a] < 2 or labels[a] != labels[b] or b - a - 1 <= MAX_GAP_REJECT:
+            continue
+        mid = _nearest_u(labels, a + 1, b, (a + b) // 2)
+        if mid is not None:
+            out.append((mid, b - a - 1))
+    return out
+
+
 def all_needs(runs: Iterable[Run]) -> list[Need]:
-    """The needs of every run, bigger runs first (each run's own order kept)."""
+    """The needs of every run, bigger runs first (each run's own order kept); only when no
+    run needs anything, the refinements of every run, widest gap first (a boundary search
+    goes burst by burst, and refinements would make each burst wait for more tokens)."""
     found: list[Need] = []
+    finer: list[tuple[int, Need]] = []
     for i, run in enumerate(sorted(runs, key=lambda r: -len(r.srcs))):
         for pos, kind, group in needs(run):
             key = (i, group) if group >= 0 else None
             found.append(Need(run.dst, int(run.srcs[pos]), kind, len(run.srcs), key))
-    return found
+        for pos, gap in refinements(run):
+            finer.append((gap, Need(run.dst, int(run.srcs[pos]), "refine", len(run.srcs))))
+    if found:
+        return found
+    finer.sort(key=lambda t: -t[0])
+    return [n for _, n in finer]
 
 
 def limited(runs: Sequence[Run]) -> bool:
@@ -378,8 +438,11 @@ def conclude(ledger: Ledger, runs: Sequence[Run]) -> Conclusion:
     return out
 
 
-def verified_senders(ledger: Ledger) -> dict[str, tuple[int, int]]:
-    """Each sender of a verified ICMP error, with one cell it rejected (a control)."""
+def verified_senders(
+    ledger: Ledger, usable: Callable[[int, int], bool] | None = None
+) -> dict[str, tuple[int, int]]:
+    """Each sender of a verified ICMP error, with one cell it rejected (a control), the
+    first for which ``usable`` holds, if given."""
     found: dict[str, tuple[int, int]] = {}
     planned = ledger.planned_mask()
     for d in ledger.dst_ports:
@@ -392,7 +455,10 @@ def verified_senders(ledger: Ledger) -> dict[str, tuple[int, int]]:
             info = ledger.icmp_info(int(i))
             if info is None or not info.verified or info.sender in found:
                 continue
-            found[info.sender] = (d, int(rejected[np.flatnonzero(idx == i)[0]]))
+            for s in rejected[idx == i].tolist():
+                if usable is None or usable(d, s):
+                    found[info.sender] = (d, s)
+                    break
     return found
 
 

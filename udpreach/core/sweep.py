@@ -196,6 +196,9 @@ class _Burst:
     candidates: set[tuple[int, int]]
     answers: dict[str, int] = field(default_factory=dict)  # sender -> last index answered
     sent_at: float = 0.0
+    controls: dict[str, int] = field(default_factory=dict)  # sender -> its control's index
+    asked: dict[str, int] = field(default_factory=dict)  # sender -> tokens waited for
+    counts: dict[str, int] = field(default_factory=dict)  # sender -> errors it sent back
 
 
 @dataclass
@@ -302,6 +305,7 @@ class Sweep:
         # ICMP.
         self.senders: dict[str, silence.SenderBucket] = {}
         self._confirms: dict[int, np.ndarray] = {}
+        self._tested: dict[int, np.ndarray] = {}  # cells a test burst placed (by position)
         self._probe_started: float | None = None
         self.conclusion: silence.Conclusion | None = None
         # Recheck.
@@ -674,6 +678,7 @@ class Sweep:
             for i, sent in enumerate(burst.order):
                 if sent == key:
                     burst.answers[r.sender] = max(burst.answers.get(r.sender, -1), i)
+                    burst.counts[r.sender] = burst.counts.get(r.sender, 0) + 1
                     break
 
     def _note_pmtu(self, r: IcmpReport) -> None:
@@ -1175,13 +1180,25 @@ class Sweep:
                 + "; the sweep was repeated and the verdicts are from the repeat"
             )
             self.facts.epochs += 1
+            # The recheck's rejects may have emptied an ICMP sender's bucket: a repeat sent
+            # at once could then meet a reject range with no token left and see it silent,
+            # with nothing to say its silence is in doubt. It waits for a full bucket (at
+            # most Linux's burst of six at one a second).
+            refill = max(
+                (b.ready_at(silence.DEFAULT_BURST) for b in self.senders.values() if b.errors),
+                default=now,
+            )
             self.ledger = self.ledger.new_epoch()
             self.round = 0
             self._opened_rounds = []
             self.senders = {}
             self._confirms = {}
+            self._tested = {}
             if not self._begin_round(now):
                 self._start_probe(now)
+                return
+            limit = now + silence.DEFAULT_BURST * silence.DEFAULT_PERIOD
+            self._next_send = max(self._next_send, min(refill, limit))
             return
         if changed:
             self.facts.warnings.append(
@@ -1197,7 +1214,7 @@ class Sweep:
         if self._bytes_capped or self.settings.icmp_budget <= 0:
             self._conclude(now, tested=False)
             return
-        runs = list(silence.dark_runs(self.ledger, self._confirms))
+        runs = list(silence.dark_runs(self.ledger, self._confirms, self._tested))
         if not silence.limited(runs):
             self._conclude(now, tested=False)
             return
@@ -1222,8 +1239,8 @@ class Sweep:
         pending_confirms = self._unconfirmed(runs)
         if not wanted and not pending_confirms:
             return False
-        controls = {s: b.control for s, b in self.senders.items() if b.control is not None}
-        if not controls:
+        controls = self._controls()
+        if controls is None:
             return False
         # In sending order: cells expected to be drops (they spend no token), then the
         # boundary searches (one token each: the first reject of each), then expected
@@ -1237,27 +1254,53 @@ class Sweep:
         for n in wanted:
             if n.kind == "search" and n.group is not None and (n.dst, n.src) not in taken:
                 groups.setdefault(n.group, []).append((n.dst, n.src))
-        tokens_left = silence.DEFAULT_BURST - 1  # one is the control's
-        chosen = list(groups)[:tokens_left]
+        # Tokens the main sender can refill before the budget ends: near the end a smaller
+        # burst still fits (a boundary search needs only one, and its control one more).
+        main = max(self.senders.values(), key=lambda b: b.errors)
+        fit = math.ceil((started + budget - main.last_error) / main.period) - 1
+        tokens_left = min(silence.DEFAULT_BURST, fit)
+        if tokens_left < 1:
+            return False
+        chosen = list(groups)[: tokens_left - 1]
         searches = [cell for g in chosen for cell in groups[g]]
         taken.update(searches)
         costly = [(n.dst, n.src) for n in wanted if n.costly and (n.dst, n.src) not in taken]
-        costly = costly[: max(0 if chosen else 1, tokens_left - len(chosen))]
+        # The controls (one token of each sender) are what confirm drops; a burst of expected
+        # rejects alone needs none, unless one of them stayed silent in a test before (it may
+        # be a drop, or met an empty bucket).
+        led = self.ledger
+        need_controls = bool(cheap or chosen) or any(
+            self._was_tested(d, s) for d, s in costly[: tokens_left - len(chosen)]
+        )
+        costly = costly[: max(0, tokens_left - len(chosen) - int(need_controls))]
         tokens = len(chosen) + len(costly)
-        main = max(self.senders.values(), key=lambda b: b.errors)
-        ready = max(b.ready_at(tokens + 1 if b is main else 1) for b in self.senders.values())
+        ready = max(
+            b.ready_at(tokens + int(need_controls) if b is main else 1)
+            for b in self.senders.values()
+            if b is main or need_controls
+        )
         if ready - started >= budget:
             return False
         order: list[tuple[int, int]] = [*cheap, *searches, *costly]
-        order += [c for c in controls.values() if c]
-        led = self.ledger
+        order = [c for c in order if c not in controls.values()]
         seq: list[tuple[int, int, int]] = []
         for d, s in order:
             if self._may_send(d, s):
                 seq.append((d, s, int(led.view(d).sent[s]) + 1))
-        if not seq or not self._fits(len(seq)):
+        at: dict[str, int] = {}
+        for address, (d, s) in controls.items() if need_controls else ():
+            at[address] = len(seq)  # _controls chose cells that may be sent
+            seq.append((d, s, int(led.view(d).sent[s]) + 1))
+        if len(seq) == len(at) or not self._fits(len(seq)):
             return False
-        self._burst = _Burst(seq, set(cheap + searches + costly), sent_at=max(now, ready))
+        asked = {
+            a: tokens + int(need_controls) if b is main else 1
+            for a, b in self.senders.items()
+            if b is main or need_controls
+        }
+        self._burst = _Burst(
+            seq, set(cheap + searches + costly), sent_at=max(now, ready), controls=at, asked=asked
+        )
         # One burst, sent by _send_burst in a single Send: a queue of one.
         self._begin(Stage.PROBE, np.zeros(1, dtype=np.intp), {}, now, judging=False)
         self._next_send = max(now, ready)
@@ -1283,6 +1326,24 @@ class Sweep:
         burst.sent_at = now
         return Send(tuple(groups), len(burst.order))
 
+    def _controls(self) -> dict[str, tuple[int, int]] | None:
+        """One cell per ICMP sender that it rejected (verified) and that may be sent again;
+        None when a sender has none left: no silent cell can be confirmed without it."""
+        out: dict[str, tuple[int, int]] = {}
+        for address, b in self.senders.items():
+            if b.control is not None and self._may_send(*b.control):
+                out[address] = b.control
+        if len(out) < len(self.senders):
+            found = silence.verified_senders(self.ledger, usable=self._may_send)
+            for address, b in self.senders.items():
+                if address not in out and address in found:
+                    b.control = out[address] = found[address]
+        return out if out and len(out) == len(self.senders) else None
+
+    def _was_tested(self, dst: int, src: int) -> bool:
+        tested = self._tested.get(dst)
+        return tested is not None and bool(tested[src])
+
     def _unconfirmed(self, runs: list[silence.Run]) -> list[tuple[int, int]]:
         """Cells confirmed dropped once, awaiting their second test."""
         out: list[tuple[int, int]] = []
@@ -1299,26 +1360,35 @@ class Sweep:
         self._burst = None
         if burst is not None:
             self._judge_burst(burst)
-        runs = list(silence.dark_runs(self.ledger, self._confirms))
+        runs = list(silence.dark_runs(self.ledger, self._confirms, self._tested))
         if not self._next_burst(now, runs):
             self._conclude(now, tested=True)
 
     def _judge_burst(self, burst: _Burst) -> None:
         led = self.ledger
-        answered_all = all(s in burst.answers for s in self.senders if self.senders[s].control)
-        for address, bucket in self.senders.items():
-            last = burst.answers.get(address)
-            if bucket.control is None:
-                continue
-            if last is None:  # its bucket was empty: it refills slower than thought
-                bucket.period = min(silence.MAX_PERIOD, bucket.period * 2)
+        # A sender answered its control (the last cell it was sent) only if its bucket held
+        # a token for every reject of the burst. If it did not, and also sent back fewer
+        # errors than the tokens waited for, it refills slower than thought (a search's
+        # points on the reject side may take more tokens than the one counted for them).
+        answered_all = bool(burst.controls) or all(
+            burst.counts.get(a, 0) >= n for a, n in burst.asked.items()
+        )
+        for address, index in burst.controls.items():
+            if burst.answers.get(address, -1) < index:
+                answered_all = False
+                if burst.counts.get(address, 0) < burst.asked.get(address, 1):
+                    bucket = self.senders[address]
+                    bucket.period = min(silence.MAX_PERIOD, bucket.period * 1.5)
+        for d, s, _a in burst.order:
+            if (d, s) in burst.candidates:
+                tested = self._tested.get(d)
+                if tested is None:
+                    tested = self._tested[d] = np.zeros(65536, dtype=bool)
+                tested[s] = True
         if not burst.answers:
             return
         # A candidate is confirmed dropped when every sender answered something after it.
-        horizon = min(
-            (burst.answers.get(s, -1) for s, b in self.senders.items() if b.control is not None),
-            default=-1,
-        )
+        horizon = min((burst.answers.get(s, -1) for s in burst.controls), default=-1)
         for i, (d, s, _a) in enumerate(burst.order):
             if i >= horizon:
                 break
@@ -1332,9 +1402,9 @@ class Sweep:
                 conf = self._confirms[d] = np.zeros(65536, dtype=np.uint8)
             conf[s] = min(255, int(conf[s]) + 1)
         if answered_all:
-            for address in burst.answers:
+            for address in burst.controls or burst.asked:
                 b = self.senders[address]
-                b.period = max(silence.MIN_PERIOD, b.period * 0.9)
+                b.period = max(silence.MIN_PERIOD, b.period * 0.8)
 
     def _conclude(self, now: float, *, tested: bool) -> None:
         if not self._drained and self._needs_drain():
@@ -1343,7 +1413,7 @@ class Sweep:
             self._conclude_tested = tested
             self._begin(Stage.DRAIN, np.zeros(0, dtype=np.intp), {}, now, judging=False)
             return
-        runs = list(silence.dark_runs(self.ledger, self._confirms))
+        runs = list(silence.dark_runs(self.ledger, self._confirms, self._tested))
         if tested or silence.limited(runs):
             self.conclusion = silence.conclude(self.ledger, runs)
             self._icmp_warnings(tested)
