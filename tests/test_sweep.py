@@ -232,8 +232,8 @@ def test_a_sender_that_answers_fast_does_not_hide_drop_bands(
     """The sweep's own ICMP errors land only on rejects: with a sender that answers often
     they filled every eighth of a silent stretch, no test looked for drops there, and the
     drop bands between them came out rejected (inferred): 800-1,200 wrong cells in each of
-    these. Eighths are now sampled by tests placed by position, and wide gaps between
-    rejects are halved while the budget lasts."""
+    these. With such a sender the eighths are now sampled by tests placed by position, and
+    wide gaps between rejects are halved while the budget lasts."""
     path = Path(rules=rules, **limits)  # type: ignore[arg-type]
     sim, doc = run(path, src_ports="20000-45000")
     _strictly_right(sim, doc, path)
@@ -671,6 +671,37 @@ def test_a_limit_is_only_named_once_errors_came_after_the_burst() -> None:
     for t in (8.0, 8.001, 9.0):  # two tokens waited for, then one
         b.note(t)
     assert b.limiter() == (6, pytest.approx(1.0, rel=0.01))
+
+
+def test_a_sender_is_fast_when_its_errors_could_fill_the_eighths() -> None:
+    from udpreach.core.silence import SenderBucket
+
+    linux = SenderBucket(ROUTER)  # six at once, then one a second
+    for t in [0.0] * 6 + [1.0, 2.0, 3.0]:
+        linux.note(t)
+    assert not linux.fast()
+    ipv6 = SenderBucket(ROUTER, period=0.1)  # Linux's IPv6 default, as the sweep measured it
+    ipv6.note(0.0)
+    assert ipv6.fast()
+    host_wide = SenderBucket(ROUTER)  # a burst of 50 (icmp_msgs_per_sec's), then one a second
+    for t in [0.001 * k for k in range(50)] + [1.0]:
+        host_wide.note(t)
+    assert host_wide.fast()
+
+
+def test_only_errors_beyond_what_was_asked_lower_the_period() -> None:
+    """An answered burst says only that the wait was long enough: lowering the period on
+    that alone made a one-a-second sender's next burst miss its control, again and again.
+    Errors beyond the tokens waited for (the expected rejects sent after the controls) show
+    it refills faster; a missed control doubles it."""
+    fast = Path(rules=DEMO, icmp_rate=4.0, icmp_burst=20.0)
+    sim, doc = run(fast)
+    right(sim, doc, fast)
+    assert sim.sweep.senders[ROUTER].period < 0.5
+    linux = Path(rules=DEMO)
+    sim, doc = run(linux)
+    right(sim, doc, linux)
+    assert sim.sweep.senders[ROUTER].period == pytest.approx(1.0, rel=0.05)
 
 
 def test_errors_booked_at_one_instant_still_give_a_finite_limit() -> None:

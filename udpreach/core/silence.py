@@ -21,11 +21,8 @@ to be dropped and only as many expected rejects as the sender has had time to re
 The cells are not tested one by one. A *dark run* is a maximal run of planned source ports
 of one destination port between open (or untested) cells. Its cells carry labels: R (an
 error of its own, by ICMP type, code and sender), D (confirmed dropped) or none. A run is
-settled when both of its ends are labelled, every eighth of it holds a label a test placed
-(the sweep's own errors land only on rejects: a sender that answers often, every 100 ms as
-Linux does for IPv6, would otherwise fill every eighth with rejects and hide the drops
-between them), no two confirmed drops are more than ``MAX_GAP_DROP`` cells apart, and no
-two neighbouring labels
+settled when both of its ends are labelled, every eighth of it holds a label, no two
+confirmed drops are more than ``MAX_GAP_DROP`` cells apart, and no two neighbouring labels
 differ without an unlabelled cell between them being searched: between an R and a D (or two
 R of different details) points across the gap are tested, so a boundary costs a few tokens.
 Unlabelled cells between two labels of the same kind take that kind, *inferred*, but only in
@@ -40,10 +37,20 @@ between rejects (``MAX_GAP_REJECT``), so drop bands narrower than an eighth are 
 too. A band of the other kind narrower than the samples' spacing, alone in a run, can
 still pass unseen: the report counts every inferred cell as such.
 
+The sweep's own errors land only on rejects. From a sender that answers often (every 100 ms,
+as Linux does for IPv6; Cisco's 500 ms; a burst of 50) they are dense enough to fill every
+eighth with rejects and hide the drops between them, so with such a sender
+(``SenderBucket.fast``) an eighth needs a label a test placed by position. From Linux's
+IPv4 default (one a second after six) they are too few to fill the eighths, and a test
+costs a second, so there any label counts.
+
 A burst waits for as many tokens as it holds expected rejects, plus the controls: near the
 end of the budget it shrinks to what still fits, and a burst of expected rejects alone (a
 bisection between two kinds of reject) sends no control, so each of its steps costs one
-token. A control is any cell its sender rejected that may still be sent.
+token. A control is any cell its sender rejected that may still be sent. After the controls
+go as many expected rejects again: answered, they are free samples, and they show a sender
+that refills faster than its estimated period (the only thing that lowers it; a missed
+control doubles it).
 
 This module is pure: it reads the ledger's arrays and returns cells to test and the
 conclusions; the engine (``udpreach.core.sweep``) sends, waits and feeds back what came.
@@ -93,6 +100,9 @@ MAX_TURNS = 2
 SEARCH_POINTS = 16  # points tested across a reject/drop boundary in one burst
 MAX_BURST_CELLS = 256  # silent cells per test burst: the burst lasts a few ms at most
 DEFAULT_PERIOD = 1.0  # Linux's default: one error per second per destination
+# A sender that answers more often than this (Linux's IPv6 every 100 ms or less, Cisco's
+# 500 ms) fills every eighth with the sweep's own errors: its eighths need test-placed labels.
+FAST_PERIOD = 0.75
 MIN_PERIOD, MAX_PERIOD = 0.01, 8.0
 DEFAULT_BURST = 6  # Linux's XRLIM_BURST_FACTOR
 BURST_WINDOW = 0.25  # seconds after a sender's first error that still count as its burst
@@ -164,6 +174,14 @@ class SenderBucket:
         if burst != first:
             p = clamp(period(burst))
         return burst, p
+
+    def fast(self) -> bool:
+        """Whether its errors in the sweep were dense enough to fill a run's eighths: it
+        answers faster than ``FAST_PERIOD``, or its first burst held more than twice Linux's
+        six (a host-wide limit of 50)."""
+        t = self.times
+        first = int(np.searchsorted(np.asarray(t), t[0] + BURST_WINDOW, side="right")) if t else 0
+        return self.period < FAST_PERIOD or first > 2 * DEFAULT_BURST
 
     def ready_at(self, tokens: int) -> float:
         """When it will have refilled ``tokens`` tokens since it last answered."""
@@ -280,9 +298,9 @@ def needs(run: Run) -> list[tuple[int, str, int]]:
             add(pos, expect_at(pos))
     # Every eighth holds a label a test placed: a drop (only tests find those) or a reject
     # answered to a test (the sweep's own errors land only on rejects).
-    sampled = labels == D
-    if run.tested is not None:
-        sampled |= (labels != U) & run.tested
+    # (run.tested None: any label counts; see ``SenderBucket.fast``)
+    placed = run.tested
+    sampled = labels != U if placed is None else (labels == D) | ((labels != U) & placed)
     for k in range(min(SEGMENTS, n)):
         lo, hi = k * n // SEGMENTS, (k + 1) * n // SEGMENTS
         if hi > lo and not sampled[lo:hi].any():

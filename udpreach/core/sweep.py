@@ -199,6 +199,7 @@ class _Burst:
     controls: dict[str, int] = field(default_factory=dict)  # sender -> its control's index
     asked: dict[str, int] = field(default_factory=dict)  # sender -> tokens waited for
     counts: dict[str, int] = field(default_factory=dict)  # sender -> errors it sent back
+    since: float = 0.0  # the main sender's last error before the burst
 
 
 @dataclass
@@ -306,6 +307,7 @@ class Sweep:
         self.senders: dict[str, silence.SenderBucket] = {}
         self._confirms: dict[int, np.ndarray] = {}
         self._tested: dict[int, np.ndarray] = {}  # cells a test burst placed (by position)
+        self._fast_icmp = False  # see _placed
         self._probe_started: float | None = None
         self.conclusion: silence.Conclusion | None = None
         # Recheck.
@@ -1214,7 +1216,7 @@ class Sweep:
         if self._bytes_capped or self.settings.icmp_budget <= 0:
             self._conclude(now, tested=False)
             return
-        runs = list(silence.dark_runs(self.ledger, self._confirms, self._tested))
+        runs = list(silence.dark_runs(self.ledger, self._confirms, self._placed()))
         if not silence.limited(runs):
             self._conclude(now, tested=False)
             return
@@ -1227,6 +1229,7 @@ class Sweep:
             measured = bucket.measured_period()
             if measured is not None:
                 bucket.period = measured
+        self._fast_icmp = any(b.fast() for b in self.senders.values())
         if not self._next_burst(now, runs):
             self._conclude(now, tested=True)
 
@@ -1272,6 +1275,7 @@ class Sweep:
         need_controls = bool(cheap or chosen) or any(
             self._was_tested(d, s) for d, s in costly[: tokens_left - len(chosen)]
         )
+        wanted_costly = costly
         costly = costly[: max(0, tokens_left - len(chosen) - int(need_controls))]
         tokens = len(chosen) + len(costly)
         ready = max(
@@ -1291,6 +1295,12 @@ class Sweep:
         for address, (d, s) in controls.items() if need_controls else ():
             at[address] = len(seq)  # _controls chose cells that may be sent
             seq.append((d, s, int(led.view(d).sent[s]) + 1))
+        # After the controls, as many expected rejects again: answered, they are samples
+        # the wait did not pay for, and show the sender refills faster than thought.
+        extra = [c for c in wanted_costly[len(costly) :] if c not in controls.values()]
+        for d, s in extra[: tokens + 1] if at else ():
+            if self._may_send(d, s):
+                seq.append((d, s, int(led.view(d).sent[s]) + 1))
         if len(seq) == len(at) or not self._fits(len(seq)):
             return False
         asked = {
@@ -1299,7 +1309,12 @@ class Sweep:
             if b is main or need_controls
         }
         self._burst = _Burst(
-            seq, set(cheap + searches + costly), sent_at=max(now, ready), controls=at, asked=asked
+            seq,
+            set(cheap + searches + costly),
+            sent_at=max(now, ready),
+            controls=at,
+            asked=asked,
+            since=main.last_error,
         )
         # One burst, sent by _send_burst in a single Send: a queue of one.
         self._begin(Stage.PROBE, np.zeros(1, dtype=np.intp), {}, now, judging=False)
@@ -1340,6 +1355,14 @@ class Sweep:
                     b.control = out[address] = found[address]
         return out if out and len(out) == len(self.senders) else None
 
+    def _placed(self) -> dict[int, np.ndarray] | None:
+        """The cells tests placed, for the rule that every eighth of a dark run holds a label a
+        test placed; None (any label counts) unless a sender's errors in the sweep were dense
+        (``silence.SenderBucket.fast``): a slow sender's are too few to fill the eighths, and
+        a test's token costs it a second. Decided once, when the tests start (the period
+        adapted burst by burst must not change what is needed)."""
+        return self._tested if self._fast_icmp else None
+
     def _was_tested(self, dst: int, src: int) -> bool:
         tested = self._tested.get(dst)
         return tested is not None and bool(tested[src])
@@ -1360,7 +1383,7 @@ class Sweep:
         self._burst = None
         if burst is not None:
             self._judge_burst(burst)
-        runs = list(silence.dark_runs(self.ledger, self._confirms, self._tested))
+        runs = list(silence.dark_runs(self.ledger, self._confirms, self._placed()))
         if not self._next_burst(now, runs):
             self._conclude(now, tested=True)
 
@@ -1401,10 +1424,16 @@ class Sweep:
             if conf is None:
                 conf = self._confirms[d] = np.zeros(65536, dtype=np.uint8)
             conf[s] = min(255, int(conf[s]) + 1)
+        # A sender that answered more than it was asked for had refilled more tokens than
+        # thought since its last error: its period is at most that wait over the count.
+        # (Nothing else lowers it: an answered burst only says the wait was long enough.)
         if answered_all:
             for address in burst.controls or burst.asked:
                 b = self.senders[address]
-                b.period = max(silence.MIN_PERIOD, b.period * 0.8)
+                n = burst.counts.get(address, 0)
+                wait = burst.sent_at - burst.since
+                if n > burst.asked.get(address, 1) and wait > 0:
+                    b.period = max(silence.MIN_PERIOD, min(b.period, wait / n))
 
     def _conclude(self, now: float, *, tested: bool) -> None:
         if not self._drained and self._needs_drain():
@@ -1413,7 +1442,7 @@ class Sweep:
             self._conclude_tested = tested
             self._begin(Stage.DRAIN, np.zeros(0, dtype=np.intp), {}, now, judging=False)
             return
-        runs = list(silence.dark_runs(self.ledger, self._confirms, self._tested))
+        runs = list(silence.dark_runs(self.ledger, self._confirms, self._placed()))
         if tested or silence.limited(runs):
             self.conclusion = silence.conclude(self.ledger, runs)
             self._icmp_warnings(tested)
