@@ -239,6 +239,22 @@ def test_a_sender_that_answers_fast_does_not_hide_drop_bands(
     _strictly_right(sim, doc, path)
 
 
+@pytest.mark.parametrize(
+    "drop",
+    [(35630, 36829), (35000, 35599)],
+    ids=["between-two-eighths-middles", "inside-one-eighth"],
+)
+def test_a_drop_band_one_port_finds_is_looked_for_on_the_others(drop: tuple[int, int]) -> None:
+    """A drop band inside a 10,000-port reject range, two destination ports, Linux's IPv4
+    limit. The first band sits between the middles of two eighths, where every port's
+    samples went: the lab reported all of it rejected (inferred) on both ports, run after
+    run. Ports now sample at different points of their eighths, and a drop one port's
+    tests confirm is tested on the others (free if it is a drop there too)."""
+    path = Path(rules=[Rule("reject", (30000, 39999)), Rule("drop", drop)])
+    sim, doc = run(path, dst_ports=(5000, 5001))
+    _strictly_right(sim, doc, path)
+
+
 def test_two_kinds_of_reject_side_by_side_are_split_within_the_budget() -> None:
     """Two reject rules with different ICMP codes, at Linux's default limit: the boundary is
     bisected one token at a time, and a burst of expected rejects alone spends no token on

@@ -37,6 +37,10 @@ between rejects (``MAX_GAP_REJECT``), so drop bands narrower than an eighth are 
 too. A band of the other kind narrower than the samples' spacing, alone in a run, can
 still pass unseen: the report counts every inferred cell as such.
 
+Destination ports of one plan place their eighths' samples at different points (a rule by
+source port applies to all of them), and a drop one port's tests confirmed is tested on the
+other ports where they hold no label (``hints``): as an expected drop, it costs no token.
+
 The sweep's own errors land only on rejects. From a sender that answers often (every 100 ms,
 as Linux does for IPv6; Cisco's 500 ms; a burst of 50) they are dense enough to fill every
 eighth with rejects and hide the drops between them, so with such a sender
@@ -202,6 +206,11 @@ class Run:
     # Cells a test burst placed, chosen by position (None: none). The sweep's own errors
     # land only on rejects: a drop band between them is never sampled by them.
     tested: np.ndarray | None = None
+    # Where in each eighth its sample goes (0.5: the middle). Destination ports of one plan
+    # sample at different points: a rule by source port applies to all of them, so together
+    # they sample the source ports more densely (a band between one port's samples is
+    # under another's).
+    phase: float = 0.5
 
     @property
     def unlabelled(self) -> int:
@@ -247,6 +256,7 @@ def dark_runs(
             once = (state == PENDING) & (conf[planned] > 0) & ~dropped
         placed = tested.get(d) if tested is not None else None
         by_test = None if placed is None else placed[planned]
+        phase = (ledger.dst_ports.index(d) + 0.5) / len(ledger.dst_ports)
         edges = np.diff(np.r_[0, dark.astype(np.int8), 0])
         for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True):
             yield Run(
@@ -255,6 +265,7 @@ def dark_runs(
                 labels[a:b],
                 None if once is None else once[a:b],
                 None if by_test is None else by_test[a:b],
+                phase,
             )
 
 
@@ -304,7 +315,7 @@ def needs(run: Run) -> list[tuple[int, str, int]]:
     for k in range(min(SEGMENTS, n)):
         lo, hi = k * n // SEGMENTS, (k + 1) * n // SEGMENTS
         if hi > lo and not sampled[lo:hi].any():
-            mid = _nearest_u(labels, lo, hi, (lo + hi) // 2)
+            mid = _nearest_u(labels, lo, hi, lo + int((hi - lo) * run.phase))
             if mid is not None and mid not in out:
                 add(mid, expect_at(mid))
     for a, b in pairwise(labelled.tolist()):  # drop gaps too wide to infer across
@@ -370,18 +381,53 @@ def refinements(run: Run) -> list[tuple[int, int]]:
     return out
 
 
+def hints(runs: Sequence[Run]) -> list[tuple[Run, int]]:
+    """Cells to test because another destination port's run has confirmed drops there: a
+    rule by source port applies to every destination port, so a drop band one port's
+    samples found may sit unseen between another's. One per (run, stretch of drops) with
+    no label of that run inside, at its middle; tested as an expected drop (no token, or
+    one if that port rejects there, after which the stretch holds a label)."""
+    stretches: list[tuple[int, int, int]] = []  # (dst, first src, last src) of drops
+    for run in runs:
+        labelled = np.flatnonzero(run.labels != U)
+        is_d = run.labels[labelled] == D
+        if not is_d.any():
+            continue
+        # maximal groups of drops with no other label between them
+        edges = np.diff(np.r_[0, is_d.astype(np.int8), 0])
+        for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True):
+            first, last = run.srcs[labelled[a]], run.srcs[labelled[b - 1]]
+            stretches.append((run.dst, int(first), int(last)))
+    out: list[tuple[Run, int]] = []
+    for run in runs:
+        for dst, first, last in stretches:
+            if dst == run.dst:
+                continue
+            lo = int(np.searchsorted(run.srcs, first))
+            hi = int(np.searchsorted(run.srcs, last, side="right"))
+            if hi > lo and not (run.labels[lo:hi] != U).any():
+                pos = _nearest_u(run.labels, lo, hi, (lo + hi) // 2)
+                if pos is not None:
+                    out.append((run, pos))
+    return out
+
+
 def all_needs(runs: Iterable[Run]) -> list[Need]:
-    """The needs of every run, bigger runs first (each run's own order kept); only when no
-    run needs anything, the refinements of every run, widest gap first (a boundary search
-    goes burst by burst, and refinements would make each burst wait for more tokens)."""
+    """The needs of every run, bigger runs first (each run's own order kept), then the
+    ``hints`` of other destination ports' drops; only when no run needs anything, the
+    refinements of every run, widest gap first (a boundary search goes burst by burst, and
+    refinements would make each burst wait for more tokens)."""
     found: list[Need] = []
     finer: list[tuple[int, Need]] = []
-    for i, run in enumerate(sorted(runs, key=lambda r: -len(r.srcs))):
+    ordered = sorted(runs, key=lambda r: -len(r.srcs))
+    for i, run in enumerate(ordered):
         for pos, kind, group in needs(run):
             key = (i, group) if group >= 0 else None
             found.append(Need(run.dst, int(run.srcs[pos]), kind, len(run.srcs), key))
         for pos, gap in refinements(run):
             finer.append((gap, Need(run.dst, int(run.srcs[pos]), "refine", len(run.srcs))))
+    for run, pos in hints(ordered):
+        found.append(Need(run.dst, int(run.srcs[pos]), "cheap", len(run.srcs)))
     if found:
         return found
     finer.sort(key=lambda t: -t[0])
