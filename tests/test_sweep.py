@@ -255,6 +255,26 @@ def test_a_drop_band_one_port_finds_is_looked_for_on_the_others(drop: tuple[int,
     _strictly_right(sim, doc, path)
 
 
+def test_a_silent_expected_reject_before_an_answered_one_is_a_drop() -> None:
+    """A burst of expected rejects alone has no control; a refinement point inside a drop
+    band, silent while a later cell of the burst was answered, is the same evidence as a
+    control's answer. The review found it thrown away, and the band inferred rejected (a
+    slow sweep: its own errors fill the eighths, so the band is only found by refining)."""
+    path = Path(rules=[Rule("reject", (30000, 39999)), Rule("drop", (35100, 35299))])
+    sim, doc = run(path, src_ports="30000-39999", rate=500)
+    _strictly_right(sim, doc, path)
+
+
+def test_a_port_never_tested_still_needs_samples_a_test_placed() -> None:
+    """A fast sender's burst (1,650 errors at once) labelled both ends of the run: no test
+    had been placed on the port yet, and it escaped the rule that eighths need test-placed
+    labels (0 test bursts, 200 drops inferred rejected)."""
+    rules = [Rule("reject", (30000, 31999)), Rule("drop", (31050, 31249))]
+    path = Path(rules=rules, icmp_rate=10, icmp_burst=1650)
+    sim, doc = run(path, src_ports="30000-31999")
+    _strictly_right(sim, doc, path)
+
+
 def test_two_kinds_of_reject_side_by_side_are_split_within_the_budget() -> None:
     """Two reject rules with different ICMP codes, at Linux's default limit: the boundary is
     bisected one token at a time, and a burst of expected rejects alone spends no token on

@@ -44,9 +44,10 @@ other ports where they hold no label (``hints``): as an expected drop, it costs 
 The sweep's own errors land only on rejects. From a sender that answers often (every 100 ms,
 as Linux does for IPv6; Cisco's 500 ms; a burst of 50) they are dense enough to fill every
 eighth with rejects and hide the drops between them, so with such a sender
-(``SenderBucket.fast``) an eighth needs a label a test placed by position. From Linux's
-IPv4 default (one a second after six) they are too few to fill the eighths, and a test
-costs a second, so there any label counts.
+(``SenderBucket.fast``), or where they are spread over more than half of a run's eighths
+anyway (a slow sweep), an eighth needs a label a test placed by position. From Linux's IPv4
+default (one a second after six) in an ordinary sweep they are too few to fill the eighths,
+and a test costs a second, so there any label counts.
 
 A burst waits for as many tokens as it holds expected rejects, plus the controls: near the
 end of the budget it shrinks to what still fits, and a burst of expected rejects alone (a
@@ -54,7 +55,7 @@ bisection between two kinds of reject) sends no control, so each of its steps co
 token. A control is any cell its sender rejected that may still be sent. After the controls
 go as many expected rejects again: answered, they are free samples, and they show a sender
 that refills faster than its estimated period (the only thing that lowers it; a missed
-control doubles it).
+control raises it by half).
 
 This module is pure: it reads the ledger's arrays and returns cells to test and the
 conclusions; the engine (``udpreach.core.sweep``) sends, waits and feeds back what came.
@@ -211,6 +212,9 @@ class Run:
     # they sample the source ports more densely (a band between one port's samples is
     # under another's).
     phase: float = 0.5
+    # Every eighth needs a label a test placed, whatever the sweep's errors (a fast sender:
+    # ``SenderBucket.fast``).
+    strict: bool = False
 
     @property
     def unlabelled(self) -> int:
@@ -236,6 +240,8 @@ def dark_runs(
     ledger: Ledger,
     confirms: dict[int, np.ndarray],
     tested: dict[int, np.ndarray] | None = None,
+    *,
+    strict: bool = False,
 ) -> Iterator[Run]:
     """Every dark run of the ledger, with its labels (see the module docstring)."""
     planned = np.flatnonzero(ledger.planned_mask())
@@ -254,8 +260,10 @@ def dark_runs(
             dropped = (state == PENDING) & (conf[planned] >= CONFIRMATIONS)
             labels[dropped] = D
             once = (state == PENDING) & (conf[planned] > 0) & ~dropped
-        placed = tested.get(d) if tested is not None else None
-        by_test = None if placed is None else placed[planned]
+        by_test = None
+        if tested is not None:
+            placed = tested.get(d)
+            by_test = placed[planned] if placed is not None else np.zeros(len(planned), bool)
         phase = (ledger.dst_ports.index(d) + 0.5) / len(ledger.dst_ports)
         edges = np.diff(np.r_[0, dark.astype(np.int8), 0])
         for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True):
@@ -266,6 +274,7 @@ def dark_runs(
                 None if once is None else once[a:b],
                 None if by_test is None else by_test[a:b],
                 phase,
+                strict,
             )
 
 
@@ -309,9 +318,19 @@ def needs(run: Run) -> list[tuple[int, str, int]]:
             add(pos, expect_at(pos))
     # Every eighth holds a label a test placed: a drop (only tests find those) or a reject
     # answered to a test (the sweep's own errors land only on rejects).
-    # (run.tested None: any label counts; see ``SenderBucket.fast``)
+    # Which labels count for the eighths: any, unless the sweep's own errors (rejects no test
+    # placed) are spread over more than half of them (a fast sender, or a slow sweep), or the
+    # run is ``strict``: then only drops and labels a test placed.
+    sampled = labels != U
     placed = run.tested
-    sampled = labels != U if placed is None else (labels == D) | ((labels != U) & placed)
+    if placed is not None:
+        swept = (labels >= 2) & ~placed
+        filled = sum(
+            bool(swept[k * n // SEGMENTS : (k + 1) * n // SEGMENTS].any())
+            for k in range(min(SEGMENTS, n))
+        )
+        if run.strict or filled > SEGMENTS // 2:
+            sampled = (labels == D) | ((labels != U) & placed)
     for k in range(min(SEGMENTS, n)):
         lo, hi = k * n // SEGMENTS, (k + 1) * n // SEGMENTS
         if hi > lo and not sampled[lo:hi].any():

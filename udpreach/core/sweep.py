@@ -200,6 +200,7 @@ class _Burst:
     asked: dict[str, int] = field(default_factory=dict)  # sender -> tokens waited for
     counts: dict[str, int] = field(default_factory=dict)  # sender -> errors it sent back
     since: float = 0.0  # the main sender's last error before the burst
+    main: str = ""  # the main sender (the one whose tokens the burst waited for)
 
 
 @dataclass
@@ -1216,11 +1217,6 @@ class Sweep:
         if self._bytes_capped or self.settings.icmp_budget <= 0:
             self._conclude(now, tested=False)
             return
-        runs = list(silence.dark_runs(self.ledger, self._confirms, self._placed()))
-        if not silence.limited(runs):
-            self._conclude(now, tested=False)
-            return
-        self._probe_started = now
         for address, cell in silence.verified_senders(self.ledger).items():
             bucket = self.senders.get(address)
             if bucket is None:
@@ -1229,7 +1225,16 @@ class Sweep:
             measured = bucket.measured_period()
             if measured is not None:
                 bucket.period = measured
+        # Whether every eighth needs a label a test placed (see silence.needs): decided once,
+        # from the sweep's errors (the period adapted burst by burst must not change it).
         self._fast_icmp = any(b.fast() for b in self.senders.values())
+        runs = list(
+            silence.dark_runs(self.ledger, self._confirms, self._tested, strict=self._fast_icmp)
+        )
+        if not silence.limited(runs):
+            self._conclude(now, tested=False)
+            return
+        self._probe_started = now
         if not self._next_burst(now, runs):
             self._conclude(now, tested=True)
 
@@ -1315,6 +1320,7 @@ class Sweep:
             controls=at,
             asked=asked,
             since=main.last_error,
+            main=main.address,
         )
         # One burst, sent by _send_burst in a single Send: a queue of one.
         self._begin(Stage.PROBE, np.zeros(1, dtype=np.intp), {}, now, judging=False)
@@ -1355,14 +1361,6 @@ class Sweep:
                     b.control = out[address] = found[address]
         return out if out and len(out) == len(self.senders) else None
 
-    def _placed(self) -> dict[int, np.ndarray] | None:
-        """The cells tests placed, for the rule that every eighth of a dark run holds a label a
-        test placed; None (any label counts) unless a sender's errors in the sweep were dense
-        (``silence.SenderBucket.fast``): a slow sender's are too few to fill the eighths, and
-        a test's token costs it a second. Decided once, when the tests start (the period
-        adapted burst by burst must not change what is needed)."""
-        return self._tested if self._fast_icmp else None
-
     def _was_tested(self, dst: int, src: int) -> bool:
         tested = self._tested.get(dst)
         return tested is not None and bool(tested[src])
@@ -1383,7 +1381,9 @@ class Sweep:
         self._burst = None
         if burst is not None:
             self._judge_burst(burst)
-        runs = list(silence.dark_runs(self.ledger, self._confirms, self._placed()))
+        runs = list(
+            silence.dark_runs(self.ledger, self._confirms, self._tested, strict=self._fast_icmp)
+        )
         if not self._next_burst(now, runs):
             self._conclude(now, tested=True)
 
@@ -1402,8 +1402,8 @@ class Sweep:
                 if burst.counts.get(address, 0) < burst.asked.get(address, 1):
                     bucket = self.senders[address]
                     bucket.period = min(silence.MAX_PERIOD, bucket.period * 1.5)
-        for d, s, _a in burst.order:
-            if (d, s) in burst.candidates:
+        for i, (d, s, _a) in enumerate(burst.order):
+            if i not in burst.controls.values():  # chosen by position (controls are not)
                 tested = self._tested.get(d)
                 if tested is None:
                     tested = self._tested[d] = np.zeros(65536, dtype=bool)
@@ -1411,7 +1411,10 @@ class Sweep:
         if not burst.answers:
             return
         # A candidate is confirmed dropped when every sender answered something after it.
-        horizon = min((burst.answers.get(s, -1) for s in burst.controls), default=-1)
+        # (A burst without controls: every sender must have answered something after it.)
+        horizon = min(
+            (burst.answers.get(s, -1) for s in burst.controls or self.senders), default=-1
+        )
         for i, (d, s, _a) in enumerate(burst.order):
             if i >= horizon:
                 break
@@ -1427,13 +1430,12 @@ class Sweep:
         # A sender that answered more than it was asked for had refilled more tokens than
         # thought since its last error: its period is at most that wait over the count.
         # (Nothing else lowers it: an answered burst only says the wait was long enough.)
-        if answered_all:
-            for address in burst.controls or burst.asked:
-                b = self.senders[address]
-                n = burst.counts.get(address, 0)
-                wait = burst.sent_at - burst.since
-                if n > burst.asked.get(address, 1) and wait > 0:
-                    b.period = max(silence.MIN_PERIOD, min(b.period, wait / n))
+        if answered_all and burst.main in self.senders:
+            b = self.senders[burst.main]
+            n = burst.counts.get(burst.main, 0)
+            wait = burst.sent_at - burst.since
+            if n > burst.asked.get(burst.main, 1) and wait > 0:
+                b.period = max(silence.MIN_PERIOD, min(b.period, wait / n))
 
     def _conclude(self, now: float, *, tested: bool) -> None:
         if not self._drained and self._needs_drain():
@@ -1442,7 +1444,9 @@ class Sweep:
             self._conclude_tested = tested
             self._begin(Stage.DRAIN, np.zeros(0, dtype=np.intp), {}, now, judging=False)
             return
-        runs = list(silence.dark_runs(self.ledger, self._confirms, self._placed()))
+        runs = list(
+            silence.dark_runs(self.ledger, self._confirms, self._tested, strict=self._fast_icmp)
+        )
         if tested or silence.limited(runs):
             self.conclusion = silence.conclude(self.ledger, runs)
             self._icmp_warnings(tested)
