@@ -188,6 +188,13 @@ class SenderBucket:
         first = int(np.searchsorted(np.asarray(t), t[0] + BURST_WINDOW, side="right")) if t else 0
         return self.period < FAST_PERIOD or first > 2 * DEFAULT_BURST
 
+    def uncapped(self) -> bool:
+        """Whether it answered like a router without an ICMP limit: more errors at once than
+        any limit lets through (four times a host-wide burst of 50)."""
+        t = self.times
+        first = int(np.searchsorted(np.asarray(t), t[0] + BURST_WINDOW, side="right")) if t else 0
+        return first > 4 * 50
+
     def ready_at(self, tokens: int) -> float:
         """When it will have refilled ``tokens`` tokens since it last answered."""
         return self.last_error + self.period * max(1, tokens)
@@ -453,10 +460,17 @@ def all_needs(runs: Iterable[Run]) -> list[Need]:
     return [n for _, n in finer]
 
 
-def limited(runs: Sequence[Run]) -> bool:
-    """Whether silence is in doubt: some dark run holds both a verified reject of its own
-    and unlabelled cells (a sender that answered some of its cells and not others)."""
-    return any((r.labels >= 2).any() and (r.labels == U).any() for r in runs)
+def limited(runs: Sequence[Run], *, across: bool = True) -> bool:
+    """Whether silence is in doubt: some dark run holds both a verified reject and
+    unlabelled cells, or (``across``) some run holds a reject and another unlabelled cells.
+    A router limits its errors per destination (our probe), not per run: rejects on single
+    ports (every other port, say) make dark runs of one cell each, a few answered and the
+    rest silent, and the silent ones are as likely rejected. ``across`` is off only when
+    every sender answered without a cap (``SenderBucket.uncapped``)."""
+    if any((r.labels >= 2).any() and (r.labels == U).any() for r in runs):
+        return True
+    rejects = any((r.labels >= 2).any() for r in runs)
+    return across and rejects and any((r.labels == U).any() for r in runs)
 
 
 @dataclass

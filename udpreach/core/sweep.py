@@ -1231,7 +1231,7 @@ class Sweep:
         runs = list(
             silence.dark_runs(self.ledger, self._confirms, self._tested, strict=self._fast_icmp)
         )
-        if not silence.limited(runs):
+        if not silence.limited(runs, across=self._capped()):
             self._conclude(now, tested=False)
             return
         self._probe_started = now
@@ -1361,6 +1361,10 @@ class Sweep:
                     b.control = out[address] = found[address]
         return out if out and len(out) == len(self.senders) else None
 
+    def _capped(self) -> bool:
+        """Whether some ICMP sender may have capped its errors (see ``silence.limited``)."""
+        return not self.senders or not all(b.uncapped() for b in self.senders.values())
+
     def _was_tested(self, dst: int, src: int) -> bool:
         tested = self._tested.get(dst)
         return tested is not None and bool(tested[src])
@@ -1447,7 +1451,7 @@ class Sweep:
         runs = list(
             silence.dark_runs(self.ledger, self._confirms, self._tested, strict=self._fast_icmp)
         )
-        if tested or silence.limited(runs):
+        if tested or silence.limited(runs, across=self._capped()):
             self.conclusion = silence.conclude(self.ledger, runs)
             self._icmp_warnings(tested)
         self._finish(True)
