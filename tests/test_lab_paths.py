@@ -290,6 +290,32 @@ def test_reject_and_drop_mixed_in_one_dark_run_are_never_guessed(tmp_path: Path)
         check_right(code, doc, err, lr, truth)
 
 
+def test_rejects_on_single_ports_are_never_called_blocked(tmp_path: Path) -> None:
+    """Rejects on single ports between open ones: on 5000 every odd port of 40000-40999,
+    on 5001 twenty single ports. Each makes a dark run of one cell; the sweep's errors
+    answered a few, and the silent rest were reported plainly `blocked` (silence was in
+    doubt only within one run). Each must now be rejected, or `blocked` within its
+    range's icmp_limited count. The budget is cut to 6 s to keep the suite short: the
+    verdicts must be right with any budget (a shorter one only leaves more unknown)."""
+    singles = ", ".join(str(p) for p in range(40000, 42000, 100))
+    policy = rules(
+        "udp dport 5000 udp sport 40000-40999 udp sport & 1 == 1 "
+        "reject with icmpx type admin-prohibited",
+        f"udp dport 5001 udp sport {{ {singles} }} reject with icmpx type admin-prohibited",
+    )
+
+    def truth(d: int, s: int) -> str:
+        if d == 5000:
+            return "rejected" if 40000 <= s <= 40999 and s % 2 == 1 else "open"
+        return "rejected" if 40000 <= s < 42000 and s % 100 == 0 else "open"
+
+    with lab_udpreach(policy, tmp_path, ports="5000,5001") as lr:
+        code, doc, err = timed_run(lr, "--src-ports", "38000-42999", "--icmp-budget", "6")
+        check_right(code, doc, err, lr, truth)
+    why = context(code, doc, err, lr)
+    assert doc["probe_stats"]["icmp_tests"] >= 1, why
+
+
 # --- 3. a policer on one port band ------------------------------------------------------------
 
 
