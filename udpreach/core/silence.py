@@ -37,6 +37,10 @@ between rejects (``MAX_GAP_REJECT``), so drop bands narrower than an eighth are 
 too. A band of the other kind narrower than the samples' spacing, alone in a run, can
 still pass unseen: the report counts every inferred cell as such.
 
+Silence is in doubt (``limited``) wherever a sender rejected anything: its limit is per
+destination (our probe), not per run, so rejects on single ports between open ones (dark
+runs of one cell, a few answered by the sweep and the rest silent) are tested too.
+
 Destination ports of one plan place their eighths' samples at different points (a rule by
 source port applies to all of them), and a drop one port's tests confirmed is tested on the
 other ports where they hold no label (``hints``): as an expected drop, it costs no token.
