@@ -308,7 +308,7 @@ class Sweep:
         self.senders: dict[str, silence.SenderBucket] = {}
         self._confirms: dict[int, np.ndarray] = {}
         self._tested: dict[int, np.ndarray] = {}  # cells a test burst placed (by position)
-        self._fast_icmp = False  # see _placed
+        self._fast_icmp = False  # a fast ICMP sender: see _start_probe and silence.needs
         self._probe_started: float | None = None
         self.conclusion: silence.Conclusion | None = None
         # Recheck.
@@ -1197,6 +1197,7 @@ class Sweep:
             self.senders = {}
             self._confirms = {}
             self._tested = {}
+            self._fast_icmp = False
             if not self._begin_round(now):
                 self._start_probe(now)
                 return
