@@ -39,7 +39,8 @@ still pass unseen: the report counts every inferred cell as such.
 
 Silence is in doubt (``limited``) wherever a sender rejected anything: its limit is per
 destination (our probe), not per run, so rejects on single ports between open ones (dark
-runs of one cell, a few answered by the sweep and the rest silent) are tested too.
+runs of one cell, a few answered by the sweep and the rest silent) are tested too; only a
+sender that answered without any cap (hundreds of errors at once) leaves silence alone.
 
 Destination ports of one plan place their eighths' samples at different points (a rule by
 source port applies to all of them), and a drop one port's tests confirmed is tested on the
