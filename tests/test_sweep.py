@@ -156,6 +156,13 @@ class _Every(Rule):
         return super().matches(dst, src) and self.pick(src)
 
 
+# An ECMP pair out of step: the member a flow hashes to rejects or drops.
+_ECMP = [
+    _Every("reject", (30000, 31999), lambda x: (x * 2654435761) >> 16 & 1 == 0),
+    _Every("drop", (30000, 31999), lambda x: (x * 2654435761) >> 16 & 1 == 1),
+]
+
+
 def _strictly_right(sim: SimRun, doc: dict, path: Path) -> None:
     """Every cell right, a blocked range's rejects no more than its icmp_limited count (the
     cells the run says it could not tell apart), and every planned cell in one range."""
@@ -174,9 +181,7 @@ def _strictly_right(sim: SimRun, doc: dict, path: Path) -> None:
         # even ports rejected, odd ones dropped
         [_Every("reject", (30000, 30999), lambda x: x % 2 == 0),
          _Every("drop", (30000, 30999), lambda x: x % 2 == 1)],
-        # an ECMP pair out of step: the member a flow hashes to rejects or drops
-        [_Every("reject", (30000, 31999), lambda x: (x * 2654435761) >> 16 & 1 == 0),
-         _Every("drop", (30000, 31999), lambda x: (x * 2654435761) >> 16 & 1 == 1)],
+        _ECMP,
     ],
     ids=["64-port-bands", "parity", "ecmp-hash"],
 )  # fmt: skip
@@ -206,10 +211,6 @@ _RDR = [
     Rule("reject", (30000, 34999)),
     Rule("drop", (35000, 35999)),
     Rule("reject", (36000, 40999)),
-]
-_ECMP = [
-    _Every("reject", (30000, 31999), lambda x: (x * 2654435761) >> 16 & 1 == 0),
-    _Every("drop", (30000, 31999), lambda x: (x * 2654435761) >> 16 & 1 == 1),
 ]
 
 

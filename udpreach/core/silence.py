@@ -158,7 +158,7 @@ class SenderBucket:
         burst, and guarded by control cells), not by this."""
         t = np.asarray(self.times, dtype=np.float64)
         n = len(t)
-        first = int(np.searchsorted(t, t[0] + BURST_WINDOW, side="right")) if n else 0
+        first = self.first_burst()
         if n - first < 2:
             return None
 
@@ -185,20 +185,21 @@ class SenderBucket:
             p = clamp(period(burst))
         return burst, p
 
+    def first_burst(self) -> int:
+        """How many of its errors came within ``BURST_WINDOW`` of its first."""
+        t = self.times
+        return int(np.searchsorted(np.asarray(t), t[0] + BURST_WINDOW, side="right")) if t else 0
+
     def fast(self) -> bool:
         """Whether its errors in the sweep were dense enough to fill a run's eighths: it
         answers faster than ``FAST_PERIOD``, or its first burst held more than twice Linux's
         six (a host-wide limit of 50)."""
-        t = self.times
-        first = int(np.searchsorted(np.asarray(t), t[0] + BURST_WINDOW, side="right")) if t else 0
-        return self.period < FAST_PERIOD or first > 2 * DEFAULT_BURST
+        return self.period < FAST_PERIOD or self.first_burst() > 2 * DEFAULT_BURST
 
     def uncapped(self) -> bool:
         """Whether it answered like a router without an ICMP limit: more errors at once than
         any limit lets through (four times a host-wide burst of 50)."""
-        t = self.times
-        first = int(np.searchsorted(np.asarray(t), t[0] + BURST_WINDOW, side="right")) if t else 0
-        return first > 4 * 50
+        return self.first_burst() > 4 * 50
 
     def ready_at(self, tokens: int) -> float:
         """When it will have refilled ``tokens`` tokens since it last answered."""
@@ -257,7 +258,7 @@ def dark_runs(
 ) -> Iterator[Run]:
     """Every dark run of the ledger, with its labels (see the module docstring)."""
     planned = np.flatnonzero(ledger.planned_mask())
-    for d in ledger.dst_ports:
+    for j, d in enumerate(ledger.dst_ports):
         v = ledger.view(d)
         state = v.state[planned]
         dark = (state == PENDING) | (state == _REJECTED)
@@ -276,7 +277,7 @@ def dark_runs(
         if tested is not None:
             placed = tested.get(d)
             by_test = placed[planned] if placed is not None else np.zeros(len(planned), bool)
-        phase = (ledger.dst_ports.index(d) + 0.5) / len(ledger.dst_ports)
+        phase = (j + 0.5) / len(ledger.dst_ports)
         edges = np.diff(np.r_[0, dark.astype(np.int8), 0])
         for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True):
             yield Run(
@@ -328,11 +329,9 @@ def needs(run: Run) -> list[tuple[int, str, int]]:
     for pos in (0, n - 1):  # both ends
         if labels[pos] == U:
             add(pos, expect_at(pos))
-    # Every eighth holds a label a test placed: a drop (only tests find those) or a reject
-    # answered to a test (the sweep's own errors land only on rejects).
-    # Which labels count for the eighths: any, unless the sweep's own errors (rejects no test
-    # placed) are spread over more than half of them (a fast sender, or a slow sweep), or the
-    # run is ``strict``: then only drops and labels a test placed.
+    # Every eighth holds a label. Which labels count: any, unless the sweep's own errors
+    # (rejects no test placed) are spread over more than half of the eighths (a fast sender,
+    # or a slow sweep), or the run is ``strict``: then only drops and labels a test placed.
     sampled = labels != U
     placed = run.tested
     if placed is not None:
@@ -472,10 +471,9 @@ def limited(runs: Sequence[Run], *, across: bool = True) -> bool:
     ports (every other port, say) make dark runs of one cell each, a few answered and the
     rest silent, and the silent ones are as likely rejected. ``across`` is off only when
     every sender answered without a cap (``SenderBucket.uncapped``)."""
-    if any((r.labels >= 2).any() and (r.labels == U).any() for r in runs):
-        return True
-    rejects = any((r.labels >= 2).any() for r in runs)
-    return across and rejects and any((r.labels == U).any() for r in runs)
+    if across:
+        return any((r.labels >= 2).any() for r in runs) and any((r.labels == U).any() for r in runs)
+    return any((r.labels >= 2).any() and (r.labels == U).any() for r in runs)
 
 
 @dataclass

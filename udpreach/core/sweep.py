@@ -1284,11 +1284,14 @@ class Sweep:
         wanted_costly = costly
         costly = costly[: max(0, tokens_left - len(chosen) - int(need_controls))]
         tokens = len(chosen) + len(costly)
-        ready = max(
-            b.ready_at(tokens + int(need_controls) if b is main else 1)
-            for b in self.senders.values()
+        # Tokens each sender must have refilled: the main one's for every expected reject and
+        # its control; any other's for its control.
+        asked = {
+            a: tokens + int(need_controls) if b is main else 1
+            for a, b in self.senders.items()
             if b is main or need_controls
-        )
+        }
+        ready = max(self.senders[a].ready_at(n) for a, n in asked.items())
         if ready - started >= budget:
             return False
         order: list[tuple[int, int]] = [*cheap, *searches, *costly]
@@ -1309,11 +1312,6 @@ class Sweep:
                 seq.append((d, s, int(led.view(d).sent[s]) + 1))
         if len(seq) == len(at) or not self._fits(len(seq)):
             return False
-        asked = {
-            a: tokens + int(need_controls) if b is main else 1
-            for a, b in self.senders.items()
-            if b is main or need_controls
-        }
         self._burst = _Burst(
             seq,
             set(cheap + searches + costly),
