@@ -13,6 +13,7 @@ from udpreach.core.plan import (
     DEFAULT_RATE,
     MAX_CELLS,
     Plan,
+    default_icmp_budget,
     plan_from_request,
 )
 from udpreach.core.portspec import format_ports, parse_ports
@@ -44,7 +45,7 @@ def test_defaults_are_every_high_port_to_every_agent_port() -> None:
         "rate": DEFAULT_RATE,
         "size": 16,
         "copies_mode": "auto",
-        "icmp_budget": 20.0,
+        "icmp_budget": 40.0,  # three destination ports (default_icmp_budget)
         "max_delay": 1.0,
     }
 
@@ -62,6 +63,21 @@ def test_defaults_are_every_high_port_to_every_agent_port() -> None:
 def test_icmp_budget_and_max_delay_are_judged(req: dict[str, float], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         plan_of(req)
+
+
+@pytest.mark.parametrize(
+    ("dst_ports", "budget"), [("5000", 20.0), ("5000,5001", 30.0), ("5000,5001,6000", 40.0)]
+)
+def test_the_default_icmp_budget_grows_with_the_destination_ports(
+    dst_ports: str, budget: float
+) -> None:
+    """Each destination port's silent runs need tests of their own (a token each at Linux's
+    one a second): 20 s for one port, 10 s more for each further one, at most 60 s."""
+    plan, _ = plan_of({"dst_ports": dst_ports})
+    assert plan.icmp_budget == budget
+    assert default_icmp_budget(64) == 60.0
+    given, _ = plan_of({"dst_ports": dst_ports, "icmp_budget": 5})
+    assert given.icmp_budget == 5.0
 
 
 def test_explicit_request_is_copied() -> None:

@@ -35,7 +35,7 @@ def _plan(
     rate: int,
     size: int,
     wait: float,
-    icmp_budget: float,
+    icmp_budget: float | None,
     max_delay: float,
 ) -> dict[str, Any]:
     """The plan the coordinator is asked for, checked here first (exit 2 on a bad one)."""
@@ -54,7 +54,7 @@ def _plan(
         raise ConfigError(f"--size must be {MIN_SIZE}-{MAX_SIZE} bytes, got {size}")
     if not 0 <= wait <= MAX_WAIT:  # NaN fails both
         raise ConfigError(f"--wait must be 0-{MAX_WAIT:g} seconds")
-    if not 0 <= icmp_budget <= MAX_ICMP_BUDGET:  # NaN fails both
+    if icmp_budget is not None and not 0 <= icmp_budget <= MAX_ICMP_BUDGET:  # NaN fails both
         raise ConfigError(f"--icmp-budget must be 0-{MAX_ICMP_BUDGET:g} seconds")
     if not 0 < max_delay <= MAX_MAX_DELAY:
         raise ConfigError(f"--max-delay must be more than 0 and at most {MAX_MAX_DELAY:g} s")
@@ -110,13 +110,15 @@ def run(
     rate: Annotated[int, typer.Option("--rate", help="Pacing ceiling, datagrams/s.")] = 100_000,
     size: Annotated[int, typer.Option("--size", help="Payload bytes (16-65507).")] = 16,
     icmp_budget: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--icmp-budget",
             help="Seconds to spend telling silent cells apart (dropped or rejected) where "
-            "routers rate-limit their ICMP errors; 0: none.",
+            "routers rate-limit their ICMP errors (default: 20, plus 10 for each further "
+            "destination port, at most 60); 0: none.",
+            show_default=False,
         ),
-    ] = 20.0,
+    ] = None,
     max_delay: Annotated[
         float,
         typer.Option(

@@ -22,7 +22,13 @@ AUTO_COPIES_CEILING = 32  # a 50%-loss cell is unseen after 32 attempts once in 
 MAX_COPIES = 255
 MAX_CELLS = 64 * 64512  # 64 destination ports x every high source port
 DEFAULT_CONFIDENCE = 0.01
-DEFAULT_ICMP_BUDGET = 20.0  # seconds to tell silent cells apart under rate-limited ICMP
+# Seconds to tell silent cells apart under rate-limited ICMP, by default: 20 for one
+# destination port and 10 more for each further one, at most 60. Each test of a reject costs
+# a token of the router's limit (one a second at Linux's default), and every destination
+# port's runs need their own tests (``udpreach.core.silence``).
+DEFAULT_ICMP_BUDGET = 20.0
+ICMP_BUDGET_PER_PORT = 10.0
+ICMP_BUDGET_DEFAULT_MAX = 60.0
 MAX_ICMP_BUDGET = 600.0
 DEFAULT_MAX_DELAY = 1.0  # UDP one-way delay waited for before any delay was measured
 MAX_MAX_DELAY = 60.0
@@ -64,6 +70,12 @@ class Plan:
         }
 
 
+def default_icmp_budget(dst_ports: int) -> float:
+    """The ICMP budget when none is given, for a plan of ``dst_ports`` destination ports."""
+    extra = ICMP_BUDGET_PER_PORT * max(0, dst_ports - 1)
+    return min(ICMP_BUDGET_DEFAULT_MAX, DEFAULT_ICMP_BUDGET + extra)
+
+
 def _given(req: dict[str, Any], key: str, default: Any) -> Any:
     value = req.get(key)
     return default if value is None else value
@@ -92,7 +104,8 @@ def plan_from_request(
         rate = int(_given(req, "rate", DEFAULT_RATE))
         size = int(_given(req, "size", MIN_SIZE))
         confidence = float(_given(req, "confidence", DEFAULT_CONFIDENCE))
-        icmp_budget = float(_given(req, "icmp_budget", DEFAULT_ICMP_BUDGET))
+        budget_given = req.get("icmp_budget")
+        icmp_budget = float(budget_given) if budget_given is not None else -1.0
         max_delay = float(_given(req, "max_delay", DEFAULT_MAX_DELAY))
     except (TypeError, ValueError):
         raise ConfigError("malformed run request") from None
@@ -104,6 +117,8 @@ def plan_from_request(
         )
     if not dst:
         raise ConfigError("no destination ports to test")
+    if budget_given is None:
+        icmp_budget = default_icmp_budget(len(dst))
     if copies_raw is None:
         copies, auto = AUTO_COPIES_CEILING, True
     else:

@@ -46,13 +46,13 @@ Destination ports of one plan place their eighths' samples at different points (
 source port applies to all of them), and a drop one port's tests confirmed is tested on the
 other ports where they hold no label (``hints``): as an expected drop, it costs no token.
 
-The sweep's own errors land only on rejects. From a sender that answers often (every 100 ms,
-as Linux does for IPv6; Cisco's 500 ms; a burst of 50) they are dense enough to fill every
-eighth with rejects and hide the drops between them, so with such a sender
-(``SenderBucket.fast``), or where they are spread over more than half of a run's eighths
-anyway (a slow sweep), an eighth needs a label a test placed by position. From Linux's IPv4
-default (one a second after six) in an ordinary sweep they are too few to fill the eighths,
-and a test costs a second, so there any label counts.
+The sweep's own errors land only on rejects: wherever its sender had a token, the first
+reject cell after it takes the error, so they are never inside a drop band, however slow the
+sender (Linux's IPv4 default of one a second after six) or fast (Linux's IPv6 every 100 ms,
+Cisco's 500 ms, a host-wide burst of 50). They are not spread samples: an eighth's reject
+label counts only if a test placed it there by position (a drop counts wherever it is). A
+test costs a token, one a second at Linux's IPv4 default, and every destination port's runs
+need their own, so the default budget grows with the destination ports (``udpreach.core.plan``).
 
 A burst waits for as many tokens as it holds expected rejects, plus the controls: near the
 end of the budget it shrinks to what still fits, and a burst of expected rejects alone (a
@@ -110,9 +110,6 @@ MAX_TURNS = 2
 SEARCH_POINTS = 16  # points tested across a reject/drop boundary in one burst
 MAX_BURST_CELLS = 256  # silent cells per test burst: the burst lasts a few ms at most
 DEFAULT_PERIOD = 1.0  # Linux's default: one error per second per destination
-# A sender that answers more often than this (Linux's IPv6 every 100 ms or less, Cisco's
-# 500 ms) fills every eighth with the sweep's own errors: its eighths need test-placed labels.
-FAST_PERIOD = 0.75
 MIN_PERIOD, MAX_PERIOD = 0.01, 8.0
 DEFAULT_BURST = 6  # Linux's XRLIM_BURST_FACTOR
 BURST_WINDOW = 0.25  # seconds after a sender's first error that still count as its burst
@@ -190,12 +187,6 @@ class SenderBucket:
         t = self.times
         return int(np.searchsorted(np.asarray(t), t[0] + BURST_WINDOW, side="right")) if t else 0
 
-    def fast(self) -> bool:
-        """Whether its errors in the sweep were dense enough to fill a run's eighths: it
-        answers faster than ``FAST_PERIOD``, or its first burst held more than twice Linux's
-        six (a host-wide limit of 50)."""
-        return self.period < FAST_PERIOD or self.first_burst() > 2 * DEFAULT_BURST
-
     def uncapped(self) -> bool:
         """Whether it answered like a router without an ICMP limit: more errors at once than
         any limit lets through (four times a host-wide burst of 50)."""
@@ -225,9 +216,6 @@ class Run:
     # they sample the source ports more densely (a band between one port's samples is
     # under another's).
     phase: float = 0.5
-    # Every eighth needs a label a test placed, whatever the sweep's errors (a fast sender:
-    # ``SenderBucket.fast``).
-    strict: bool = False
 
     @property
     def unlabelled(self) -> int:
@@ -253,8 +241,6 @@ def dark_runs(
     ledger: Ledger,
     confirms: dict[int, np.ndarray],
     tested: dict[int, np.ndarray] | None = None,
-    *,
-    strict: bool = False,
 ) -> Iterator[Run]:
     """Every dark run of the ledger, with its labels (see the module docstring)."""
     planned = np.flatnonzero(ledger.planned_mask())
@@ -287,7 +273,6 @@ def dark_runs(
                 None if once is None else once[a:b],
                 None if by_test is None else by_test[a:b],
                 phase,
-                strict,
             )
 
 
@@ -329,19 +314,12 @@ def needs(run: Run) -> list[tuple[int, str, int]]:
     for pos in (0, n - 1):  # both ends
         if labels[pos] == U:
             add(pos, expect_at(pos))
-    # Every eighth holds a label. Which labels count: any, unless the sweep's own errors
-    # (rejects no test placed) are spread over more than half of the eighths (a fast sender,
-    # or a slow sweep), or the run is ``strict``: then only drops and labels a test placed.
+    # Every eighth holds a label: a drop, or a reject a test placed (the sweep's own errors
+    # are never inside a drop band: see the module's text).
     sampled = labels != U
     placed = run.tested
     if placed is not None:
-        swept = (labels >= 2) & ~placed
-        filled = sum(
-            bool(swept[k * n // SEGMENTS : (k + 1) * n // SEGMENTS].any())
-            for k in range(min(SEGMENTS, n))
-        )
-        if run.strict or filled > SEGMENTS // 2:
-            sampled = (labels == D) | ((labels != U) & placed)
+        sampled = (labels == D) | ((labels != U) & placed)
     for k in range(min(SEGMENTS, n)):
         lo, hi = k * n // SEGMENTS, (k + 1) * n // SEGMENTS
         if hi > lo and not sampled[lo:hi].any():

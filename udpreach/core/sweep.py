@@ -55,7 +55,7 @@ from udpreach.core.loss import (
     wilson_upper,
 )
 from udpreach.core.pacing import PACED_SECONDS, PILOT_CELLS, Pacer, Window
-from udpreach.core.plan import Plan
+from udpreach.core.plan import Plan, default_icmp_budget
 from udpreach.core.portspec import format_ports
 
 BLOCK = 256  # planned source ports per loss block
@@ -182,7 +182,9 @@ class SweepSettings:
     max_bytes: int | None = None  # a byte cap per run (payload plus IP/UDP headers)
     byte_rate: float | None = None  # bytes per second ceiling
     max_delay: float = 1.0  # UDP one-way delay verdicts stay right up to, before evidence
-    icmp_budget: float = 20.0  # seconds for tests of silent cells under limited ICMP
+    # seconds for tests of silent cells under limited ICMP (None: the plan's default for its
+    # destination ports, ``udpreach.core.plan.default_icmp_budget``)
+    icmp_budget: float | None = None
     recheck: bool = True
     header_bytes: int = 28  # IPv4 + UDP (48 for IPv6)
     control_rtt: float = 0.005  # the control channel's round trip, measured at the start
@@ -244,6 +246,8 @@ class Sweep:
         self.target = target
         self.codec = codec
         self.settings = settings or SweepSettings()
+        budget = self.settings.icmp_budget
+        self.icmp_budget = default_icmp_budget(len(plan.dst_ports)) if budget is None else budget
         self.source = source
         self.ledger = Ledger(plan.dst_ports, plan.src_ports)
         self.ledger.expected_source = source
@@ -308,7 +312,6 @@ class Sweep:
         self.senders: dict[str, silence.SenderBucket] = {}
         self._confirms: dict[int, np.ndarray] = {}
         self._tested: dict[int, np.ndarray] = {}  # cells a test burst placed (by position)
-        self._fast_icmp = False  # a fast ICMP sender: see _start_probe and silence.needs
         self._probe_started: float | None = None
         self.conclusion: silence.Conclusion | None = None
         # Recheck.
@@ -1197,7 +1200,6 @@ class Sweep:
             self.senders = {}
             self._confirms = {}
             self._tested = {}
-            self._fast_icmp = False
             if not self._begin_round(now):
                 self._start_probe(now)
                 return
@@ -1215,7 +1217,7 @@ class Sweep:
     # -- ICMP tests ----------------------------------------------------------------------------
 
     def _start_probe(self, now: float) -> None:
-        if self._bytes_capped or self.settings.icmp_budget <= 0:
+        if self._bytes_capped or self.icmp_budget <= 0:
             self._conclude(now, tested=False)
             return
         for address, cell in silence.verified_senders(self.ledger).items():
@@ -1226,12 +1228,7 @@ class Sweep:
             measured = bucket.measured_period()
             if measured is not None:
                 bucket.period = measured
-        # Whether every eighth needs a label a test placed (see silence.needs): decided once,
-        # from the sweep's errors (the period adapted burst by burst must not change it).
-        self._fast_icmp = any(b.fast() for b in self.senders.values())
-        runs = list(
-            silence.dark_runs(self.ledger, self._confirms, self._tested, strict=self._fast_icmp)
-        )
+        runs = list(silence.dark_runs(self.ledger, self._confirms, self._tested))
         if not silence.limited(runs, across=self._capped()):
             self._conclude(now, tested=False)
             return
@@ -1240,7 +1237,7 @@ class Sweep:
             self._conclude(now, tested=True)
 
     def _next_burst(self, now: float, runs: list[silence.Run]) -> bool:
-        budget = self.settings.icmp_budget
+        budget = self.icmp_budget
         started = self._probe_started if self._probe_started is not None else now
         if now - started >= budget:
             return False
@@ -1384,9 +1381,7 @@ class Sweep:
         self._burst = None
         if burst is not None:
             self._judge_burst(burst)
-        runs = list(
-            silence.dark_runs(self.ledger, self._confirms, self._tested, strict=self._fast_icmp)
-        )
+        runs = list(silence.dark_runs(self.ledger, self._confirms, self._tested))
         if not self._next_burst(now, runs):
             self._conclude(now, tested=True)
 
@@ -1447,9 +1442,7 @@ class Sweep:
             self._conclude_tested = tested
             self._begin(Stage.DRAIN, np.zeros(0, dtype=np.intp), {}, now, judging=False)
             return
-        runs = list(
-            silence.dark_runs(self.ledger, self._confirms, self._tested, strict=self._fast_icmp)
-        )
+        runs = list(silence.dark_runs(self.ledger, self._confirms, self._tested))
         if tested or silence.limited(runs, across=self._capped()):
             self.conclusion = silence.conclude(self.ledger, runs)
             self._icmp_warnings(tested)
@@ -1467,11 +1460,7 @@ class Sweep:
                 f"{self.facts.icmp_tests} paced test bursts of their ranges (inferred)"
             )
         if c.icmp_limited:
-            why = (
-                "--icmp-budget 0"
-                if not tested
-                else f"the {self.settings.icmp_budget:g}s ICMP budget"
-            )
+            why = "--icmp-budget 0" if not tested else f"the {self.icmp_budget:g}s ICMP budget"
             parts.append(
                 f"{c.icmp_limited:,} silent cells could not be told dropped or rejected "
                 f"within {why} (icmp_limited)"
