@@ -3,6 +3,8 @@ writing an expectation file back from a run."""
 
 from __future__ import annotations
 
+import copy
+
 import tomllib
 
 import docsamples
@@ -283,6 +285,30 @@ def test_expect_from_writes_closed_where_the_run_could_not_tell() -> None:
          "icmp": docsamples.ICMP_ADMIN},
     ])  # fmt: skip
     assert judge(again, entries) == []
+
+
+def test_expect_from_writes_closed_for_a_reject_range_inferred_from_samples() -> None:
+    """A new user's CI: a baseline from a run whose reject range was rejected from samples
+    of rate-limited ICMP, then a rerun of the unchanged path whose budget ran short (the
+    same cells blocked, icmp_limited). ``diff`` calls that no change; the baseline said
+    ``rejected`` and failed the rerun with 1,991 deviating cells."""
+    doc = baseline()
+    rejected = next(r for r in doc["ranges"] if r["verdict"] == "rejected")
+    first, last = rejected["first"], rejected["last"]
+    rejected["inferred"] = last - first  # all but one from samples of the range
+    entries = parse_expect(expect_from(doc))
+    assert any(e.verdict == "closed" for e in entries)
+    assert judge(doc, entries) == []
+    rerun = copy.deepcopy(doc)
+    cut = next(r for r in rerun["ranges"] if r["verdict"] == "rejected")
+    cut.pop("icmp"), cut.pop("inferred")
+    cut.update(verdict="blocked", icmp_limited=last - first + 1)
+    assert judge(rerun, entries) == []
+    # Every cell observed (a router without an ICMP limit): the baseline keeps "rejected".
+    observed = baseline()
+    assert "closed" not in expect_from(observed)
+    (dev,) = judge(rerun, parse_expect(expect_from(observed)))
+    assert dev["expected"] == "rejected"
 
 
 def test_summarize_charges_each_cell_to_the_entry_that_owns_it() -> None:

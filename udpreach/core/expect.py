@@ -27,9 +27,13 @@ checking nothing. An entry for this run's agent (or any agent) that judged no ce
 file that judged no cell at all, makes the run "not as expected"; an entry naming another
 agent is listed but fails nothing (one file may serve several agents).
 
-``expect_from`` writes the file back from a run with ``tomli_w``; cells of a ``blocked``
-range that the run could not tell from rejected (its ``icmp_limited`` count) are written as
-``closed``, so that the baseline does not fail the next run of the same policy.
+``expect_from`` writes the file back from a run with ``tomli_w``. Where the run's closed
+verdicts rest on rate-limited ICMP, a rerun of the same policy can settle them the other
+way (a range rejected from samples can come out ``blocked`` with ``icmp_limited`` cells when
+the budget runs short): a ``blocked`` range with ``icmp_limited`` cells and a ``rejected``
+range with ``inferred`` cells are written as ``closed``, so that the baseline does not fail
+the next run of an unchanged path. A reject every cell of which was observed stays
+``rejected``.
 """
 
 from __future__ import annotations
@@ -617,7 +621,8 @@ def expect_from(doc: dict[str, Any]) -> str:
     """An expectation file (TOML, contract form) that the run itself satisfies exactly.
 
     Cells whose verdict was ``untested`` or ``unknown`` are left out (not judged); a
-    ``blocked`` range with ``icmp_limited`` cells is expected ``closed``. Per
+    ``blocked`` range with ``icmp_limited`` cells and a ``rejected`` range with ``inferred``
+    cells are expected ``closed`` (see the module's text). Per
     destination port the majority verdict becomes a default entry over all of that port's
     judgeable source ports; destination ports with the same source-port set and default
     share one entry; the minority verdicts follow as overriding entries, again with
@@ -634,6 +639,8 @@ def expect_from(doc: dict[str, Any]) -> str:
             verdict = str(r["verdict"])
             if verdict == "blocked" and int(r.get("icmp_limited") or 0) > 0:
                 verdict = "closed"  # the run could not tell dropped from rejected here
+            elif verdict == "rejected" and int(r.get("inferred") or 0) > 0:
+                verdict = "closed"  # rejected from samples: a rerun may run out of budget
             if verdict in EXPECTABLE:
                 per[verdict].append((int(r["first"]), int(r["last"])))
         if per:
