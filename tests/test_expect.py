@@ -4,7 +4,6 @@ writing an expectation file back from a run."""
 from __future__ import annotations
 
 import copy
-
 import tomllib
 
 import docsamples

@@ -231,8 +231,10 @@ def test_a_crashed_coordinator_loses_nothing_settled(db: Path) -> None:
     with RunStore.open(db) as st:
         doc = st.load("20251126T01")
         (h,) = st.history()
-    assert doc["status"] == "interrupted"
-    assert h["status"] == "interrupted"
+    assert doc["status"] == "incomplete"  # the word a finished incomplete run gets too
+    assert h["status"] == "incomplete"
+    assert doc["version"]  # the contract's keys, as a finished run's document has them
+    assert doc["warnings"] == [doc["note"]]
     assert doc["summary"]["blocked"] == 10000
     assert doc["summary"]["unknown"] == 64512
     assert doc["complete"] is False
@@ -412,6 +414,25 @@ def test_diff_writes_diff_reports(cli: typer.Typer, filled: Path, tmp_path: Path
     assert res.exit_code == 1
     assert csv_path.read_text().splitlines()[1] == "5000,45000,49999,5000,blocked,open,changed"
     assert ET.parse(junit).getroot().get("failures") == "2"
+
+
+def test_a_report_given_as_dash_goes_to_stdout(cli: typer.Typer, filled: Path) -> None:
+    """``--markdown -`` wrote a file named ``-``. It is standard output now, with the
+    terminal report on standard error so that the pipe gets the report alone."""
+    res = invoke(cli, "show", "20251126T01", "--db", str(filled), "--markdown", "-")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith("#"), res.stdout[:200]
+    assert "Source-port ranges" in res.stderr  # the terminal report, out of the pipe's way
+    assert not Path("-").exists()
+    res = invoke(
+        cli, "diff", "20251126T01", "20251126T02", "--db", str(filled), "--csv", "-"
+    )  # fmt: skip
+    assert res.exit_code == 1
+    assert res.stdout.splitlines()[1] == "5000,45000,49999,5000,blocked,open,changed"
+    for extra in (["--json"], ["--csv", "-"]):
+        res = invoke(cli, "show", "20251126T01", "--db", str(filled), "--markdown", "-", *extra)
+        assert res.exit_code == 2, res.output
+        assert "standard output" in res.stderr
 
 
 def test_expect_from_prints_a_file_the_run_satisfies(cli: typer.Typer, filled: Path) -> None:

@@ -8,8 +8,8 @@ settled); ``finish`` stores the final run document and the status ``complete`` o
 ``incomplete``. A row still ``running`` when read is either live (another process is
 writing it) or orphaned (its coordinator died): ``load`` rebuilds a document from the last
 checkpoint with every unsettled planned cell ``unknown`` and ``complete: false``; its
-``status`` says ``interrupted`` when the owning process is known to be gone (same host, pid
-no longer alive), else ``running``.
+``status`` says ``incomplete`` (the word a finished run that did not complete gets too) when
+the owning process is known to be gone (same host, pid no longer alive), else ``running``.
 
 The database runs in WAL mode so that ``history``/``show`` read while a probe writes, with
 ``synchronous=NORMAL``: a committed checkpoint survives a crash of the process (not
@@ -36,6 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from udpreach import __version__
 from udpreach.core import schema
 from udpreach.core.errors import ConfigError, PortSpecError, UdpreachError
 from udpreach.core.expect import merge_ranges, planned_intervals, subtract, summarize, union
@@ -435,12 +436,11 @@ class RunStore:
             doc = _recover(row)
             doc.pop("status", None)
             note = doc.pop("note", "")
-            warnings = doc.setdefault("warnings", [])
             now = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-            warnings.append(
+            doc["warnings"] = [
                 f"the probe stopped before this run finished ({note}); found and marked"
                 f" incomplete by the probe started {now}"
-            )
+            ]
             doc["finished"] = row["checkpoint_at"] or row["started"]
             self.finish(str(row["run_id"]), doc)
             found.append(str(row["run_id"]))
@@ -501,7 +501,7 @@ class RunStore:
 
         A run still marked running comes back rebuilt from its last checkpoint, with every
         unsettled planned cell ``unknown``, ``complete: false`` and ``status`` set to
-        ``running`` or ``interrupted``.
+        ``running`` or ``incomplete``.
 
         Raises:
             UnknownRunError: nothing matches, or the prefix is ambiguous.
@@ -563,7 +563,7 @@ class RunStore:
 
     def history(self, limit: int | None = None) -> list[dict[str, Any]]:
         """Stored runs, newest first: ``run_id``, ``started``, ``finished``, ``agent``
-        (name), ``status`` (complete, incomplete, running, interrupted), ``complete``,
+        (name), ``status`` (complete, incomplete, running), ``complete``,
         ``plan``, ``summary`` and ``deviations`` (deviating cells; None when the run was
         not judged against expectations).
 
@@ -665,9 +665,10 @@ def _recover(row: sqlite3.Row) -> dict[str, Any]:
                 }
             )
     ranges = merge_ranges(ranges)
-    status = "interrupted" if _owner_gone(row["owner"]) else "running"
+    status = "incomplete" if _owner_gone(row["owner"]) else "running"
     return {
         "schema": SCHEMA,
+        "version": __version__,  # this reader's: the run's own went with the probe
         "run_id": row["run_id"],
         "complete": False,
         "agent": json.loads(row["agent"]),
@@ -676,6 +677,7 @@ def _recover(row: sqlite3.Row) -> dict[str, Any]:
         "summary": summarize(ranges),
         "ranges": ranges,
         "started": row["started"],
+        "warnings": [note],
         "status": status,
         "note": note,
     }

@@ -30,7 +30,13 @@ from typing import Annotated, Any, NoReturn, ParamSpec, TextIO, TypeVar, cast
 import typer
 
 from udpreach.core import schema
-from udpreach.core.errors import AuthError, ConfigError, UdpreachError, UnreachableError
+from udpreach.core.errors import (
+    AuthError,
+    ConfigError,
+    ConnectionLostError,
+    UdpreachError,
+    UnreachableError,
+)
 
 try:  # typer 0.28 vendors click; older releases depend on it
     from typer._click import exceptions as click_errors
@@ -244,6 +250,8 @@ def _naming_the_environment(exc: BaseException) -> BaseException:
     text = str(exc)
     for param, flag, var, causes, marker in _FROM_ENV:
         caused = isinstance(exc, causes) or (isinstance(exc, ConfigError) and marker in text)
+        if isinstance(exc, ConnectionLostError):  # it was reached: the address is not why
+            caused = False
         if caused and var not in text and _from_environment(param):
             named = "" if flag in text else f"{flag} "
             exc.args = (f"{text} ({named}from {var})",)

@@ -31,12 +31,19 @@ DbOpt = Annotated[
         show_default=False,
     ),
 ]
-JunitOpt = Annotated[Path | None, typer.Option("--junit", help="Write a JUnit XML report.")]
-MarkdownOpt = Annotated[
-    Path | None, typer.Option("--markdown", help="Write a Markdown summary (for a ticket).")
+JunitOpt = Annotated[
+    Path | None, typer.Option("--junit", help="Write a JUnit XML report (-: to stdout).")
 ]
-CsvOpt = Annotated[Path | None, typer.Option("--csv", help="Write the ranges as CSV.")]
-HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML page.")]
+MarkdownOpt = Annotated[
+    Path | None,
+    typer.Option("--markdown", help="Write a Markdown summary, for a ticket (-: to stdout)."),
+]
+CsvOpt = Annotated[
+    Path | None, typer.Option("--csv", help="Write the ranges as CSV (-: to stdout).")
+]
+HtmlOpt = Annotated[
+    Path | None, typer.Option("--html", help="Write a self-contained HTML page (-: to stdout).")
+]
 
 
 def _load(db: Path | None, *refs: str) -> list[dict[str, Any]]:
@@ -79,6 +86,16 @@ def _read_document(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not a udpreach run document ({exc})") from None
 
 
+def _to_stdout(as_json: bool, *paths: Path | None) -> bool:
+    """Whether a report file is ``-`` (standard output); the terminal report then goes to
+    standard error (see ``udpreach.render.exports``)."""
+    if not any(paths):
+        return False
+    from udpreach.render.exports import to_stdout
+
+    return to_stdout(as_json, *paths)
+
+
 def _write(doc: dict[str, Any], *paths: Path | None) -> None:
     from udpreach.render.exports import write_reports
 
@@ -94,8 +111,8 @@ def _when(ts: Any) -> str:
 
 def _note_unfinished(doc: dict[str, Any]) -> None:
     status = doc.get("status")
-    if status in ("running", "interrupted"):
-        what = "is still running" if status == "running" else "was interrupted"
+    if status in ("running", "incomplete"):
+        what = "is still running" if status == "running" else "stopped with its probe"
         err_console().print(
             f"note: run {doc.get('run_id')} {what}; cells not settled are shown as unknown",
             markup=False,
@@ -134,9 +151,7 @@ def history(
         s = r.get("summary") or {}
         devs = r.get("deviations")
         status = str(r["status"])
-        style = {"complete": "green", "incomplete": "red", "interrupted": "red"}.get(
-            status, "yellow"
-        )
+        style = {"complete": "green", "incomplete": "red"}.get(status, "yellow")
         counts = ", ".join(f"{int(s[k]):,} {k}" for k in schema.VERDICTS if s.get(k))
         judged = (
             "" if devs is None else f", [bold]{devs:,}[/] deviating" if devs else ", as expected"
@@ -169,6 +184,7 @@ def show(
     """Print a stored run exactly as `run` printed it (--json: the same document)."""
     from udpreach.core.expect import with_judgement
 
+    report_out = _to_stdout(as_json, junit, markdown, csv_out, html)
     (doc,) = _load(db, run_id)
     doc = with_judgement(doc)
     if as_json:
@@ -176,7 +192,7 @@ def show(
     else:
         from udpreach.render.terminal import render_run
 
-        render_run(doc, out_console())
+        render_run(doc, err_console() if report_out else out_console())
     _note_unfinished(doc)
     _write(doc, junit, markdown, csv_out, html)
 
@@ -194,12 +210,13 @@ def diff(
     """List the cells whose verdict changed from RUN_A to RUN_B; exit 1 if any did."""
     from udpreach.render.exports import diff_runs
 
+    report_out = _to_stdout(as_json, junit, markdown, csv_out, html)
     doc_a, doc_b = _load(db, run_a, run_b)
     d = diff_runs(doc_a, doc_b)
     if as_json:
         print_json(d)
     else:
-        _render_diff(d)
+        _render_diff(d, report_out)
     from udpreach.render.facts import cells
 
     err = err_console()
@@ -251,10 +268,10 @@ def _diff_notes(doc_a: dict[str, Any], doc_b: dict[str, Any], d: dict[str, Any])
     return out
 
 
-def _render_diff(d: dict[str, Any]) -> None:
+def _render_diff(d: dict[str, Any], to_stderr: bool = False) -> None:
     from udpreach.render.terminal import render_diff
 
-    render_diff(d, out_console())
+    render_diff(d, err_console() if to_stderr else out_console())
 
 
 def expect_from_run(

@@ -17,6 +17,7 @@ from udpreach.cli.common import (
     CoordinatorOpt,
     JsonOpt,
     SecretOpt,
+    err_console,
     fail,
     mapped,
     note,
@@ -154,9 +155,11 @@ def run(
     host, port = parse_endpoint(coordinator, "--coordinator")
     plan = _plan(src_ports, dst_ports, copies, rate, size, wait, icmp_budget, max_delay)
     entries = _expectations(expect)
+    report_out = False  # a report file given as - is standard output (the terminal's: stderr)
     if junit or markdown or csv_out or html:
-        from udpreach.render.exports import check_report_paths
+        from udpreach.render.exports import check_report_paths, to_stdout
 
+        report_out = to_stdout(as_json, junit, markdown, csv_out, html)
         check_report_paths(junit, markdown, csv_out, html)
     forbid_core_dumps()  # the key file's contents must never land in a core file
     secret = load_secret(secret_file)
@@ -190,7 +193,7 @@ def run(
     else:
         from udpreach.render.terminal import render_run
 
-        render_run(doc, out_console())
+        render_run(doc, err_console() if report_out else out_console())
     unwritten = None  # why a report file was refused after the run (checked before: the disk)
     if junit or markdown or csv_out or html:
         from udpreach.render.exports import write_reports

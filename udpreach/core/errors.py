@@ -37,6 +37,10 @@ class UnreachableError(UdpreachError):
     """The coordinator could not be reached or stopped answering."""
 
 
+class ConnectionLostError(UnreachableError):
+    """The coordinator went away during a run: it was reached, so its address is not why."""
+
+
 class AgentUnavailableError(UdpreachError):
     """The named agent is not registered, or was lost during the run."""
 

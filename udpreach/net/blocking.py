@@ -27,6 +27,7 @@ from typing import Any
 from udpreach.core.errors import (
     AgentUnavailableError,
     ConfigError,
+    ConnectionLostError,
     ProtocolError,
     UdpreachError,
     UnreachableError,
@@ -498,9 +499,9 @@ def _follow_run(
                     text if text.startswith("interrupted") else f"interrupted; {text}"
                 ) from None
             if started and reply.run_id:  # the probe went away mid-run: say which run
-                raise UnreachableError(
-                    f"{exc} during run {reply.run_id}; the probe's history keeps what it "
-                    f"settled (udpreach show {reply.run_id} on the probe's host)"
+                raise ConnectionLostError(
+                    f"{exc} during run {reply.run_id} (did the probe stop?); its history has "
+                    f"the run as of its last checkpoint: udpreach show {reply.run_id}"
                 ) from None
             raise
         if msg.type == "progress":

@@ -2,13 +2,17 @@
 
 Each format has its own module (``junit``, ``markdown``, ``csv``, ``html``) that renders a
 document and nothing else; ``write_reports`` writes whichever files were asked for. A
-writer is imported only when its file is asked for (Jinja2, for one, is not cheap).
+writer is imported only when its file is asked for (Jinja2, for one, is not cheap). A file
+given as ``-`` is standard output (one at most, and not with ``--json``): the command then
+prints its terminal report on standard error (``to_stdout``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,36 @@ from udpreach.core.errors import ConfigError
 from udpreach.core.expect import ExpectEntry
 
 # The diff's home is udpreach.core.diff; the CLI's `diff` command imports it from here.
-__all__ = ["check_report_paths", "diff_runs", "write_reports"]
+__all__ = ["check_report_paths", "diff_runs", "to_stdout", "write_reports"]
+
+STDOUT = "-"  # a report file given as this is standard output
+
+
+def to_stdout(as_json: bool, *paths: Path | None) -> bool:
+    """Whether one of the report files is standard output (``-``).
+
+    Raises:
+        ConfigError: two of them are, or one is and ``--json`` writes standard output too.
+    """
+    there = [p for p in paths if p is not None and str(p) == STDOUT]
+    if len(there) > 1:
+        raise ConfigError("only one report can be written to standard output (-)")
+    if there and as_json:
+        raise ConfigError("--json writes standard output: give the report a file name, not -")
+    return bool(there)
+
+
+def _write(writer: Callable[[Path], None], path: Path) -> None:
+    """``writer(path)``, or for ``-`` into a file of its own and then to standard output."""
+    if str(path) != STDOUT:
+        writer(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="udpreach-") as tmp:
+        out = Path(tmp) / "report"
+        writer(out)
+        text = out.read_text(encoding="utf-8")
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def write_reports(
@@ -39,22 +72,22 @@ def write_reports(
             from udpreach.render.junit import write_junit
 
             flag = f"--junit {junit}"
-            write_junit(doc, entries, junit)
+            _write(lambda p: write_junit(doc, entries, p), junit)
         if markdown:
             from udpreach.render.markdown import write_markdown
 
             flag = f"--markdown {markdown}"
-            write_markdown(doc, markdown)
+            _write(lambda p: write_markdown(doc, p), markdown)
         if csv_out:
             from udpreach.render.csv import write_csv
 
             flag = f"--csv {csv_out}"
-            write_csv(doc, csv_out)
+            _write(lambda p: write_csv(doc, p), csv_out)
         if html:
             from udpreach.render.html import write_html
 
             flag = f"--html {html}"
-            write_html(doc, html)
+            _write(lambda p: write_html(doc, p), html)
     except OSError as exc:
         raise ConfigError(f"cannot write {flag}: {exc.strerror or exc}") from None
 
@@ -73,7 +106,7 @@ def check_report_paths(
     """
     for flag, path in (("--junit", junit), ("--markdown", markdown), ("--csv", csv_out),
                        ("--html", html)):  # fmt: skip
-        if path is None:
+        if path is None or str(path) == STDOUT:
             continue
         problem = _unwritable(path)
         if problem:
