@@ -494,10 +494,12 @@ class Coordinator:
         _raise_open_files()
         if self.cfg.keyring is not None:
             self._keys = KeyringWatch(self.cfg.keyring)
+            n = len(self._keys.ring.entries)
             log.info(
-                "keyring %s: %d keys (agents prove their names with their own keys)",
+                "keyring %s: %d key%s (agents prove their names with their own keys)",
                 self.cfg.keyring,
-                len(self._keys.ring.entries),
+                n,
+                "" if n == 1 else "s",
             )
         if not self.cfg.secret and self._keys is None:
             raise ConfigError("the probe needs a shared secret (--secret-file) or a keyring")
@@ -594,7 +596,14 @@ class Coordinator:
         except trio.TooSlowError:
             self._auth_failed(addr, "handshake timed out")
             return Outcome.TIMEOUT
-        except (ProtocolError, UnreachableError) as exc:
+        except UnreachableError as exc:
+            # The peer closes when our proof does not match its secret: from here that
+            # looks like any closed connection, so both causes are named.
+            self._auth_failed(
+                addr, f"{exc} during the handshake (a wrong secret or key on its side?)"
+            )
+            return Outcome.PROTOCOL
+        except ProtocolError as exc:
             self._auth_failed(addr, str(exc))
             return Outcome.PROTOCOL
         role = "agent" if auth.purpose == "agent" else "requester"
@@ -668,7 +677,8 @@ class Coordinator:
             return
         if not changed:
             return
-        log.info("keyring %s changed: %d keys", keys.path, len(keys.ring.entries))
+        n = len(keys.ring.entries)
+        log.info("keyring %s changed: %d key%s", keys.path, n, "" if n == 1 else "s")
         for conn in list(self._live.values()):
             if conn.key_id is None or not conn.authenticated:
                 continue

@@ -315,6 +315,11 @@ def test_cli_up_exec_down():
     assert down.stdout.strip() == f"removed {name}"
     assert down2.exit_code == 0
     assert [ns for ns in list_namespaces() if ns.startswith((name + "-", name2 + "-"))] == []
+    # A mistyped (or already removed) name is an error, as for `lab exec`: exit 0 let a
+    # user believe the lab was gone while it stayed up.
+    again = runner.invoke(app, ["lab", "down", "--name", name])
+    assert again.exit_code == 2
+    assert f"no lab named {name}" in again.stderr
 
 
 @pytest.mark.root

@@ -247,4 +247,9 @@ def _lab_demo() -> int:
         doc = json.loads(proc.stdout)
         render_run(doc, console, beside=shown)
         say(NO_HISTORY)
+        if proc.returncode not in (0, 1):  # its error line came before the report: say so last
+            say(
+                f"udpreach demo: the sweep ended early (exit {proc.returncode}: see its line "
+                "above the report); the report shows what it settled"
+            )
         return proc.returncode

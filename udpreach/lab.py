@@ -16,9 +16,9 @@ them, every lab uses the same addresses and only the names differ (``ur-<6 hex>`
 
 The router forwards and holds the policy, an nftables script loaded with ``flush ruleset``
 in front of it in one ``nft -f`` transaction: reloading is atomic, and a policy nft rejects
-leaves the previous one in place. The router's ICMP rate limits are lifted so that every
-rejected datagram gets its own ICMP error, which makes a ``rejected`` verdict provable per
-cell instead of being lost to rate limiting.
+leaves the previous one in place. The router keeps the kernel's ICMP rate limits (one
+error a second per destination after a burst of six, as every Linux router has them): a
+``rejected`` verdict there rests on a few verified errors and paced tests, as on a real path.
 
 Every lab is recorded in a JSON state file under ``STATE_DIR`` *before* its first namespace
 exists: the owning process id for a transient lab (`Lab.create`), or "persistent" for one
@@ -588,8 +588,8 @@ def lab_down(name: str | None = None, *, every: bool = False) -> list[str]:
         The names of the labs removed (empty when there was nothing to remove).
 
     Raises:
-        ConfigError: several labs are up and neither a name nor ``every`` says which: on a
-            shared host the others may be someone else's.
+        ConfigError: no lab has the name given; or several labs are up and neither a name
+            nor ``every`` says which: on a shared host the others may be someone else's.
     """
     require_root()
     if name is not None:
@@ -597,8 +597,11 @@ def lab_down(name: str | None = None, *, every: bool = False) -> list[str]:
         found = _read_state(lab_name) is not None or any(
             _lab_of(ns) == lab_name for ns in list_namespaces()
         )
-        if not found:
-            return []
+        if not found:  # a mistyped name must not pass for a lab removed: ``lab exec`` agrees
+            up = sorted(rec.info.name for rec in list_labs())
+            raise ConfigError(
+                f"no lab named {lab_name} ({'labs up: ' + ', '.join(up) if up else 'none is up'})"
+            )
         _remove(lab_name)
         return [lab_name]
     removed = [rec.info.name for rec in list_labs() if rec.persistent]

@@ -179,7 +179,7 @@ def down(
         raise ConfigError("--name and --all: choose one")
     removed = lab.lab_down(name, every=every)
     if not removed:
-        _console(stderr=True).print(f"no lab named {_escape(name)}" if name else "no lab to remove")
+        _console(stderr=True).print("no lab to remove")
     for lab_name in removed:
         _console().print(f"removed {lab_name}")
 

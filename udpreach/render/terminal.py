@@ -506,7 +506,7 @@ def _loss_line(doc: dict[str, Any]) -> Text:
         line.append(f"chance that any 'blocked' cell is really open: {bound}")
     if not c.reached:
         why = "" if c.complete else ": the run is incomplete"
-        line.append(f"  (confidence target not reached{why})", style="bold red")
+        line.append(f" (confidence target not reached{why})", style="bold red")
     elif c.blocked and c.target is not None:
         line.append(f" (confidence target {c.target:.2g} reached)")
     if c.rate_text:
