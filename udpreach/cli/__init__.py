@@ -54,9 +54,14 @@ def _options(
     (mail push-notification reachability: agent, probe, coordinator)."""
 
 
-app.command()(service.probe)
-app.command()(service.agent)
-app.command()(run.run)
+# The short help is what the command list shows: one line that fits 80 columns whole.
+app.command(short_help="Server side: the coordinator and the UDP probe, until stopped.")(
+    service.probe
+)
+app.command(short_help="Client side: listen on UDP port(s), register with the probe.")(
+    service.agent
+)
+app.command(short_help="Test the path from the probe to an agent; print the matrix.")(run.run)
 app.command()(run.agents)
 app.command()(run.demo)
 history.register(app)

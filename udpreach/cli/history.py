@@ -172,7 +172,10 @@ def history(
 
 def show(
     run_id: Annotated[
-        str, typer.Argument(help="A run id, a unique prefix of one, or a file `run --json` wrote.")
+        str,
+        typer.Argument(
+            metavar="RUN_ID", help="A run id, a unique prefix of one, or a file `run --json` wrote."
+        ),
     ],
     db: DbOpt = None,
     as_json: JsonOpt = False,
@@ -198,8 +201,13 @@ def show(
 
 
 def diff(
-    run_a: Annotated[str, typer.Argument(help="The earlier run (id, unique prefix or JSON file).")],
-    run_b: Annotated[str, typer.Argument(help="The later run (id, unique prefix or JSON file).")],
+    run_a: Annotated[
+        str,
+        typer.Argument(metavar="RUN_A", help="The earlier run (id, unique prefix or JSON file)."),
+    ],
+    run_b: Annotated[
+        str, typer.Argument(metavar="RUN_B", help="The later run (id, unique prefix or JSON file).")
+    ],
     db: DbOpt = None,
     as_json: JsonOpt = False,
     junit: JunitOpt = None,
@@ -302,6 +310,10 @@ def expect_from_run(
 def register(app: typer.Typer) -> None:
     """Add ``history``, ``show``, ``diff`` and ``expect`` to the application."""
     app.command("history")(mapped(history))
-    app.command("show")(mapped(show))
-    app.command("diff")(mapped(diff))
-    app.command("expect")(mapped(expect_from_run))
+    app.command("show", short_help="Print a stored run exactly as `run` printed it.")(mapped(show))
+    app.command("diff", short_help="The cells whose verdict changed between two runs.")(
+        mapped(diff)
+    )
+    app.command("expect", short_help="Print an expectation file (TOML) a run satisfies.")(
+        mapped(expect_from_run)
+    )

@@ -20,6 +20,7 @@ from udpreach.core import schema
 key_app = typer.Typer(
     name="key",
     help="Per-agent and operator keys in the coordinator's keyring (instead of one shared secret).",
+    short_help="Per-agent and operator keys (instead of one shared secret).",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -42,7 +43,9 @@ def _say(line: str) -> None:
 @key_app.command("add")
 @mapped
 def add(
-    name: Annotated[str, typer.Argument(help="The agent's name (its --name), or an operator's.")],
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="The agent's name (its --name), or an operator's.")
+    ],
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Where to write the key file (default: ./NAME.key)."),
@@ -120,7 +123,7 @@ def list_keys(
 @key_app.command("revoke")
 @mapped
 def revoke(
-    name: Annotated[str, typer.Argument(help="The key to revoke.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The key to revoke.")],
     keyring: KeyringOpt = None,
 ) -> None:
     """Revoke NAME's key: a running probe drops its sessions and refuses it from now on."""

@@ -23,6 +23,7 @@ lab_app = typer.Typer(
         "The real-firewall lab: agent, router (an nftables firewall) and probe in three "
         "network namespaces. Needs root."
     ),
+    short_help="The real-firewall lab: agent, nftables router, probe (root).",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     rich_markup_mode=None,
@@ -187,7 +188,9 @@ def down(
 @lab_app.command("exec")
 @mapped
 def exec_(
-    role: Annotated[LabRole, typer.Argument(help="Where to run: agent, router or probe.")],
+    role: Annotated[
+        LabRole, typer.Argument(metavar="ROLE", help="Where to run: agent, router or probe.")
+    ],
     cmd: Annotated[
         list[str], typer.Argument(metavar="-- CMD...", help="The command to run, after --.")
     ],

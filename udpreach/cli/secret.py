@@ -15,7 +15,7 @@ secret_app = typer.Typer(
 @secret_app.command("new")
 @mapped
 def secret_new(
-    path: Annotated[Path, typer.Argument(help="File to create (mode 0600).")],
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="File to create (mode 0600).")],
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a fresh random secret to FILE with mode 0600."""
