@@ -110,6 +110,7 @@ class Path:
     jitter: float = 0.0
     control_delay: float = 0.0005  # one way, agent <-> coordinator
     loss: list[tuple[tuple[int, int], float]] = field(default_factory=list)  # band, rate
+    loss_first: bool = False  # the loss bands are upstream of the firewall: rejects lose too
     ecmp_loss: tuple[int, float] | None = None  # (members, loss on member 0)
     police: tuple[float, float] | None = None  # rate, burst: on everything
     band_police: tuple[tuple[int, int], float, float] | None = None  # band, rate, burst
@@ -369,6 +370,13 @@ class SimRun:
         addr = p.nat_pool(src) if p.nat_pool else (p.nat_address or PROBE)
         return addr, p.nat(src) if p.nat else src
 
+    def _lost(self, src: int) -> bool:
+        """Whether a datagram from ``src`` is lost in the path's loss bands."""
+        for (lo, hi), rate in self.path.loss:
+            if lo <= src <= hi and self.rng.random() < rate:
+                return True
+        return False
+
     def _transmit(self, t: float, dst: int, src: int, attempt: int, payload: bytes) -> None:
         p = self.path
         self.sent_to.append((t, dst, src, attempt))
@@ -397,6 +405,8 @@ class SimRun:
             if len(self._flows) >= p.session_limit:
                 return
             self._flows.add((dst, src))
+        if p.loss_first and self._lost(src):
+            return
         rule = p.rule_at(t, dst, src)
         if rule is not None and rule.action == "drop":
             return
@@ -410,9 +420,8 @@ class SimRun:
             policer = self._band_policer
             if lo <= src <= hi and policer is not None and not policer.take(t):
                 return
-        for (lo, hi), rate in p.loss:
-            if lo <= src <= hi and self.rng.random() < rate:
-                return
+        if not p.loss_first and self._lost(src):
+            return
         if p.ecmp_loss is not None:
             members, rate = p.ecmp_loss
             if hash((src, dst, 17)) % members == 0 and self.rng.random() < rate:

@@ -291,6 +291,25 @@ def test_a_port_never_tested_still_needs_samples_a_test_placed() -> None:
     _strictly_right(sim, doc, path)
 
 
+@pytest.mark.parametrize("seed", [1, 5])
+def test_loss_before_the_firewall_never_confirms_a_reject_as_a_drop(seed: int) -> None:
+    """30% loss on the way to a reject rule (the lab's ``numgen random mod 10 < 3 drop``
+    before the reject): a test datagram lost before the firewall is as silent as a drop,
+    and two silent tests confirmed one. Over the simulated path 1,335-2,666 rejected cells
+    came out blocked, and in the lab single cells at a run's ends. The confirmations a drop
+    needs now follow the path's measured loss (a chance under 1e-4 that a reject's tests
+    were all lost)."""
+    path = Path(
+        rules=[Rule("reject", (30000, 39999))],
+        loss=[((30000, 44999), 0.3)],
+        loss_first=True,
+        seed=seed,
+    )
+    sim, doc = run(path, src_ports="25000-45000", dst_ports=(5000, 5001))
+    _strictly_right(sim, doc, path)
+    assert sim.sweep._confirmations >= 8
+
+
 @pytest.mark.parametrize(
     "rules",
     [

@@ -15,8 +15,10 @@ so if any datagram later in the burst drew an error from a sender, that sender h
 for every earlier datagram of the burst: each earlier cell that stayed silent would have
 been answered had that sender rejected it. A cell is confirmed dropped when that holds for
 every sender, twice, in two bursts (a datagram lost before the router must not pass for a
-drop). A burst costs one token per rejected datagram in it, so it holds every cell expected
-to be dropped and only as many expected rejects as the sender has had time to refill.
+drop); on a lossy path more often, until the path's loss leaves a chance under 1e-4 that a
+reject's tests were all lost (30% loss: eight bursts). A burst costs one token per rejected
+datagram in it, so it holds every cell expected to be dropped and only as many expected
+rejects as the sender has had time to refill.
 
 The cells are not tested one by one. A *dark run* is a maximal run of planned source ports
 of one destination port between open (or untested) cells. Its cells carry labels: R (an
@@ -87,7 +89,8 @@ from udpreach.core.ledger import (
 
 U, D = 0, 1  # label kinds: unlabelled, confirmed dropped; R labels are 2 + the ICMP index
 _OPEN, _BLOCKED, _REJECTED, _UNTESTED = 1, 2, 3, 4  # ledger state codes
-CONFIRMATIONS = 2  # silent tests a cell must pass to be a confirmed drop
+CONFIRMATIONS = 2  # silent tests a cell must pass to be a confirmed drop (a clean path)
+MAX_CONFIRMATIONS = 12  # on a lossy path (the engine's ``_confirmations_needed``)
 # A settled run holds a label in each of this many equal parts: spread samples, so that
 # reject and drop mixed through a run (an ECMP pair out of step, rules by parity or in
 # narrow bands) show both kinds; 9 samples of a half-and-half mix are all of one kind 1 time
@@ -241,8 +244,10 @@ def dark_runs(
     ledger: Ledger,
     confirms: dict[int, np.ndarray],
     tested: dict[int, np.ndarray] | None = None,
+    confirmations: int = CONFIRMATIONS,
 ) -> Iterator[Run]:
-    """Every dark run of the ledger, with its labels (see the module docstring)."""
+    """Every dark run of the ledger, with its labels (see the module docstring); a cell is
+    a confirmed drop after ``confirmations`` silent tests."""
     planned = np.flatnonzero(ledger.planned_mask())
     for j, d in enumerate(ledger.dst_ports):
         v = ledger.view(d)
@@ -256,7 +261,7 @@ def dark_runs(
         conf = confirms.get(d)
         once: np.ndarray | None = None
         if conf is not None:
-            dropped = (state == PENDING) & (conf[planned] >= CONFIRMATIONS)
+            dropped = (state == PENDING) & (conf[planned] >= confirmations)
             labels[dropped] = D
             once = (state == PENDING) & (conf[planned] > 0) & ~dropped
         by_test = None

@@ -311,6 +311,7 @@ class Sweep:
         # ICMP.
         self.senders: dict[str, silence.SenderBucket] = {}
         self._confirms: dict[int, np.ndarray] = {}
+        self._confirmations = silence.CONFIRMATIONS  # silent tests that confirm a drop
         self._tested: dict[int, np.ndarray] = {}  # cells a test burst placed (by position)
         self._probe_started: float | None = None
         self.conclusion: silence.Conclusion | None = None
@@ -1220,6 +1221,7 @@ class Sweep:
         if self._bytes_capped or self.icmp_budget <= 0:
             self._conclude(now, tested=False)
             return
+        self._confirmations = self._confirmations_needed()  # the loss is known by now
         for address, cell in silence.verified_senders(self.ledger).items():
             bucket = self.senders.get(address)
             if bucket is None:
@@ -1228,7 +1230,7 @@ class Sweep:
             measured = bucket.measured_period()
             if measured is not None:
                 bucket.period = measured
-        runs = list(silence.dark_runs(self.ledger, self._confirms, self._tested))
+        runs = self._dark_runs()
         if not silence.limited(runs, across=self._capped()):
             self._conclude(now, tested=False)
             return
@@ -1365,14 +1367,34 @@ class Sweep:
         tested = self._tested.get(dst)
         return tested is not None and bool(tested[src])
 
+    def _dark_runs(self) -> list[silence.Run]:
+        return list(
+            silence.dark_runs(self.ledger, self._confirms, self._tested, self._confirmations)
+        )
+
+    def _confirmations_needed(self) -> int:
+        """Silent tests a cell must pass to be a confirmed drop: a test lost on the way to
+        the firewall is silent too, so on a lossy path two are not enough. Enough that the
+        path's loss (the worst of a block's and of the cells that needed retries, as for the
+        recheck) leaves a chance under 1e-4 that a reject's tests were all lost."""
+        flat = [b for bs in self.block_evidence().values() for b in bs if b.opened]
+        pool = Pool.of(flat)
+        worst = max((loss_upper(b, pool) for b in flat), default=0.0)
+        if pool.retry_trials:
+            worst = max(worst, wilson_upper(pool.retry_losses, pool.retry_trials))
+        if worst <= 0.0:
+            return silence.CONFIRMATIONS
+        if worst >= 0.5:
+            return silence.MAX_CONFIRMATIONS
+        need = math.ceil(math.log(1e-4) / math.log(worst))
+        return max(silence.CONFIRMATIONS, min(silence.MAX_CONFIRMATIONS, need))
+
     def _unconfirmed(self, runs: list[silence.Run]) -> list[tuple[int, int]]:
-        """Cells confirmed dropped once, awaiting their second test."""
+        """Cells silent in a test, awaiting the rest of their confirmations."""
         out: list[tuple[int, int]] = []
         for d, conf in self._confirms.items():
             v = self.ledger.view(d)
-            once = np.flatnonzero(
-                (conf > 0) & (conf < silence.CONFIRMATIONS) & (v.state == PENDING)
-            )
+            once = np.flatnonzero((conf > 0) & (conf < self._confirmations) & (v.state == PENDING))
             out += [(d, int(s)) for s in once]
         return out
 
@@ -1381,7 +1403,7 @@ class Sweep:
         self._burst = None
         if burst is not None:
             self._judge_burst(burst)
-        runs = list(silence.dark_runs(self.ledger, self._confirms, self._tested))
+        runs = self._dark_runs()
         if not self._next_burst(now, runs):
             self._conclude(now, tested=True)
 
@@ -1442,7 +1464,7 @@ class Sweep:
             self._conclude_tested = tested
             self._begin(Stage.DRAIN, np.zeros(0, dtype=np.intp), {}, now, judging=False)
             return
-        runs = list(silence.dark_runs(self.ledger, self._confirms, self._tested))
+        runs = self._dark_runs()
         if tested or silence.limited(runs, across=self._capped()):
             self.conclusion = silence.conclude(self.ledger, runs)
             self._icmp_warnings(tested)
