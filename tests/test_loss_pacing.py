@@ -73,7 +73,7 @@ def test_a_clean_block_borrows_the_plans_tight_estimate() -> None:
     blocks = [clean() for _ in range(250)] + [clean(opened=128, unseen=128)]
     pool = Pool.of(blocks)
     assert block_bound(blocks[-1], pool) < 1e-6
-    assert false_blocked_bound(blocks) < 1e-4
+    assert false_blocked_bound({5000: blocks}) < 1e-4
 
 
 def test_a_lossy_band_uses_its_own_loss() -> None:
@@ -100,7 +100,27 @@ def test_the_retried_population_reveals_a_lossy_ecmp_member() -> None:
     first_only = 248 * loss_upper(blocks[0], pool) ** 5
     assert first_only < 0.5  # the pooled first-attempt loss would stop retrying here
     assert block_bound(blocks[0], pool) > 10 * first_only
-    assert false_blocked_bound(blocks) == 1.0  # a chance: at most 1
+    assert false_blocked_bound({5000: blocks}) == 1.0  # a chance: at most 1
+
+
+def test_a_block_dark_on_one_port_and_lossy_on_another_is_lossy_too() -> None:
+    """A policer on a source band, sent two destination ports back to back: it passed
+    5000's datagram of each pair and dropped 5001's, so 5001's blocks there held nothing
+    and were taken for a dark band (4,800 open cells called blocked over the simulated
+    path). Loss by source ports shows on every destination port: such a block is as lossy
+    as its sibling. Dark on 5001 beside a clean 5000 (a rule by destination port) is not."""
+    from udpreach.core.loss import sibling_bounds
+
+    lossy = BlockEvidence(opened=128, losses=300, retried=100, retry_losses=150, unseen=128,
+                          attempts=3)  # fmt: skip
+    dark = BlockEvidence(opened=0, losses=0, retried=0, retry_losses=0, unseen=256, attempts=3)
+    rest = [clean() for _ in range(60)]
+    bounds = sibling_bounds({5000: [*rest, lossy], 5001: [*rest, dark]})
+    assert bounds[5001][-1] > 1.0  # worth another attempt
+    assert bounds[5000] == [0.0] * 61
+    assert false_blocked_bound({5000: [*rest, lossy], 5001: [*rest, dark]}) == 1.0
+    by_port = sibling_bounds({5000: [*rest, clean()], 5001: [*rest, dark]})
+    assert by_port[5001][-1] == 0.0
 
 
 @settings(max_examples=200, deadline=None)

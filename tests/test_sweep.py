@@ -602,6 +602,20 @@ def test_a_policer_on_one_band_slows_only_the_retries() -> None:
     assert sim.now < 20  # about 10,000 band cells at 1,000/s
 
 
+@pytest.mark.parametrize("ports", [2, 3])
+def test_a_policer_on_one_band_never_blackens_one_destination_port(ports: int) -> None:
+    """A 500/s policer (burst 5) on a source band, several destination ports sent back to
+    back: the first port's datagram of each source port took the token and the others were
+    dropped, every time, so their blocks held nothing and were taken for dark bands: 4,800
+    (two ports) and 1,491 (three) open cells blocked, confidence not reached (the lab's
+    adversarial q3 found 81-239). A block dark on one port whose source ports lose datagrams
+    on another is retried as lossy."""
+    path = Path(band_police=((25000, 34999), 500, 5))
+    sim, doc = run(path, src_ports="15000-40000", dst_ports=tuple(range(5000, 5000 + ports)))
+    right(sim, doc, path)
+    assert doc["loss"]["confidence_reached"]
+
+
 def test_a_band_going_dark_is_not_a_reason_to_slow_down() -> None:
     path = Path(later=(0.3, [Rule("drop", (40000, 49999))]))
     sim = SimRun(path)

@@ -149,8 +149,42 @@ def block_bound(b: BlockEvidence, pool: Pool) -> float:
     return min(float(b.unseen), max(first, retry))
 
 
-def false_blocked_bound(blocks: list[BlockEvidence]) -> float:
+def sibling_bounds(evidence: Mapping[int, list[BlockEvidence]]) -> dict[int, list[float]]:
+    """Per destination port and block, the bound for a block with nothing delivered at all
+    (``block_bound`` takes it for a dark band: 0) whose source ports lose datagrams on
+    another destination port: loss by source ports (a policer on a band) is a property of
+    those ports on every destination port, and the order the ports are sent in can make
+    one destination port's datagrams the ones a policer drops, every time. Such a block is
+    as lossy as its worst sibling: the expected open cells among its unseen ones are at
+    most ``unseen * p ** attempts``. Dark on one port and clean on another (a rule by
+    destination port) keeps 0."""
+    flat = [b for bs in evidence.values() for b in bs]
+    pool = Pool.of(flat)
+    out: dict[int, list[float]] = {}
+    for d, blocks in evidence.items():
+        bounds = [0.0] * len(blocks)
+        for i, b in enumerate(blocks):
+            if b.opened > 0 or b.unseen <= 0:
+                continue
+            p = max(
+                (
+                    loss_upper(sib[i], pool)
+                    for e, sib in evidence.items()
+                    if e != d and i < len(sib) and sib[i].opened > 0 and sib[i].losses > 0
+                ),
+                default=0.0,
+            )
+            if p > 0.0:
+                bounds[i] = min(float(b.unseen), b.unseen * p ** max(1, b.attempts))
+        out[d] = bounds
+    return out
+
+
+def false_blocked_bound(evidence: Mapping[int, list[BlockEvidence]]) -> float:
     """The chance that any unseen cell of the plan is in fact open, bounded from above (the
-    expected number of such cells, by the union bound)."""
-    pool = Pool.of(blocks)
-    return min(1.0, sum(block_bound(b, pool) for b in blocks))
+    expected number of such cells, by the union bound), per destination port's blocks."""
+    flat = [b for bs in evidence.values() for b in bs]
+    pool = Pool.of(flat)
+    own = sum(block_bound(b, pool) for b in flat)
+    siblings = sum(sum(bs) for bs in sibling_bounds(evidence).values())
+    return min(1.0, own + siblings)

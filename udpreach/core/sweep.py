@@ -52,6 +52,7 @@ from udpreach.core.loss import (
     estimate_loss,
     false_blocked_bound,
     loss_upper,
+    sibling_bounds,
     wilson_upper,
 )
 from udpreach.core.pacing import PACED_SECONDS, PILOT_CELLS, Pacer, Window
@@ -925,13 +926,15 @@ class Sweep:
         active = sum(1 for b in flat if b.unseen and b.opened)
         share = self.plan.confidence / max(1, active)
         floor = min(2, self.plan.copies)
+        siblings = sibling_bounds(evidence)  # dark here, lossy on another destination port
         out: dict[int, np.ndarray] = {}
         for d, blocks in evidence.items():
             need = np.zeros(len(blocks) + 1, dtype=bool)
             for i, b in enumerate(blocks):
                 if not b.unseen:
                     continue
-                need[i] = b.attempts < floor or block_bound(b, pool) > share
+                bound = max(block_bound(b, pool), siblings[d][i])
+                need[i] = b.attempts < floor or bound > share
             out[d] = need
         return out
 
@@ -1529,8 +1532,7 @@ class Sweep:
         if self.phase in (Phase.SETTLING, Phase.PLANNED) and complete:
             self._move("finish")
         if complete:
-            evidence = [b for bs in self.block_evidence().values() for b in bs]
-            self.facts.bound = false_blocked_bound(evidence)
+            self.facts.bound = false_blocked_bound(self.block_evidence())
         led.finish(complete=complete)
         self._finished = complete
         self.loss = estimate_loss(led.first_attempt_histogram())
