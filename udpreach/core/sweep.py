@@ -1113,16 +1113,21 @@ class Sweep:
             if need is not None and a >= need:
                 self._recheck_seen.add((d, s))
 
-    def _recheck_tries_needed(self) -> int:
-        """Tries an open cell gets in the recheck before its silence means a change: enough
-        that the path's loss leaves a one-in-a-thousand chance. The loss is the worst of a
-        block's and of the cells that needed retries (in an ECMP mix the lossy member's
-        flows lose far more than their blocks show)."""
+    def _worst_loss(self) -> float:
+        """The path's per-datagram loss where it is worst: the highest of a block's and of
+        the cells that needed retries (in an ECMP mix the lossy member's flows lose far more
+        than their blocks show), one-sided 99% upper limits."""
         flat = [b for bs in self.block_evidence().values() for b in bs if b.opened]
         pool = Pool.of(flat)
         worst = max((loss_upper(b, pool) for b in flat), default=0.0)
         if pool.retry_trials:
             worst = max(worst, wilson_upper(pool.retry_losses, pool.retry_trials))
+        return worst
+
+    def _recheck_tries_needed(self) -> int:
+        """Tries an open cell gets in the recheck before its silence means a change: enough
+        that the path's worst loss leaves a one-in-a-thousand chance."""
+        worst = self._worst_loss()
         if worst <= 0.0:
             return RECHECK_TRIES
         if worst >= 0.95:
@@ -1378,13 +1383,8 @@ class Sweep:
     def _confirmations_needed(self) -> int:
         """Silent tests a cell must pass to be a confirmed drop: a test lost on the way to
         the firewall is silent too, so on a lossy path two are not enough. Enough that the
-        path's loss (the worst of a block's and of the cells that needed retries, as for the
-        recheck) leaves a chance under 1e-4 that a reject's tests were all lost."""
-        flat = [b for bs in self.block_evidence().values() for b in bs if b.opened]
-        pool = Pool.of(flat)
-        worst = max((loss_upper(b, pool) for b in flat), default=0.0)
-        if pool.retry_trials:
-            worst = max(worst, wilson_upper(pool.retry_losses, pool.retry_trials))
+        path's worst loss leaves a chance under 1e-4 that a reject's tests were all lost."""
+        worst = self._worst_loss()
         if worst <= 0.0:
             return silence.CONFIRMATIONS
         if worst >= 0.5:
