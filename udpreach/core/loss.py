@@ -101,7 +101,7 @@ class Pool:
         )
 
 
-def _differs(failures: int, trials: int, pooled_failures: int, pooled_trials: int) -> bool:
+def lossier(failures: int, trials: int, pooled_failures: int, pooled_trials: int) -> bool:
     """Whether a block's loss is significantly above the plan's (3 sigma, one-sided)."""
     if trials <= 0:
         return False
@@ -113,7 +113,7 @@ def _differs(failures: int, trials: int, pooled_failures: int, pooled_trials: in
 def _upper(failures: int, trials: int, pooled_failures: int, pooled_trials: int) -> float:
     """A block's loss upper limit: its own where it differs from the plan's, else the
     plan's (whose evidence is much larger)."""
-    if _differs(failures, trials, pooled_failures, pooled_trials):
+    if lossier(failures, trials, pooled_failures, pooled_trials):
         return wilson_upper(failures, trials)
     return wilson_upper(pooled_failures, pooled_trials)
 
@@ -133,7 +133,7 @@ def block_bound(b: BlockEvidence, pool: Pool) -> float:
     first = b.opened * p1**k
     if b.retried <= 0 or k <= 1:
         return min(float(b.unseen), first)
-    if _differs(b.retry_losses, b.retry_trials, pool.retry_losses, pool.retry_trials):
+    if lossier(b.retry_losses, b.retry_trials, pool.retry_losses, pool.retry_trials):
         h = wilson_upper(b.retry_losses, b.retry_trials)
     else:
         h = (
@@ -149,28 +149,38 @@ def block_bound(b: BlockEvidence, pool: Pool) -> float:
     return min(float(b.unseen), max(first, retry))
 
 
+SIBLING_ATTEMPTS = 6  # a block dark beside a lossy sibling is retried at most this often
+
+
 def sibling_bounds(evidence: Mapping[int, list[BlockEvidence]]) -> dict[int, list[float]]:
     """Per destination port and block, the bound for a block with nothing delivered at all
-    (``block_bound`` takes it for a dark band: 0) whose source ports lose datagrams on
-    another destination port: loss by source ports (a policer on a band) is a property of
-    those ports on every destination port, and the order the ports are sent in can make
-    one destination port's datagrams the ones a policer drops, every time. Such a block is
-    as lossy as its worst sibling: the expected open cells among its unseen ones are at
-    most ``unseen * p ** attempts``. Dark on one port and clean on another (a rule by
-    destination port) keeps 0."""
+    (``block_bound`` takes it for a dark band: 0) whose source ports are lossier than the
+    plan on another destination port: loss by source ports (a policer on a band) is a
+    property of those ports on every destination port, and the order the ports are sent in
+    can make one destination port's datagrams the ones a policer drops, every time. Such a
+    block is as lossy as its worst sibling: the expected open cells among its unseen ones
+    are at most ``unseen * p ** attempts``. Its retries go to that port alone, past the
+    sibling's competition: after ``SIBLING_ATTEMPTS`` with nothing delivered it is dark (a
+    rule by destination port inside a policed band). Dark beside a sibling no lossier than
+    the plan (a rule by destination port on a path with some loss) keeps 0."""
     flat = [b for bs in evidence.values() for b in bs]
     pool = Pool.of(flat)
     out: dict[int, list[float]] = {}
     for d, blocks in evidence.items():
         bounds = [0.0] * len(blocks)
         for i, b in enumerate(blocks):
-            if b.opened > 0 or b.unseen <= 0:
+            if b.opened > 0 or b.unseen <= 0 or b.attempts >= SIBLING_ATTEMPTS:
                 continue
             p = max(
                 (
                     loss_upper(sib[i], pool)
                     for e, sib in evidence.items()
-                    if e != d and i < len(sib) and sib[i].opened > 0 and sib[i].losses > 0
+                    if e != d
+                    and i < len(sib)
+                    and sib[i].opened > 0
+                    and lossier(
+                        sib[i].losses, sib[i].losses + sib[i].opened, pool.losses, pool.trials
+                    )
                 ),
                 default=0.0,
             )

@@ -244,10 +244,11 @@ def dark_runs(
     ledger: Ledger,
     confirms: dict[int, np.ndarray],
     tested: dict[int, np.ndarray] | None = None,
-    confirmations: int = CONFIRMATIONS,
+    confirmations: np.ndarray | int = CONFIRMATIONS,
 ) -> Iterator[Run]:
     """Every dark run of the ledger, with its labels (see the module docstring); a cell is
-    a confirmed drop after ``confirmations`` silent tests."""
+    a confirmed drop after ``confirmations`` silent tests (one count for every cell, or an
+    array by source port)."""
     planned = np.flatnonzero(ledger.planned_mask())
     for j, d in enumerate(ledger.dst_ports):
         v = ledger.view(d)
@@ -261,7 +262,10 @@ def dark_runs(
         conf = confirms.get(d)
         once: np.ndarray | None = None
         if conf is not None:
-            dropped = (state == PENDING) & (conf[planned] >= confirmations)
+            need = (
+                confirmations[planned] if isinstance(confirmations, np.ndarray) else confirmations
+            )
+            dropped = (state == PENDING) & (conf[planned] >= need)
             labels[dropped] = D
             once = (state == PENDING) & (conf[planned] > 0) & ~dropped
         by_test = None

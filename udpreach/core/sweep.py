@@ -52,6 +52,7 @@ from udpreach.core.loss import (
     estimate_loss,
     false_blocked_bound,
     loss_upper,
+    lossier,
     sibling_bounds,
     wilson_upper,
 )
@@ -312,7 +313,8 @@ class Sweep:
         # ICMP.
         self.senders: dict[str, silence.SenderBucket] = {}
         self._confirms: dict[int, np.ndarray] = {}
-        self._confirmations = silence.CONFIRMATIONS  # silent tests that confirm a drop
+        # Silent tests that confirm a drop, per source port (see _confirmations_needed).
+        self._confirmations = np.full(65536, silence.CONFIRMATIONS, dtype=np.uint8)
         self._tested: dict[int, np.ndarray] = {}  # cells a test burst placed (by position)
         self._probe_started: float | None = None
         self.conclusion: silence.Conclusion | None = None
@@ -923,10 +925,11 @@ class Sweep:
         evidence = self.block_evidence()
         flat = [b for bs in evidence.values() for b in bs]
         pool = Pool.of(flat)
+        siblings = sibling_bounds(evidence)  # dark here, lossy on another destination port
         active = sum(1 for b in flat if b.unseen and b.opened)
+        active += sum(1 for bs in siblings.values() for x in bs if x > 0)
         share = self.plan.confidence / max(1, active)
         floor = min(2, self.plan.copies)
-        siblings = sibling_bounds(evidence)  # dark here, lossy on another destination port
         out: dict[int, np.ndarray] = {}
         for d, blocks in evidence.items():
             need = np.zeros(len(blocks) + 1, dtype=bool)
@@ -1380,17 +1383,61 @@ class Sweep:
             silence.dark_runs(self.ledger, self._confirms, self._tested, self._confirmations)
         )
 
-    def _confirmations_needed(self) -> int:
-        """Silent tests a cell must pass to be a confirmed drop: a test lost on the way to
-        the firewall is silent too, so on a lossy path two are not enough. Enough that the
-        path's worst loss leaves a chance under 1e-4 that a reject's tests were all lost."""
-        worst = self._worst_loss()
-        if worst <= 0.0:
-            return silence.CONFIRMATIONS
-        if worst >= 0.5:
-            return silence.MAX_CONFIRMATIONS
-        need = math.ceil(math.log(1e-4) / math.log(worst))
-        return max(silence.CONFIRMATIONS, min(silence.MAX_CONFIRMATIONS, need))
+    def _confirmations_needed(self) -> np.ndarray:
+        """Per source port, the silent tests that confirm a drop there. A test lost on the
+        way to the firewall is silent too, so where the path loses datagrams two are not
+        enough: as many as leave a chance under 1e-4 that a reject's tests were all lost.
+        The loss is the one where the test goes: its block's (the worst over destination
+        ports: loss by source ports shows on all of them), and for a block that delivered
+        nothing, the worse of the nearest measured blocks on either side (a dark run is
+        bounded by open cells, and a loss band upstream of a reject shows beside it), the
+        retried cells' where they lost far more than first attempts show (an ECMP member
+        that loses half its flows' datagrams). No loss seen anywhere: two."""
+        evidence = self.block_evidence()
+        flat = [b for bs in evidence.values() for b in bs]
+        pool = Pool.of(flat)
+        nblocks = max((len(bs) for bs in evidence.values()), default=0)
+        loss = np.full(nblocks, np.nan)
+
+        def lossy(b: BlockEvidence) -> bool:
+            return lossier(b.losses, b.losses + b.opened, pool.losses, pool.trials)
+
+        # A block no lossier than the plan takes the loss of the plan's blocks that are not
+        # lossier either: a policed band elsewhere says nothing of a test's chances here.
+        clean = Pool.of([b for b in flat if not lossy(b)])
+        for bs in evidence.values():
+            for i, b in enumerate(bs):
+                if not b.opened:
+                    continue
+                if lossy(b):
+                    p = wilson_upper(b.losses, b.losses + b.opened)
+                else:
+                    p = wilson_upper(clean.losses, clean.trials) if clean.losses else 0.0
+                # Cells that needed a retry and lost far more after it (an ECMP member
+                # that loses half its flows' datagrams, whatever the block's first tries)
+                if b.retry_losses and lossier(
+                    b.retry_losses, b.retry_trials, pool.losses, pool.trials
+                ):
+                    p = max(p, wilson_upper(b.retry_losses, b.retry_trials))
+                loss[i] = np.fmax(loss[i], p)
+        known = np.flatnonzero(~np.isnan(loss))
+        if not len(known):
+            loss[:] = 0.0
+        else:  # the dark blocks: the worse of the nearest measured ones on either side
+            idx = np.arange(nblocks)
+            after = np.searchsorted(known, idx)
+            left = loss[known[np.clip(after - 1, 0, len(known) - 1)]]
+            right = loss[known[np.clip(after, 0, len(known) - 1)]]
+            loss = np.where(np.isnan(loss), np.fmax(left, right), loss)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            need = np.ceil(np.log(1e-4) / np.log(np.clip(loss, 1e-12, 0.5)))
+        need = np.clip(np.nan_to_num(need, nan=silence.CONFIRMATIONS), silence.CONFIRMATIONS,
+                       silence.MAX_CONFIRMATIONS)  # fmt: skip
+        need[loss >= 0.5] = silence.MAX_CONFIRMATIONS
+        out = np.full(65536, silence.CONFIRMATIONS, dtype=np.uint8)
+        mapped = self._block_of >= 0
+        out[mapped] = need[self._block_of[mapped]].astype(np.uint8) if nblocks else 2
+        return out
 
     def _unconfirmed(self, runs: list[silence.Run]) -> list[tuple[int, int]]:
         """Cells silent in a test, awaiting the rest of their confirmations."""
