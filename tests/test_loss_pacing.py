@@ -239,13 +239,34 @@ def test_retry_rounds_slow_to_twice_the_delivered_rate() -> None:
     p = Pacer(ceiling=100_000)
     p.on_retry_round(100_000, 0.09, 100, 100)  # heavy loss, 1,100/s delivered
     assert p.rate == pytest.approx(2 * 100 / 0.09)
-    # Slower, and the deliveries fell with the rate: the loss does not track it.
+    # Slower, the deliveries fell with the rate and as large a share was lost: the loss
+    # does not track the rate (random loss on a band).
     p2 = Pacer(ceiling=100_000)
     p2.on_retry_round(100_000, 0.1, 2000, 2500)
     slowed = p2.rate
     assert slowed < 100_000
-    p2.on_retry_round(slowed, 0.2, 900, 2000)
+    p2.on_retry_round(slowed, 0.2, 1600, 2000)
     assert p2.rate == 100_000
+    # Fewer deliveries at a lower loss are the open cells running out behind a policer:
+    # the rate keeps going down towards it.
+    p3 = Pacer(ceiling=100_000)
+    p3.on_retry_round(100_000, 0.1, 2000, 2500)
+    p3.on_retry_round(p3.rate, 0.2, 900, 2000)
+    assert p3.rate < slowed
+
+
+def test_small_retry_rounds_behind_a_policer_add_up() -> None:
+    """A 300/s policer on a band: 40 ms rounds at full speed credit about 16 cells each,
+    under the evidence a round needs, so the rate never moved (46 rounds, 4,172 open cells
+    blocked over the simulated path). Rounds at one rate add up until they hold enough."""
+    p = Pacer(ceiling=100_000)
+    p.on_retry_round(100_000, 0.036, 16, 34)
+    assert p.rate == 100_000  # 34 before: not enough to judge
+    p.on_retry_round(100_000, 0.036, 16, 16)
+    assert p.rate == pytest.approx(2 * 32 / 0.072)  # judged on both: 444/s delivered
+    slowed = p.rate
+    p.on_retry_round(slowed, 4.4, 1330, 16)  # slower lets them through: nothing to judge
+    assert p.rate == slowed
 
 
 @settings(max_examples=200, deadline=None)

@@ -618,6 +618,22 @@ def test_a_policer_on_one_band_never_blackens_one_destination_port(ports: int) -
     assert doc["loss"]["confidence_reached"]
 
 
+def test_a_slow_policer_on_one_band_is_followed_by_the_retries() -> None:
+    """A 300/s policer on 5,000 source ports of a full sweep, a reject range elsewhere: each
+    retry round at full speed lasted 40 ms and credited about 16 cells, too few to judge a
+    round by, so the retries never slowed; after 46 rounds 4,172 open cells were reported
+    blocked (confidence not reached). Small rounds now add up, and the retries come down to
+    the rate the band passes."""
+    path = Path(
+        rules=[Rule("reject", (50000, 54999)), Rule("drop", (52000, 52499))],
+        band_police=((10000, 14999), 300, 5),
+    )
+    sim, doc = run(path)
+    right(sim, doc, path)
+    assert doc["loss"]["confidence_reached"]
+    assert sim.now < 60  # 5,000 band cells at 300/s: 17 s at least
+
+
 def test_a_band_going_dark_is_not_a_reason_to_slow_down() -> None:
     path = Path(later=(0.3, [Rule("drop", (40000, 49999))]))
     sim = SimRun(path)

@@ -80,8 +80,11 @@ class Pacer:
     _trial: _Trial | None = None
     _held: int = 0  # windows since the last cut, for gentle probing
     _changed_at: float = -1e9  # when the rate or burst last changed
-    _last_retry: tuple[float, float] | None = None  # (rate, delivered/s) of the last retry
+    # (rate, delivered/s, loss) of the last retry round judged
+    _last_retry: tuple[float, float, float] | None = None
     _retry_settled: bool = False  # halving did not help once: the rate is not the cause
+    # Retry rounds at one rate too short to judge alone, added up: (opened, before, seconds)
+    _retry_acc: tuple[int, int, float] = (0, 0, 0.0)
 
     def __post_init__(self) -> None:
         self.floor = min(self.floor, self.ceiling)
@@ -204,16 +207,41 @@ class Pacer:
         whatever we send, so this homes in on N in a round or two). When slowing down made
         the deliveries fall with the rate, the loss did not track it: the old rate is
         restored and the rate is left alone from then on.
+
+        Rounds too small to judge alone (a policer on a band passes its N/s: a round of 40 ms
+        of retries credits a dozen cells) are added up, while the rate stays, until they
+        hold ``MIN_RETRY_EVIDENCE`` credits; judged alone, they never were, and a band behind
+        a 300/s policer went through 46 rounds at full speed and ended blocked.
         """
+        if self._retry_settled:
+            return
+        if before < MIN_RETRY_EVIDENCE <= opened:
+            # A small round, then a big one at this rate: the rate now lets the open cells
+            # through. Nothing to compare it with yet (a share above 1 is no loss).
+            self._retry_acc = (0, 0, 0.0)
+            self._last_retry = None
+            return
+        acc_opened, acc_before, acc_time = self._retry_acc
+        opened, before, duration = opened + acc_opened, before + acc_before, duration + acc_time
+        if before < MIN_RETRY_EVIDENCE:
+            self._retry_acc = (opened, before, duration)
+            return
+        self._retry_acc = (0, 0, 0.0)
         delivered = opened / max(duration, 1e-3)
+        loss = opened / before
         last = self._last_retry
-        self._last_retry = (rate, delivered)
-        if self._retry_settled or before < MIN_RETRY_EVIDENCE:
-            return
-        if opened / before <= RETRY_LOSS_LIMIT:
-            return
-        if last is not None and rate < last[0] * 0.99 and delivered < 0.6 * last[1]:
-            self.rate = max(self.rate, last[0])  # slower did not deliver more: not the rate
+        self._last_retry = (rate, delivered, loss)
+        if loss <= RETRY_LOSS_LIMIT or loss > 1.0:
+            return  # light loss, or more credited than the round before: slower worked
+        if (
+            last is not None
+            and rate < last[0] * 0.99
+            and delivered < 0.6 * last[1]
+            and loss >= 0.9 * last[2]
+        ):
+            # Slower did not deliver more, and lost as large a share: not the rate. (Fewer
+            # deliveries at a lower loss are the open cells running out.)
+            self.rate = max(self.rate, last[0])
             self._retry_settled = True
             return
         new = max(self.floor, min(rate / 2, 2 * delivered))
@@ -221,6 +249,7 @@ class Pacer:
             self.rate = new
             self.burst = LIMITED_BURST
             self.backoffs += 1
+            self._retry_acc = (0, 0, 0.0)
 
 
 RETRY_LOSS_LIMIT = 0.25  # per-attempt loss among retried open cells above which to slow

@@ -1390,7 +1390,9 @@ class Sweep:
         The loss is the one where the test goes: its block's (the worst over destination
         ports: loss by source ports shows on all of them), and for a block that delivered
         nothing, the worse of the nearest measured blocks on either side (a dark run is
-        bounded by open cells, and a loss band upstream of a reject shows beside it), the
+        bounded by open cells, and a loss band upstream of a reject shows beside it); then
+        the worst of each block and its two neighbours (a block's open part may be clean
+        where its dark part is not); the
         retried cells' where they lost far more than first attempts show (an ECMP member
         that loses half its flows' datagrams). No loss seen anywhere: two."""
         evidence = self.block_evidence()
@@ -1429,6 +1431,9 @@ class Sweep:
             left = loss[known[np.clip(after - 1, 0, len(known) - 1)]]
             right = loss[known[np.clip(after, 0, len(known) - 1)]]
             loss = np.where(np.isnan(loss), np.fmax(left, right), loss)
+            # A block's open part may be clean where its dark part is not (a loss band
+            # upstream of a reject starts where the reject does): its neighbours' loss too.
+            loss = np.maximum(loss, np.maximum(np.r_[loss[1:], 0.0], np.r_[0.0, loss[:-1]]))
         with np.errstate(divide="ignore", invalid="ignore"):
             need = np.ceil(np.log(1e-4) / np.log(np.clip(loss, 1e-12, 0.5)))
         need = np.clip(np.nan_to_num(need, nan=silence.CONFIRMATIONS), silence.CONFIRMATIONS,
