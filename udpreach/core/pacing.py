@@ -83,8 +83,9 @@ class Pacer:
     # (rate, delivered/s, loss) of the last retry round judged
     _last_retry: tuple[float, float, float] | None = None
     _retry_settled: bool = False  # halving did not help once: the rate is not the cause
-    # Retry rounds at one rate too short to judge alone, added up: (opened, before, seconds)
-    _retry_acc: tuple[int, int, float] = (0, 0, 0.0)
+    # Retry rounds too short to judge alone, added up while their rate stays:
+    # (opened, before, seconds, rate)
+    _retry_acc: tuple[int, int, float, float] = (0, 0, 0.0, 0.0)
 
     def __post_init__(self) -> None:
         self.floor = min(self.floor, self.ceiling)
@@ -218,15 +219,16 @@ class Pacer:
         if before < MIN_RETRY_EVIDENCE <= opened:
             # A small round, then a big one at this rate: the rate now lets the open cells
             # through. Nothing to compare it with yet (a share above 1 is no loss).
-            self._retry_acc = (0, 0, 0.0)
+            self._retry_acc = (0, 0, 0.0, 0.0)
             self._last_retry = None
             return
-        acc_opened, acc_before, acc_time = self._retry_acc
-        opened, before, duration = opened + acc_opened, before + acc_before, duration + acc_time
+        acc_opened, acc_before, acc_time, acc_rate = self._retry_acc
+        if abs(acc_rate - rate) <= 0.01 * rate:  # the same rate: add them up
+            opened, before, duration = opened + acc_opened, before + acc_before, duration + acc_time
         if before < MIN_RETRY_EVIDENCE:
-            self._retry_acc = (opened, before, duration)
+            self._retry_acc = (opened, before, duration, rate)
             return
-        self._retry_acc = (0, 0, 0.0)
+        self._retry_acc = (0, 0, 0.0, 0.0)
         delivered = opened / max(duration, 1e-3)
         loss = opened / before
         last = self._last_retry
@@ -249,7 +251,6 @@ class Pacer:
             self.rate = new
             self.burst = LIMITED_BURST
             self.backoffs += 1
-            self._retry_acc = (0, 0, 0.0)
 
 
 RETRY_LOSS_LIMIT = 0.25  # per-attempt loss among retried open cells above which to slow

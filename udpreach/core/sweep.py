@@ -1390,11 +1390,11 @@ class Sweep:
         The loss is the one where the test goes: its block's (the worst over destination
         ports: loss by source ports shows on all of them), and for a block that delivered
         nothing, the worse of the nearest measured blocks on either side (a dark run is
-        bounded by open cells, and a loss band upstream of a reject shows beside it); then
-        the worst of each block and its two neighbours (a block's open part may be clean
-        where its dark part is not); the
+        bounded by open cells, and a loss band upstream of a reject shows beside it); the
         retried cells' where they lost far more than first attempts show (an ECMP member
-        that loses half its flows' datagrams). No loss seen anywhere: two."""
+        that loses half its flows' datagrams); then the worst of each block and its two
+        neighbours (a block's open part may be clean where its dark part is not). No loss
+        seen anywhere: two."""
         evidence = self.block_evidence()
         flat = [b for bs in evidence.values() for b in bs]
         pool = Pool.of(flat)
