@@ -15,10 +15,10 @@ so if any datagram later in the burst drew an error from a sender, that sender h
 for every earlier datagram of the burst: each earlier cell that stayed silent would have
 been answered had that sender rejected it. A cell is confirmed dropped when that holds for
 every sender, twice, in two bursts (a datagram lost before the router must not pass for a
-drop); on a lossy path more often, until the path's loss leaves a chance under 1e-4 that a
-reject's tests were all lost (30% loss: eight bursts). A burst costs one token per rejected
-datagram in it, so it holds every cell expected to be dropped and only as many expected
-rejects as the sender has had time to refill.
+drop); where the path loses datagrams more often, until the loss where the test goes leaves
+a chance under 1e-4 that a reject's tests were all lost (about ten bursts at 30% loss). A
+burst costs one token per rejected datagram in it, so it holds every cell expected to be
+dropped and only as many expected rejects as the sender has had time to refill.
 
 The cells are not tested one by one. A *dark run* is a maximal run of planned source ports
 of one destination port between open (or untested) cells. Its cells carry labels: R (an

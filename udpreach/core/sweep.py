@@ -1116,21 +1116,16 @@ class Sweep:
             if need is not None and a >= need:
                 self._recheck_seen.add((d, s))
 
-    def _worst_loss(self) -> float:
-        """The path's per-datagram loss where it is worst: the highest of a block's and of
-        the cells that needed retries (in an ECMP mix the lossy member's flows lose far more
-        than their blocks show), one-sided 99% upper limits."""
+    def _recheck_tries_needed(self) -> int:
+        """Tries an open cell gets in the recheck before its silence means a change: enough
+        that the path's loss leaves a one-in-a-thousand chance. The loss is the worst of a
+        block's and of the cells that needed retries (in an ECMP mix the lossy member's
+        flows lose far more than their blocks show)."""
         flat = [b for bs in self.block_evidence().values() for b in bs if b.opened]
         pool = Pool.of(flat)
         worst = max((loss_upper(b, pool) for b in flat), default=0.0)
         if pool.retry_trials:
             worst = max(worst, wilson_upper(pool.retry_losses, pool.retry_trials))
-        return worst
-
-    def _recheck_tries_needed(self) -> int:
-        """Tries an open cell gets in the recheck before its silence means a change: enough
-        that the path's worst loss leaves a one-in-a-thousand chance."""
-        worst = self._worst_loss()
         if worst <= 0.0:
             return RECHECK_TRIES
         if worst >= 0.95:
@@ -1434,14 +1429,12 @@ class Sweep:
             # A block's open part may be clean where its dark part is not (a loss band
             # upstream of a reject starts where the reject does): its neighbours' loss too.
             loss = np.maximum(loss, np.maximum(np.r_[loss[1:], 0.0], np.r_[0.0, loss[:-1]]))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            need = np.ceil(np.log(1e-4) / np.log(np.clip(loss, 1e-12, 0.5)))
-        need = np.clip(np.nan_to_num(need, nan=silence.CONFIRMATIONS), silence.CONFIRMATIONS,
-                       silence.MAX_CONFIRMATIONS)  # fmt: skip
-        need[loss >= 0.5] = silence.MAX_CONFIRMATIONS
+        # 0.5 and over: 14 tests, clipped to the most; no loss: one, raised to two.
+        need = np.ceil(np.log(1e-4) / np.log(np.clip(loss, 1e-12, 0.5)))
+        need = np.clip(need, silence.CONFIRMATIONS, silence.MAX_CONFIRMATIONS).astype(np.uint8)
         out = np.full(65536, silence.CONFIRMATIONS, dtype=np.uint8)
         mapped = self._block_of >= 0
-        out[mapped] = need[self._block_of[mapped]].astype(np.uint8) if nblocks else 2
+        out[mapped] = need[self._block_of[mapped]]
         return out
 
     def _unconfirmed(self, runs: list[silence.Run]) -> list[tuple[int, int]]:
