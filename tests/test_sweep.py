@@ -503,6 +503,11 @@ def test_no_delivery_at_all_means_loss_unknown_not_zero() -> None:
     assert doc["loss"]["estimate"] is None
     assert doc["loss"]["false_blocked_bound"] is None
     assert doc["loss"]["confidence_reached"] is False
+    # A pipeline that reads only the warnings hears it too.
+    assert [w for w in doc["warnings"] if w.startswith("confidence target not reached")] == [
+        "confidence target not reached: nothing got through, so the loss on the path is "
+        "unknown and a 'blocked' cell may yet be open"
+    ]
 
 
 def test_retries_stop_at_the_copies_ceiling_and_say_the_target_was_missed() -> None:
@@ -511,6 +516,9 @@ def test_retries_stop_at_the_copies_ceiling_and_say_the_target_was_missed() -> N
     assert doc["loss"]["attempts"] <= 3
     assert doc["probe_stats"]["sent"] <= 3 * 2048
     assert doc["loss"]["confidence_reached"] is False
+    said = [w for w in doc["warnings"] if w.startswith("confidence target not reached")]
+    assert len(said) == 1
+    assert f"up to {doc['loss']['false_blocked_bound']:.2g} (target 0.01)" in said[0]
 
 
 # -- late datagrams ---------------------------------------------------------------------------

@@ -1728,6 +1728,25 @@ class Sweep:
             # The probe's --max-rate / --max-bytes-rate (shared by the runs at a time) held
             # most of the run's datagrams below the plan's rate: the share most went under.
             loss["rate_ceiling"] = max(self._held_to.items(), key=lambda kv: (kv[1], -kv[0]))[0]
+        warnings = list(facts.warnings)
+        if (
+            self.phase is Phase.COMPLETE
+            and not self._bytes_capped  # that warning says why already
+            and not loss["confidence_reached"]
+            and led.summary()["blocked"]
+        ):
+            # The report says it in red; a pipeline reading only the warnings hears it too.
+            target = f"{self.plan.confidence:g}"
+            if loss["false_blocked_bound"] is None:
+                warnings.append(
+                    "confidence target not reached: nothing got through, so the loss on the "
+                    "path is unknown and a 'blocked' cell may yet be open"
+                )
+            else:
+                warnings.append(
+                    "confidence target not reached: the chance that any 'blocked' cell is "
+                    f"really open is up to {loss['false_blocked_bound']:.2g} (target {target})"
+                )
         out: dict[str, Any] = {
             "started": started,
             "finished": finished,
@@ -1749,7 +1768,7 @@ class Sweep:
             },
             "agent_stats": facts.agent_stats,
             "observed_sources": led.observed_addresses(),
-            "warnings": list(facts.warnings),
+            "warnings": warnings,
         }
         if facts.path_mtu is not None:
             out["path_mtu"] = dict(facts.path_mtu)
