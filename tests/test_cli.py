@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -559,3 +561,82 @@ def test_probe_source_must_be_ours(secret_file: Path, source: str, needle: str) 
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def _as_another_user() -> dict[str, object] | None:
+    """``subprocess`` arguments that run a command as a user who may not enter root's
+    folders (root: as ``nobody``; anyone else: as themselves, a folder's mode does it).
+    None when nobody cannot run this interpreter (a checkout under /root)."""
+    if os.geteuid() != 0:
+        return {}
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", "import udpreach"],
+            user="nobody", capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+    except OSError:  # the interpreter itself is out of its reach
+        return None
+    return {"user": "nobody"} if probe.returncode == 0 else None
+
+
+def test_a_folder_the_user_may_not_enter_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """A service user with another's HOME (``HOME=/root``): the default keyring's and run
+    database's folders could not even be looked at, and every command said "internal
+    error: PermissionError", exit 3 (the probe even with ``--secret-file``)."""
+    how = _as_another_user()
+    if how is None:
+        pytest.skip("nobody cannot run this checkout's Python (it lives in a private folder)")
+    home = tmp_path / "home"
+    for sub in (".config/udpreach", ".local/share/udpreach"):
+        (home / sub).mkdir(parents=True)
+    # The user's own folder, outside pytest's (root's is 0700).
+    mine = Path(tempfile.mkdtemp(prefix="udpreach-user-"))
+    secret = mine / "s.secret"
+    secret.write_text("k" * 64 + "\n")
+    secret.chmod(0o600)
+    if how:  # root: nobody owns the secret and its folder, root the HOME
+        os.chown(mine, 65534, 65534)
+        os.chown(secret, 65534, 65534)
+        home.chmod(0o700)
+    else:  # the user's own HOME, made unenterable
+        home.chmod(0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+    env.update(HOME=str(home), UDPREACH_DEBUG="0")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            udpreach_argv(*args), capture_output=True, text=True, timeout=60, env=env,
+            check=False, **how,  # type: ignore[call-overload]
+        )  # fmt: skip
+
+    try:
+        history = cli("history")
+        assert history.returncode == 2, history.stderr
+        db = home / ".local/share/udpreach/runs.sqlite3"
+        assert history.stderr.splitlines() == [f"udpreach: cannot use {db}: Permission denied"], (
+            history.stderr
+        )
+        # The probe with a secret needs no keyring: it starts (and stops on SIGTERM).
+        ready = mine / "ready.json"
+        proc = subprocess.Popen(
+            udpreach_argv(
+                "probe", "--control", "127.0.0.1:0", "--secret-file", str(secret),
+                "--db", str(mine / "runs.sqlite3"), "--ready-file", str(ready),
+            ),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            **how,  # type: ignore[call-overload]
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not (ready.exists() and ready.stat().st_size) and proc.poll() is None:
+                assert time.monotonic() < deadline, "the probe did not start"
+                time.sleep(0.05)
+            assert proc.poll() is None, proc.communicate()
+        finally:
+            code = stop(proc)
+        _out, err = proc.communicate(timeout=10)  # (and closes the pipes)
+        assert code == 0, err
+        assert "internal error" not in err
+    finally:
+        home.chmod(0o700)
+        shutil.rmtree(mine, ignore_errors=True)

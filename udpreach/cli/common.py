@@ -148,14 +148,20 @@ def fail(message: str, code: int, *, as_json: bool = False) -> NoReturn:
 def map_error(exc: BaseException, *, as_json: bool = False) -> NoReturn:
     """The one error mapper: *exc* as one line and its exit code.
 
-    ``UdpreachError`` carries its own exit code; an interrupt could not complete (3); any
-    other exception is a bug, still one line and exit 3 (``UDPREACH_DEBUG=1`` re-raises it
-    for its traceback).
+    ``UdpreachError`` carries its own exit code; an interrupt could not complete (3); a
+    file the user may not use is configuration (2); any other exception is a bug, still
+    one line and exit 3 (``UDPREACH_DEBUG=1`` re-raises it for its traceback).
     """
     if isinstance(exc, UdpreachError):
         fail(str(exc) or type(exc).__name__, exc.exit_code, as_json=as_json)
     if isinstance(exc, KeyboardInterrupt):
         fail("interrupted", 3, as_json=as_json)
+    if isinstance(exc, PermissionError) and exc.filename:
+        # A file or folder this user may not use (a service user with another's HOME, a
+        # --db under /root): the configuration's, not a bug.
+        fail(
+            f"cannot use {exc.filename}: {exc.strerror or 'permission denied'}", 2, as_json=as_json
+        )
     if os.environ.get(DEBUG_ENV) == "1":
         raise exc
     fail(

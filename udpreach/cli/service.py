@@ -172,8 +172,11 @@ def probe(
     setup_logging(check_log_level(log_level), log_json)
     host, port = parse_endpoint(control, "--control")
     found = keyring if keyring is not None else default_keyring()
-    ring = found if keyring is not None or found.exists() else None
     has_secret = secret_file is not None or bool(os.environ.get(SECRET_ENV))
+    try:
+        ring = found if keyring is not None or found.exists() else None
+    except OSError:  # the default keyring's folder is not this user's to look in
+        ring = None if has_secret else found  # without a secret, reading it says why
     secret = load_secret(secret_file) if has_secret or ring is None else None
     nets = []
     for cidr in allow_target or []:
