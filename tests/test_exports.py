@@ -346,6 +346,72 @@ def test_a_fully_open_port_is_the_fixed_port_and_ipv6_rules() -> None:
     ]
 
 
+def _rejects_from(
+    *ranges: tuple[int, int, int, int, str],
+    registered: str = "198.18.1.2",
+    target: str = "198.18.1.2",
+) -> dict[str, Any]:
+    """A complete one-port run: the given (first, last, type, code, from) rejected, the
+    rest of 1024-65535 open."""
+    out, at = [], 1024
+    for first, last, t, c, sender in ranges:
+        if at < first:
+            out.append({"dst_port": 5000, "first": at, "last": first - 1, "verdict": "open"})
+        icmp = {"type": t, "code": c, "from": sender, "verified": True}
+        out.append(
+            {"dst_port": 5000, "first": first, "last": last, "verdict": "rejected", "icmp": icmp}
+        )
+        at = last + 1
+    out.append({"dst_port": 5000, "first": at, "last": 65535, "verdict": "open"})
+    return {
+        "complete": True,
+        "ranges": out,
+        "probe": {"address": "198.18.2.2", "target": target, "send_mode": "raw"},
+        "agent": {"registered": registered, "observed": target},
+    }
+
+
+def test_nothing_listening_behind_nat_gets_no_rule_and_says_why() -> None:
+    """Behind NAT, the NAT box's own "port unreachable" for every cell came out as a
+    forward-chain rule to accept the lot: no firewall rule opens a port nothing listens on."""
+    doc = _rejects_from((1024, 65535, 3, 3, "198.18.2.1"), target="198.18.2.1")
+    rec = recommend(doc)
+    assert rec["rules"] == []
+    assert rec["notes"] == [
+        "64,512 cells were rejected by 198.18.2.1 itself with port unreachable: nothing "
+        "listens on destination port(s) 5000 there (the agent registered 198.18.1.2, but the "
+        "probe reached 198.18.2.1: NAT; forward the port to the agent, or reach it without "
+        "NAT); no firewall rule opens that"
+    ]
+
+
+def test_the_agents_own_firewall_gets_an_input_rule_on_its_host() -> None:
+    doc = _rejects_from(
+        (20000, 24999, 3, 13, "198.18.2.1"),  # the router between them
+        (26000, 30999, 3, 13, "198.18.1.2"),  # the agent's host itself
+        (40000, 40099, 3, 3, "198.18.1.2"),  # the agent was not listening (no rule)
+    )
+    rec = recommend(doc)
+    assert [(r["chain"], r["src_ports"], r["cells"]) for r in rec["rules"]] == [
+        ("forward", "20000-24999", 5000),
+        ("input", "26000-30999", 5000),
+    ]
+    assert rec["rules"][1]["nft"] == (
+        "nft insert rule inet filter input ip saddr 198.18.2.2 ip daddr 198.18.1.2 "
+        "udp sport 26000-30999 udp dport 5000 accept"
+    )
+    assert rec["rules"][1]["iptables"] == [
+        "iptables -I INPUT -p udp -s 198.18.2.2 -d 198.18.1.2 --dport 5000 "
+        "--sport 26000:30999 -j ACCEPT"
+    ]
+    notes = rec["notes"]
+    assert notes[0].startswith(
+        "100 cells were rejected by 198.18.1.2 itself with port "
+        "unreachable: nothing listens on destination port(s) 5000 there;"
+    )
+    assert "198.18.1.2 itself rejected some cells (its own firewall)" in notes[-1]
+
+
 def test_an_incomplete_run_recommends_nothing() -> None:
     rec = recommend(docsamples.incomplete())  # 5000 blocks 40000-49999; 5001 half unknown
     assert (rec["fixed_ports"], rec["rules"]) == ([], [])

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from udpreach.core import schema
@@ -43,10 +44,13 @@ from udpreach.core.intervals import (
     ranges_by_dst,
     union,
 )
+from udpreach.core.portspec import format_ports
 
 FIXED_PORT_FIRST = 1024  # FixedUDPPortValue must lie in 1024-65535
 MULTIPORT_SLOTS = 15
 OPENABLE = ("blocked", "rejected")
+# "Port unreachable" (ICMP, ICMPv6), by the target's address family.
+PORT_UNREACHABLE = {4: (3, 3), 6: (1, 4)}
 
 
 def _items(ivs: list[Interval], sep: str) -> list[str]:
@@ -79,18 +83,31 @@ def _port_match(kind: str, ivs: list[Interval]) -> str:
     return f"-m multiport --{kind}ports {','.join(_items(ivs, ':'))}"
 
 
-def nft_rule(family: int, probe: str, agent: str, sports: list[Interval], dports: list[int]) -> str:
-    """The nftables rule accepting UDP from ``probe`` ports ``sports`` to ``agent``."""
+def nft_rule(
+    family: int,
+    probe: str,
+    agent: str,
+    sports: list[Interval],
+    dports: list[int],
+    chain: str = "forward",
+) -> str:
+    """The nftables rule accepting UDP from ``probe`` ports ``sports`` to ``agent``, in
+    ``chain`` (``input``: on the agent's host itself)."""
     ip = "ip" if family == 4 else "ip6"
     return (
-        f"nft insert rule inet filter forward {ip} saddr {probe} {ip} daddr {agent} "
+        f"nft insert rule inet filter {chain} {ip} saddr {probe} {ip} daddr {agent} "
         f"udp sport {_nft_set(sports)} udp dport {_nft_set(union((d, d) for d in dports))} "
         "accept"
     )
 
 
 def iptables_rules(
-    family: int, probe: str, agent: str, sports: list[Interval], dports: list[int]
+    family: int,
+    probe: str,
+    agent: str,
+    sports: list[Interval],
+    dports: list[int],
+    chain: str = "forward",
 ) -> list[str]:
     """The iptables (or ip6tables) rules accepting the same traffic, 15 ports a match."""
     cmd = "iptables" if family == 4 else "ip6tables"
@@ -98,7 +115,7 @@ def iptables_rules(
     for dchunk in _chunks(union((d, d) for d in dports)):
         for schunk in _chunks(sports):
             out.append(
-                f"{cmd} -I FORWARD -p udp -s {probe} -d {agent} "
+                f"{cmd} -I {chain.upper()} -p udp -s {probe} -d {agent} "
                 f"{_port_match('d', dchunk)} {_port_match('s', schunk)} -j ACCEPT"
             )
     return out
@@ -111,13 +128,13 @@ def _address(text: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-def _closed_spans(rs: list[Range]) -> list[Interval]:
+def _closed_spans(rs: list[Range], keep: Callable[[Range], bool]) -> list[Interval]:
     """A sampled plan's closed spans on one destination port: runs of blocked or rejected
-    samples with no sample of another verdict between them, first to last."""
+    samples (those ``keep`` takes) with no other sample between them, first to last."""
     out: list[Interval] = []
     extend = False
     for r in rs:
-        if r["verdict"] not in OPENABLE:
+        if r["verdict"] not in OPENABLE or not keep(r):
             extend = False
             continue
         first, last = int(r["first"]), int(r["last"])
@@ -148,16 +165,32 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
     ports: list[dict[str, Any]] = []
     fixed: list[int] = []
     unsure: list[int] = []  # open so far, but the run ended before all cells settled
-    closed: dict[int, list[Interval]] = {}
+    # Closed cells by where a rule would open them: "forward" (a firewall on the path),
+    # "input" (the target's own firewall rejected them) and "listener" (the target said
+    # port unreachable: nothing listens there, which no rule opens).
+    closed: dict[str, dict[int, list[Interval]]] = defaultdict(dict)
+    closed_cells: dict[str, dict[int, int]] = defaultdict(dict)
     verdicts_of: dict[int, set[str]] = defaultdict(set)
     translated_any = False
-    closed_cells: dict[int, int] = {}
+    probe_addr = _address((doc.get("probe") or {}).get("address"))
+    agent = doc.get("agent") or {}
+    agent_addr = _address(agent.get("observed") or agent.get("registered"))
+    target = _address((doc.get("probe") or {}).get("target")) or agent_addr
+
+    def where(r: Range) -> str:
+        icmp = r.get("icmp") or {}
+        if r["verdict"] != "rejected" or target is None or _address(icmp.get("from")) != target:
+            return "forward"
+        said = (icmp.get("type"), icmp.get("code"))
+        return "listener" if said == PORT_UNREACHABLE[target.version] else "input"
+
     by_dst = ranges_by_dst(doc.get("ranges", []))
     sampled = is_sampled(planned_spans(doc.get("ranges", [])))
     for d, rs in by_dst.items():
         counts = dict.fromkeys(schema.VERDICTS, 0)
         counts["translated"] = 0
-        shut: list[Interval] = []
+        shut: dict[str, list[Interval]] = defaultdict(list)
+        shut_cells: dict[str, int] = defaultdict(int)
         for r in rs:
             n = int(r["last"]) - int(r["first"]) + 1
             v = str(r["verdict"])
@@ -166,8 +199,11 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
                 counts["translated"] += n
                 translated_any = True
             if v in OPENABLE:
-                shut.append((int(r["first"]), int(r["last"])))
-                verdicts_of[d].add(v)
+                kind = where(r)
+                shut[kind].append((int(r["first"]), int(r["last"])))
+                shut_cells[kind] += n
+                if kind != "listener":
+                    verdicts_of[d].add(v)
         tested = counts["open"] + counts["blocked"] + counts["rejected"]
         ports.append(
             {"dst_port": d, "cells": sum(counts[v] for v in counts if v != "translated")} | counts
@@ -177,9 +213,13 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
                 unsure.append(d)
             else:
                 fixed.append(d)
-        if shut:
-            closed[d] = _closed_spans(rs) if sampled else union(shut)
-            closed_cells[d] = counts["blocked"] + counts["rejected"]
+        for kind, ivs in shut.items():
+
+            def keep(r: Range, kind: str = kind) -> bool:
+                return where(r) == kind
+
+            closed[kind][d] = _closed_spans(rs, keep) if sampled else union(ivs)
+            closed_cells[kind][d] = shut_cells[kind]
 
     if not doc.get("complete"):
         unknown = sum(p["unknown"] for p in ports)
@@ -195,39 +235,60 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
         }
     notes: list[str] = []
     rules: list[dict[str, Any]] = []
-    probe_addr = _address((doc.get("probe") or {}).get("address"))
-    agent = doc.get("agent") or {}
-    agent_addr = _address(agent.get("observed") or agent.get("registered"))
+    listener = closed.pop("listener", {})
+    if listener and target is not None:
+        n = sum(closed_cells["listener"].values())
+        nat = (
+            f" (the agent registered {agent.get('registered')}, but the probe reached "
+            f"{target}: NAT; forward the port to the agent, or reach it without NAT)"
+            if agent_addr == target and _address(agent.get("registered")) not in (None, target)
+            else ""
+        )
+        notes.append(
+            f"{n:,} cells were rejected by {target} itself with port unreachable: nothing "
+            f"listens on destination port(s) {format_ports(sorted(listener))} there{nat}; "
+            "no firewall rule opens that"
+        )
     if closed:
-        if probe_addr is None or agent_addr is None:
+        if probe_addr is None or agent_addr is None or target is None:
             notes.append("no rules: the probe's or the agent's address is missing or invalid")
         elif probe_addr.version != agent_addr.version:
             notes.append("no rules: the probe and the agent use different address families")
         else:
             fam = probe_addr.version
-            groups: dict[tuple[Interval, ...], list[int]] = defaultdict(list)
-            for d, ivs in closed.items():
-                groups[tuple(ivs)].append(d)
-            for ivs_t, dsts in sorted(groups.items(), key=lambda kv: kv[1][0]):
-                ivs = list(ivs_t)
-                rules.append(
-                    {
-                        "dst_ports": dsts,
-                        "src_ports": ",".join(_items(ivs, "-")),
-                        "cells": sum(closed_cells[d] for d in dsts),
-                        "verdicts": sorted(set().union(*(verdicts_of[d] for d in dsts))),
-                        "sampled": sampled,
-                        "nft": nft_rule(fam, str(probe_addr), str(agent_addr), ivs, dsts),
-                        "iptables": iptables_rules(
-                            fam, str(probe_addr), str(agent_addr), ivs, dsts
-                        ),
-                    }
+            for chain in ("forward", "input"):
+                to = agent_addr if chain == "forward" else target
+                groups: dict[tuple[Interval, ...], list[int]] = defaultdict(list)
+                for d, ivs in closed.get(chain, {}).items():
+                    groups[tuple(ivs)].append(d)
+                for ivs_t, dsts in sorted(groups.items(), key=lambda kv: kv[1][0]):
+                    ivs = list(ivs_t)
+                    rules.append(
+                        {
+                            "dst_ports": dsts,
+                            "src_ports": ",".join(_items(ivs, "-")),
+                            "cells": sum(closed_cells[chain][d] for d in dsts),
+                            "verdicts": sorted(set().union(*(verdicts_of[d] for d in dsts))),
+                            "sampled": sampled,
+                            "chain": chain,
+                            "nft": nft_rule(fam, str(probe_addr), str(to), ivs, dsts, chain),
+                            "iptables": iptables_rules(
+                                fam, str(probe_addr), str(to), ivs, dsts, chain
+                            ),
+                        }
+                    )
+            if "forward" in closed:
+                cmd = "iptables" if fam == 4 else "ip6tables"
+                notes.append(
+                    "the rules assume an nftables table 'inet filter' with a 'forward' chain "
+                    f"({cmd}: FORWARD) on a router between probe and agent; adjust to your "
+                    "ruleset, and prefer fixing the rule that blocks over adding exceptions"
                 )
-            notes.append(
-                "the rules assume an nftables table 'inet filter' with a 'forward' chain "
-                "(iptables: FORWARD) on a router between probe and agent; adjust to your "
-                "ruleset, and prefer fixing the rule that blocks over adding exceptions"
-            )
+            if "input" in closed:
+                notes.append(
+                    f"{target} itself rejected some cells (its own firewall): their rules go "
+                    "in its 'input' chain (INPUT), on that host"
+                )
     if rules and sampled:
         notes.append(
             "the plan sampled source ports: each rule opens the whole span from the first to "

@@ -184,7 +184,13 @@ def _recommendations(doc: dict[str, Any]) -> list[str]:
             + _md(facts.source_ports_label(str(rule.get("src_ports", "")).replace(",", ", ")))
             + f" to destination port(s) {_md(format_ports(rule.get('dst_ports') or []))} "
             f"({facts.counted(int(rule.get('cells', 0) or 0), 'cell')}, "
-            f"{'/'.join(rule.get('verdicts') or [])}):",
+            f"{'/'.join(rule.get('verdicts') or [])})"
+            + (
+                ", in the input chain of the host that rejected them"
+                if rule.get("chain") == "input"
+                else ""
+            )
+            + ":",
             "",
             "```sh",
             facts.one_line(rule.get("nft", "")),

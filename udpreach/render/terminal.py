@@ -623,10 +623,12 @@ def _recommendations(doc: dict[str, Any]) -> list[Any]:
                 )
             )
             continue
+        on_host = r.get("chain") == "input"  # the agent's host itself rejected them
+        host = " (in the input chain of the host that rejected them)" if on_host else ""
         lines.append(
             Para(
                 f"# {facts.source_ports_label(', '.join(spans))} to destination port(s) "
-                f"{dsts} ({what})",
+                f"{dsts} ({what}){host}",
                 indent=2,
             )
         )
