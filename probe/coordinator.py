@@ -445,12 +445,13 @@ class _Conn:
         self.scope.cancel()
 
 
-@dataclass
+@dataclass(eq=False)  # kept in a set: by identity
 class _Ticket:
     """A run request in progress, as its requester's watcher sees it."""
 
     execution: RunExecution | None = None
     cancelled: bool = False
+    why: str | None = None  # why the probe itself ended the run (None: its requester did)
     gone: bool = False
     answered: bool = False  # its last message is on its way: the requester may close now
     waiting: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -475,6 +476,8 @@ class Coordinator:
         self._keys: KeyringWatch | None = None
         self._name_locks: dict[str, trio.Lock] = {}
         self._changed = trio.Event()
+        self._tickets: set[_Ticket] = set()  # run requests not yet answered for good
+        self._tickets_changed = trio.Event()
         self.active_runs = 0
         self._auth_failures = _Throttled("authentication failures")
         self._refusals = _Throttled("refused connections")
@@ -899,12 +902,35 @@ class Coordinator:
 
     async def _run_request(self, chan: Channel, peer: str, req: RunRequest) -> None:
         ticket = _Ticket()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_requester, chan, ticket, _Peer(f"requester {peer}"))
-            try:
-                await self._serve_run(chan, peer, req, ticket)
-            finally:
-                nursery.cancel_scope.cancel()
+        self._tickets.add(ticket)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_requester, chan, ticket, _Peer(f"requester {peer}"))
+                try:
+                    await self._serve_run(chan, peer, req, ticket)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._tickets.discard(ticket)
+            self._tickets_changed.set()
+
+    def stop_runs(self, why: str) -> int:
+        """End every run in progress as its requester's cancel would: each requester still
+        gets the document of what was settled, with ``why`` among its warnings (a request
+        still waiting for its agent gets an error). Returns how many requests there were."""
+        for ticket in self._tickets:
+            ticket.cancelled = True
+            ticket.why = why
+            if ticket.execution is not None:
+                ticket.execution.cancel(why)
+            ticket.waiting.cancel()
+        return len(self._tickets)
+
+    async def runs_answered(self) -> None:
+        """Return once every run request has been answered (the caller bounds the wait)."""
+        while self._tickets:
+            self._tickets_changed = trio.Event()
+            await self._tickets_changed.wait()
 
     async def _claim(
         self, name: str, wait: float, plan_req: dict[str, Any], ticket: _Ticket
@@ -946,7 +972,8 @@ class Coordinator:
                 with trio.move_on_at(deadline):
                     await changed.wait()
         if ticket.cancelled or ticket.gone:
-            return Error("cancelled", "the run request was cancelled before the run started")
+            why = ticket.why or "the run request was cancelled"
+            return Error("cancelled", f"{why} before the run started")
         waited = f" (waited {wait:g}s)" if wait > 0 else ""
         if session is None or session.lost.is_set():
             names = sorted(self.agents)
@@ -1063,7 +1090,7 @@ class Coordinator:
         session.run_id = execution.run_id
         ticket.execution = execution
         if ticket.cancelled or ticket.gone:
-            execution.cancel()
+            execution.cancel(ticket.why)
         log.info("run requested by %s against agent %s: %d cells", peer, session.name, plan.cells)
         self.active_runs += 1
         try:

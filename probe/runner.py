@@ -108,13 +108,17 @@ class RunExecution:
         self.sweep: Sweep | None = None
         self._wake = trio.Event()
         self._cancelled = False
+        self._cancel_why: str | None = None
         self._store_busy = False
         self._sender: Any = None
 
-    def cancel(self) -> None:
+    def cancel(self, why: str | None = None) -> None:
         """Stop the run as soon as possible; ``execute`` then returns the incomplete
-        document (cells not yet settled are ``unknown``)."""
+        document (cells not yet settled are ``unknown``), saying ``why`` (by default, that
+        its requester cancelled it)."""
         self._cancelled = True
+        if why is not None:
+            self._cancel_why = why
         self._wake.set()
 
     # -- the run ------------------------------------------------------------------------------
@@ -193,7 +197,10 @@ class RunExecution:
                 if session.lost.is_set():
                     sweep.on_agent_lost(f"agent {session.name!r} was lost during the run", now)
                 if self._cancelled:
-                    sweep.cancel(now)
+                    if self._cancel_why is None:
+                        sweep.cancel(now)
+                    else:
+                        sweep.abort(self._cancel_why, now)
                 if self.rate_cap is not None:
                     sweep.rate_cap = self.rate_cap()
                 sender.linger = sweep.linger()

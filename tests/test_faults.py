@@ -290,6 +290,40 @@ def _listen_again(port: int) -> None:
         s.listen()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_probe_stopped_mid_run_sends_what_was_settled(
+    tmp_path: Path, secret_file: Path, sig: signal.Signals
+) -> None:
+    """Ctrl-C on the probe (or its service manager's SIGTERM) cut the control connection
+    under a running run: its requester got "connection closed" and no document, and the
+    probe said nothing. Now the first signal ends the runs as their requesters' Ctrl-C would,
+    and each requester gets what was settled, with the reason."""
+    with loopback_services(tmp_path, secret_file) as svc:
+        run = svc.spawn_run(*SLOW)
+        (hit,) = wait_log(svc.probe_log, RUN_STARTED, timeout=30)
+        time.sleep(1.0)
+        assert svc.probe is not None
+        svc.probe.send_signal(sig)
+        out, err = run.communicate(timeout=20)
+        _assert_no_traceback(err)
+        assert run.returncode == 3, err
+        why = f"the probe was stopped ({sig.name}) during the run"
+        assert err.strip().splitlines() == [
+            "udpreach: the run ended before every cell was settled (unsettled cells are "
+            f"'unknown'): {why}"
+        ]
+        doc = json.loads(out)
+        assert (doc["run_id"], doc["complete"]) == (hit.group(1), False)
+        assert why in doc["warnings"]
+        assert 0 < doc["summary"]["open"] < doc["summary"]["cells"], doc["summary"]
+        assert doc["summary"]["blocked"] == doc["summary"]["rejected"] == 0
+        assert svc.probe.wait(timeout=15) == 0
+        wait_log(svc.probe_log, rf"stopping \({sig.name}\): ending 1 run", timeout=5)
+        hist = json.loads(svc.cli("history", "--db", str(svc.db), "--json").stdout)["runs"]
+        assert [(r["run_id"], r["status"]) for r in hist] == [(doc["run_id"], "incomplete")]
+    _assert_no_traceback(svc.probe_log.read_text(), svc.agent_log.read_text())
+
+
 def test_signals_end_every_command_cleanly(tmp_path: Path, secret_file: Path) -> None:
     with loopback_services(tmp_path, secret_file, agent_ports=2) as svc:
         # `run`: SIGINT (Ctrl-C) and SIGTERM (`timeout` in a CI job, `kill`) each ask the

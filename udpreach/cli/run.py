@@ -241,10 +241,13 @@ def _settled(summary: dict[str, Any]) -> int:
 
 
 def _why_incomplete(doc: dict[str, Any]) -> str:
-    """``: <the warning that says why the agent stopped answering>``, when there is one."""
+    """``: <the warning that says why the run stopped>`` (the agent stopped answering, the
+    probe was stopped), when there is one."""
     for w in doc.get("warnings") or []:
         text = str(w)
         if "agent" in text and any(k in text for k in ("lost", "did not answer", "went away")):
+            return f": {text}"
+        if text.startswith("the probe was stopped"):
             return f": {text}"
     return ""
 

@@ -53,8 +53,22 @@ def first_error(group: BaseExceptionGroup[Any]) -> BaseException:
     return leaves[0] if leaves else group
 
 
-def run_service(main: Callable[[], Awaitable[None]]) -> None:
-    """Run a trio service until SIGINT/SIGTERM (Ctrl-Break on Windows), then return."""
+# Seconds a stopping probe gives its runs to end and send their documents.
+STOP_GRACE = 10.0
+
+
+def run_service(
+    main: Callable[[], Awaitable[None]],
+    *,
+    logger: logging.Logger = log,
+    wind_down: Callable[[str], Awaitable[None]] | None = None,
+) -> None:
+    """Run a trio service until SIGINT/SIGTERM (Ctrl-Break on Windows), then return.
+
+    With ``wind_down``, the first signal first awaits ``wind_down(signal name)`` (at most
+    ``STOP_GRACE`` seconds; the probe ends its runs there, so that their requesters get
+    their documents), and a second signal stops at once.
+    """
     import trio
 
     wanted = [signal.SIGINT, signal.SIGTERM]
@@ -64,11 +78,22 @@ def run_service(main: Callable[[], Awaitable[None]]) -> None:
     async def wrapper() -> None:
         async with trio.open_nursery() as nursery:
 
+            async def stop_after(wind: Callable[[str], Awaitable[None]], name: str) -> None:
+                with trio.move_on_after(STOP_GRACE):
+                    await wind(name)
+                nursery.cancel_scope.cancel()
+
             async def signals() -> None:
                 with trio.open_signal_receiver(*wanted) as sigs:
-                    async for _ in sigs:
-                        nursery.cancel_scope.cancel()
-                        return
+                    winding = False
+                    async for signum in sigs:
+                        name = signal.Signals(signum).name
+                        if wind_down is None or winding:
+                            logger.info("stopping (%s)", name)
+                            nursery.cancel_scope.cancel()
+                            return
+                        winding = True
+                        nursery.start_soon(stop_after, wind_down, name)
 
             nursery.start_soon(signals)
             await main()
@@ -236,6 +261,7 @@ def probe(
         import trio
 
         coord = Coordinator(cfg, store=store)
+        running.append(coord)
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(coord.serve)
             # Once listening: a probe that cannot start says only why.
@@ -244,8 +270,26 @@ def probe(
             if ready_file is not None:
                 ready_file.write_text(json.dumps({"host": bound[0], "port": bound[1]}))
 
+    running: list[Any] = []  # the coordinator, once made
+
+    async def wind_down(name: str) -> None:
+        n = running[0].stop_runs(f"the probe was stopped ({name}) during the run") if running else 0
+        if not n:
+            log.info("stopping (%s)", name)
+            return
+        log.info(
+            "stopping (%s): ending %d run%s in progress, %s what was settled (%s again "
+            "stops at once)",
+            name,
+            n,
+            "" if n == 1 else "s",
+            "whose requester gets" if n == 1 else "whose requesters get",
+            name,
+        )
+        await running[0].runs_answered()
+
     try:
-        run_service(main)
+        run_service(main, wind_down=wind_down)
     finally:
         store.close()
 
@@ -310,4 +354,4 @@ def agent(
     async def main() -> None:
         await run_agent(cfg)
 
-    run_service(main)
+    run_service(main, logger=logging.getLogger("udpreach.agent"))
