@@ -612,6 +612,19 @@ async def test_a_coordinator_that_closes_during_the_handshake_is_named_as_such()
     assert PROTO in message
 
 
+async def test_a_coordinator_name_that_does_not_resolve_is_said_so() -> None:
+    """The agent said "coordinator X did not answer in 5s from 0.0.0.0" for a typo in the
+    coordinator's name (the lookup took the whole dial's time)."""
+    with trio.fail_after(DEADLINE), pytest.raises(UnreachableError) as info:
+        # .invalid never resolves (RFC 2606); a resolver that cannot be reached times out
+        await connect(
+            "nosuchhost.invalid", 7870, SECRET, "agent", within=3, local_address="0.0.0.0"
+        )
+    message = str(info.value)
+    assert message.startswith("cannot resolve the coordinator's host 'nosuchhost.invalid'")
+    assert "0.0.0.0" not in message
+
+
 async def test_partial_frames_share_one_memory_budget() -> None:
     """Many authenticated connections each holding the start of a large frame: together
     they cannot make the coordinator hold more than its budget."""

@@ -487,7 +487,7 @@ def _follow_run(
             what = f"coordinator sent nothing for {timeout:g}s: the run did not start"
         else:
             timeout = STALL_TIMEOUT
-            what = f"coordinator sent nothing for {timeout:g}s during the run"
+            what = f"coordinator sent nothing for {timeout:g}s"  # "during run R" follows
         try:
             msg = chan.next_message(max(0.0, timeout), what, interrupts)
         except _Woken:

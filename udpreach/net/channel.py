@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import socket
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -236,7 +237,19 @@ def _why(exc: OSError) -> str:
 async def _connect_once(
     host: str, port: int, secret: bytes, purpose: str, within: float, local_address: str | None
 ) -> Channel:
-    source = f" from {local_address}" if local_address else ""
+    # (The wildcard is where the agent listens, not an address to name.)
+    source = f" from {local_address}" if local_address not in (None, "0.0.0.0", "::") else ""
+    try:  # a name that does not resolve is said so, not taken for a silent coordinator
+        with trio.fail_after(within):
+            await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except trio.TooSlowError:
+        raise UnreachableError(
+            f"cannot resolve the coordinator's host {host!r} in {within:g}s"
+        ) from None
+    except socket.gaierror as exc:
+        raise UnreachableError(
+            f"cannot resolve the coordinator's host {host!r}: {exc.strerror or exc}"
+        ) from None
     try:
         with trio.fail_after(within):
             stream = await trio.open_tcp_stream(host, port, local_address=local_address)
