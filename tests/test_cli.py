@@ -33,6 +33,8 @@ from prockit import python_output, stop
         (["--size", "8"], "--size"),
         (["--copies", "0"], "--copies"),
         (["--coordinator", "nohostport"], "HOST:PORT"),
+        (["--coordinator", "127.0.0.1:0"], "--coordinator: port 0 out of range (1-65535)"),
+        (["--agent", ""], "--agent '': no agent has that name"),
         # Report files are checked before anything is sent (the coordinator here is
         # unreachable: reaching for it first would be exit 3).
         (["--junit", "/nonexistent-udpreach/j.xml"], "there is no folder /nonexistent-udpreach"),

@@ -282,8 +282,9 @@ def mapped(fn: Callable[P, T]) -> Callable[P, T]:
     return wrapper
 
 
-def parse_endpoint(text: str, what: str) -> tuple[str, int]:
-    """'HOST:PORT' or '[V6]:PORT' -> (host, port).
+def parse_endpoint(text: str, what: str, *, listen: bool = False) -> tuple[str, int]:
+    """'HOST:PORT' or '[V6]:PORT' -> (host, port); port 0 (any free port) only where
+    ``listen``ing.
 
     Raises:
         ConfigError: not of that form, or the port is out of range.
@@ -292,8 +293,9 @@ def parse_endpoint(text: str, what: str) -> tuple[str, int]:
     if not sep or not host or not port_s.isdigit():
         raise ConfigError(f"{what} must be HOST:PORT, got {text!r}")
     port = int(port_s)
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"{what}: port {port} out of range")
+    lowest = 0 if listen else 1
+    if not lowest <= port <= 65535:
+        raise ConfigError(f"{what}: port {port} out of range ({lowest}-65535)")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, port

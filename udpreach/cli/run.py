@@ -27,6 +27,7 @@ from udpreach.cli.common import (
 )
 from udpreach.core import schema
 from udpreach.core.errors import ConfigError
+from udpreach.core.messages import NAME_RE
 
 
 def _plan(
@@ -153,6 +154,11 @@ def run(
     from udpreach.secret import load_secret
 
     host, port = parse_endpoint(coordinator, "--coordinator")
+    if not NAME_RE.match(agent):
+        raise ConfigError(
+            f"--agent {agent!r}: no agent has that name (agents are named with letters, "
+            "digits, '.', '_' or '-', starting with a letter or digit, at most 64 characters)"
+        )
     plan = _plan(src_ports, dst_ports, copies, rate, size, wait, icmp_budget, max_delay)
     entries = _expectations(expect)
     report_out = False  # a report file given as - is standard output (the terminal's: stderr)

@@ -195,7 +195,7 @@ def probe(
     from udpreach.secret import load_secret
 
     setup_logging(check_log_level(log_level), log_json)
-    host, port = parse_endpoint(control, "--control")
+    host, port = parse_endpoint(control, "--control", listen=True)
     found = keyring if keyring is not None else default_keyring()
     has_secret = secret_file is not None or bool(os.environ.get(SECRET_ENV))
     try:
