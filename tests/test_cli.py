@@ -164,6 +164,17 @@ def test_secret_new_is_0600(tmp_path: Path) -> None:
     again = run_cli("secret", "new", str(target))
     assert again.returncode == 2
     assert "already exists" in again.stderr
+    # "-" is standard output for a report; for a secret it made a file named "-".
+    dash = subprocess.run(
+        udpreach_argv("secret", "new", "-"), cwd=tmp_path, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert dash.returncode == 2, dash.stderr
+    assert dash.stderr.splitlines() == [
+        "udpreach: give the secret file's name: a secret is written to a file (0600)"
+    ]
+    assert dash.stdout == ""
+    assert not (tmp_path / "-").exists()
 
 
 def _free_udp_ports(n: int) -> list[int]:

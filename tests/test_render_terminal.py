@@ -512,3 +512,14 @@ def test_one_cell_is_one_cell_from_one_source_port(monkeypatch: pytest.MonkeyPat
     assert "# source port 53 to destination port(s) 5000 (1 blocked cell)" in _flat(text)
     md = markdown_run(one)
     assert "To open source port 53 to destination port(s) 5000 (1 cell, blocked):" in md
+
+
+def test_an_icmpv6_error_is_named_icmpv6() -> None:
+    """Over IPv6 the reject read "ICMP type 1 code 1": type 1 is ICMPv6's unreachable."""
+    six = {"type": 1, "code": 1, "from": "2001:2:0:92::1", "verified": True}
+    four = {"type": 3, "code": 13, "from": "198.18.2.1", "verified": False}
+    assert facts.icmp_text(six) == (
+        "ICMPv6 type 1 code 1 (administratively prohibited) from 2001:2:0:92::1, verified "
+        "(it quoted our datagram)"
+    )
+    assert facts.icmp_text(four).startswith("ICMP type 3 code 13 (administratively prohibited)")

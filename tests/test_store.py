@@ -423,6 +423,13 @@ def test_a_report_given_as_dash_goes_to_stdout(cli: typer.Typer, filled: Path) -
     assert res.exit_code == 0, res.output
     assert res.stdout.startswith("#"), res.stdout[:200]
     assert "Source-port ranges" in res.stderr  # the terminal report, out of the pipe's way
+    # ... and, off a terminal, as clean as on stdout: no line padded with spaces, even
+    # where the header wraps
+    narrow = CliRunner().invoke(
+        cli, ["show", "20251126T01", "--db", str(filled), "--markdown", "-"],
+        env={"COLUMNS": "62"},  # the header wraps at the two spaces before "complete"
+    )  # fmt: skip
+    assert [line for line in narrow.stderr.splitlines() if line.endswith(" ")] == []
     assert not Path("-").exists()
     res = invoke(
         cli, "diff", "20251126T01", "20251126T02", "--db", str(filled), "--csv", "-"

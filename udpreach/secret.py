@@ -67,6 +67,8 @@ def new_secret(path: str | Path, *, force: bool = False) -> Path:
         ConfigError: the file exists (without force) or cannot be written.
     """
     p = Path(path)
+    if str(path) == "-":  # a report's "-" is standard output; a secret never goes there
+        raise ConfigError("give the secret file's name: a secret is written to a file (0600)")
     if p.is_dir():
         raise ConfigError(f"{p} is a folder: give the secret file's name")
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)

@@ -193,9 +193,10 @@ def show(
     if as_json:
         print_json(doc)
     else:
+        from udpreach.render.console import report_console
         from udpreach.render.terminal import render_run
 
-        render_run(doc, err_console() if report_out else out_console())
+        render_run(doc, report_console(stderr=report_out))
     _note_unfinished(doc)
     _write(doc, junit, markdown, csv_out, html)
 
@@ -277,9 +278,10 @@ def _diff_notes(doc_a: dict[str, Any], doc_b: dict[str, Any], d: dict[str, Any])
 
 
 def _render_diff(d: dict[str, Any], to_stderr: bool = False) -> None:
+    from udpreach.render.console import report_console
     from udpreach.render.terminal import render_diff
 
-    render_diff(d, err_console() if to_stderr else out_console())
+    render_diff(d, report_console(stderr=to_stderr))
 
 
 def expect_from_run(

@@ -17,7 +17,6 @@ from udpreach.cli.common import (
     CoordinatorOpt,
     JsonOpt,
     SecretOpt,
-    err_console,
     fail,
     mapped,
     note,
@@ -197,9 +196,10 @@ def run(
     if as_json:
         print_json(doc)
     else:
+        from udpreach.render.console import report_console
         from udpreach.render.terminal import render_run
 
-        render_run(doc, err_console() if report_out else out_console())
+        render_run(doc, report_console(stderr=report_out))
     unwritten = None  # why a report file was refused after the run (checked before: the disk)
     if junit or markdown or csv_out or html:
         from udpreach.render.exports import write_reports

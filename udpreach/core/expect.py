@@ -677,7 +677,8 @@ def expect_from(doc: dict[str, Any]) -> str:
         f"probe {_comment((doc.get('probe') or {}).get('address', '?'))}",
         f"# plan: src_ports {_comment(plan.get('src_ports', '?'))}, "
         f"dst_ports {_comment(format_ports(int(p) for p in plan.get('dst_ports', [])))}",
-        f"# {judged} cells judged; {cells - judged} untested or unknown cells left out",
+        f"# {judged} cell{'' if judged == 1 else 's'} judged; {cells - judged} untested or "
+        "unknown left out",
         "# A later entry overrides an earlier one on the cells they share.",
     ]
     for group in (defaults, overrides):
@@ -690,9 +691,10 @@ def expect_from(doc: dict[str, Any]) -> str:
                 "verdict": verdict,
             }
             note = " (blocked or rejected: ICMP was rate-limited)" if verdict == "closed" else ""
+            n = cells_of(spans) * len(dsts)
             out += [
                 "",
-                f"# {cells_of(spans) * len(dsts)} cells{note}",
+                f"# {n} cell{'' if n == 1 else 's'}{note}",
                 "[[expect]]",
                 tomli_w.dumps(entry).rstrip("\n"),
             ]

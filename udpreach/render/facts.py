@@ -419,7 +419,8 @@ def unmatched_text(u: dict[str, Any]) -> str:
 
 
 def icmp_text(icmp: Any) -> str:
-    """``ICMP type 3 code 13 (administratively prohibited) from 198.18.2.1, verified``."""
+    """``ICMP type 3 code 13 (administratively prohibited) from 198.18.2.1, verified``
+    (``ICMPv6 type 1 code 1 ...`` from an IPv6 sender)."""
     if not isinstance(icmp, dict):
         return "ICMP error"
     t, c, sender = icmp.get("type"), icmp.get("code"), icmp.get("from")
@@ -428,7 +429,7 @@ def icmp_text(icmp: Any) -> str:
     except ValueError:
         v6 = False
     name = (_ICMP6 if v6 else _ICMP4).get((_int(t), _int(c)))
-    text = f"ICMP type {one_line(t)} code {one_line(c)}"
+    text = f"{'ICMPv6' if v6 else 'ICMP'} type {one_line(t)} code {one_line(c)}"
     text += f" ({name})" if name else ""
     text += f" from {one_line(sender)}"
     verified = icmp.get("verified")

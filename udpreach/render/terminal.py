@@ -109,6 +109,7 @@ class Para:
         start = self.indent
         for word in _words(self.text):
             if line.cell_len > start and line.cell_len + 1 + word.cell_len > width:
+                line.rstrip()  # the spaces it was broken at end no line either
                 out.append(line)
                 start = self.indent + self.hang
                 line = Text(" " * start)
