@@ -607,12 +607,16 @@ def test_a_folder_the_user_may_not_enter_is_one_line_and_exit_2(tmp_path: Path) 
     secret = mine / "s.secret"
     secret.write_text("k" * 64 + "\n")
     secret.chmod(0o600)
+    theirs = mine / "theirs.secret"  # a secret this user may not read
+    theirs.write_text("k" * 64 + "\n")
+    theirs.chmod(0o600)
     if how:  # root: nobody owns the secret and its folder, root the HOME
         os.chown(mine, 65534, 65534)
         os.chown(secret, 65534, 65534)
         home.chmod(0o700)
     else:  # the user's own HOME, made unenterable
         home.chmod(0)
+        theirs.chmod(0)
     env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
     env.update(HOME=str(home), UDPREACH_DEBUG="0")
 
@@ -629,6 +633,14 @@ def test_a_folder_the_user_may_not_enter_is_one_line_and_exit_2(tmp_path: Path) 
         assert history.stderr.splitlines() == [f"udpreach: cannot use {db}: Permission denied"], (
             history.stderr
         )
+        # click's own words named an environment variable nobody had set.
+        unreadable = cli(
+            "run", "--coordinator", "127.0.0.1:9", "--agent", "x", "--secret-file", str(theirs)
+        )
+        assert unreadable.returncode == 2, unreadable.stderr
+        assert unreadable.stderr.splitlines() == [
+            f"udpreach: cannot read secret file {theirs}: Permission denied"
+        ]
         # The probe with a secret needs no keyring: it starts (and stops on SIGTERM).
         ready = mine / "ready.json"
         proc = subprocess.Popen(

@@ -59,6 +59,7 @@ __all__ = [
     "one_line",
     "out_console",
     "parse_endpoint",
+    "path_option",
     "pipe_safe_stdout",
     "print_json",
 ]
@@ -71,6 +72,14 @@ DEBUG_ENV = "UDPREACH_DEBUG"  # set to 1: unexpected errors show their traceback
 COORDINATOR_ENV = "UDPREACH_COORDINATOR"
 SECRET_ENV = "UDPREACH_SECRET_FILE"  # udpreach.secret.ENV_VAR (not imported: --help stays fast)
 
+
+def path_option(*names: str, **kwargs: Any) -> Any:
+    """``typer.Option`` for a file: its checks left to the command, which says what is
+    wrong in its own words (click's "Path ... is not readable" named an environment
+    variable that was not set)."""
+    return typer.Option(*names, readable=False, **kwargs)
+
+
 CoordinatorOpt = Annotated[
     str,
     typer.Option(
@@ -82,7 +91,7 @@ CoordinatorOpt = Annotated[
 ]
 SecretOpt = Annotated[
     Path | None,
-    typer.Option(
+    path_option(
         "--secret-file",
         envvar=SECRET_ENV,
         help="File holding the shared secret (mode 0600).",

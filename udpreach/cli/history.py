@@ -17,7 +17,15 @@ from typing import Annotated, Any
 
 import typer
 
-from udpreach.cli.common import JsonOpt, err_console, fail, mapped, out_console, print_json
+from udpreach.cli.common import (
+    JsonOpt,
+    err_console,
+    fail,
+    mapped,
+    out_console,
+    path_option,
+    print_json,
+)
 from udpreach.core import schema
 from udpreach.core.errors import ConfigError
 
@@ -25,24 +33,24 @@ MAX_DOCUMENT_FILE = 1 << 30  # bytes: far above any run's document
 
 DbOpt = Annotated[
     Path | None,
-    typer.Option(
+    path_option(
         "--db",
         help="The run database (default: $XDG_DATA_HOME/udpreach/runs.sqlite3).",
         show_default=False,
     ),
 ]
 JunitOpt = Annotated[
-    Path | None, typer.Option("--junit", help="Write a JUnit XML report (-: to stdout).")
+    Path | None, path_option("--junit", help="Write a JUnit XML report (-: to stdout).")
 ]
 MarkdownOpt = Annotated[
     Path | None,
-    typer.Option("--markdown", help="Write a Markdown summary, for a ticket (-: to stdout)."),
+    path_option("--markdown", help="Write a Markdown summary, for a ticket (-: to stdout)."),
 ]
 CsvOpt = Annotated[
-    Path | None, typer.Option("--csv", help="Write the ranges as CSV (-: to stdout).")
+    Path | None, path_option("--csv", help="Write the ranges as CSV (-: to stdout).")
 ]
 HtmlOpt = Annotated[
-    Path | None, typer.Option("--html", help="Write a self-contained HTML page (-: to stdout).")
+    Path | None, path_option("--html", help="Write a self-contained HTML page (-: to stdout).")
 ]
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from udpreach.cli.common import mapped, print_json
+from udpreach.cli.common import mapped, path_option, print_json
 from udpreach.core import schema
 
 key_app = typer.Typer(
@@ -27,7 +27,7 @@ key_app = typer.Typer(
 
 KeyringOpt = Annotated[
     Path | None,
-    typer.Option(
+    path_option(
         "--keyring",
         help="The keyring file (default: $UDPREACH_KEYRING, else "
         "$XDG_CONFIG_HOME/udpreach/keyring.json).",
@@ -48,7 +48,7 @@ def add(
     ],
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Where to write the key file (default: ./NAME.key)."),
+        path_option("--out", "-o", help="Where to write the key file (default: ./NAME.key)."),
     ] = None,
     operator: Annotated[
         bool,

@@ -22,6 +22,7 @@ from udpreach.cli.common import (
     note,
     out_console,
     parse_endpoint,
+    path_option,
     print_json,
 )
 from udpreach.core import schema
@@ -135,15 +136,15 @@ def run(
     ] = 0.0,
     as_json: JsonOpt = False,
     expect: Annotated[
-        Path | None, typer.Option("--expect", help="Judge the result against this TOML file.")
+        Path | None, path_option("--expect", help="Judge the result against this TOML file.")
     ] = None,
-    junit: Annotated[Path | None, typer.Option("--junit", help="Write a JUnit XML report.")] = None,
+    junit: Annotated[Path | None, path_option("--junit", help="Write a JUnit XML report.")] = None,
     markdown: Annotated[
-        Path | None, typer.Option("--markdown", help="Write a Markdown summary.")
+        Path | None, path_option("--markdown", help="Write a Markdown summary.")
     ] = None,
-    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the ranges as CSV.")] = None,
+    csv_out: Annotated[Path | None, path_option("--csv", help="Write the ranges as CSV.")] = None,
     html: Annotated[
-        Path | None, typer.Option("--html", help="Write a self-contained HTML page.")
+        Path | None, path_option("--html", help="Write a self-contained HTML page.")
     ] = None,
 ) -> None:
     """Test the path from the probe to an agent and print the pass/fail matrix."""

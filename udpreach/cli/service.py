@@ -27,6 +27,7 @@ from udpreach.cli.common import (
     check_log_level,
     mapped,
     parse_endpoint,
+    path_option,
 )
 from udpreach.core.errors import ConfigError, UdpreachError
 from udpreach.core.errors import leaves as error_leaves
@@ -128,7 +129,7 @@ def probe(
     secret_file: SecretOpt = None,
     db: Annotated[
         Path | None,
-        typer.Option(
+        path_option(
             "--db",
             help="Run history database (SQLite; default $XDG_DATA_HOME/udpreach/runs.sqlite3).",
             show_default=False,
@@ -165,7 +166,7 @@ def probe(
     ] = 4_000_000_000,
     keyring: Annotated[
         Path | None,
-        typer.Option(
+        path_option(
             "--keyring",
             help="Per-agent and operator keys (udpreach key add); default: "
             "$XDG_CONFIG_HOME/udpreach/keyring.json when it exists.",
@@ -181,7 +182,7 @@ def probe(
         ),
     ] = "auto",
     ready_file: Annotated[
-        Path | None, typer.Option("--ready-file", hidden=True, help="Write the bound address.")
+        Path | None, path_option("--ready-file", hidden=True, help="Write the bound address.")
     ] = None,
     log_level: LogLevelOpt = "info",
     log_json: LogJsonOpt = False,
