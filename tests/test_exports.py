@@ -966,3 +966,20 @@ def test_diff_says_when_its_runs_cannot_show_a_change_of_one_path(tmp_path: Path
     same = CliRunner().invoke(app, ["diff", a["run_id"], a["run_id"], "--db", str(db)])
     assert same.exit_code == 0
     assert "note:" not in same.stderr
+
+
+def test_a_report_that_could_not_be_finished_leaves_no_empty_file(tmp_path: Path) -> None:
+    """A full disk left a 0-byte --html file behind (the run itself kept its document)."""
+    from udpreach.render import exports
+
+    def fails(path: Path) -> None:
+        path.write_text("")  # created, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    fresh, kept = tmp_path / "r.html", tmp_path / "old.html"
+    kept.write_text("an earlier report")
+    for path in (fresh, kept):
+        with pytest.raises(OSError, match="No space left"):
+            exports._write(fails, path)
+    assert not fresh.exists()
+    assert kept.exists()  # not this run's to remove

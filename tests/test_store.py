@@ -442,6 +442,16 @@ def test_a_report_given_as_dash_goes_to_stdout(cli: typer.Typer, filled: Path) -
         assert "standard output" in res.stderr
 
 
+def test_show_refuses_a_report_path_before_printing(cli: typer.Typer, filled: Path) -> None:
+    """``show --html /nonexistent/x.html`` printed the whole report, then refused the file."""
+    res = invoke(cli, "show", "20251126T01", "--db", str(filled), "--html", "/nonexistent/x.html")
+    assert res.exit_code == 2
+    assert res.stdout == ""
+    assert res.stderr.splitlines() == [
+        "udpreach: cannot write --html /nonexistent/x.html: there is no folder /nonexistent"
+    ]
+
+
 def test_expect_from_prints_a_file_the_run_satisfies(cli: typer.Typer, filled: Path) -> None:
     res = invoke(cli, "expect", "--from", "20251126T01", "--db", str(filled))
     assert res.exit_code == 0

@@ -96,11 +96,13 @@ def _read_document(path: Path) -> dict[str, Any]:
 
 def _to_stdout(as_json: bool, *paths: Path | None) -> bool:
     """Whether a report file is ``-`` (standard output); the terminal report then goes to
-    standard error (see ``udpreach.render.exports``)."""
+    standard error (see ``udpreach.render.exports``). The files that cannot be written are
+    refused first, before anything is printed (as ``run`` does before it sends)."""
     if not any(paths):
         return False
-    from udpreach.render.exports import to_stdout
+    from udpreach.render.exports import check_report_paths, to_stdout
 
+    check_report_paths(*paths)
     return to_stdout(as_json, *paths)
 
 

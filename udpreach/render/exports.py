@@ -9,6 +9,7 @@ prints its terminal report on standard error (``to_stdout``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -41,9 +42,20 @@ def to_stdout(as_json: bool, *paths: Path | None) -> bool:
 
 
 def _write(writer: Callable[[Path], None], path: Path) -> None:
-    """``writer(path)``, or for ``-`` into a file of its own and then to standard output."""
+    """``writer(path)``, or for ``-`` into a file of its own and then to standard output.
+    A file this made and could not finish (a full disk) is removed, not left empty."""
     if str(path) != STDOUT:
-        writer(path)
+        try:
+            existed = path.exists()
+        except OSError:
+            existed = True  # not ours to judge: leave whatever is there
+        try:
+            writer(path)
+        except BaseException:
+            if not existed:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
         return
     with tempfile.TemporaryDirectory(prefix="udpreach-") as tmp:
         out = Path(tmp) / "report"
