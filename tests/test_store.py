@@ -348,7 +348,8 @@ def test_unwritable_report_is_exit_2(cli: typer.Typer, filled: Path, tmp_path: P
         cli, "show", "20251126T02", "--db", str(filled), "--csv", str(tmp_path / "no" / "x.csv")
     )
     assert res.exit_code == 2
-    assert f"cannot write --csv {tmp_path / 'no' / 'x.csv'}: No such file" in res.stderr
+    assert f"cannot write --csv {tmp_path / 'no' / 'x.csv'}: there is no folder" in res.stderr
+    assert res.stdout == ""  # refused before the report was printed
 
 
 @pytest.mark.parametrize(
