@@ -257,7 +257,7 @@ class RunExecution:
                         # Keep a slow run's agent from taking the silence for a dead coordinator.
                         next_tick = now + TICK_EVERY
                         await self._send(sweep, {"type": "tick"})
-                    await self.progress(sweep.progress())
+                    await self.progress(sweep.progress(now))
                     last_yield = clock()
                 elif now - last_yield >= YIELD_EVERY:
                     await trio.lowlevel.checkpoint()

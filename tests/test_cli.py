@@ -532,6 +532,19 @@ def test_a_plan_with_nothing_testable_exits_3_with_the_reason(
     assert line.startswith("udpreach: no cell could be tested: "), line
 
 
+def test_the_progress_line_counts_the_icmp_budget_down() -> None:
+    from udpreach.cli.progress import RunProgress, fit_line
+
+    state = RunProgress()
+    state.update({"round": 3, "stage": "icmp", "cells": 64_512, "settled": 60_000,
+                  "icmp_left": 12})  # fmt: skip
+    now = time.monotonic()
+    line = "".join(text for text, _ in fit_line(state, 80, now + 2.5))
+    assert line.startswith("icmp tests (10s left) "), line
+    state.update({"round": 3, "stage": "recheck", "cells": 64_512, "settled": 64_000})
+    assert "left" not in "".join(text for text, _ in fit_line(state, 80, now + 3))
+
+
 @pytest.mark.parametrize("width", [12, 20, 40, 41, 60, 80, 120, 200])
 def test_progress_line_fits_every_width(width: int) -> None:
     """The live line is laid out for the terminal: never wider, the elapsed time never cut,

@@ -8,6 +8,7 @@ cells / rate.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
@@ -397,6 +398,21 @@ def test_reject_range_under_the_kernels_icmp_limit_is_rejected_with_inferred_cel
     assert doc["probe_stats"]["icmp_tests"] >= 1
     assert any("rate-limited" in w for w in doc["warnings"])
     assert sim.now < 30  # tens of seconds, not nmap's hours
+
+
+def test_progress_says_how_long_the_icmp_tests_may_take() -> None:
+    """The cell count stands still while silent cells are tested (up to the budget): the
+    progress line sat there for 18 s with nothing to say how long yet."""
+    sim = SimRun(Path(rules=DEMO))
+    seen: list[dict] = []
+    sim.run(stop=lambda sweep: bool(seen.append(sweep.progress(sim.now))))
+    left = [p["icmp_left"] for p in seen if p["stage"] == "icmp"]
+    budget = sim.sweep.icmp_budget
+    assert left, "no progress while testing"
+    assert left[0] == math.ceil(budget)
+    assert min(left) >= 0
+    assert left == sorted(left, reverse=True)  # counts down
+    assert all("icmp_left" not in p for p in seen if p["stage"] != "icmp")
 
 
 @pytest.mark.parametrize(

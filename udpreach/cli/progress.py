@@ -14,6 +14,7 @@ Notices (Ctrl-C was seen, ...) print above the live line, or as plain lines.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from types import TracebackType
@@ -48,6 +49,7 @@ class RunProgress:
         self.sent = 0
         self.open = 0
         self.rate = 0
+        self.icmp_until: float | None = None  # when the ICMP budget ends (our clock)
 
     def update(self, p: dict[str, Any]) -> None:
         self.round = _count(p.get("round"))
@@ -58,10 +60,16 @@ class RunProgress:
         self.sent = _count(p.get("sent"))
         self.open = _count(p.get("open"))
         self.rate = _count(p.get("rate"))
+        left = p.get("icmp_left")
+        self.icmp_until = None
+        if self.stage == "icmp" and isinstance(left, int) and not isinstance(left, bool):
+            self.icmp_until = time.monotonic() + left
 
     def pieces(self, now: float) -> tuple[str, str, str, list[str]]:
         """(head, counts, elapsed, optional extras in the order they are given up)."""
         head = _STAGES.get(self.stage) or (f"round {self.round}" if self.round else "starting")
+        if self.icmp_until is not None:  # the count stands still there: say how long yet
+            head += f" ({max(0, math.ceil(self.icmp_until - now))}s left)"
         counts = f"{self.settled:,}/{self.cells:,}" if self.cells else ""
         extras = [f"{self.open:,} open", f"{self.sent:,} sent", f"{self.rate:,}/s"]
         return head, counts, _elapsed(now - self.started), extras

@@ -1665,9 +1665,11 @@ class Sweep:
                 f"blocked cells lie scattered among open ones ({why}) in {shown}"
             )
 
-    def progress(self) -> dict[str, Any]:
+    def progress(self, now: float | None = None) -> dict[str, Any]:
+        """The progress message; while silent cells are tested, with the seconds left of
+        the ICMP budget (``icmp_left``: the cell count stands still meanwhile)."""
         led = self.ledger
-        return {
+        out: dict[str, Any] = {
             "type": "progress",
             "run_id": self.run_id,
             "round": self.round,
@@ -1678,6 +1680,9 @@ class Sweep:
             "sent": led.sent_total,
             "rate": round(self._rate()),
         }
+        if self.stage is Stage.PROBE and self._probe_started is not None and now is not None:
+            out["icmp_left"] = max(0, math.ceil(self._probe_started + self.icmp_budget - now))
+        return out
 
     def document(
         self,
