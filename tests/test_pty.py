@@ -335,14 +335,18 @@ def test_history_and_key_list_fit_a_narrow_terminal(
     looked like another run) and `key list` wrapped each key's date: each run still starts
     the only unindented line, and nothing is wider than the terminal."""
     db, _ = stored_everything
-    res = run_pty(udpreach_argv("history", "--db", str(db)), cols=60)
-    assert res.returncode == 0, res.text
-    lines = [line for line in res.text.splitlines() if line.strip()]
-    assert all(len(line) <= 60 for line in lines), res.text
-    heads = [line for line in lines if not line.startswith(" ")]
-    assert len(heads) == 2, res.text  # the two stored runs
-    assert all(re.match(r"\d{8}T?\d*-", line) for line in heads), res.text
-    assert any(line.strip().endswith("complete") for line in lines if line.startswith("    "))
+    for cols in (60, 40):  # at 40 the date and the time of day were split, at column 0
+        res = run_pty(udpreach_argv("history", "--db", str(db)), cols=cols)
+        assert res.returncode == 0, res.text
+        lines = [line for line in res.text.splitlines() if line.strip()]
+        assert all(len(line) <= cols for line in lines), res.text
+        heads = [line for line in lines if not line.startswith(" ")]
+        assert len(heads) == 2, res.text  # the two stored runs
+        assert all(re.match(r"\d{8}T?\d*-", line) for line in heads), res.text
+        assert any(line.strip().endswith("complete") for line in lines if line.startswith("    "))
+        assert any(re.fullmatch(r" +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC.*", line)
+                   or re.search(r"  \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", line)
+                   for line in lines), res.text  # fmt: skip
     env = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
     keyring = tmp_path / "config" / "udpreach" / "keyring.json"
     for argv in (["pc-17-with-a-long-name", "--out", str(tmp_path / "k1")],

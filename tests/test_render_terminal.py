@@ -523,3 +523,16 @@ def test_an_icmpv6_error_is_named_icmpv6() -> None:
         "(it quoted our datagram)"
     )
     assert facts.icmp_text(four).startswith("ICMP type 3 code 13 (administratively prohibited)")
+
+
+def test_a_legend_item_wider_than_the_terminal_wraps_indented(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At 40 columns in colour "mixed (several verdicts; colour of the majority)" went on
+    at column 0, as if it were another item."""
+    _, out = render(rs.one_of_each(), 40, "colour", monkeypatch)
+    lines = out.splitlines()
+    (at,) = [i for i, line in enumerate(lines) if "mixed (several verdicts" in line]
+    assert lines[at + 1].startswith("  "), lines[at : at + 2]
+    assert "majority)" in lines[at + 1]
+    assert all(len(line) <= 40 for line in lines[at : at + 2])

@@ -172,8 +172,13 @@ def history(
         plain = len(rid) + 2 + len(when) + 2 + len(f"agent {agent}  {status}")
         if plain <= out.width:
             out.print(f"{first}  {marked}")
-        else:  # a narrow terminal: the agent and status on a line of their own, indented
+        elif len(rid) + 2 + len(when) <= out.width:
+            # A narrow terminal: the agent and status on a line of their own, indented.
             out.print(first)
+            out.print(Padding(marked, (0, 0, 0, 4)))
+        else:  # narrower still: the time too (never split, never at column 0)
+            out.print(f"[bold]{escape(rid)}[/]")
+            out.print(Padding(when, (0, 0, 0, 4)))
             out.print(Padding(marked, (0, 0, 0, 4)))
         # Indented as a whole: a line that wraps never starts at column 0 (another run).
         out.print(Padding(f"{int(s.get('cells', 0)):,} cells: {counts or 'none'}{judged}",

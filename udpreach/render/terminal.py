@@ -380,12 +380,16 @@ class Matrix:
 
 
 def _pack(items: list[Text], width: int) -> Iterator[Text]:
-    """Items side by side, two spaces apart, as many a line as fit; never one split."""
+    """Items side by side, two spaces apart, as many a line as fit; one wider than the
+    line alone is wrapped at its spaces, its next lines indented."""
     line = Text()
     for item in items:
         if line.cell_len and line.cell_len + 2 + item.cell_len > width:
             yield line
             line = Text()
+        if item.cell_len > width:
+            yield from Para(item, hang=2).lines(width)
+            continue
         if line.cell_len:
             line.append("  ")
         line.append_text(item)
