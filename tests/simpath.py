@@ -117,6 +117,7 @@ class Path:
     icmp_rate: float = 1.0  # per sender: tokens per second (Linux: 1000 ms per error)
     icmp_burst: float = 6.0
     icmp_unlimited: bool = False
+    icmp_drained: bool = False  # the senders' buckets are empty at the start (an earlier run)
     quote: int = 576  # bytes of an ICMP error's whole message (RFC 1812); 28: headers only
     nat: Callable[[int], int] | None = None  # source port rewriting
     nat_address: str | None = None
@@ -462,7 +463,9 @@ class SimRun:
         if not p.icmp_unlimited:
             bucket = self._icmp.get(sender)
             if bucket is None:
-                bucket = self._icmp[sender] = Bucket(p.icmp_rate, p.icmp_burst)
+                bucket = self._icmp[sender] = Bucket(
+                    p.icmp_rate, p.icmp_burst, tokens=0.0 if p.icmp_drained else -1.0
+                )
             if not bucket.take(t):
                 return
         quote = payload[: max(0, p.quote - 28 - 28)]

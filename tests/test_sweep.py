@@ -400,6 +400,47 @@ def test_reject_range_under_the_kernels_icmp_limit_is_rejected_with_inferred_cel
     assert sim.now < 30  # tens of seconds, not nmap's hours
 
 
+SMALL_PLAN = "19900-20299,29900-30099,50000-50099"  # 700 source ports across three rules
+THREE = [
+    Rule("reject", (20000, 29999)),
+    Rule("drop", (30000, 30999)),
+    Rule("reject", (50000, 50999), icmp=(3, 3)),
+]
+
+
+@pytest.mark.parametrize("dsts", [(5000,), (5000, 5001)])
+def test_a_short_run_after_another_still_finds_the_rejects(dsts: tuple[int, ...]) -> None:
+    """A run shorter than the router's refill, started when its bucket was empty (the run
+    before spent it, or this host's other traffic did), saw no error at all and reported
+    every reject a confirmed drop, with no warning (the real lab: 1,000 of 1,000 cells, in
+    0.2 s). The dark runs now get one look after a refill before silence is trusted."""
+    path = Path(rules=THREE, icmp_drained=True)
+    sim, doc = run(path, src_ports=SMALL_PLAN, dst_ports=dsts)
+    right(sim, doc, path)
+    rejected = {r["icmp"]["code"] for r in doc["ranges"] if r["verdict"] == "rejected"}
+    assert rejected == {13, 3}, doc["ranges"]
+    assert doc["probe_stats"]["icmp_errors"] > 0
+
+
+def test_a_drop_only_path_costs_one_look() -> None:
+    """No sender anywhere: the look finds nothing, the drops stand, and it costs about
+    the refill's wait, not the ICMP budget."""
+    path = Path(rules=[Rule("drop", (30000, 30999))], icmp_drained=True)
+    sim, doc = run(path, src_ports=SMALL_PLAN)
+    right(sim, doc, path)
+    assert doc["summary"]["blocked"] == 100  # 30000-30099
+    assert doc["probe_stats"]["icmp_tests"] == 1
+    assert not any(r.get("icmp_limited") for r in doc["ranges"])
+    assert sim.now < 2.0
+
+
+def test_a_sweep_longer_than_a_refill_needs_no_look() -> None:
+    path = Path(rules=DEMO[:1])  # a drop band; nothing rejects
+    sim, doc = run(path, src_ports="1024-65535", rate=20_000)  # 3 s of sending
+    right(sim, doc, path)
+    assert doc["probe_stats"]["icmp_tests"] == 0
+
+
 def test_progress_says_how_long_the_icmp_tests_may_take() -> None:
     """The cell count stands still while silent cells are tested (up to the budget): the
     progress line sat there for 18 s with nothing to say how long yet."""

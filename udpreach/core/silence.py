@@ -113,6 +113,12 @@ MAX_TURNS = 2
 SEARCH_POINTS = 16  # points tested across a reject/drop boundary in one burst
 MAX_BURST_CELLS = 256  # silent cells per test burst: the burst lasts a few ms at most
 DEFAULT_PERIOD = 1.0  # Linux's default: one error per second per destination
+# No error at all: a sender's bucket may have been empty all along (an earlier run, or the
+# probe host's other traffic, spent it), and a run shorter than its refill sees nothing of a
+# reject. Silence is trusted only where cells were sent again this long after the run's
+# first datagram (Linux's IPv4 period, the slowest realpaths names, and a margin); other
+# dark runs get one look first (``Sweep._look``).
+LOOK_AFTER = 1.25
 MIN_PERIOD, MAX_PERIOD = 0.01, 8.0
 DEFAULT_BURST = 6  # Linux's XRLIM_BURST_FACTOR
 BURST_WINDOW = 0.25  # seconds after a sender's first error that still count as its burst

@@ -205,6 +205,7 @@ class _Burst:
     counts: dict[str, int] = field(default_factory=dict)  # sender -> errors it sent back
     since: float = 0.0  # the main sender's last error before the burst
     main: str = ""  # the main sender (the one whose tokens the burst waited for)
+    look: bool = False  # no sender known yet: spread samples of the dark runs (``_look``)
 
 
 @dataclass
@@ -304,6 +305,8 @@ class Sweep:
         self.delay_quiet = 0.0  # ... in stages that sent little (no backlog at the agent)
         self._quiet_samples = 0
         self._drained = False
+        self._looked = False  # the dark runs had their look (``_look``)
+        self._first_send: float | None = None
         self._conclude_tested = False
         # Rounds.
         self.round = 0
@@ -535,6 +538,8 @@ class Sweep:
         led = self.ledger
         window = self._window(now)
         self._last_send_call = now
+        if self._first_send is None:
+            self._first_send = now
         if results is None:
             for d, _, srcs in send.groups:
                 led.note_sent_many(d, srcs)
@@ -1237,12 +1242,49 @@ class Sweep:
             if measured is not None:
                 bucket.period = measured
         runs = self._dark_runs()
+        if not self.senders and not self._looked:
+            self._looked = True
+            if self._look(runs, now):
+                return
         if not silence.limited(runs, across=self._capped()):
             self._conclude(now, tested=False)
             return
         self._probe_started = now
         if not self._next_burst(now, runs):
             self._conclude(now, tested=True)
+
+    def _look(self, runs: list[silence.Run], now: float) -> bool:
+        """No ICMP error came back at all. A sender's bucket may have been empty since
+        before the run (an earlier run, other traffic from this host), and a run shorter than
+        its refill never met a token: every reject of it would pass for a drop. The dark
+        runs whose cells were all sent within ``silence.LOOK_AFTER`` of the run's first
+        datagram get one burst of spread samples once that much time has passed (the first
+        reject in it takes the refilled token); an error starts the tests, none confirms the
+        silence. False when no run needs it."""
+        due = (self._first_send if self._first_send is not None else self.started) + (
+            silence.LOOK_AFTER
+        )
+        led = self.ledger
+        samples: list[list[tuple[int, int]]] = []
+        for r in sorted(runs, key=lambda r: -len(r.srcs)):
+            last = self._sent_at[r.srcs]
+            if not (r.labels == silence.U).any() or np.nanmax(last, initial=-np.inf) >= due:
+                continue  # sent again after a refill: its silence stands
+            n = len(r.srcs)
+            k = min(silence.SEGMENTS, n)
+            at = ((np.arange(k) + r.phase) * n / k).astype(np.intp)
+            samples.append([(r.dst, int(r.srcs[i])) for i in at])
+        # Each run's first sample first (the token goes to the first reject), then the rest.
+        order = [cells[j] for j in range(silence.SEGMENTS) for cells in samples if j < len(cells)]
+        order = [c for c in order if self._may_send(*c)][: silence.MAX_BURST_CELLS]
+        if not order or not self._fits(len(order)):
+            return False
+        seq = [(d, s, int(led.view(d).sent[s]) + 1) for d, s in order]
+        self._burst = _Burst(seq, set(), sent_at=max(now, due), look=True)
+        self._begin(Stage.PROBE, np.zeros(1, dtype=np.intp), {}, now, judging=False)
+        self._next_send = max(now, due)
+        self.facts.icmp_tests += 1
+        return True
 
     def _next_burst(self, now: float, runs: list[silence.Run]) -> bool:
         budget = self.icmp_budget
@@ -1451,6 +1493,9 @@ class Sweep:
         self._burst = None
         if burst is not None:
             self._judge_burst(burst)
+            if burst.look:  # with what it found (or not), as if from the start
+                self._start_probe(now)
+                return
         runs = self._dark_runs()
         if not self._next_burst(now, runs):
             self._conclude(now, tested=True)
