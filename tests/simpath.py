@@ -118,6 +118,7 @@ class Path:
     icmp_burst: float = 6.0
     icmp_unlimited: bool = False
     icmp_drained: bool = False  # the senders' buckets are empty at the start (an earlier run)
+    icmp_delay: float = 0.0  # the errors' extra delay on the way back (a router's slow path)
     quote: int = 576  # bytes of an ICMP error's whole message (RFC 1812); 28: headers only
     nat: Callable[[int], int] | None = None  # source port rewriting
     nat_address: str | None = None
@@ -470,7 +471,7 @@ class SimRun:
                 return
         quote = payload[: max(0, p.quote - 28 - 28)]
         report = IcmpReport(dst, src, kind[0], kind[1], sender, quote=quote, mtu=mtu)
-        self._schedule(t + p.udp_delay / 2 + 0.0002, "icmp", report)
+        self._schedule(t + p.udp_delay / 2 + 0.0002 + p.icmp_delay, "icmp", report)
 
     # -- the probe host's sender -----------------------------------------------------------------
 

@@ -408,13 +408,18 @@ THREE = [
 ]
 
 
-@pytest.mark.parametrize("dsts", [(5000,), (5000, 5001)])
-def test_a_short_run_after_another_still_finds_the_rejects(dsts: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(
+    ("dsts", "icmp_delay"), [((5000,), 0.0), ((5000, 5001), 0.0), ((5000,), 0.9)]
+)
+def test_a_short_run_after_another_still_finds_the_rejects(
+    dsts: tuple[int, ...], icmp_delay: float
+) -> None:
     """A run shorter than the router's refill, started when its bucket was empty (the run
     before spent it, or this host's other traffic did), saw no error at all and reported
     every reject a confirmed drop, with no warning (the real lab: 1,000 of 1,000 cells, in
-    0.2 s). The dark runs now get one look after a refill before silence is trusted."""
-    path = Path(rules=THREE, icmp_drained=True)
+    0.2 s). The dark runs now get one look after a refill before silence is trusted, and
+    its errors get the floor a datagram gets (--max-delay, 1 s) to come back."""
+    path = Path(rules=THREE, icmp_drained=True, icmp_delay=icmp_delay)
     sim, doc = run(path, src_ports=SMALL_PLAN, dst_ports=dsts)
     right(sim, doc, path)
     rejected = {r["icmp"]["code"] for r in doc["ranges"] if r["verdict"] == "rejected"}
@@ -423,15 +428,15 @@ def test_a_short_run_after_another_still_finds_the_rejects(dsts: tuple[int, ...]
 
 
 def test_a_drop_only_path_costs_one_look() -> None:
-    """No sender anywhere: the look finds nothing, the drops stand, and it costs about
-    the refill's wait, not the ICMP budget."""
+    """No sender anywhere: the look finds nothing, the drops stand, and it costs the
+    refill's wait and the errors' (about 2.3 s), not the ICMP budget."""
     path = Path(rules=[Rule("drop", (30000, 30999))], icmp_drained=True)
     sim, doc = run(path, src_ports=SMALL_PLAN)
     right(sim, doc, path)
     assert doc["summary"]["blocked"] == 100  # 30000-30099
     assert doc["probe_stats"]["icmp_tests"] == 1
     assert not any(r.get("icmp_limited") for r in doc["ranges"])
-    assert sim.now < 2.0
+    assert sim.now < 3.0  # the refill, then --max-delay for errors to come back
 
 
 def test_a_sweep_longer_than_a_refill_needs_no_look() -> None:

@@ -372,7 +372,12 @@ class Sweep:
         # Settling: wait for the last datagrams to arrive (by the delay measured so far),
         # then a flush barrier. A stage whose every cell was credited has nothing left in
         # flight to wait for.
-        settle_at = self._last_send + self.settle_wait()
+        wait = self.settle_wait()
+        if self._burst is not None and self._burst.look:
+            # No error has come back yet, so nothing says how slow the way back is: errors
+            # get the floor a datagram gets before any evidence (--max-delay).
+            wait = max(wait, self.settings.max_delay + SETTLE_MARGIN)
+        settle_at = self._last_send + wait
         if now < settle_at:
             if self._open_at is None and self._stage_all_open():
                 self._open_at = now
