@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 
 import pytest
-from simpath import AGENT, ROUTER, Path, Rule, SimRun, mismatches, truth, verdicts
+from simpath import AGENT, PROBE, ROUTER, Path, Rule, SimRun, mismatches, truth, verdicts
 
 from udpreach.core.sweep import (
     TRANSITIONS,
@@ -935,3 +935,19 @@ def test_a_run_whose_samples_turn_between_reject_and_drop_often_is_mixed() -> No
     assert silence.mixed(np.array([r, u, d, u, r, u, d]))
     assert silence.resolved(np.array([r, r, d, d, u, d]))
     assert not silence.resolved(np.array([r, u, d]))
+
+
+def test_errors_from_this_hosts_own_firewall_are_not_a_sender_on_the_path() -> None:
+    """The probe host's own egress reject answers from the probe's address (and its sends
+    fail: the cells are untested). The report named that address as an ICMP sender "on
+    the path" that was rate-limiting."""
+    from udpreach.core.sweep import IcmpReport
+
+    sim = SimRun(Path(), src_ports="30000-30099")
+    sweep = sim.sweep
+    quote = sim.codec.encode(5000, 30000, 1)
+    sweep.on_icmp([IcmpReport(5000, 30000, 3, 13, PROBE, quote=quote)], sim.now)
+    assert sweep.senders == {}
+    ours = IcmpReport(5000, 30001, 3, 13, ROUTER, quote=sim.codec.encode(5000, 30001, 1))
+    sweep.on_icmp([ours], sim.now)
+    assert list(sweep.senders) == [ROUTER]

@@ -29,6 +29,7 @@ The phase table below drives the run; any other move is a bug and raises.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import random
 from collections.abc import Sequence
@@ -684,8 +685,8 @@ class Sweep:
             self.facts.icmp_unverified += 1
         info = IcmpInfo(r.type, r.code, r.sender, verified)
         self.ledger.note_icmp(r.dst_port, r.src_port, info)
-        if not verified:
-            return
+        if not verified or _same_address(r.sender, self.source):
+            return  # (this host's own firewall answered: not a sender on the path)
         bucket = self.senders.get(r.sender)
         if bucket is None:
             bucket = self.senders[r.sender] = silence.SenderBucket(r.sender)
@@ -1239,6 +1240,8 @@ class Sweep:
             return
         self._confirmations = self._confirmations_needed()  # the loss is known by now
         for address, cell in silence.verified_senders(self.ledger).items():
+            if _same_address(address, self.source):
+                continue  # this host's own firewall: not a sender on the path
             bucket = self.senders.get(address)
             if bucket is None:
                 bucket = self.senders[address] = silence.SenderBucket(address)
@@ -1864,6 +1867,14 @@ def _describe_changes(changed: list[tuple[int, int, str, str]]) -> str:
             f"dst {d} source ports {format_ports(sorted(srcs))} were {before}, now {after}"
         )
     return "; ".join(parts)
+
+
+def _same_address(a: str, b: str) -> bool:
+    """Whether two address texts name one address (``2001:2::1`` and ``2001:0002::1``)."""
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a == b
 
 
 def _limiter_text(b: silence.SenderBucket) -> str:
