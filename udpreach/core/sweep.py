@@ -373,12 +373,7 @@ class Sweep:
         # Settling: wait for the last datagrams to arrive (by the delay measured so far),
         # then a flush barrier. A stage whose every cell was credited has nothing left in
         # flight to wait for.
-        wait = self.settle_wait()
-        if self._burst is not None and self._burst.look:
-            # No error has come back yet, so nothing says how slow the way back is: errors
-            # get the floor a datagram gets before any evidence (--max-delay).
-            wait = max(wait, self.settings.max_delay + SETTLE_MARGIN)
-        settle_at = self._last_send + wait
+        settle_at = self._last_send + self._settle_for()
         if now < settle_at:
             if self._open_at is None and self._stage_all_open():
                 self._open_at = now
@@ -433,7 +428,16 @@ class Sweep:
 
     def linger(self) -> float:
         """How long a bind-mode socket should stay open for an ICMP error to come back."""
-        return max(0.05, 4 * self.settings.control_rtt, min(2.0, self.settle_wait()))
+        return max(0.05, 4 * self.settings.control_rtt, min(2.0, self._settle_for()))
+
+    def _settle_for(self) -> float:
+        """The current stage's wait after its last datagram (``settle_wait``; the look's
+        is at least the floor a datagram gets before any evidence: no error has shown yet
+        how slow the way back is)."""
+        wait = self.settle_wait()
+        if self._burst is not None and self._burst.look:
+            wait = max(wait, self.settings.max_delay + SETTLE_MARGIN)
+        return wait
 
     def _flush(self, now: float, *, final: bool) -> Flush:
         self._flush_seq += 1
