@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -219,6 +221,46 @@ def test_reject_range_is_rejected_with_evidence_and_two_runs_agree(tmp_path: Pat
     diff = run_cli("diff", first["run_id"], second["run_id"], "--db", str(db), "--json")
     assert diff.returncode == 0, f"{diff.stdout}\n{diff.stderr}"
     assert json.loads(diff.stdout)["changes"] == [], diff.stdout
+
+
+def test_a_short_run_after_the_routers_errors_were_spent_still_finds_the_rejects(
+    tmp_path: Path,
+) -> None:
+    """A run shorter than the router's refill (one error a second), started just after the
+    probe host's other traffic spent the router's errors, saw none at all: in 0.2 s it
+    reported every reject a confirmed drop, with no warning. (Here ten datagrams to the
+    agent's port 9, which the router rejects, spend its burst of six just before each run.)"""
+    policy = rules(
+        "udp dport 9 reject with icmpx type port-unreachable",
+        "udp sport 20000-20299 reject with icmpx type admin-prohibited",
+        "udp sport 30000-30099 drop",
+    )
+    truth = bands((20000, 20299, "rejected"), (30000, 30099, "blocked"))
+    spend = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "for _ in range(10):\n"
+        "    s.sendto(b'x', (sys.argv[1], 9))\n"
+    )
+    with lab_udpreach(policy, tmp_path) as lr:
+        agent = lr.lab.info.agent_addr
+        for _ in range(2):
+            sent = subprocess.run(
+                lr.lab.ns_argv("probe", [sys.executable, "-c", spend, agent]),
+                capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+            assert sent.returncode == 0, sent.stderr
+            code, doc, err = timed_run(
+                lr, "--src-ports", "19900-20299,30000-30099", "--icmp-budget", "5"
+            )
+            check_right(code, doc, err, lr, truth)
+            why = context(code, doc, err, lr)
+            # Found: errors of its own (the rest icmp_limited within 5 s), and no drop
+            # confirmed where there is none (check_right).
+            rejected = ranges_of(doc, "rejected")
+            assert rejected, why
+            assert all(20000 <= r["first"] <= r["last"] <= 20299 for r in rejected), why
+            assert {r["icmp"]["code"] for r in rejected} == {13}, why
 
 
 # --- 2. a reject next to a drop in one dark run ---------------------------------------------
