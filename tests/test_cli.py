@@ -35,6 +35,7 @@ from prockit import python_output, stop
         (["--coordinator", "nohostport"], "HOST:PORT"),
         (["--coordinator", "127.0.0.1:0"], "--coordinator: port 0 out of range (1-65535)"),
         (["--agent", ""], "--agent '': no agent has that name"),
+        (["--agent", "pc-17\n"], "--agent 'pc-17\\n': no agent has that name"),
         # Report files are checked before anything is sent (the coordinator here is
         # unreachable: reaching for it first would be exit 3).
         (["--junit", "/nonexistent-udpreach/j.xml"], "there is no folder /nonexistent-udpreach"),

@@ -623,6 +623,9 @@ async def test_a_coordinator_name_that_does_not_resolve_is_said_so() -> None:
     message = str(info.value)
     assert message.startswith("cannot resolve the coordinator's host 'nosuchhost.invalid'")
     assert "0.0.0.0" not in message
+    with trio.fail_after(DEADLINE), pytest.raises(UnreachableError) as info:
+        await connect("a..b", 7870, SECRET, "agent", within=3)  # not even a name (IDNA)
+    assert str(info.value) == "cannot resolve the coordinator's host 'a..b': not a valid host name"
 
 
 async def test_partial_frames_share_one_memory_budget() -> None:

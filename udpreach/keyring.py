@@ -152,7 +152,7 @@ class Keyring:
             entries = {}
             for name, e in keys.items():
                 role, gen, added = e["role"], e["gen"], e["added"]
-                if not NAME_RE.match(name) or role not in KEY_ROLES:
+                if not NAME_RE.fullmatch(name) or role not in KEY_ROLES:
                     raise ValueError
                 if not isinstance(gen, int) or not isinstance(added, int | float):
                     raise ValueError
@@ -196,7 +196,7 @@ class Keyring:
 
     def add(self, name: str, role: str) -> KeyIdentity:
         """Give *name* a new key; returns it (the caller writes the key file and saves)."""
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise ConfigError(f"key name {name!r}: use letters, digits, '.', '_' or '-' (<= 64)")
         if role not in KEY_ROLES:
             raise ConfigError(f"key role must be one of {', '.join(KEY_ROLES)}")

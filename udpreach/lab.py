@@ -756,7 +756,7 @@ def _resolve(name: str | None) -> LabRecord:
 
 def _normalize_name(name: str) -> str:
     lab_name = name if name.startswith(NAME_PREFIX) else NAME_PREFIX + name
-    if not _NAME_RE.match(lab_name):
+    if not _NAME_RE.fullmatch(lab_name):
         raise ConfigError(
             f"bad lab name {name!r}: lowercase letters, digits and '-', at most 24 characters"
         )

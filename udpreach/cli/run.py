@@ -154,7 +154,7 @@ def run(
     from udpreach.secret import load_secret
 
     host, port = parse_endpoint(coordinator, "--coordinator")
-    if not NAME_RE.match(agent):
+    if not NAME_RE.fullmatch(agent):
         raise ConfigError(
             f"--agent {agent!r}: no agent has that name (agents are named with letters, "
             "digits, '.', '_' or '-', starting with a letter or digit, at most 64 characters)"

@@ -338,7 +338,7 @@ def agent(
     if name is not None and not name.strip():
         raise ConfigError("--name is empty (leave it out for the host name)")
     agent_name = name or (identity.name if identity else socket.gethostname().split(".")[0])
-    if not AGENT_NAME_RE.match(agent_name):
+    if not AGENT_NAME_RE.fullmatch(agent_name):
         raise ConfigError(
             f"--name {agent_name!r}: use letters, digits, '.', '_' or '-', starting with a "
             "letter or digit, at most 64 characters"

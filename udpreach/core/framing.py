@@ -97,7 +97,7 @@ def parse_key_text(text: bytes) -> KeyIdentity | None:
         role, name, key = parts[1].decode(), parts[2].decode(), bytes.fromhex(parts[3].decode())
     except (IndexError, UnicodeDecodeError, ValueError):
         raise ConfigError("malformed udpreach key file") from None
-    if len(parts) != 4 or role not in KEY_ROLES or not NAME_RE.match(name) or len(key) != 32:
+    if len(parts) != 4 or role not in KEY_ROLES or not NAME_RE.fullmatch(name) or len(key) != 32:
         raise ConfigError("malformed udpreach key file")
     return KeyIdentity(role, name, key)
 
@@ -458,7 +458,7 @@ class ControlConnection:
         if key_id is None:
             grant = Grant("shared", self._secret) if self._secret else None
         else:
-            if not isinstance(key_id, str) or not NAME_RE.match(key_id):
+            if not isinstance(key_id, str) or not NAME_RE.fullmatch(key_id):
                 raise ProtocolError("malformed key id in hello")
             self.key_id = key_id
             grant = self._keys(key_id) if self._keys is not None else None

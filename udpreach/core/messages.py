@@ -109,7 +109,7 @@ def _str(
         raise MessageError(f"{_what(body)}: {key!r} must be a string")
     if len(value) > limit:
         raise MessageError(f"{_what(body)}: {key!r} is longer than {limit} characters")
-    if pattern is not None and not pattern.match(value):
+    if pattern is not None and not pattern.fullmatch(value):
         raise MessageError(f"{_what(body)}: {key!r} is malformed")
     return value
 
@@ -194,7 +194,7 @@ class AgentStats:
             raise MessageError("agent stats: 'rejected' must map at most 32 reasons to counts")
         rejected = []
         for reason, n in raw.items():
-            if not isinstance(reason, str) or not CODE_RE.match(reason):
+            if not isinstance(reason, str) or not CODE_RE.fullmatch(reason):
                 raise MessageError("agent stats: a rejection reason is malformed")
             if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_COUNT:
                 raise MessageError(f"agent stats: count for {reason!r} must be an integer")

@@ -250,6 +250,10 @@ async def _connect_once(
         raise UnreachableError(
             f"cannot resolve the coordinator's host {host!r}: {exc.strerror or exc}"
         ) from None
+    except UnicodeError:  # an empty label ("a..b"), or one longer than 63 characters
+        raise UnreachableError(
+            f"cannot resolve the coordinator's host {host!r}: not a valid host name"
+        ) from None
     try:
         with trio.fail_after(within):
             stream = await trio.open_tcp_stream(host, port, local_address=local_address)
