@@ -478,6 +478,7 @@ class Coordinator:
         self._changed = trio.Event()
         self._tickets: set[_Ticket] = set()  # run requests not yet answered for good
         self._tickets_changed = trio.Event()
+        self._stopping: str | None = None  # why, once the probe is winding down
         self.active_runs = 0
         self._auth_failures = _Throttled("authentication failures")
         self._refusals = _Throttled("refused connections")
@@ -901,6 +902,9 @@ class Coordinator:
             ticket.waiting.cancel()
 
     async def _run_request(self, chan: Channel, peer: str, req: RunRequest) -> None:
+        if self._stopping is not None:  # winding down: no new run
+            await chan.send(Error("stopping", f"{self._stopping}: it takes no new run"))
+            return
         ticket = _Ticket()
         self._tickets.add(ticket)
         try:
@@ -915,14 +919,16 @@ class Coordinator:
             self._tickets_changed.set()
 
     def stop_runs(self, why: str) -> int:
-        """End every run in progress as its requester's cancel would: each requester still
-        gets the document of what was settled, with ``why`` among its warnings (a request
-        still waiting for its agent gets an error). Returns how many requests there were."""
+        """End every run in progress as its requester's cancel would, and take no new one:
+        each requester still gets the document of what was settled, with "``why`` during the
+        run" among its warnings (a request still waiting for its agent gets an error, "``why``
+        before the run started"). Returns how many requests there were."""
+        self._stopping = why
         for ticket in self._tickets:
             ticket.cancelled = True
             ticket.why = why
             if ticket.execution is not None:
-                ticket.execution.cancel(why)
+                ticket.execution.cancel(f"{why} during the run")
             ticket.waiting.cancel()
         return len(self._tickets)
 
@@ -1090,7 +1096,7 @@ class Coordinator:
         session.run_id = execution.run_id
         ticket.execution = execution
         if ticket.cancelled or ticket.gone:
-            execution.cancel(ticket.why)
+            execution.cancel(None if ticket.why is None else f"{ticket.why} during the run")
         log.info("run requested by %s against agent %s: %d cells", peer, session.name, plan.cells)
         self.active_runs += 1
         try:

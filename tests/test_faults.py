@@ -199,6 +199,27 @@ async def test_agent_reconnects_when_its_coordinator_restarts() -> None:
             outer.cancel_scope.cancel()
 
 
+async def test_a_stopping_probe_takes_no_new_run() -> None:
+    """While it winds down (its runs told to end, their documents on the way), a new run
+    request could still claim the agent and start a sweep, which the grace period then
+    cut with no document."""
+    secret = b"stopping-test-secret-0123456789ab"
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            coord = Coordinator(ProbeConfig(host="127.0.0.1", port=0, secret=secret))
+            host, port = await nursery.start(coord.serve)
+            assert coord.stop_runs("the probe was stopped (SIGTERM)") == 0
+            with pytest.raises(UnreachableError) as info:
+                await request_run(
+                    host, port, secret, agent="anyone", plan={"src_ports": "1024-1100"},
+                    wait=0, expect=None, on_progress=lambda _: None,
+                )  # fmt: skip
+            assert str(info.value) == (
+                "coordinator: the probe was stopped (SIGTERM): it takes no new run"
+            )
+            nursery.cancel_scope.cancel()
+
+
 _DEAD_AGENT_REJECTED = (
     "regression: cells whose datagrams reached the agent's host after the agent died are "
     "'rejected' (port-unreachable from the target itself) instead of 'unknown'"

@@ -274,7 +274,7 @@ def probe(
     running: list[Any] = []  # the coordinator, once made
 
     async def wind_down(name: str) -> None:
-        n = running[0].stop_runs(f"the probe was stopped ({name}) during the run") if running else 0
+        n = running[0].stop_runs(f"the probe was stopped ({name})") if running else 0
         if not n:
             log.info("stopping (%s)", name)
             return
