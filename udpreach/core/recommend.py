@@ -177,14 +177,19 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
     agent_addr = _address(agent.get("observed") or agent.get("registered"))
     target = _address((doc.get("probe") or {}).get("target")) or agent_addr
 
+    by_dst = ranges_by_dst(doc.get("ranges", []))
+    # Destination ports something listens on: some source port came through to them.
+    heard = {d for d, rs in by_dst.items() if any(r["verdict"] == "open" for r in rs)}
+
     def where(r: Range) -> str:
         icmp = r.get("icmp") or {}
         if r["verdict"] != "rejected" or target is None or _address(icmp.get("from")) != target:
             return "forward"
         said = (icmp.get("type"), icmp.get("code"))
-        return "listener" if said == PORT_UNREACHABLE[target.version] else "input"
+        if said == PORT_UNREACHABLE[target.version] and int(r["dst_port"]) not in heard:
+            return "listener"
+        return "input"  # its own firewall (a REJECT rule says port unreachable by default)
 
-    by_dst = ranges_by_dst(doc.get("ranges", []))
     sampled = is_sampled(planned_spans(doc.get("ranges", [])))
     for d, rs in by_dst.items():
         counts = dict.fromkeys(schema.VERDICTS, 0)
