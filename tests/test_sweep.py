@@ -427,6 +427,21 @@ def test_a_short_run_after_another_still_finds_the_rejects(
     assert doc["probe_stats"]["icmp_errors"] > 0
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [{"copies": 2}, {"settings": SweepSettings(max_datagrams=1400)}],
+    ids=["copies-spent", "datagram-cap"],
+)
+def test_where_the_look_cannot_go_the_silence_is_not_taken_for_drops(kw: dict) -> None:
+    """--copies spent by the rounds, or the run's cap reached: no look, and the silence
+    was called confirmed drops all the same (500 of 500 rejects wrong)."""
+    path = Path(rules=THREE, icmp_drained=True)
+    sim, doc = run(path, src_ports=SMALL_PLAN, **kw)
+    right(sim, doc, path)
+    assert sum(r.get("icmp_limited", 0) for r in doc["ranges"]) >= 500
+    assert any("could not be sent again after a router's refill" in w for w in doc["warnings"])
+
+
 def test_a_drop_only_path_costs_one_look() -> None:
     """No sender anywhere: the look finds nothing, the drops stand, and it costs the
     refill's wait and the errors' (about 2.3 s), not the ICMP budget."""
@@ -938,16 +953,12 @@ def test_a_run_whose_samples_turn_between_reject_and_drop_often_is_mixed() -> No
 
 
 def test_errors_from_this_hosts_own_firewall_are_not_a_sender_on_the_path() -> None:
-    """The probe host's own egress reject answers from the probe's address (and its sends
-    fail: the cells are untested). The report named that address as an ICMP sender "on
-    the path" that was rate-limiting."""
-    from udpreach.core.sweep import IcmpReport
-
-    sim = SimRun(Path(), src_ports="30000-30099")
-    sweep = sim.sweep
-    quote = sim.codec.encode(5000, 30000, 1)
-    sweep.on_icmp([IcmpReport(5000, 30000, 3, 13, PROBE, quote=quote)], sim.now)
-    assert sweep.senders == {}
-    ours = IcmpReport(5000, 30001, 3, 13, ROUTER, quote=sim.codec.encode(5000, 30001, 1))
-    sweep.on_icmp([ours], sim.now)
-    assert list(sweep.senders) == [ROUTER]
+    """The probe host's own egress reject answers from the probe's address. The report
+    named that address as rate-limiting ICMP "on the path". Its limiter is tested like any
+    (the verdicts stay right); the warning says whose it is."""
+    path = Path(rules=[Rule("reject", (20000, 20299), sender=PROBE), Rule("drop", (30000, 30099))])
+    sim, doc = run(path, src_ports=SMALL_PLAN)
+    right(sim, doc, path)
+    (said,) = [w for w in doc["warnings"] if "ICMP" in w or "firewall" in w]
+    assert f"on the path ({PROBE}" not in said, said
+    assert said.startswith(f"ICMP errors from this host's own firewall were rate-limited ({PROBE}")

@@ -307,6 +307,8 @@ class Sweep:
         self._quiet_samples = 0
         self._drained = False
         self._looked = False  # the dark runs had their look (``_look``)
+        # Per destination port, samples of the dark runs the look could not be sent to.
+        self._unlooked: dict[int, np.ndarray] = {}
         self._first_send: float | None = None
         self._conclude_tested = False
         # Rounds.
@@ -689,8 +691,8 @@ class Sweep:
             self.facts.icmp_unverified += 1
         info = IcmpInfo(r.type, r.code, r.sender, verified)
         self.ledger.note_icmp(r.dst_port, r.src_port, info)
-        if not verified or _same_address(r.sender, self.source):
-            return  # (this host's own firewall answered: not a sender on the path)
+        if not verified:
+            return
         bucket = self.senders.get(r.sender)
         if bucket is None:
             bucket = self.senders[r.sender] = silence.SenderBucket(r.sender)
@@ -1240,12 +1242,12 @@ class Sweep:
 
     def _start_probe(self, now: float) -> None:
         if self._bytes_capped or self.icmp_budget <= 0:
+            if self._bytes_capped and not self.senders:  # nothing more may be sent
+                self._look(self._dark_runs(), now, send=False)
             self._conclude(now, tested=False)
             return
         self._confirmations = self._confirmations_needed()  # the loss is known by now
         for address, cell in silence.verified_senders(self.ledger).items():
-            if _same_address(address, self.source):
-                continue  # this host's own firewall: not a sender on the path
             bucket = self.senders.get(address)
             if bucket is None:
                 bucket = self.senders[address] = silence.SenderBucket(address)
@@ -1265,31 +1267,48 @@ class Sweep:
         if not self._next_burst(now, runs):
             self._conclude(now, tested=True)
 
-    def _look(self, runs: list[silence.Run], now: float) -> bool:
+    def _look(self, runs: list[silence.Run], now: float, *, send: bool = True) -> bool:
         """No ICMP error came back at all. A sender's bucket may have been empty since
         before the run (an earlier run, other traffic from this host), and a run shorter than
-        its refill never met a token: every reject of it would pass for a drop. The dark
-        runs whose cells were all sent within ``silence.LOOK_AFTER`` of the run's first
-        datagram get one burst of spread samples once that much time has passed (the first
+        its refill never met a token: every reject of it would pass for a drop. Each eighth
+        of a dark run not sent to again ``silence.LOOK_AFTER`` after the run's first
+        datagram gets a sample in one burst once that much time has passed (the first
         reject in it takes the refilled token); an error starts the tests, none confirms the
-        silence. False when no run needs it."""
+        silence. Where the burst cannot go (``--copies`` spent, the run's caps, or not
+        ``send``), those cells are ``icmp_limited`` at the end, with a warning. False when
+        no burst was sent."""
         due = (self._first_send if self._first_send is not None else self.started) + (
             silence.LOOK_AFTER
         )
         led = self.ledger
         samples: list[list[tuple[int, int]]] = []
         for r in sorted(runs, key=lambda r: -len(r.srcs)):
-            last = self._sent_at[r.srcs]
-            if not (r.labels == silence.U).any() or np.nanmax(last, initial=-np.inf) >= due:
-                continue  # sent again after a refill: its silence stands
+            if not (r.labels == silence.U).any():
+                continue
             n = len(r.srcs)
             k = min(silence.SEGMENTS, n)
+            bounds = (np.arange(k + 1) * n) // k
             at = ((np.arange(k) + r.phase) * n / k).astype(np.intp)
-            samples.append([(r.dst, int(r.srcs[i])) for i in at])
+            # (per source port: the last datagram to any destination port)
+            stale = [
+                (r.dst, int(r.srcs[at[j]]))
+                for j in range(k)
+                if np.nanmax(self._sent_at[r.srcs[bounds[j] : bounds[j + 1]]], initial=-np.inf)
+                < due
+            ]
+            if stale:  # an eighth sent to again after a refill: its silence stands
+                samples.append(stale)
+        if not samples:
+            return False
         # Each run's first sample first (the token goes to the first reject), then the rest.
         order = [cells[j] for j in range(silence.SEGMENTS) for cells in samples if j < len(cells)]
         order = [c for c in order if self._may_send(*c)][: silence.MAX_BURST_CELLS]
-        if not order or not self._fits(len(order)):
+        if not send or not order or not self._fits(len(order)):
+            # Their silence stays unchecked: said so at the end, not taken for drops.
+            for cells in samples:
+                d = cells[0][0]
+                srcs = np.asarray([src for _, src in cells], dtype=np.intp)
+                self._unlooked[d] = np.union1d(self._unlooked.get(d, srcs[:0]), srcs)
             return False
         seq = [(d, s, int(led.view(d).sent[s]) + 1) for d, s in order]
         self._burst = _Burst(seq, set(), sent_at=max(now, due), look=True)
@@ -1573,14 +1592,38 @@ class Sweep:
         if tested or silence.limited(runs, across=self._capped()):
             self.conclusion = silence.conclude(self.ledger, runs)
             self._icmp_warnings(tested)
+        elif self._unlooked:
+            # The look could not be sent: their silence was never met by a refilled
+            # bucket, so dropped or rejected is not known.
+            unchecked = [r for r in runs if r.dst in self._unlooked and
+                         np.isin(r.srcs, self._unlooked[r.dst]).any()]  # fmt: skip
+            n = silence.conclude(self.ledger, unchecked).icmp_limited
+            if n:
+                self.facts.warnings.append(
+                    f"no ICMP error came back, and {n:,} silent cells could not be sent "
+                    "again after a router's refill (--copies or the run's caps left no "
+                    "datagram for it): a reject there would look like a drop (icmp_limited)"
+                )
         self._finish(True)
 
     def _icmp_warnings(self, tested: bool) -> None:
         c = self.conclusion
         if c is None:
             return
-        rates = ", ".join(_limiter_text(b) for b in self.senders.values() if b.errors)
-        parts = [f"ICMP errors were rate-limited on the path ({rates})"]
+        # The probe host's own firewall answers from the probe's address: a limiter too
+        # (tested like any), but not one on the path.
+        buckets = [b for b in self.senders.values() if b.errors]
+        own = [b for b in buckets if _same_address(b.address, self.source)]
+        path = [b for b in buckets if not _same_address(b.address, self.source)]
+        parts = []
+        if path:
+            rates = ", ".join(_limiter_text(b) for b in path)
+            parts.append(f"ICMP errors were rate-limited on the path ({rates})")
+        if own:
+            parts.append(
+                f"ICMP errors from this host's own firewall were rate-limited "
+                f"({_limiter_text(own[0])})"
+            )
         if c.inferred_rejected or c.inferred_blocked:
             parts.append(
                 f"{c.inferred_rejected + c.inferred_blocked:,} cells take their verdict from "
@@ -1592,7 +1635,8 @@ class Sweep:
                 f"{c.icmp_limited:,} silent cells could not be told dropped or rejected "
                 f"within {why} (icmp_limited)"
             )
-        self.facts.warnings.append("; ".join(parts))
+        if parts:
+            self.facts.warnings.append("; ".join(parts))
 
     # -- the end ------------------------------------------------------------------------------
 
