@@ -442,6 +442,18 @@ def test_where_the_look_cannot_go_the_silence_is_not_taken_for_drops(kw: dict) -
     assert any("could not be sent again after a router's refill" in w for w in doc["warnings"])
 
 
+def test_tests_that_end_for_want_of_a_control_do_not_blame_the_budget() -> None:
+    """With --copies 3 the look found the router, but every cell it had rejected had used
+    its copies: the tests ended at once, and the warning said "within the 20s ICMP budget"
+    after 2.3 s."""
+    path = Path(rules=THREE, icmp_drained=True)
+    sim, doc = run(path, src_ports=SMALL_PLAN, copies=3)
+    right(sim, doc, path)
+    (said,) = [w for w in doc["warnings"] if "icmp_limited" in w]
+    assert "ICMP budget" not in said, said
+    assert "as --copies left no cell a sender rejected to test them by" in said, said
+
+
 def test_a_drop_only_path_costs_one_look() -> None:
     """No sender anywhere: the look finds nothing, the drops stand, and it costs the
     refill's wait and the errors' (about 2.3 s), not the ICMP budget."""

@@ -307,6 +307,7 @@ class Sweep:
         self._quiet_samples = 0
         self._drained = False
         self._looked = False  # the dark runs had their look (``_look``)
+        self._no_control = False  # the tests stopped: no sender's reject could be sent again
         # Per destination port, samples of the dark runs the look could not be sent to.
         self._unlooked: dict[int, np.ndarray] = {}
         self._first_send: float | None = None
@@ -1328,6 +1329,7 @@ class Sweep:
             return False
         controls = self._controls()
         if controls is None:
+            self._no_control = True  # (the end's warning says so, not "the budget")
             return False
         # In sending order: cells expected to be drops (they spend no token), then the
         # boundary searches (one token each: the first reject of each), then expected
@@ -1631,9 +1633,12 @@ class Sweep:
             )
         if c.icmp_limited:
             why = "--icmp-budget 0" if not tested else f"the {self.icmp_budget:g}s ICMP budget"
+            why = f"within {why}"
+            if tested and self._no_control:  # the tests ended before the budget did
+                why = "as --copies left no cell a sender rejected to test them by"
             parts.append(
                 f"{c.icmp_limited:,} silent cells could not be told dropped or rejected "
-                f"within {why} (icmp_limited)"
+                f"{why} (icmp_limited)"
             )
         if parts:
             self.facts.warnings.append("; ".join(parts))
