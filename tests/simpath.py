@@ -37,7 +37,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.core import AgentCore
 from agent.listen import DRAIN_CHUNK
@@ -139,19 +139,38 @@ class Path:
     lost_notice: float = 0.0  # how long after the agent dies the control channel says so
     dead_host_answers: bool = False  # the dead agent's host answers "port unreachable"
     seed: int = 1
+    # rule_at's tables: (id and length of a rule list, dst) -> the rule each source port meets
+    _tables: dict[tuple[int, int, int], list[Rule | None]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def rule_at(self, now: float, dst: int, src: int) -> Rule | None:
         rules = self.rules
         if self.later is not None and now >= self.later[0]:
             rules = self.later[1]
-        for r in reversed(rules):  # a later rule overrides an earlier one
-            if r.matches(dst, src):
-                return r
-        return None
+        key = (id(rules), len(rules), dst)
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = self._table(rules, dst)
+        return table[src]
+
+    @staticmethod
+    def _table(rules: list[Rule], dst: int) -> list[Rule | None]:
+        """The rule each source port of ``dst`` meets: the last of ``rules`` that matches it
+        (a later rule overrides an earlier one)."""
+        table: list[Rule | None] = [None] * 65536
+        for r in rules:
+            lo, hi = max(0, r.srcs[0]), min(65535, r.srcs[1])
+            if type(r).matches is not Rule.matches:  # a rule that picks ports its own way
+                for src in range(lo, hi + 1):
+                    if r.matches(dst, src):
+                        table[src] = r
+            elif (r.dsts is None or dst in r.dsts) and hi >= lo:
+                table[lo : hi + 1] = [r] * (hi - lo + 1)
+        return table
 
 
-@dataclass(frozen=True, slots=True)
-class Arrival:
+class Arrival(NamedTuple):
     """A datagram reaching the agent's host: its bytes, where from, and what it is."""
 
     data: bytes
@@ -179,7 +198,8 @@ class SimRun:
         run_id: str = "sim-run",
         agent: str = "agent",  # agent | silent: reports nothing | liar: every cell received
         agent_core: AgentCore | None = None,  # the agent of earlier runs (it names their replays)
-        intake: str = "one",  # one: on_datagram each | drain: chunks, as recvmmsg hands them
+        intake: str = "drain",  # drain: chunks, as the agent's listener hands them over
+        # (agent.listen.drain, on every platform) | one: the core's on_datagram each
         refused: Mapping[int, str] | None = None,  # source ports the probe host refuses, why
         stuck: Mapping[int, int] | None = None,  # source ports whose socket buffer is full for
         # this many send calls (bind mode: only that port's datagrams wait)
