@@ -7,25 +7,55 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The files that take longest (mostly waiting: ICMP rate limits, 20 s attacks, timeouts), the
-# longest first. `make test` runs files whole on 4 workers (pytest-xdist, --dist loadfile),
-# which hand them out in collection order: started last, two of these on one worker made the
-# whole suite wait for it (212 s against 178-187 s for the other three workers). Starting them
-# first leaves the short files to fill in around them. Only the order changes.
+# How `make test` spreads the suite over its workers (pytest-xdist, --dist loadgroup). A file
+# stays on one worker (its module fixtures are built once, its tests never race each other
+# for an address), except the files below whose tests share nothing: the real-firewall lab's
+# (each test builds namespaces of its own, and mostly waits on ICMP refills and delays) and
+# the simulated path's (no sockets at all), which go test by test to whichever worker is
+# free. Units start in collection order (--no-loadscope-reorder): the files that take
+# longest first, so that the short ones fill in around them instead of one long file
+# starting last.
 LONG_FILES = (
     "test_trust.py",
-    "test_lab_paths.py",
-    "test_lab_verdicts.py",
     "test_pty.py",
-    "test_sweep.py",
     "test_faults.py",
     "test_trust_engine.py",
+    "test_lab_paths.py",
+    "test_lab_verdicts.py",
+    "test_lab_change.py",
+    "test_sweep.py",
+)
+SPLIT_FILES = frozenset(
+    {"test_lab_paths.py", "test_lab_verdicts.py", "test_lab_change.py", "test_sweep.py"}
+)
+
+# What the second pass on the machine's own Python (`make test-system`, -m "not once") leaves
+# out: the verdicts over the simulated path and through the real firewall, and the core's
+# property tests. They are the same numpy and pure-Python logic on any 3.11, and the long
+# half of the suite's time. What depends on the Python that runs it (the CLI and its error
+# paths, typer and rich on a pty, trio's cancellation and exception groups, sockets, the
+# control plane, the probe and the agent end to end over loopback, the demo) runs on both.
+ONCE_FILES = frozenset(
+    {
+        "test_lab_paths.py",
+        "test_lab_verdicts.py",
+        "test_lab_change.py",
+        "test_sweep.py",
+        "test_trust_engine.py",
+        "test_ledger.py",
+    }
 )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONG_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable
+    for item in items:
+        name = item.path.name
+        if name not in SPLIT_FILES:
+            item.add_marker(pytest.mark.xdist_group(name))
+        if name in ONCE_FILES:
+            item.add_marker(pytest.mark.once)
 
 
 @pytest.fixture

@@ -118,6 +118,9 @@ def test_idle_connections_from_the_clients_own_address_lock_no_one_out(
 
 
 @pytest.mark.slow
+# 20 s of load each, on one Python: the limits on unauthenticated connections run on both in
+# test_idle_connections_from_the_clients_own_address_lock_no_one_out
+@pytest.mark.once
 @pytest.mark.parametrize(
     ("sources", "prefix"),
     [(["127.0.0.1"], ""), ([f"127.0.0.{i}" for i in range(5, 13)], "hello")],
@@ -169,6 +172,7 @@ def test_hundreds_of_unauthenticated_connections_lock_no_one_out(
         assert came_back, svc.logs()
 
 
+@pytest.mark.once  # 20 s of load, on one Python (a name taken over runs on both below)
 def test_impostor_cannot_take_a_connected_agents_name(tmp_path: Path, secret_file: Path) -> None:
     """Row 4: a secret holder registers a connected agent's name again and again for 20 s
     (today: it took the name over 6 times; runs went to the impostor)."""
