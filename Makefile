@@ -64,12 +64,12 @@ test: test-default
 # busy about 90% of the time (4 workers: 80%, and 30-40 s longer). A file stays on one
 # worker except the lab's and the simulated path's, whose tests go one by one; the longest
 # start first,
-# in the order tests/conftest.py puts them (--dist loadgroup --no-loadscope-reorder). As root
+# in the order tests/conftest.py puts them (--dist loadfile --no-loadscope-reorder). As root
 # the loopback probes send raw (no source port bound); without root each binds its source
 # ports on 127.0.0.2, and tests side by side would take each other's ports, so the suite runs
 # in one process there. TEST_WORKERS=N sets the count (0: one process).
 TEST_WORKERS ?= $(shell [ "$$(id -u)" = 0 ] && echo 6 || echo 0)
-PYTEST_ARGS := -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+PYTEST_ARGS := -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-default: $(STAMP) test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -2,19 +2,20 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-# How `make test` spreads the suite over its workers (pytest-xdist, --dist loadgroup). A file
-# stays on one worker (its module fixtures are built once, its tests never race each other
-# for an address), except the files below whose tests share nothing: the real-firewall lab's
-# (each test builds namespaces of its own, and mostly waits on ICMP refills and delays) and
-# the simulated path's (no sockets at all), which go test by test to whichever worker is
-# free. Units start in collection order (--no-loadscope-reorder): the files that take
-# longest first, so that the short ones fill in around them instead of one long file
-# starting last.
+# How `make test` spreads the suite over its workers (pytest-xdist, --dist loadfile, as
+# ``pytest_xdist_make_scheduler`` below refines it). A file stays on one worker (its module
+# fixtures are built once, its tests never race each other for an address), except the
+# files below whose tests share nothing: the real-firewall lab's (each test builds
+# namespaces of its own, and mostly waits on ICMP refills and delays) and the simulated
+# path's (no sockets at all), which go test by test to whichever worker is free. Units start
+# in collection order (--no-loadscope-reorder): the files that take longest first, so that
+# the short ones fill in around them instead of one long file starting last.
 LONG_FILES = (
     "test_trust.py",
     "test_pty.py",
@@ -47,15 +48,31 @@ ONCE_FILES = frozenset(
 )
 
 
+def pytest_itemcollected(item: pytest.Item) -> None:
+    if item.path.name in ONCE_FILES:
+        item.add_marker(pytest.mark.once)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With --dist loadfile: a file is one unit of work, but for SPLIT_FILES, whose every
+    test is a unit. (xdist's loadgroup cannot do this under pytest 9: it names its groups
+    by rewriting ``item._nodeid``, which pytest 9 no longer reads.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Units(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return nodeid if Path(file).name in SPLIT_FILES else file
+
+    return Units(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONG_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable
-    for item in items:
-        name = item.path.name
-        if name not in SPLIT_FILES:
-            item.add_marker(pytest.mark.xdist_group(name))
-        if name in ONCE_FILES:
-            item.add_marker(pytest.mark.once)
 
 
 @pytest.fixture
