@@ -308,6 +308,8 @@ def needs(run: Run) -> list[tuple[int, str, int]]:
     ``SEARCH_POINTS + 1``-fold instead of the halving of a binary search)."""
     labels = run.labels
     n = len(labels)
+    if n == 1:  # (rules on single ports make tens of thousands of these)
+        return [(0, "cheap", -1)] if labels[0] == U else []
     if not (labels == U).any():
         return []
     out: dict[int, tuple[str, int]] = {}
@@ -393,6 +395,8 @@ def refinements(run: Run) -> list[tuple[int, int]]:
     each with its gap's width. Not needed for a run to be settled (``needs``): tested while
     the budget lasts, widest first, they find drop bands narrower than an eighth."""
     labels = run.labels
+    if len(labels) < 3:  # no gap between two labels
+        return []
     labelled = np.flatnonzero(labels != U)
     out: list[tuple[int, int]] = []
     for a, b in pairwise(labelled.tolist()):
@@ -410,8 +414,17 @@ def hints(runs: Sequence[Run]) -> list[tuple[Run, int]]:
     samples found may sit unseen between another's. One per (run, stretch of drops) with
     no label of that run inside, at its middle; tested as an expected drop (no token, or
     one if that port rejects there, after which the stretch holds a label)."""
-    stretches: list[tuple[int, int, int]] = []  # (dst, first src, last src) of drops
+    # Per destination port, its stretches of drops in ascending order: (first src, last
+    # src, the order they were found in). One port's stretches never overlap.
+    stretches: dict[int, list[tuple[int, int, int]]] = {}
+    found = 0
     for run in runs:
+        if len(run.labels) == 1:  # (rules on single ports make tens of thousands of these)
+            if run.labels[0] == D:
+                s = int(run.srcs[0])
+                stretches.setdefault(run.dst, []).append((s, s, found))
+                found += 1
+            continue
         labelled = np.flatnonzero(run.labels != U)
         is_d = run.labels[labelled] == D
         if not is_d.any():
@@ -420,12 +433,31 @@ def hints(runs: Sequence[Run]) -> list[tuple[Run, int]]:
         edges = np.diff(np.r_[0, is_d.astype(np.int8), 0])
         for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True):
             first, last = run.srcs[labelled[a]], run.srcs[labelled[b - 1]]
-            stretches.append((run.dst, int(first), int(last)))
+            stretches.setdefault(run.dst, []).append((int(first), int(last), found))
+            found += 1
+    if not stretches:
+        return []
+    table: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for dst, found_here in stretches.items():
+        found_here.sort()
+        table[dst] = (
+            np.asarray([f for f, _, _ in found_here], dtype=np.int64),
+            np.asarray([la for _, la, _ in found_here], dtype=np.int64),
+            np.asarray([i for _, _, i in found_here], dtype=np.int64),
+        )
     out: list[tuple[Run, int]] = []
     for run in runs:
-        for dst, first, last in stretches:
+        lo_src, hi_src = int(run.srcs[0]), int(run.srcs[-1])
+        # The other ports' stretches that meet [lo_src, hi_src], in the order found.
+        near: list[tuple[int, int, int]] = []
+        for dst, (firsts, lasts, order) in table.items():
             if dst == run.dst:
                 continue
+            i0 = int(np.searchsorted(lasts, lo_src))
+            i1 = int(np.searchsorted(firsts, hi_src, side="right"))
+            near.extend((int(order[i]), int(firsts[i]), int(lasts[i])) for i in range(i0, i1))
+        near.sort()
+        for _, first, last in near:
             lo = int(np.searchsorted(run.srcs, first))
             hi = int(np.searchsorted(run.srcs, last, side="right"))
             if hi > lo and not (run.labels[lo:hi] != U).any():
