@@ -74,9 +74,9 @@ PYTEST_ARGS := -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test-default: $(STAMP) test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The second pass leaves out what is the same logic on any 3.11 (the verdicts over the
-# simulated path and through the real firewall, the core's property tests: tests/conftest.py,
-# ONCE_FILES) and runs everything that depends on the Python that runs it.
+# The second pass leaves out the tests marked once (tests/conftest.py says which: what is the
+# same logic on any 3.11, and the long attacks) and runs everything that depends on the
+# Python that runs it.
 test-system: $(SYS_STAMP) test-deps
 	@echo "the suite again on $(SYS_PY) ($$($(SYS_PY) -V 2>&1)), but for the tests marked once"
 	$(SYS_VENV)/bin/python -m pytest $(PYTEST_ARGS) -m "not once"

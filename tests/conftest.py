@@ -31,11 +31,13 @@ SPLIT_FILES = frozenset(
 )
 
 # What the second pass on the machine's own Python (`make test-system`, -m "not once") leaves
-# out: the verdicts over the simulated path and through the real firewall, and the core's
-# property tests. They are the same numpy and pure-Python logic on any 3.11, and the long
-# half of the suite's time. What depends on the Python that runs it (the CLI and its error
-# paths, typer and rich on a pty, trio's cancellation and exception groups, sockets, the
-# control plane, the probe and the agent end to end over loopback, the demo) runs on both.
+# out: the verdicts over the simulated path and through the real firewall and the core's
+# property tests (the same numpy and pure-Python logic on any 3.11), and the long attacks
+# on the engine and the control plane (test_trust_engine.py here; test_trust.py marks its
+# two 20 s floods itself). They are the long half of the suite's time. What depends on the
+# Python that runs it (the CLI and its error paths, typer and rich on a pty, trio's
+# cancellation and exception groups, sockets, the control plane, the probe and the agent
+# end to end over loopback, the demo) runs on both.
 ONCE_FILES = frozenset(
     {
         "test_lab_paths.py",
