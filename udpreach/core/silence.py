@@ -71,6 +71,7 @@ conclusions; the engine (``udpreach.core.sweep``) sends, waits and feeds back wh
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -437,25 +438,29 @@ def hints(runs: Sequence[Run]) -> list[tuple[Run, int]]:
             found += 1
     if not stretches:
         return []
-    table: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    table: dict[int, tuple[list[int], list[int], list[int]]] = {}
     for dst, found_here in stretches.items():
         found_here.sort()
         table[dst] = (
-            np.asarray([f for f, _, _ in found_here], dtype=np.int64),
-            np.asarray([la for _, la, _ in found_here], dtype=np.int64),
-            np.asarray([i for _, _, i in found_here], dtype=np.int64),
+            [f for f, _, _ in found_here],
+            [la for _, la, _ in found_here],
+            [i for _, _, i in found_here],
         )
     out: list[tuple[Run, int]] = []
     for run in runs:
+        if len(run.labels) == 1 and run.labels[0] != U:
+            continue  # any stretch that meets it holds its one cell, which has a label
         lo_src, hi_src = int(run.srcs[0]), int(run.srcs[-1])
         # The other ports' stretches that meet [lo_src, hi_src], in the order found.
         near: list[tuple[int, int, int]] = []
         for dst, (firsts, lasts, order) in table.items():
             if dst == run.dst:
                 continue
-            i0 = int(np.searchsorted(lasts, lo_src))
-            i1 = int(np.searchsorted(firsts, hi_src, side="right"))
-            near.extend((int(order[i]), int(firsts[i]), int(lasts[i])) for i in range(i0, i1))
+            i0 = bisect_left(lasts, lo_src)
+            i1 = bisect_right(firsts, hi_src)
+            near.extend((order[i], firsts[i], lasts[i]) for i in range(i0, i1))
+        if not near:
+            continue
         near.sort()
         for _, first, last in near:
             lo = int(np.searchsorted(run.srcs, first))
