@@ -61,13 +61,13 @@ test: test-default
 
 # The suite's long tests mostly wait (ICMP rate limits, timeouts), so as root it runs in 6
 # worker processes whatever the core count (pytest-xdist): on a 2-core VM the CPU is then
-# busy about 90% of the time (4 workers: 80%, and 30-40 s longer). A file stays on one
-# worker except the lab's and the simulated path's, whose tests go one by one; the longest
-# start first,
-# in the order tests/conftest.py puts them (--dist loadfile --no-loadscope-reorder). As root
-# the loopback probes send raw (no source port bound); without root each binds its source
-# ports on 127.0.0.2, and tests side by side would take each other's ports, so the suite runs
-# in one process there. TEST_WORKERS=N sets the count (0: one process).
+# busy about 90% of the time, and the first pass took 218-273 s (4 workers: about 80%, and
+# 277-296 s). A file stays on one worker except the lab's and the simulated path's, whose
+# tests go one by one; the longest start first, in the order tests/conftest.py puts them
+# (--dist loadfile --no-loadscope-reorder). As root the loopback probes send raw (no source
+# port bound); without root each binds its source ports on 127.0.0.2, and tests side by side
+# would take each other's ports, so the suite runs in one process there. TEST_WORKERS=N sets
+# the count (0: one process).
 TEST_WORKERS ?= $(shell [ "$$(id -u)" = 0 ] && echo 6 || echo 0)
 PYTEST_ARGS := -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
