@@ -49,12 +49,14 @@ import numpy as np
 from probe.icmp import parse_icmp_packet
 from probe.packet import UdpPacketBuilder, fragment_ipv4
 from probe.sender import (
+    IDLE_GUARD,
     BatchResults,
     BindSender,
     CellBatch,
     Group,
     GroupResult,
     IcmpEvent,
+    Idle,
     groups_of,
     route_mtu,
 )
@@ -189,11 +191,16 @@ class _Transmitter:
         return _Packed(packets, data, iov, hdr)
 
     def send_packed(
-        self, packed: _Packed, start: int, pace: tuple[int, float] | None = None
+        self,
+        packed: _Packed,
+        start: int,
+        pace: tuple[int, float] | None = None,
+        idle: Idle | None = None,
     ) -> tuple[int, int]:
         """Send ``packed`` from packet ``start`` on, in order, until one fails; with
         ``pace`` (burst, spacing), in bursts of that many packets at least ``spacing``
-        seconds apart, start to start (spun: sleeping is not that fine-grained).
+        seconds apart, start to start (spun: sleeping is not that fine-grained; ``idle``
+        is given the time to each burst first).
 
         Returns:
             (how many went out from ``start``, the errno of the next one or 0).
@@ -212,6 +219,8 @@ class _Transmitter:
         while done < n:
             count = min(n - done, chunk)
             if spacing:
+                if idle is not None and due - clock() > IDLE_GUARD:
+                    idle(due - IDLE_GUARD)
                 while (t := clock()) < due:
                     pass
                 due = t + spacing
@@ -389,6 +398,8 @@ class RawSender:
 
     # No socket per source port, so nothing to open ahead (``BindSender.prepare``).
     spare_wanted = 0
+    # Work for the waits between paced bursts (see ``probe.sender.Idle``).
+    idle: Idle | None = None
 
     def spare_room(self) -> int:
         return 0
@@ -481,7 +492,10 @@ class RawSender:
             self._sent_dst.add(dst)
         tx = self._tx
         packed = tx.pack(packets)
-        done, err = tx.send_packed(packed, 0, pace) if pace else tx.send_packed(packed, 0)
+        if pace:
+            done, err = tx.send_packed(packed, 0, pace, self.idle)
+        else:
+            done, err = tx.send_packed(packed, 0)
         failed: dict[int, str] = {}
         while err and err not in (errno.ENOBUFS, errno.EAGAIN):
             failed[done] = _reason(err)

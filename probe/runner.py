@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import trio
 
-from probe.sender import BindSender, IcmpEvent, route_mtu
+from probe.sender import IDLE_GUARD, BindSender, IcmpEvent, route_mtu
 from udpreach.core.datagram import TokenCodec, derive_run_key
 from udpreach.core.document import never_started
 from udpreach.core.errors import AgentUnavailableError
@@ -67,6 +67,15 @@ SPARE_SECONDS = 0.25  # bind mode: spare sockets for this much of the coming sen
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def _work_ahead(sweep: Sweep, until: float, clock: Callable[[], float]) -> bool:
+    """Do the engine's work ahead (``Sweep.prepare``) until ``clock()`` reaches ``until``
+    or none is left; returns whether any is left."""
+    more = True
+    while more and clock() < until:
+        more = sweep.prepare()
+    return more
 
 
 class RunExecution:
@@ -189,6 +198,8 @@ class RunExecution:
         clock = trio.current_time
         next_progress = next_tick = 0.0
         last_yield = clock()
+        # The sender's waits between paced sends go to the engine's work ahead too.
+        sender.idle = lambda until: _work_ahead(sweep, until, time.perf_counter)
         async with trio.open_nursery() as nursery:
             while True:
                 now = clock()
@@ -234,6 +245,13 @@ class RunExecution:
                         # Bind mode: open spare sockets for the next sends, a slice at a
                         # time, other tasks (the agent's replies) let in after each.
                         sender.prepare(min(act.until, now + PREPARE_SLICE), clock)
+                        await trio.lowlevel.checkpoint()
+                        last_yield = clock()
+                        continue
+                    if act.until - now > IDLE_GUARD and _work_ahead(
+                        sweep, min(act.until - IDLE_GUARD, now + PREPARE_SLICE), clock
+                    ):
+                        # The engine's work ahead (the first round's MACs), the same way.
                         await trio.lowlevel.checkpoint()
                         last_yield = clock()
                         continue

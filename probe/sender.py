@@ -60,6 +60,7 @@ from udpreach.core.sweep import IcmpReport
 IP_RECVERR = 11
 SPARE_MAX = 16384  # spare sockets opened ahead at most (2.6 kB of kernel slab each: 43 MB)
 SPARE_GUARD = 2e-5  # a spare socket is opened only this long before a paced send is due
+IDLE_GUARD = 4e-5  # ``idle`` work is handed only waits longer than this, and ends this early
 _NONBLOCK_DGRAM = socket.SOCK_DGRAM | getattr(socket, "SOCK_NONBLOCK", 0)
 _ERRQ_FLAGS = MSG_ERRQUEUE | socket.MSG_DONTWAIT
 
@@ -75,6 +76,10 @@ _RETRYABLE_SEND = {
 
 #: An ICMP error that quoted one of our datagrams (the engine's event type).
 IcmpEvent = IcmpReport
+
+#: Work a sender is given for its waits between paced sends (the runner's: the engine's
+#: ``prepare``), called with the ``time.perf_counter()`` it must return by.
+Idle = Callable[[float], object]
 
 
 @dataclass
@@ -282,6 +287,7 @@ class BindSender:
         self._spare: list[_socket.socket] = []
         self.spare_wanted = 0
         self._spares_failed = False  # no more descriptors once: no spares from then on
+        self.idle: Idle | None = None  # work for the waits between paced sends
 
     def free_slots(self) -> int:
         """How many more source ports may be opened before the oldest must be reaped."""
@@ -347,9 +353,12 @@ class BindSender:
         return made
 
     def _spin_until(self, due: float, clock: Callable[[], float]) -> float:
-        """Wait for a paced send until ``due``, opening spare sockets meanwhile."""
+        """Wait for a paced send until ``due``, opening spare sockets meanwhile (then doing
+        the ``idle`` work, if there is time left)."""
         if self.spare_wanted:
             self.prepare(due - SPARE_GUARD, clock)
+        if self.idle is not None and due - clock() > IDLE_GUARD:
+            self.idle(due - IDLE_GUARD)
         while (t := clock()) < due:
             pass
         return t

@@ -598,6 +598,45 @@ def test_ports_refused_locally_do_not_slow_the_others_down() -> None:
     assert seconds_per_datagram(sim) <= 1.1 * seconds_per_datagram(plain)
 
 
+def test_prepare_makes_the_first_rounds_macs_during_the_pilot_and_nothing_after() -> None:
+    """The engine's work ahead (what the probe does while the pilot's spacing would have it
+    spin): a few MAC chunks a call, for attempt 1 on every destination port of the plan,
+    until none is left; they are the MACs a fresh codec makes, and the first round's
+    encoding then makes none. Nothing is made once the first round has ended."""
+    sim = SimRun(Path(), src_ports="1024-9215", dst_ports=(5000, 5001), rate=100_000)
+    calls: list[int] = []
+    during_pilot = False
+
+    def watch(sweep: Any) -> bool:
+        nonlocal during_pilot
+        if sweep.stage is Stage.PILOT and not during_pilot:
+            during_pilot = True
+            n = 1
+            while sweep.prepare():
+                n += 1
+            calls.append(n)
+        return False
+
+    sim.run(stop=watch)
+    assert calls == [-(-2 * (8192 // 16) // 8)]  # every chunk of both ports, 8 a call
+    codec = sim.sweep.codec
+    fresh = TokenCodec(b"k" * 32)
+    fresh._xof = codec._xof.copy()  # the same key, a codec that made nothing yet
+    for d in (5000, 5001):
+        table = codec._tables[d << 8 | 1]
+        assert all(table.made[hi] for hi in range(1024 >> 4, 9216 >> 4))
+        for src in (1024, 4711, 9215):
+            assert codec.mac(d, src, 1) == fresh.mac(d, src, 1)
+    assert sim.sweep.round >= 1
+    assert sim.sweep.prepare() is False  # the run is over: nothing is left, nothing made
+
+
+def test_prepare_has_nothing_to_do_without_a_pilot() -> None:
+    sim = SimRun(Path(), src_ports="1024-1279")  # too small for a pilot
+    assert sim.sweep.prepare() is False
+    assert not sim.sweep.codec._tables
+
+
 def test_the_pilots_reference_counts_only_datagrams_that_went_out() -> None:
     """On a clean path the pilot's reference delivery ratio is 1. Counting refused ports as
     lost lowers it by their share, and the pacer then takes a limiter that drops less than

@@ -594,3 +594,44 @@ def test_a_paced_batch_opens_spare_sockets_between_its_datagrams(
             assert bind.spare_room() == 0  # so a wait sleeps rather than retrying in a loop
     finally:
         bind.close()
+
+
+@pytest.mark.parametrize("mode", ["bind", pytest.param("raw", marks=needs_raw4)])
+def test_the_waits_of_a_paced_batch_go_to_the_idle_work_and_end_before_each_send(
+    mode: str,
+) -> None:
+    """Between paced datagrams the sender hands its wait to ``idle`` (the engine's work
+    ahead) with a deadline before the next send is due, and still sends every datagram from
+    its port; a sender given no idle work just waits."""
+    sender: Any = BindSender(SRC4, DST4, linger=10.0) if mode == "bind" else RawSender(SRC4, DST4)
+    spacing = 0.004
+    deadlines: list[tuple[float, float]] = []  # (when called, the deadline given)
+
+    def idle(until: float) -> None:
+        deadlines.append((time.perf_counter(), until))
+
+    try:
+        with udp(DST4) as rx:
+            port = rx.getsockname()[1]
+            srcs = [closed_port(SRC4) for _ in range(4)]
+            sender.idle = idle
+            got = sender.send_cells(
+                [(port, srcs, [b"%d" % s for s in srcs])], 0.0, pace=(1, spacing)
+            )
+            assert got is None
+            assert receive(rx, 4) == {b"%d" % s: (SRC4, s) for s in srcs}
+            # The first datagram goes at once; each later one is due ``spacing`` after the
+            # one before, and its wait went to the idle work, which had to end early.
+            assert len(deadlines) == 3
+            for called, until in deadlines:
+                assert called < until < called + spacing
+            sender.idle = None
+            more = [closed_port(SRC4) for _ in range(2)]
+            got = sender.send_cells(
+                [(port, more, [b"%d" % s for s in more])], 0.0, pace=(1, spacing)
+            )
+            assert got is None
+            assert receive(rx, 2) == {b"%d" % s: (SRC4, s) for s in more}
+            assert len(deadlines) == 3
+    finally:
+        sender.close()

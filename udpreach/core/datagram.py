@@ -173,6 +173,16 @@ class TokenCodec:
             macs[at : at + CHUNK_BYTES] = m.digest(CHUNK_BYTES)
             made[hi] = 1
 
+    def prepare(self, dst_port: int, attempt: int, his: Iterable[int]) -> None:
+        """Make the chunks ``his`` of the table of (dst port, attempt) now, those not made
+        yet: the probe does this in time it would otherwise spin away, and ``encode_block``
+        then only gathers. Nothing happens for a codec that keeps no table."""
+        table = self._table(dst_port, attempt)
+        if table is None:
+            return
+        made = table.made
+        self._fill(table, dst_port, attempt, [hi for hi in his if not made[hi]])
+
     def mac(self, dst_port: int, src_port: int, attempt: int) -> bytes:
         """The MAC of one cell attempt.
 
