@@ -275,7 +275,9 @@ class Sweep:
         self._per_src = len(plan.dst_ports)
         self._planned = np.asarray(plan.src_ports, dtype=np.intp)
         self._block_of = np.full(65536, -1, dtype=np.int64)
-        self._block_of[np.sort(self._planned)] = np.arange(len(self._planned)) // BLOCK
+        self._planned_sorted = np.sort(self._planned)  # (plans may list ports in any order)
+        self._planned_sorted.setflags(write=False)
+        self._block_of[self._planned_sorted] = np.arange(len(self._planned)) // BLOCK
         # Sending: the stage's source ports in order, and the destinations of those that do
         # not go to every planned destination port.
         self._queue: np.ndarray = np.zeros(0, dtype=np.intp)
@@ -923,7 +925,7 @@ class Sweep:
     def block_evidence(self) -> dict[int, list[BlockEvidence]]:
         """Each destination port's loss evidence per block of source ports."""
         out: dict[int, list[BlockEvidence]] = {}
-        planned = np.sort(self._planned)
+        planned = self._planned_sorted
         nblocks = int(self._block_of[planned].max()) + 1 if len(planned) else 0
         for d in self.plan.dst_ports:
             v = self.ledger.view(d)
@@ -1101,7 +1103,7 @@ class Sweep:
         return [c for d in self.plan.dst_ports for c in self._islands_of(d, code)]
 
     def _islands_of(self, dst: int, code: int) -> list[tuple[int, int]]:
-        planned = np.sort(self._planned)
+        planned = self._planned_sorted
         other = PENDING if code == 1 else 1
         state = self.ledger.view(dst).state[planned]
         if len(state) < 3:
@@ -1773,7 +1775,7 @@ class Sweep:
         open ones (rejected cells between blocked ones are one dark stretch: the edge of a
         reject and drop range is not scattered), and few blocked cells beside the open."""
         spans: list[str] = []
-        ports = np.sort(self._planned)
+        ports = self._planned_sorted
         for d in self.plan.dst_ports:
             state = self.ledger.view(d).state[ports]
             for b in range(0, len(ports), BLOCK):
