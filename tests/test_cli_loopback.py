@@ -101,6 +101,28 @@ def test_a_closed_pipe_still_gets_the_reports_written(services: Services, tmp_pa
     assert "1024,2047" in csv.read_text()
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc (Linux)")
+def test_a_run_that_fails_after_it_ran_says_why_in_its_json_document(
+    services: Services, tmp_path: Path
+) -> None:
+    """With --json, a run whose command fails after the run (here: a report file the kernel
+    refuses, in a folder that exists) prints its results, not an error document in their
+    place; the document also says why, with the exit status, as the error document would.
+    A run that did not fail has neither key."""
+    proc = _run(services, "--json", "--src-ports", "1024-1100", "--junit", "/proc/udpreach.xml")
+    assert proc.returncode == 3, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["schema"] == "udpreach/run-v1"
+    assert doc["complete"] is True
+    assert doc["summary"]["open"] == doc["summary"]["cells"] == 77 * len(doc["plan"]["dst_ports"])
+    assert doc["exit"] == 3
+    assert "/proc/udpreach.xml" in doc["error"]
+    assert proc.stderr.splitlines()[-1] == f"udpreach: {doc['error']}"
+    ok = _run(services, "--json", "--src-ports", "1024-1100")
+    assert ok.returncode == 0, ok.stderr
+    assert not {"error", "exit"} & set(json.loads(ok.stdout))
+
+
 def test_version_and_help_into_a_closed_pipe() -> None:
     for args in (["--version"], ["run", "--help"]):
         proc = _into_closed_pipe(udpreach_argv(*args))
@@ -226,7 +248,9 @@ def test_an_agent_listening_on_one_address_registers_that_address(
     assert got.returncode == 0, got.stderr
     doc = json.loads(got.stdout)
     assert doc["agent"]["registered"] == doc["agent"]["observed"] == "127.0.0.3"
-    assert doc["summary"]["open"] == 77, doc["summary"]
+    assert (
+        doc["summary"]["open"] == doc["summary"]["cells"] == 77 * len(doc["plan"]["dst_ports"])
+    ), doc["summary"]
     assert "callback 127.0.0.3" in log
 
 

@@ -80,6 +80,7 @@ def test_agent_killed_mid_run(tmp_path: Path, secret_file: Path) -> None:
         doc = json.loads(out)
         assert doc["run_id"] == run_id
         assert doc["complete"] is False
+        assert (doc["error"], doc["exit"]) == (last.removeprefix("udpreach: "), 3)
         s = doc["summary"]
         # What was settled stays; the rest is unknown; nothing is blocked for want of an agent.
         assert s["open"] > 1000, s
@@ -93,6 +94,7 @@ def test_agent_killed_mid_run(tmp_path: Path, secret_file: Path) -> None:
         assert shown.returncode == 0, shown.stderr
         stored = json.loads(shown.stdout)
         assert stored["complete"] is False
+        assert "error" not in stored  # what the command said, not part of the run
         assert stored["summary"] == s
         assert stored["ranges"] == doc["ranges"]
         hist = json.loads(svc.cli("history", "--db", str(svc.db), "--json").stdout)["runs"]

@@ -20,6 +20,7 @@ from udpreach.cli.common import (
     fail,
     mapped,
     note,
+    one_line,
     out_console,
     parse_endpoint,
     path_option,
@@ -194,13 +195,6 @@ def run(
         from udpreach.core.expect import with_judgement
 
         doc = with_judgement(doc)
-    if as_json:
-        print_json(doc)
-    else:
-        from udpreach.render.console import report_console
-        from udpreach.render.terminal import render_run
-
-        render_run(doc, report_console(stderr=report_out))
     unwritten = None  # why a report file was refused after the run (checked before: the disk)
     if junit or markdown or csv_out or html:
         from udpreach.render.exports import write_reports
@@ -209,34 +203,53 @@ def run(
             write_reports(doc, entries, junit, markdown, csv_out, html)
         except ConfigError as exc:
             unwritten = str(exc)
+    failure = _failure(doc, cancelled, unwritten, expect)
+    if as_json:
+        if failure is not None:
+            # The run's results are the document; it also says why the command failed, as
+            # an error document would (``error``, ``exit``): a pipeline reading stdout loses
+            # neither.
+            doc = {**doc, "error": one_line(failure[0]), "exit": failure[1]}
+        print_json(doc)
+    else:
+        from udpreach.render.console import report_console
+        from udpreach.render.terminal import render_run
+
+        render_run(doc, report_console(stderr=report_out))
+    if failure is not None:
+        fail(*failure, as_json=as_json)
+    if doc.get("deviations"):
+        raise typer.Exit(1)
+
+
+def _failure(
+    doc: dict[str, Any], cancelled: list[float], unwritten: str | None, expect: Path | None
+) -> tuple[str, int] | None:
+    """Why ``run`` fails after the run (one line and the exit status), if it does."""
     also = f"; and {unwritten}" if unwritten else ""
     summary = doc.get("summary") or {}
     cells, untested = _int(summary.get("cells")), _int(summary.get("untested"))
     if cancelled:
-        fail(
+        return (
             f"interrupted: the run was stopped with {_settled(summary):,} of {cells:,} cells "
             f"settled; the rest are unknown{also}",
             3,
-            as_json=as_json,
         )
     if not doc.get("complete"):
-        fail(
+        return (
             "the run ended before every cell was settled (unsettled cells are 'unknown')"
             + _why_incomplete(doc)
             + also,
             3,
-            as_json=as_json,
         )
     if unwritten:
-        fail(f"{unwritten}; the run finished (its results are on standard output)", 3,
-             as_json=as_json)  # fmt: skip
+        return f"{unwritten}; the run finished (its results are on standard output)", 3
     if cells and untested == cells:
-        fail(f"no cell could be tested: {_untested_reason(doc)}", 3, as_json=as_json)
+        return f"no cell could be tested: {_untested_reason(doc)}", 3
     problem = (doc.get("judgement") or {}).get("problem")
     if problem:  # an expectation that judged nothing is not "as expected"
-        fail(f"--expect {expect}: {problem}", 1, as_json=as_json)
-    if doc.get("deviations"):
-        raise typer.Exit(1)
+        return f"--expect {expect}: {problem}", 1
+    return None
 
 
 def _int(value: Any) -> int:
