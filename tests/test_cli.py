@@ -679,3 +679,114 @@ def test_a_folder_the_user_may_not_enter_is_one_line_and_exit_2(tmp_path: Path) 
     finally:
         home.chmod(0o700)
         shutil.rmtree(mine, ignore_errors=True)
+
+
+_LOADING_INTERRUPTED = (
+    "import os, signal, sys, time\n"
+    "how = sys.argv.pop(1)\n"
+    "class Interrupt:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'udpreach.cli':  # as if the signal came while typer was loading\n"
+    "            if how == 'int':\n"
+    "                raise KeyboardInterrupt\n"
+    "            os.kill(os.getpid(), signal.SIGTERM)\n"
+    "            time.sleep(5)\n"
+    "        return None\n"
+    "sys.meta_path.insert(0, Interrupt())\n"
+    "sys.argv[0] = 'udpreach'\n"
+    "from udpreach._entry import main\n"
+    "main()\n"
+)
+
+
+@pytest.mark.parametrize("how", ["int", "term"])
+@pytest.mark.parametrize(
+    ("argv", "document"),
+    [
+        (["run", "--agent", "x"], False),
+        (["history", "--json"], True),
+        (["probe", "--control", "127.0.0.1:0"], False),
+        (["agent", "--", "--json"], False),
+    ],
+)
+def test_an_interrupt_while_the_command_line_loads_ends_it_like_any_other(
+    how: str, argv: list[str], document: bool
+) -> None:
+    """Ctrl-C or SIGTERM in the tenth of a second ``udpreach.cli`` takes to import: one
+    line and exit 3, the error document too with --json, as a command interrupted later
+    ends (a traceback, or a silent 143, before: a new user's trial)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOADING_INTERRUPTED, how, *argv],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr == "udpreach: interrupted\n"
+    if document:
+        from udpreach._entry import ERROR_DOCUMENT
+        from udpreach.core import schema
+
+        assert json.loads(proc.stdout) == {
+            "schema": schema.ERROR,
+            "error": "interrupted",
+            "exit": 3,
+        }
+        assert proc.stdout == ERROR_DOCUMENT + "\n"
+    else:
+        assert proc.stdout == ""
+
+
+def test_sigterm_while_a_command_works_is_an_interrupt_too(tmp_path: Path) -> None:
+    """SIGTERM stays Ctrl-C's equal once a command runs: ``history`` (no signal handling
+    of its own; held in its work here by a stub) ends with the one line and, with --json,
+    the error document, where it used to die silently with 143."""
+    from udpreach.store import RunStore
+
+    db = tmp_path / "runs.sqlite3"
+    RunStore.open(db).close()
+    code = (
+        "import os, signal, sys, time\n"
+        "import udpreach.cli.history as h\n"
+        "def slow(*a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(5)\n"
+        "h.print_json = slow\n"
+        f"sys.argv = ['udpreach', 'history', '--db', {str(db)!r}, '--json']\n"
+        "from udpreach._entry import main\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr == "udpreach: interrupted\n"
+    assert json.loads(proc.stdout)["error"] == "interrupted"
+
+
+def test_an_interrupt_in_an_errors_last_words_is_still_one_line_and_one_document(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C after a failing command wrote its error document, while it writes the line:
+    typer turns it into a silent exit 130; it ends as interrupted (exit 3), with stdout
+    still holding exactly the one document."""
+    code = (
+        "import sys\n"
+        "import udpreach.cli.common as c\n"
+        "def console(*a, **k):\n"
+        "    raise KeyboardInterrupt\n"
+        "c.err_console = console\n"
+        f"sys.argv = ['udpreach', 'history', '--db', {str(tmp_path / 'none.db')!r}, '--json']\n"
+        "from udpreach._entry import main\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr == "udpreach: interrupted\n"
+    (line,) = proc.stdout.splitlines()
+    assert "no run database" in json.loads(line)["error"]
+
+
+def test_the_console_script_and_python_m_go_through_the_guarded_entry() -> None:
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"udpreach": "udpreach._entry:main"}
+    assert "from udpreach._entry import main" in (root / "udpreach" / "__main__.py").read_text()

@@ -1,3 +1,3 @@
-from udpreach.cli import main
+from udpreach._entry import main
 
 main()

@@ -16,8 +16,15 @@ from typing import Annotated
 import typer
 
 from udpreach import __version__
+from udpreach._entry import interrupted
 from udpreach.cli import history, run, service
-from udpreach.cli.common import click_errors, fail, one_line, pipe_safe_stdout
+from udpreach.cli.common import (
+    click_errors,
+    document_printed,
+    fail,
+    one_line,
+    pipe_safe_stdout,
+)
 from udpreach.cli.keys import key_app
 from udpreach.cli.lab import lab_app
 from udpreach.cli.secret import secret_app
@@ -70,18 +77,27 @@ app.add_typer(key_app)
 app.add_typer(lab_app)
 
 
+TYPER_INTERRUPTED = 130  # what typer returns for a KeyboardInterrupt it caught
+
+
 def _wants_json(argv: list[str]) -> bool:
     words = argv[: argv.index("--")] if "--" in argv else argv
     return "--json" in words
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (through ``udpreach._entry``)."""
     pipe_safe_stdout()
     try:
         code = _main(sys.argv[1:])
     except typer.Exit as exc:
         code = exc.exit_code
+    except KeyboardInterrupt:  # while typer builds the command line, before any command
+        code = TYPER_INTERRUPTED
+    if code == TYPER_INTERRUPTED:
+        # Ctrl-C in typer's own parsing, or in a command's last words after the commands'
+        # error mapper: typer makes it a silent 130 (no udpreach command exits 130).
+        interrupted(sys.argv[1:], document_printed=document_printed())
     sys.exit(code)
 
 

@@ -139,6 +139,11 @@ class _Stdout:
     has_document = False
 
 
+def document_printed() -> bool:
+    """Whether stdout holds this command's document (or error document) already."""
+    return _Stdout.has_document
+
+
 def fail(message: str, code: int, *, as_json: bool = False) -> NoReturn:
     """Say *message* as one line on stderr (and, with --json, as the error document on
     stdout unless a document is already there), then exit with *code*."""
@@ -146,6 +151,7 @@ def fail(message: str, code: int, *, as_json: bool = False) -> NoReturn:
     if as_json and not _Stdout.has_document:
         sys.stdout.write(json.dumps({"schema": ERROR_SCHEMA, "error": line, "exit": code}) + "\n")
         sys.stdout.flush()
+        _Stdout.has_document = True
     from rich.text import Text
 
     text = Text("udpreach: ", style="bold red")
