@@ -12,13 +12,28 @@ SYS_VENV  := .venv-sys
 SYS_STAMP := $(SYS_VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test test-default test-system lint bench bench-deps clean lab-deps test-deps
+.PHONY: demo test test-default test-system lint bench bench-deps clean lab-deps test-deps venv-for-py
+
+# .venv belongs to the Python that made it ($(VENV)/.python names it): another PY (`make demo
+# PY=/usr/bin/python3`) makes it anew, rather than going on with the old one without a word.
+PY_ID   := $(shell $(PY) -c 'import sys; print(sys.executable, sys.version.split()[0])' 2>/dev/null)
+VENV_ID := $(shell cat $(VENV)/.python 2>/dev/null)
+ifneq ($(PY_ID),)
+ifneq ($(PY_ID),$(VENV_ID))
+$(STAMP): venv-for-py
+endif
+endif
 
 $(STAMP): pyproject.toml Makefile
+	@if [ -n "$(PY_ID)" ] && [ -e $(VENV) ] && [ "$$(cat $(VENV)/.python 2>/dev/null)" != "$(PY_ID)" ]; then \
+	  echo "$(VENV) was not made with $(PY) ($(PY_ID)): making it anew"; rm -rf $(VENV); fi
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	echo "$(PY_ID)" > $(VENV)/.python
 	touch $(STAMP)
+
+venv-for-py:
 
 $(SYS_STAMP): pyproject.toml Makefile
 	test -x $(SYS_VENV)/bin/python || $(SYS_PY) -m venv $(SYS_VENV)

@@ -82,3 +82,34 @@ def test_not_root_installs_nothing_and_says_what_that_means(tmp_path: Path) -> N
         "not root: nothing installed; the demo runs over loopback and the lab tests skip",
         "not root: nothing installed; the HTML report's browser tests skip without chromium",
     ]
+
+
+def _plan(venv: Path, py: str) -> str:
+    assert MAKE is not None
+    return subprocess.run(
+        [MAKE, "--no-print-directory", "-n", "-C", str(REPO), f"VENV={venv}", f"PY={py}", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+
+
+def test_a_venv_made_with_another_python_is_made_anew(tmp_path: Path) -> None:
+    """`make demo PY=/usr/bin/python3` went on with the .venv another Python had made, and
+    said nothing (a new user's trial): the venv names its Python, and another one rebuilds
+    it; the same one leaves it alone."""
+    import sys
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    me = f"{sys.executable} {sys.version.split()[0]}"
+    (venv / ".python").write_text("/opt/other/python3 3.12.0\n")
+    (venv / ".installed").touch()
+    plan = _plan(venv, sys.executable)
+    assert f"rm -rf {venv}" in plan
+    assert f"{sys.executable} -m venv {venv}" in plan
+    assert f'echo "{me}" > {venv}/.python' in plan
+    (venv / ".python").write_text(me + "\n")
+    (venv / ".installed").touch()  # newer than pyproject.toml and the Makefile
+    assert str(venv / ".installed") not in _plan(venv, sys.executable)
