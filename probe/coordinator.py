@@ -152,7 +152,7 @@ class _Throttled:
 
     def flush(self) -> None:
         if self.suppressed and time.monotonic() - self.last >= self.every:
-            log.warning("%d more %s suppressed", self.suppressed, self.what)
+            log.warning("%s: %d more suppressed", self.what, self.suppressed)
             self.last = time.monotonic()
             self.suppressed = 0
 

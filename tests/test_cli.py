@@ -790,3 +790,64 @@ def test_the_console_script_and_python_m_go_through_the_guarded_entry() -> None:
     scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"udpreach": "udpreach._entry:main"}
     assert "from udpreach._entry import main" in (root / "udpreach" / "__main__.py").read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:7870", ("127.0.0.1", 7870)),
+        ("mail.example.net:7870", ("mail.example.net", 7870)),
+        ("[::1]:7870", ("::1", 7870)),
+        ("::1:7870", ("::1", 7870)),
+        ("[fe80::1%eth0]:7870", ("fe80::1%eth0", 7870)),
+        ("127.0.0.1:7870:1", None),
+        ("[127.0.0.1]:7870", None),
+        ("[host]:7870", None),
+        ("a:b:7870", None),
+        ("127.0.0.1", None),
+        (":7870", None),
+    ],
+)
+def test_endpoints_with_colons_are_ipv6_addresses_or_bad_usage(
+    text: str, expected: tuple[str, int] | None
+) -> None:
+    """`--coordinator 127.0.0.1:7870:1` went to the resolver as a host name (exit 3, "Name
+    or service not known") where every other malformed endpoint is bad usage (exit 2)."""
+    from udpreach.cli.common import parse_endpoint
+    from udpreach.core.errors import ConfigError
+
+    if expected is None:
+        with pytest.raises(ConfigError, match="must be HOST:PORT"):
+            parse_endpoint(text, "--coordinator")
+    else:
+        assert parse_endpoint(text, "--coordinator") == expected
+
+
+def test_an_allow_target_covering_the_internet_is_warned_about(secret_file: Path) -> None:
+    """`--allow-target 0.0.0.0/0` was taken without a word: anyone holding the secret may
+    then aim the probe anywhere (the README's Security section)."""
+    got = run_cli(
+        "probe", "--control", "127.0.0.1:0", "--secret-file", str(secret_file),
+        "--allow-target", "0.0.0.0/0", "--allow-target", "198.18.1.0/24",
+        "--send-mode", "bogus", timeout=30,
+    )  # fmt: skip
+    assert got.returncode == 2, got.stderr
+    warned = [line for line in got.stderr.splitlines() if "--allow-target" in line]
+    assert len(warned) == 1, got.stderr  # the /24 is an agent's network: no warning
+    assert "0.0.0.0/0" in warned[0]
+    assert "4,294,967,296 addresses" in warned[0]
+
+
+def test_a_run_that_waits_for_its_agent_says_so() -> None:
+    """`run --wait 30` for an agent not registered yet showed "starting" and nothing else
+    (a new user's trial): after a second without news it says what it waits for; the first
+    progress message ends that; a run without --wait never says it."""
+    from udpreach.cli.progress import WAITING_AFTER, RunProgress
+
+    state = RunProgress("waiting for agent later (up to 30s)")
+    t0 = state.started
+    assert state.pieces(t0 + 0.1)[0] == "starting"  # it usually starts at once
+    assert state.pieces(t0 + WAITING_AFTER + 0.1)[0] == "waiting for agent later (up to 30s)"
+    state.update({"round": 0, "cells": 64512, "sent": 0})
+    assert state.pieces(t0 + 5.0)[0] == "starting"
+    assert RunProgress().pieces(t0 + 5.0)[0] == "starting"

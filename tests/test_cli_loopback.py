@@ -260,6 +260,9 @@ def test_an_agent_listening_on_one_address_registers_that_address(
         ("::1", "127.0.0.1:9", "--listen ::1 is IPv6 and the coordinator 127.0.0.1 is IPv4"),
         ("0.0.0.0", "[::1]:9",
          "--listen 0.0.0.0 takes IPv4 only and the coordinator ::1 is IPv6"),
+        # A name is not looked up (a new user's trial: a DNS query for it).
+        ("notanip", "127.0.0.1:9",
+         "--listen 'notanip': give an IP address of this host (not a name)"),
     ],
 )  # fmt: skip
 def test_an_agent_listening_where_it_cannot_register_says_so(

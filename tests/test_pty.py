@@ -387,3 +387,21 @@ def test_the_lab_demo_says_where_its_policy_is_and_keeps_every_rule_whole(cols: 
     for rule in _policy_rules(bundled_policy("demo")).splitlines():
         if rule.strip():
             assert any(rule.strip() in line for line in lines), f"rule broken: {rule.strip()}"
+
+
+def test_diff_notes_are_wrapped_at_a_narrow_terminal(
+    stored_everything: tuple[Path, dict[str, Any]],
+) -> None:
+    """At 60 columns `diff`'s notes ran on past the edge (78 characters, a new user's
+    trial); piped, each stays one line."""
+    db, doc = stored_everything
+    other = rendersamples.interrupted_sweep()["run_id"]
+    res = run_pty(udpreach_argv("diff", doc["run_id"], other, "--db", str(db)), cols=60)
+    assert res.returncode in (0, 1), res.text
+    lines = [line for line in res.text.splitlines() if line.strip()]
+    assert any(line.startswith("note: ") for line in lines), res.text
+    assert all(len(line) <= 60 for line in lines), res.text
+    piped = run_cli("diff", doc["run_id"], other, "--db", str(db), env={"COLUMNS": ""})
+    notes = [line for line in piped.stderr.splitlines() if line.startswith("note: ")]
+    assert notes
+    assert len(piped.stderr.splitlines()) == len(notes)  # one line each

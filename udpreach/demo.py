@@ -135,13 +135,16 @@ def run_demo(*, loopback: bool = False) -> int:
     from udpreach.lab import lab_available
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    reason = "--loopback given" if loopback else lab_available()
-    if reason is None:
+    reason = lab_available()
+    if reason is None and not loopback:
         return _lab_demo()
-    say(
-        f"udpreach demo: over loopback ({reason}); run as root with nftables for the "
-        "real-firewall lab"
-    )
+    if reason is None:
+        say("udpreach demo: over loopback (--loopback); leave it out for the real-firewall lab")
+    else:
+        say(
+            f"udpreach demo: over loopback ({reason}); run as root with nftables for the "
+            "real-firewall lab"
+        )
     return _loopback_demo()
 
 

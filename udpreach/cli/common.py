@@ -128,8 +128,11 @@ def one_line(message: str) -> str:
 
 
 def note(message: str) -> None:
-    """A plain line on stderr, never read as markup."""
-    err_console().print(message, markup=False)
+    """A plain line on stderr, never read as markup; on a terminal, wrapped at its width
+    between words (an error stays one line, a note is read)."""
+    console = err_console()
+    console.soft_wrap = not console.is_terminal
+    console.print(message, markup=False)
 
 
 class _Stdout:
@@ -311,8 +314,18 @@ def parse_endpoint(text: str, what: str, *, listen: bool = False) -> tuple[str, 
     lowest = 0 if listen else 1
     if not lowest <= port <= 65535:
         raise ConfigError(f"{what}: port {port} out of range ({lowest}-65535)")
-    if host.startswith("[") and host.endswith("]"):
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
         host = host[1:-1]
+    if bracketed or ":" in host:  # only an IPv6 address holds colons
+        import ipaddress
+
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(
+                f"{what} must be HOST:PORT (an IPv6 address in brackets: [::1]:7870), got {text!r}"
+            ) from None
     return host, port
 
 

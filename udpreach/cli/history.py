@@ -22,6 +22,7 @@ from udpreach.cli.common import (
     err_console,
     fail,
     mapped,
+    note,
     out_console,
     path_option,
     print_json,
@@ -123,10 +124,7 @@ def _note_unfinished(doc: dict[str, Any]) -> None:
     status = doc.get("status")
     if status in ("running", "incomplete"):
         what = "is still running" if status == "running" else "stopped with its probe"
-        err_console().print(
-            f"note: run {doc.get('run_id')} {what}; cells not settled are shown as unknown",
-            markup=False,
-        )
+        note(f"note: run {doc.get('run_id')} {what}; cells not settled are shown as unknown")
 
 
 def history(
@@ -148,7 +146,7 @@ def history(
 
     runs, problems = fetch()
     for line in problems:  # damaged or unreadable rows: skipped, and said
-        err_console().print(f"warning: {line}", markup=False)
+        note(f"warning: {line}")
     if as_json:
         print_json({"schema": schema.HISTORY, "runs": runs, "warnings": problems})
         return
@@ -243,17 +241,15 @@ def diff(
         _render_diff(d, report_out)
     from udpreach.render.facts import cells
 
-    err = err_console()
     for key, which in (("only_a", d["run_a"]), ("only_b", d["run_b"])):
         n = sum(r["last"] - r["first"] + 1 for r in d[key])
         if n:
-            err.print(
+            note(
                 f"note: {cells(n)} planned only in run {which} "
-                f"{'were' if n != 1 else 'was'} not compared",
-                markup=False,
+                f"{'were' if n != 1 else 'was'} not compared"
             )
     for line in _diff_notes(doc_a, doc_b, d):
-        err.print(f"note: {line}", markup=False)
+        note(f"note: {line}")
     _write(d, junit, markdown, csv_out, html)
     if not d["compared"]:
         fail(f"runs {d['run_a']} and {d['run_b']} have no planned cell in common", 2)
@@ -317,10 +313,9 @@ def expect_from_run(
     s = doc.get("summary") or {}
     left = int(s.get("untested", 0)) + int(s.get("unknown", 0))
     if not doc.get("complete") or left:
-        err_console().print(
+        note(
             f"note: run {doc.get('run_id')} has {left:,} untested or unknown cells; "
-            "they are left out (not judged)",
-            markup=False,
+            "they are left out (not judged)"
         )
 
 

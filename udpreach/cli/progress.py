@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any
 
 PLAIN_EVERY = 10.0
+WAITING_AFTER = 1.0  # seconds without a progress message before ``waiting`` is said
 
 
 def _count(value: Any) -> int:
@@ -40,8 +41,12 @@ _STAGES = {"recheck": "recheck", "icmp": "icmp tests", "pilot": "pilot"}
 class RunProgress:
     """What the coordinator last said about the run, and how long it has taken."""
 
-    def __init__(self) -> None:
+    def __init__(self, waiting: str = "") -> None:
         self.started = time.monotonic()
+        # What to say before the run starts, once that takes a while (``run --wait``: the
+        # coordinator waits for the agent to register or to be free).
+        self.waiting = waiting
+        self.heard = False  # a progress message came
         self.round = 0
         self.stage = ""
         self.cells = 0
@@ -52,6 +57,7 @@ class RunProgress:
         self.icmp_until: float | None = None  # when the ICMP budget ends (our clock)
 
     def update(self, p: dict[str, Any]) -> None:
+        self.heard = True
         self.round = _count(p.get("round"))
         stage = p.get("stage")
         self.stage = stage if isinstance(stage, str) and stage in _STAGES else ""
@@ -68,6 +74,8 @@ class RunProgress:
     def pieces(self, now: float) -> tuple[str, str, str, list[str]]:
         """(head, counts, elapsed, optional extras in the order they are given up)."""
         head = _STAGES.get(self.stage) or (f"round {self.round}" if self.round else "starting")
+        if not self.heard and self.waiting and now - self.started >= WAITING_AFTER:
+            head = self.waiting
         if self.icmp_until is not None:  # the count stands still there: say how long yet
             head += f" ({max(0, math.ceil(self.icmp_until - now))}s left)"
         counts = f"{self.settled:,}/{self.cells:,}" if self.cells else ""
@@ -140,8 +148,8 @@ class ProgressDisplay:
     """Context manager: the run's live progress on stderr; ``update`` takes the
     coordinator's progress messages, ``notice`` prints a line."""
 
-    def __init__(self) -> None:
-        self.state = RunProgress()
+    def __init__(self, waiting: str = "") -> None:
+        self.state = RunProgress(waiting)
         self._mode = "quiet"
         self._live: Any = None
         self._console: Any = None

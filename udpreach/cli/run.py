@@ -179,7 +179,8 @@ def run(
             "for what was settled (Ctrl-C again to quit now)"
         )
 
-    with sigterm_interrupts(), ProgressDisplay() as progress:
+    waiting = f"waiting for agent {agent} (up to {wait:g}s)" if wait > 0 else ""
+    with sigterm_interrupts(), ProgressDisplay(waiting) as progress:
         doc = request_run(
             host,
             port,

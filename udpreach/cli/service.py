@@ -210,6 +210,14 @@ def probe(
             nets.append(ipaddress.ip_network(cidr, strict=False))
         except ValueError:
             raise ConfigError(f"--allow-target: not a CIDR: {cidr!r}") from None
+        net = nets[-1]
+        if net.prefixlen < (16 if net.version == 4 else 32):
+            log.warning(
+                "--allow-target %s: anyone holding the secret may aim this probe's datagrams "
+                "at any of its %s addresses; name the agents' own networks instead",
+                net,
+                f"{net.num_addresses:,}" if net.version == 4 else f"2^{128 - net.prefixlen}",
+            )
     if send_mode not in SEND_MODES:
         raise ConfigError(f"--send-mode must be auto, raw or bind, got {send_mode!r}")
     if send_mode == "raw":
@@ -330,6 +338,15 @@ def agent(
 
     setup_logging(check_log_level(log_level), log_json)
     host, cport = parse_endpoint(coordinator, "--coordinator")
+    if listen is not None:
+        import ipaddress
+
+        try:  # an address of this host, never a name to look up (no DNS query for it)
+            ipaddress.ip_address(listen)
+        except ValueError:
+            raise ConfigError(
+                f"--listen {listen!r}: give an IP address of this host (not a name)"
+            ) from None
     ports = parse_ports(port, allow_zero=True)
     if len(ports) > 1024:
         raise ConfigError("an agent listens on at most 1024 ports")

@@ -774,8 +774,9 @@ class Sweep:
         )
         if n:
             self.facts.warnings.append(
-                f"{n} cells drew port-unreachable from the agent's host after the agent went "
-                "away; they are unknown"
+                f"{n} {'cell' if n == 1 else 'cells'} drew port-unreachable from the agent's "
+                "host after the agent went away; "
+                f"{'it is' if n == 1 else 'they are'} unknown"
             )
         self._move("abort")
         self._finish(False)

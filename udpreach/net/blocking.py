@@ -240,6 +240,14 @@ class BlockingChannel:
         self.sock = sock
         self.conn = conn
         self._events: deque[Event] = deque()
+        try:  # named in the errors: the user may talk to more than one coordinator
+            host, port = sock.getpeername()[:2]
+            self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        except (OSError, ValueError, TypeError):
+            self.peer = "?"
+
+    def _lost(self, why: str) -> UnreachableError:
+        return UnreachableError(f"control connection to the coordinator {self.peer} {why}")
 
     def _flush(self) -> None:
         data = self.conn.data_to_send()
@@ -248,9 +256,9 @@ class BlockingChannel:
             try:
                 self.sock.sendall(data)
             except TimeoutError:
-                raise UnreachableError("control connection stalled (peer not reading)") from None
+                raise self._lost("stalled (it is not reading)") from None
             except OSError as exc:
-                raise UnreachableError(f"control connection lost: {exc}") from None
+                raise self._lost(f"lost: {exc}") from None
 
     def next_event(self, timeout: float, what: str, wake: Interrupts | None = None) -> Event:
         """The next event from the peer, within ``timeout`` seconds.
@@ -280,9 +288,9 @@ class BlockingChannel:
             except TimeoutError:
                 raise UnreachableError(what) from None
             except OSError as exc:
-                raise UnreachableError(f"control connection lost: {exc}") from None
+                raise self._lost(f"lost: {exc}") from None
             if not data:
-                raise UnreachableError("control connection closed by peer")
+                raise self._lost("closed by peer")
             try:
                 events = self.conn.receive_data(data)
             finally:
