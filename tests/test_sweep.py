@@ -315,6 +315,27 @@ def test_loss_before_the_firewall_never_confirms_a_reject_as_a_drop(seed: int) -
     assert confirmations[26000] <= 3  # the clean part (the plan's loss, from its clean blocks)
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_loss_exactly_in_front_of_a_reject_never_confirms_a_drop(seed: int) -> None:
+    """The same with the loss confined to the reject's own ports (the lab's `udp sport
+    30000-31999 numgen random mod 100 < 30 drop` before the reject, an adversarial
+    review's): the band delivers nothing and its neighbours are clean, so no delivery
+    shows its loss, and two silent tests confirmed 1-383 rejected cells dropped (diff of
+    two runs exit 1). Its tests do: a reject that answers a test after staying silent in
+    an earlier one, or a known reject silent while its sender had a token, was lost."""
+    path = Path(
+        rules=[Rule("reject", (30000, 31999)), Rule("reject", (40000, 40999))],
+        loss=[((30000, 31999), 0.3)],
+        loss_first=True,
+        seed=seed,
+    )
+    sim, doc = run(path, src_ports="20000-45000")
+    _strictly_right(sim, doc, path)
+    assert sim.sweep._reject_silent.sum() > 0
+    assert sim.sweep._confirmations[31000] >= 6
+    assert sim.sweep._confirmations[22000] <= 3  # far from it: the clean plan's
+
+
 @pytest.mark.parametrize(
     "rules",
     [

@@ -201,6 +201,7 @@ class _Burst:
     order: list[tuple[int, int, int]]  # (dst, src, attempt)
     candidates: set[tuple[int, int]]
     answers: dict[str, int] = field(default_factory=dict)  # sender -> last index answered
+    answered_at: set[int] = field(default_factory=set)  # the indices that drew their error
     sent_at: float = 0.0
     controls: dict[str, int] = field(default_factory=dict)  # sender -> its control's index
     asked: dict[str, int] = field(default_factory=dict)  # sender -> tokens waited for
@@ -328,6 +329,13 @@ class Sweep:
         # Silent tests that confirm a drop, per source port (see _confirmations_needed).
         self._confirmations = np.full(65536, silence.CONFIRMATIONS, dtype=np.uint8)
         self._tested: dict[int, np.ndarray] = {}  # cells a test burst placed (by position)
+        # Tests of cells that are rejects, by block of source ports, where the sender is
+        # known to have had a token (it answered a later datagram of the burst): how many,
+        # and how many of them stayed silent (lost on the way, or their error on the way
+        # back). The loss where a drop's tests go, even where nothing is ever delivered (a
+        # lossy band exactly in front of a reject: see _confirmations_needed).
+        self._reject_tests = np.zeros(0, dtype=np.int64)
+        self._reject_silent = np.zeros(0, dtype=np.int64)
         self._probe_started: float | None = None
         self.conclusion: silence.Conclusion | None = None
         # Recheck.
@@ -730,6 +738,7 @@ class Sweep:
             for i, sent in enumerate(burst.order):
                 if sent == key:
                     burst.answers[r.sender] = max(burst.answers.get(r.sender, -1), i)
+                    burst.answered_at.add(i)
                     burst.counts[r.sender] = burst.counts.get(r.sender, 0) + 1
                     break
 
@@ -1252,6 +1261,8 @@ class Sweep:
             self.senders = {}
             self._confirms = {}
             self._tested = {}
+            self._reject_tests[:] = 0
+            self._reject_silent[:] = 0
             if not self._begin_round(now):
                 self._start_probe(now)
                 return
@@ -1480,6 +1491,17 @@ class Sweep:
             silence.dark_runs(self.ledger, self._confirms, self._tested, self._confirmations)
         )
 
+    def _note_reject_tests(self, src: int, tests: int, silent: int) -> None:
+        block = int(self._block_of[src])
+        if block < 0:
+            return
+        if block >= len(self._reject_tests):
+            size = int(self._block_of.max()) + 1
+            self._reject_tests = np.zeros(size, dtype=np.int64)
+            self._reject_silent = np.zeros(size, dtype=np.int64)
+        self._reject_tests[block] += tests
+        self._reject_silent[block] += silent
+
     def _confirmations_needed(self) -> np.ndarray:
         """Per source port, the silent tests that confirm a drop there. A test lost on the
         way to the firewall is silent too, so where the path loses datagrams two are not
@@ -1489,9 +1511,11 @@ class Sweep:
         nothing, the worse of the nearest measured blocks on either side (a dark run is
         bounded by open cells, and a loss band upstream of a reject shows beside it); the
         retried cells' where they lost far more than first attempts show (an ECMP member
-        that loses half its flows' datagrams); then the worst of each block and its two
-        neighbours (a block's open part may be clean where its dark part is not). No loss
-        seen anywhere: two."""
+        that loses half its flows' datagrams); the tests of rejects that were lost in a
+        block (``_reject_tests``: a lossy band exactly in front of a reject delivers
+        nothing, so only its rejects' tests show its loss); then the worst of each block
+        and its two neighbours (a block's open part may be clean where its dark part is
+        not). No loss seen anywhere: two."""
         evidence = self.block_evidence()
         flat = [b for bs in evidence.values() for b in bs]
         pool = Pool.of(flat)
@@ -1519,6 +1543,11 @@ class Sweep:
                 ):
                     p = max(p, wilson_upper(b.retry_losses, b.retry_trials))
                 loss[i] = np.fmax(loss[i], p)
+        # Where tests of rejects were lost (the only loss a band that delivers nothing, in
+        # front of a reject, ever shows): at least that loss, in that block.
+        for i in np.flatnonzero(self._reject_silent[:nblocks]).tolist():
+            p = wilson_upper(int(self._reject_silent[i]), int(self._reject_tests[i]))
+            loss[i] = np.fmax(loss[i], p)
         known = np.flatnonzero(~np.isnan(loss))
         if not len(known):
             loss[:] = 0.0
@@ -1552,7 +1581,10 @@ class Sweep:
         burst = self._burst
         self._burst = None
         if burst is not None:
+            silent = int(self._reject_silent.sum())
             self._judge_burst(burst)
+            if int(self._reject_silent.sum()) != silent:  # a reject's test was lost
+                self._confirmations = self._confirmations_needed()
             if burst.look:  # with what it found (or not), as if from the start
                 self._start_probe(now)
                 return
@@ -1588,15 +1620,28 @@ class Sweep:
         horizon = min(
             (burst.answers.get(s, -1) for s in burst.controls or self.senders), default=-1
         )
+        controls = set(burst.controls.values())
         for i, (d, s, _a) in enumerate(burst.order):
             if i >= horizon:
                 break
+            conf = self._confirms.get(d)
+            if i in burst.answered_at:
+                # A reject, tested while its sender had a token: it answered this time, and
+                # each earlier test it stayed silent in was lost (counted, and no longer a
+                # confirmation: only pending cells are confirmed).
+                lost = int(conf[s]) if conf is not None else 0
+                self._note_reject_tests(s, 1 + lost, lost)
+                if lost and conf is not None:
+                    conf[s] = 0
+                continue
+            if i in controls:  # a known reject, silent while its sender had a token: lost
+                self._note_reject_tests(s, 1, 1)
+                continue
             if (d, s) not in burst.candidates:
                 continue
             v = led.view(d)
             if v.state[s] != PENDING:
                 continue  # answered (rejected) or credited (open)
-            conf = self._confirms.get(d)
             if conf is None:
                 conf = self._confirms[d] = np.zeros(65536, dtype=np.uint8)
             conf[s] = min(255, int(conf[s]) + 1)
