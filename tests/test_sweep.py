@@ -9,6 +9,7 @@ cells / rate.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -742,6 +743,41 @@ def test_a_policy_change_mid_run_is_said_and_the_latest_evidence_wins() -> None:
     assert doc["probe_stats"]["epochs"] == 2
     assert any("path changed during the run" in w for w in doc["warnings"])
     assert len(doc["ranges"]) == 3
+    # The warning names every cell the repeat closed, not only the recheck's samples.
+    (closed,) = [w for w in doc["warnings"] if "were dark in the repeat" in w]
+    assert re.search(r"between 4\d{4} and 4\d{4}", closed), closed
+
+
+def test_a_limit_per_flow_is_named_with_the_whole_band_it_closed() -> None:
+    """A per-flow meter (nft `meter flows { udp sport limit rate over 1/minute burst 1
+    packets } drop`, an adversarial review's): each source port's first datagram passes,
+    later ones not. The recheck finds open cells dark, and the repeat finds the band dark:
+    the latest evidence wins, as for a changed policy; the warning named 8-10 sampled ports
+    of 10,000, and now says the whole band and that a per-flow limit looks the same."""
+    passed: set[tuple[int, int]] = set()
+
+    class _FirstOnly(Rule):  # and a plain drop band, so that the sweep leaves dark cells
+        def matches(self, dst: int, src: int) -> bool:
+            if 35000 <= src <= 35999:
+                return True
+            if not 20000 <= src <= 29999:
+                return False
+            if (dst, src) in passed:
+                return True
+            passed.add((dst, src))
+            return False
+
+    rule = _FirstOnly("drop", (20000, 35999))
+    path = Path(rules=[rule])
+    # Decided per datagram (the path's tables would ask each port once, ahead).
+    path.rule_at = lambda now, dst, src: rule if rule.matches(dst, src) else None  # type: ignore[method-assign]
+    sim = SimRun(path, src_ports="10000-39999")
+    doc = sim.run()
+    assert doc["probe_stats"]["epochs"] == 2
+    (closed,) = [w for w in doc["warnings"] if "were dark in the repeat" in w]
+    assert closed.startswith("10,000 cells the first sweep found open"), closed
+    assert "source ports 20000-29999" in closed
+    assert "limit per flow" in closed
 
 
 @pytest.mark.parametrize("at", [0.3, 0.4, 0.5])

@@ -59,7 +59,7 @@ from udpreach.core.loss import (
 )
 from udpreach.core.pacing import PACED_SECONDS, PILOT_CELLS, Pacer, Window
 from udpreach.core.plan import Plan, default_icmp_budget
-from udpreach.core.portspec import format_ports
+from udpreach.core.portspec import format_ports, ranges_of
 
 BLOCK = 256  # planned source ports per loss block
 BATCH_BYTES = 4 * 1024 * 1024  # the most a batch of datagrams may hold
@@ -341,6 +341,7 @@ class Sweep:
         # Recheck.
         self._recheck: dict[tuple[int, int], str] = {}  # cell -> verdict before
         self._recheck_seen: set[tuple[int, int]] = set()
+        self._first_open: dict[int, np.ndarray] = {}  # per dst, by planned port (a repeat)
         self._recheck_tries = 0
         self._recheck_att: dict[tuple[int, int], int] = {}
         self._recheck_sent: dict[tuple[int, int], int] = {}  # tries each cell got
@@ -1255,6 +1256,10 @@ class Sweep:
                 (b.ready_at(silence.DEFAULT_BURST) for b in self.senders.values() if b.errors),
                 default=now,
             )
+            # What the first sweep found open, to say at the end what the repeat closed.
+            self._first_open = {
+                d: self.ledger.view(d).state[self._planned] == 1 for d in self.plan.dst_ports
+            }
             self.ledger = self.ledger.new_epoch()
             self.round = 0
             self._opened_rounds = []
@@ -1717,6 +1722,36 @@ class Sweep:
 
     # -- the end ------------------------------------------------------------------------------
 
+    def _note_closed_by_repeat(self) -> None:
+        """After a repeated sweep, the cells it found dark that the first sweep had open, all
+        of them (the change's warning names only the recheck's samples): a policy changed
+        there, or a limit per flow (a source port's first datagram passes, later ones not)
+        closed them, which looks the same from here."""
+        first = self._first_open
+        self._first_open = {}
+        parts: list[str] = []
+        total = 0
+        for d, was_open in first.items():
+            state = self.ledger.view(d).state[self._planned]
+            dark = (state == PENDING) | (state == 2) | (state == 3)  # blocked or rejected
+            srcs = np.sort(self._planned[was_open & dark])
+            if not len(srcs):
+                continue
+            total += len(srcs)
+            spans = ranges_of(srcs.tolist())
+            if len(spans) <= 4:
+                where = format_ports(srcs.tolist())
+            else:
+                where = f"{len(spans):,} ranges between {srcs[0]} and {srcs[-1]}"
+            parts.append(f"dst {d} source ports {where}")
+        if parts:
+            self.facts.warnings.append(
+                f"{total:,} cells the first sweep found open were dark in the repeat ("
+                + "; ".join(parts)
+                + "): a changed policy, or a limit per flow that passes only a source "
+                "port's first datagrams, which looks the same"
+            )
+
     def _finish(self, complete: bool) -> None:
         led = self.ledger
         if complete:
@@ -1737,6 +1772,7 @@ class Sweep:
                 "unknown; with --size under the path MTU nothing is fragmented"
             )
             self._reassembly_lost = True
+        self._note_closed_by_repeat()
         contradicted = self._contradicted_receipts()
         if contradicted:
             self.facts.warnings.append(
