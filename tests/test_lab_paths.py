@@ -438,6 +438,27 @@ def test_loss_on_one_band_is_not_a_block(tmp_path: Path) -> None:
     )
 
 
+def test_loss_exactly_in_front_of_a_reject_never_makes_it_a_drop(tmp_path: Path) -> None:
+    """30% random loss on exactly the reject's source ports (an adversarial review's): the
+    band delivers nothing and its neighbours are clean, so only the tests of its rejects
+    show the loss. Before, two lost tests confirmed a reject dropped: 1-383 wrong cells a
+    run, and diff of two runs of the unchanged policy exit 1."""
+    policy = rules(
+        "udp sport 30000-31999 numgen random mod 100 < 30 drop",
+        "udp sport 30000-31999 reject with icmpx type admin-prohibited",
+    )
+    truth = bands((30000, 31999, "rejected"))
+    db = tmp_path / "runs.sqlite3"
+    with lab_udpreach(policy, tmp_path) as lr:
+        docs = []
+        for _ in range(2):
+            code, doc, err = timed_run(lr, "--src-ports", "24000-37999")
+            check_right(code, doc, err, lr, truth)
+            docs.append(doc)
+    diff = run_cli("diff", docs[0]["run_id"], docs[1]["run_id"], "--db", str(db), "--json")
+    assert diff.returncode == 0, f"{diff.stdout}\n{diff.stderr}"
+
+
 def test_a_lossy_ecmp_member_is_not_a_block(tmp_path: Path) -> None:
     # One member in four of a bundle, picked by a hash of the source port, loses half its
     # datagrams; the seed is fixed so that the test knows which ports hash there.

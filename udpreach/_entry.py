@@ -36,7 +36,12 @@ def main() -> None:
         from udpreach.cli import main as cli_main
     except KeyboardInterrupt:
         interrupted(sys.argv[1:])
-    cli_main()
+    try:
+        cli_main()
+    except KeyboardInterrupt:  # outside every command's own handling (see cli.main)
+        from udpreach.cli.common import document_printed
+
+        interrupted(sys.argv[1:], document_printed=document_printed())
 
 
 def interrupted(argv: list[str], *, document_printed: bool = False) -> NoReturn:

@@ -16,15 +16,8 @@ from typing import Annotated
 import typer
 
 from udpreach import __version__
-from udpreach._entry import interrupted
 from udpreach.cli import history, run, service
-from udpreach.cli.common import (
-    click_errors,
-    document_printed,
-    fail,
-    one_line,
-    pipe_safe_stdout,
-)
+from udpreach.cli.common import click_errors, fail, one_line, pipe_safe_stdout
 from udpreach.cli.keys import key_app
 from udpreach.cli.lab import lab_app
 from udpreach.cli.secret import secret_app
@@ -92,12 +85,12 @@ def main() -> None:
         code = _main(sys.argv[1:])
     except typer.Exit as exc:
         code = exc.exit_code
-    except KeyboardInterrupt:  # while typer builds the command line, before any command
-        code = TYPER_INTERRUPTED
     if code == TYPER_INTERRUPTED:
         # Ctrl-C in typer's own parsing, or in a command's last words after the commands'
-        # error mapper: typer makes it a silent 130 (no udpreach command exits 130).
-        interrupted(sys.argv[1:], document_printed=document_printed())
+        # error mapper: typer makes it a silent 130 (no udpreach command exits 130). The
+        # entry point (``udpreach._entry``) says it in one line, as one that came while
+        # typer built the command line and got through here.
+        raise KeyboardInterrupt
     sys.exit(code)
 
 

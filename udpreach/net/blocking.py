@@ -247,7 +247,7 @@ class BlockingChannel:
             self.peer = "?"
 
     def _lost(self, why: str) -> UnreachableError:
-        return UnreachableError(f"control connection to the coordinator {self.peer} {why}")
+        return UnreachableError(f"coordinator {self.peer}: control connection {why}")
 
     def _flush(self) -> None:
         data = self.conn.data_to_send()
@@ -508,8 +508,8 @@ def _follow_run(
                 ) from None
             if started and reply.run_id:  # the probe went away mid-run: say which run
                 raise ConnectionLostError(
-                    f"{exc} during run {reply.run_id} (did the probe stop?); its history has "
-                    f"the run as of its last checkpoint: udpreach show {reply.run_id}"
+                    f"{exc} during run {reply.run_id} (did the probe stop?); its last "
+                    f"checkpoint: udpreach show {reply.run_id}"
                 ) from None
             raise
         if msg.type == "progress":
