@@ -453,12 +453,11 @@ class Sweep:
             ahead.clear()
         while ahead and chunks > 0:
             dst, his = ahead[-1]
-            take, rest = his[-chunks:], his[:-chunks]
+            take = his[-chunks:]
+            del his[-chunks:]  # from the end: no copy of the rest
             self.codec.prepare(dst, 1, take)
             chunks -= len(take)
-            if rest:
-                ahead[-1] = (dst, rest)
-            else:
+            if not his:
                 ahead.pop()
         return bool(ahead)
 
@@ -840,7 +839,7 @@ class Sweep:
                 return
             self._begin(Stage.PILOT, np.asarray(sample, dtype=np.intp), {}, now, judging=False)
             his = np.unique(self._planned >> CHUNK_SHIFT).tolist()
-            self._ahead = [(d, his) for d in reversed(plan.dst_ports)]
+            self._ahead = [(d, list(his)) for d in reversed(plan.dst_ports)]
         elif not self._begin_round(now):
             self._finish(True)  # not even one round fits the run's ceilings: all untested
 
