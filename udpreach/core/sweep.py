@@ -447,9 +447,10 @@ class Sweep:
         """Work ahead, in time the shell would otherwise spin away (the pilot's spacing):
         make at most ``chunks`` of the MAC chunks the first round encodes with (its
         ``encode_block`` then only gathers; 16 source ports a chunk, about 2 us each).
-        Returns whether any is left to make. Nothing is left once the first round ended."""
+        Returns whether any is left to make. Nothing is left once the first round ended
+        (or the run went on to another stage)."""
         ahead = self._ahead
-        if self.round > 1 or self.finished:
+        if self.round > 1 or self.finished or self.stage not in (Stage.PILOT, Stage.SWEEP):
             ahead.clear()
         while ahead and chunks > 0:
             dst, his = ahead[-1]
