@@ -337,6 +337,26 @@ def test_loss_exactly_in_front_of_a_reject_never_confirms_a_drop(seed: int) -> N
     assert sim.sweep._confirmations[22000] <= 3  # far from it: the clean plan's
 
 
+def test_tests_lost_in_front_of_a_reject_are_not_taken_for_a_slow_refill() -> None:
+    """IPv6's limit (one error every 100 ms) behind the same lossy band, with a drop band
+    beside it (the review's p18). A missed control raised the sender's period by half each
+    time; 30% loss missed them often, the period went to over a second and the run spent its
+    whole budget (20 s) and left 2,940 cells icmp_limited. Where tests of rejects are
+    known to be lost, only two missed controls in a row raise it."""
+    path = Path(
+        rules=[Rule("reject", (30000, 31999)), Rule("drop", (32000, 32999))],
+        loss=[((30000, 31999), 0.3)],
+        loss_first=True,
+        icmp_rate=10.0,
+        seed=2,
+    )
+    sim, doc = run(path)
+    _strictly_right(sim, doc, path)
+    assert sum(r.get("icmp_limited", 0) for r in doc["ranges"]) == 0
+    assert sim.now < 12.0  # 14.9 s before
+    assert all(b.period < 1.0 for b in sim.sweep.senders.values())
+
+
 @pytest.mark.parametrize(
     "rules",
     [

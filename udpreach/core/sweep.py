@@ -336,6 +336,7 @@ class Sweep:
         # lossy band exactly in front of a reject: see _confirmations_needed).
         self._reject_tests = np.zeros(0, dtype=np.int64)
         self._reject_silent = np.zeros(0, dtype=np.int64)
+        self._missed_controls: dict[str, int] = {}  # per sender, controls missed in a row
         self._probe_started: float | None = None
         self.conclusion: silence.Conclusion | None = None
         # Recheck.
@@ -1496,6 +1497,12 @@ class Sweep:
             silence.dark_runs(self.ledger, self._confirms, self._tested, self._confirmations)
         )
 
+    def _rejects_lose(self) -> bool:
+        """Whether tests of rejects have been lost on this path (at least two, a tenth of
+        them or more): a missed control is then not alone proof of a slow refill."""
+        silent = int(self._reject_silent.sum())
+        return silent >= 2 and silent >= 0.1 * int(self._reject_tests.sum())
+
     def _note_reject_tests(self, src: int, tests: int, silent: int) -> None:
         block = int(self._block_of[src])
         if block < 0:
@@ -1606,12 +1613,20 @@ class Sweep:
         answered_all = bool(burst.controls) or all(
             burst.counts.get(a, 0) >= n for a, n in burst.asked.items()
         )
+        lossy = self._rejects_lose()
         for address, index in burst.controls.items():
             if burst.answers.get(address, -1) < index:
                 answered_all = False
-                if burst.counts.get(address, 0) < burst.asked.get(address, 1):
+                missed = self._missed_controls[address] = self._missed_controls.get(address, 0) + 1
+                # On a path that loses tests of rejects, one missed control is as likely lost
+                # as unanswered: only two in a row say the sender refills slower.
+                if burst.counts.get(address, 0) < burst.asked.get(address, 1) and (
+                    not lossy or missed >= 2
+                ):
                     bucket = self.senders[address]
                     bucket.period = min(silence.MAX_PERIOD, bucket.period * 1.5)
+            else:
+                self._missed_controls[address] = 0
         for i, (d, s, _a) in enumerate(burst.order):
             if i not in burst.controls.values():  # chosen by position (controls are not)
                 tested = self._tested.get(d)
