@@ -75,6 +75,7 @@ class Rule:
     dsts: tuple[int, ...] | None = None
     icmp: tuple[int, int] = (3, 13)  # type, code of a reject
     sender: str = ROUTER
+    delay: float = 0.0  # a reject this far down a slow queue: it meets the datagram late
 
     def matches(self, dst: int, src: int) -> bool:
         return (self.dsts is None or dst in self.dsts) and self.srcs[0] <= src <= self.srcs[1]
@@ -303,6 +304,8 @@ class SimRun:
             sweep.on_flushed(seq, at, None)
         elif kind == "icmp":
             sweep.on_icmp([data], at)
+        elif kind == "reject":
+            self._icmp_error(at, *data)
         elif kind == "lost":
             sweep.on_agent_lost("agent 'agent' was lost during the run", at)
 
@@ -433,7 +436,11 @@ class SimRun:
         if rule is not None and rule.action == "drop":
             return
         if rule is not None and rule.action == "reject":
-            self._icmp_error(t, dst, src, payload, rule.sender, rule.icmp)
+            if rule.delay:  # the sender's bucket is met in arrival order, not ours
+                data = (dst, src, payload, rule.sender, rule.icmp)
+                self._schedule(t + rule.delay, "reject", data)
+            else:
+                self._icmp_error(t, dst, src, payload, rule.sender, rule.icmp)
             return
         if self._policer is not None and not self._policer.take(t):
             return

@@ -337,6 +337,43 @@ def test_loss_exactly_in_front_of_a_reject_never_confirms_a_drop(seed: int) -> N
     assert sim.sweep._confirmations[22000] <= 3  # far from it: the clean plan's
 
 
+def test_a_bursts_controls_wait_out_the_spread_of_its_senders_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A router that rejects some ports at once and others behind a slow queue (the review's
+    lab: rules after a 300 ms delay line), one address for both: a control sent just after
+    the cells reaches it first and takes the token a slow cell needed, whose silence then
+    passed for a drop (2,000 rejected cells blocked in one of two real runs). Its errors'
+    times show the spread (fast ones and slow ones): a burst then sends its controls that
+    much after its cells."""
+    sends: list[tuple[float, int, float]] = []  # (now, part, pause)
+    real = Sweep._send_burst
+
+    def watch(self: Sweep, now: float) -> Send:
+        burst = self._burst
+        assert burst is not None
+        sends.append((now, self._qpos, burst.pause))
+        return real(self, now)
+
+    monkeypatch.setattr(Sweep, "_send_burst", watch)
+    path = Path(
+        rules=[
+            Rule("reject", (20000, 21999)),
+            Rule("drop", (30000, 30999)),
+            Rule("reject", (40000, 41999), icmp=(3, 3), delay=0.3),
+        ],
+        udp_delay=0.3,
+    )
+    sim, doc = run(path)
+    _strictly_right(sim, doc, path)
+    lo, hi = sim.sweep._error_rtt[ROUTER]
+    assert hi - lo >= 0.25
+    split = [(t, p) for t, part, p in sends if part == 0 and p > 0]
+    assert split, sends
+    for t, pause in split:  # the second part went out no sooner than the pause
+        assert any(t2 >= t + pause - 1e-9 for t2, part, _ in sends if part == 1)
+
+
 def test_tests_lost_in_front_of_a_reject_are_not_taken_for_a_slow_refill() -> None:
     """IPv6's limit (one error every 100 ms) behind the same lossy band, with a drop band
     beside it (the review's p18). A missed control raised the sender's period by half each

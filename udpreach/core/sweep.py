@@ -76,6 +76,8 @@ MAX_RECHECK_TRIES = 12  # on a lossy path
 MAX_EPOCHS = 2  # sweeps of one run: the first, and one more if the path changed
 QUIET_CELLS = 2048  # a plan this small is swept without backlog at the agent
 PREPARE_CHUNKS = 8  # MAC chunks made per ``prepare`` call: about 16 us
+MIN_PAUSE = 0.005  # a spread of the errors' times under this is jitter: one send a burst
+MAX_PAUSE = 2.0  # the longest a burst's controls wait after its cells
 COLLAPSE_WINDOWS = 4  # windows in a row that delivered nothing: delivery stopped by time
 PORT_UNREACHABLE = ((3, 3), (1, 4))  # ICMP, ICMPv6
 PMTU_ERRORS = ((3, 4, False), (2, 0, True))  # (type, code, ipv6): fragmentation needed
@@ -209,6 +211,11 @@ class _Burst:
     since: float = 0.0  # the main sender's last error before the burst
     main: str = ""  # the main sender (the one whose tokens the burst waited for)
     look: bool = False  # no sender known yet: spread samples of the dark runs (``_look``)
+    # Where the controls begin, when they go in a second send ``pause`` seconds after the
+    # cells they judge (0: one send); and when that second send is due.
+    split: int = 0
+    pause: float = 0.0
+    resume_at: float = 0.0
 
 
 @dataclass
@@ -337,6 +344,11 @@ class Sweep:
         self._reject_tests = np.zeros(0, dtype=np.int64)
         self._reject_silent = np.zeros(0, dtype=np.int64)
         self._missed_controls: dict[str, int] = {}  # per sender, controls missed in a row
+        # Per sender, the shortest and longest time from a datagram (its latest attempt) to
+        # its verified error: a spread says its rejects sit at different depths of the path
+        # (some behind a slow queue), so a burst's order at that sender may not be its order
+        # at ours, and its controls wait out the spread (``_burst_pause``).
+        self._error_rtt: dict[str, tuple[float, float]] = {}
         self._probe_started: float | None = None
         self.conclusion: silence.Conclusion | None = None
         # Recheck.
@@ -497,7 +509,7 @@ class Sweep:
             self._held_to[key] = self._held_to.get(key, 0) + count
 
     def _send_batch(self, now: float) -> Action:
-        if self._burst is not None and self._qpos == 0:
+        if self._burst is not None and self._qpos < len(self._queue):
             return self._send_burst(now)
         pilot = self.stage is Stage.PILOT
         rate = self.pilot_rate if pilot else self._rate()
@@ -610,6 +622,8 @@ class Sweep:
         else:
             slack = 0.0 if self.pacer.burst or self.stage is Stage.PILOT else 0.01
             self._next_send = max(self._next_send, now - slack) + sent_n / rate
+        if self._burst is not None and self._qpos < len(self._queue):
+            self._next_send = max(self._next_send, self._burst.resume_at)
         if window.sent >= self.pacer.window_size():
             window.end = now
             self._windows.append(Window(rate, now, burst=self.pacer.burst))
@@ -732,6 +746,11 @@ class Sweep:
         if bucket is None:
             bucket = self.senders[r.sender] = silence.SenderBucket(r.sender)
         bucket.note(now)
+        sent_at = float(self._sent_at[r.src_port])
+        latest = attempt == int(self.ledger.view(r.dst_port).sent[r.src_port])
+        if latest and not math.isnan(sent_at) and now >= sent_at:
+            lo, hi = self._error_rtt.get(r.sender, (now - sent_at, now - sent_at))
+            self._error_rtt[r.sender] = (min(lo, now - sent_at), max(hi, now - sent_at))
         if bucket.control is None:
             bucket.control = (r.dst_port, r.src_port)
         burst = self._burst
@@ -1269,6 +1288,7 @@ class Sweep:
             self._tested = {}
             self._reject_tests[:] = 0
             self._reject_silent[:] = 0
+            self._error_rtt = {}
             if not self._begin_round(now):
                 self._start_probe(now)
                 return
@@ -1436,6 +1456,8 @@ class Sweep:
                 seq.append((d, s, int(led.view(d).sent[s]) + 1))
         if len(seq) == len(at) or not self._fits(len(seq)):
             return False
+        pause = self._burst_pause(at)
+        split = min(at.values()) if at and pause > 0 else 0
         self._burst = _Burst(
             seq,
             set(cheap + searches + costly),
@@ -1444,20 +1466,44 @@ class Sweep:
             asked=asked,
             since=main.last_error,
             main=main.address,
+            split=split,
+            pause=pause if split else 0.0,
         )
-        # One burst, sent by _send_burst in a single Send: a queue of one.
-        self._begin(Stage.PROBE, np.zeros(1, dtype=np.intp), {}, now, judging=False)
+        # One burst, sent by _send_burst in a single Send (a queue of one), or in two: the
+        # cells, then, ``pause`` later, the controls and what follows them.
+        queue = np.zeros(2 if split else 1, dtype=np.intp)
+        self._begin(Stage.PROBE, queue, {}, now, judging=False)
         self._next_send = max(now, ready)
         self.facts.icmp_tests += 1
         return True
 
+    def _burst_pause(self, controls: dict[str, int]) -> float:
+        """How long a burst's controls wait after its cells: the widest spread between a
+        sender's fastest and slowest errors, among the burst's senders (0 below
+        ``MIN_PAUSE``). The order argument holds at the sender, not here: a cell whose
+        datagrams reach it behind a slow queue (rules after a delay line, a QoS class)
+        arrives after a control sent just behind it, which then takes the token it needed."""
+        spread = max(
+            (hi - lo for a, (lo, hi) in self._error_rtt.items() if a in controls), default=0.0
+        )
+        if spread < MIN_PAUSE:
+            return 0.0
+        return min(MAX_PAUSE, spread * 1.25 + MIN_PAUSE)
+
     def _send_burst(self, now: float) -> Send:
         burst = self._burst
         assert burst is not None
+        if burst.split and self._qpos == 0:  # the cells; the controls after the pause
+            order = burst.order[: burst.split]
+            burst.resume_at = now + burst.pause
+        elif burst.split:
+            order = burst.order[burst.split :]
+        else:
+            order = burst.order
         groups: list[tuple[int, int, np.ndarray]] = []
         run: list[int] = []
         key: tuple[int, int] | None = None
-        for d, s, a in burst.order:
+        for d, s, a in order:
             if key != (d, a) and run:
                 assert key is not None
                 groups.append((key[0], key[1], np.asarray(run, dtype=np.intp)))
@@ -1466,9 +1512,10 @@ class Sweep:
             run.append(s)
         if run and key is not None:
             groups.append((key[0], key[1], np.asarray(run, dtype=np.intp)))
-        self._qpos = 1
-        burst.sent_at = now
-        return Send(tuple(groups), len(burst.order))
+        if self._qpos == 0:
+            burst.sent_at = now
+        self._qpos += 1
+        return Send(tuple(groups), len(order))
 
     def _controls(self) -> dict[str, tuple[int, int]] | None:
         """One cell per ICMP sender that it rejected (verified) and that may be sent again;
