@@ -849,6 +849,20 @@ def test_a_reject_range_that_appears_mid_run_is_never_called_dropped(at: float) 
     assert bad == [], f"{len(bad)} wrong, e.g. {bad[:5]}"
 
 
+def test_a_reject_that_became_a_drop_early_in_the_run_is_said() -> None:
+    """The review's q07: the policy swapped a reject band to a drop after 5,000 datagrams.
+    The router's first six errors came before the swap, the recheck found nothing changed
+    (no cell was open), and the report showed six rejected ports amid an icmp_limited band
+    with no word of a change. Its controls, cells it rejected before, sent when it had
+    refilled, were never answered again: that says it stopped rejecting them."""
+    new = [Rule("drop", (30000, 39999))]
+    path = Path(rules=[Rule("reject", (30000, 39999))], later=(0.05, new))
+    _sim, doc = run(path)
+    (said,) = [w for w in doc["warnings"] if "answered none of the last" in w]
+    assert said.startswith(f"{ROUTER} answered none of the last")
+    assert "the path changed during the run" in said
+
+
 def test_a_session_limit_is_reported_by_time_not_as_a_blocked_range() -> None:
     sim, doc = run(Path(session_limit=2000))
     assert doc["complete"] is False

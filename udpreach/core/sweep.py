@@ -76,6 +76,7 @@ MAX_RECHECK_TRIES = 12  # on a lossy path
 MAX_EPOCHS = 2  # sweeps of one run: the first, and one more if the path changed
 QUIET_CELLS = 2048  # a plan this small is swept without backlog at the agent
 PREPARE_CHUNKS = 8  # MAC chunks made per ``prepare`` call: about 16 us
+STOPPED_ANSWERING = 5  # controls missed in a row that say a sender stopped rejecting them
 MIN_PAUSE = 0.005  # a spread of the errors' times under this is jitter: one send a burst
 MAX_PAUSE = 2.0  # the longest a burst's controls wait after its cells
 COLLAPSE_WINDOWS = 4  # windows in a row that delivered nothing: delivery stopped by time
@@ -1781,6 +1782,22 @@ class Sweep:
             )
         if parts:
             self.facts.warnings.append("; ".join(parts))
+        # A sender that answered none of its last controls, each a cell it rejected before,
+        # sent when it had refilled, on a path that loses no tests of rejects: it no longer
+        # rejects them. A policy changed (a reject became a drop), and what it rejected
+        # shows the path as it was then.
+        quiet = sorted(
+            a
+            for a, n in self._missed_controls.items()
+            if n >= STOPPED_ANSWERING and a in self.senders
+        )
+        if quiet and not self._rejects_lose():
+            n = min(self._missed_controls[a] for a in quiet)
+            self.facts.warnings.append(
+                f"{', '.join(quiet)} answered none of the last {n} cells it had rejected "
+                "before: its rejects may have become drops (the path changed during the "
+                "run), and its rejected cells show the path as it was then"
+            )
 
     # -- the end ------------------------------------------------------------------------------
 
