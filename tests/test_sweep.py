@@ -853,13 +853,13 @@ def test_a_reject_that_became_a_drop_early_in_the_run_is_said() -> None:
     """The review's q07: the policy swapped a reject band to a drop after 5,000 datagrams.
     The router's first six errors came before the swap, the recheck found nothing changed
     (no cell was open), and the report showed six rejected ports amid an icmp_limited band
-    with no word of a change. Its controls, cells it rejected before, sent when it had
-    refilled, were never answered again: that says it stopped rejecting them."""
+    with no word of a change. It answered nothing in any later test burst, each holding a
+    cell it had rejected before, sent when it had refilled: it stopped rejecting them."""
     new = [Rule("drop", (30000, 39999))]
     path = Path(rules=[Rule("reject", (30000, 39999))], later=(0.05, new))
     _sim, doc = run(path)
-    (said,) = [w for w in doc["warnings"] if "answered none of the last" in w]
-    assert said.startswith(f"{ROUTER} answered none of the last")
+    (said,) = [w for w in doc["warnings"] if "answered nothing in the last" in w]
+    assert said.startswith(f"{ROUTER} answered nothing in the last")
     assert "the path changed during the run" in said
 
 

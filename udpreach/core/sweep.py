@@ -76,7 +76,7 @@ MAX_RECHECK_TRIES = 12  # on a lossy path
 MAX_EPOCHS = 2  # sweeps of one run: the first, and one more if the path changed
 QUIET_CELLS = 2048  # a plan this small is swept without backlog at the agent
 PREPARE_CHUNKS = 8  # MAC chunks made per ``prepare`` call: about 16 us
-STOPPED_ANSWERING = 5  # controls missed in a row that say a sender stopped rejecting them
+STOPPED_ANSWERING = 5  # bursts in a row a sender answered nothing of: it stopped rejecting
 MIN_PAUSE = 0.005  # a spread of the errors' times under this is jitter: one send a burst
 MAX_PAUSE = 2.0  # the longest a burst's controls wait after its cells
 COLLAPSE_WINDOWS = 4  # windows in a row that delivered nothing: delivery stopped by time
@@ -345,6 +345,7 @@ class Sweep:
         self._reject_tests = np.zeros(0, dtype=np.int64)
         self._reject_silent = np.zeros(0, dtype=np.int64)
         self._missed_controls: dict[str, int] = {}  # per sender, controls missed in a row
+        self._unanswered: dict[str, int] = {}  # per sender, bursts it answered nothing of
         # Per sender, the shortest and longest time from a datagram (its latest attempt) to
         # its verified error: a spread says its rejects sit at different depths of the path
         # (some behind a slow queue), so a burst's order at that sender may not be its order
@@ -1290,6 +1291,8 @@ class Sweep:
             self._reject_tests[:] = 0
             self._reject_silent[:] = 0
             self._error_rtt = {}
+            self._missed_controls = {}
+            self._unanswered = {}
             if not self._begin_round(now):
                 self._start_probe(now)
                 return
@@ -1675,6 +1678,9 @@ class Sweep:
                     bucket.period = min(silence.MAX_PERIOD, bucket.period * 1.5)
             else:
                 self._missed_controls[address] = 0
+        for address in burst.controls:  # answered nothing at all, not even a cell before
+            quiet = burst.counts.get(address, 0) == 0
+            self._unanswered[address] = self._unanswered.get(address, 0) + 1 if quiet else 0
         for i, (d, s, _a) in enumerate(burst.order):
             if i not in burst.controls.values():  # chosen by position (controls are not)
                 tested = self._tested.get(d)
@@ -1782,21 +1788,20 @@ class Sweep:
             )
         if parts:
             self.facts.warnings.append("; ".join(parts))
-        # A sender that answered none of its last controls, each a cell it rejected before,
-        # sent when it had refilled, on a path that loses no tests of rejects: it no longer
-        # rejects them. A policy changed (a reject became a drop), and what it rejected
-        # shows the path as it was then.
-        quiet = sorted(
-            a
-            for a, n in self._missed_controls.items()
-            if n >= STOPPED_ANSWERING and a in self.senders
-        )
+        # A sender that answered nothing at all in its last bursts, each holding a cell it
+        # rejected before, sent when it had refilled, on a path that loses no tests of
+        # rejects: it no longer rejects them. (A missed control alone is not that: the
+        # cells before it may have taken the tokens.) A policy changed (a reject became a
+        # drop), and what it rejected shows the path as it was then.
+        missed = self._unanswered
+        quiet = sorted(a for a in self.senders if missed.get(a, 0) >= STOPPED_ANSWERING)
         if quiet and not self._rejects_lose():
-            n = min(self._missed_controls[a] for a in quiet)
+            n = min(missed[a] for a in quiet)
             self.facts.warnings.append(
-                f"{', '.join(quiet)} answered none of the last {n} cells it had rejected "
-                "before: its rejects may have become drops (the path changed during the "
-                "run), and its rejected cells show the path as it was then"
+                f"{', '.join(quiet)} answered nothing in the last {n} test bursts, each "
+                "holding a cell it had rejected before: its rejects may have become drops "
+                "(the path changed during the run), and its rejected cells show the path "
+                "as it was then"
             )
 
     # -- the end ------------------------------------------------------------------------------
