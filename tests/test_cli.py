@@ -735,6 +735,14 @@ def test_an_interrupt_while_the_command_line_loads_ends_it_like_any_other(
         assert proc.stdout == ""
 
 
+def _entry_with(stub: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """``udpreach ARGV`` through the console script's entry point, in a fresh interpreter,
+    after ``stub`` (Python source that patches the command's insides) has run."""
+    code = f"import sys\n{stub}sys.argv = ['udpreach', *{argv!r}]\n"
+    code += "from udpreach._entry import main\nmain()\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
 def test_sigterm_while_a_command_works_is_an_interrupt_too(tmp_path: Path) -> None:
     """SIGTERM stays Ctrl-C's equal once a command runs: ``history`` (no signal handling
     of its own; held in its work here by a stub) ends with the one line and, with --json,
@@ -743,18 +751,15 @@ def test_sigterm_while_a_command_works_is_an_interrupt_too(tmp_path: Path) -> No
 
     db = tmp_path / "runs.sqlite3"
     RunStore.open(db).close()
-    code = (
-        "import os, signal, sys, time\n"
+    stub = (
+        "import os, signal, time\n"
         "import udpreach.cli.history as h\n"
         "def slow(*a, **k):\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(5)\n"
         "h.print_json = slow\n"
-        f"sys.argv = ['udpreach', 'history', '--db', {str(db)!r}, '--json']\n"
-        "from udpreach._entry import main\n"
-        "main()\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    proc = _entry_with(stub, ["history", "--db", str(db), "--json"])
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr == "udpreach: interrupted\n"
     assert json.loads(proc.stdout)["error"] == "interrupted"
@@ -766,17 +771,13 @@ def test_an_interrupt_in_an_errors_last_words_is_still_one_line_and_one_document
     """Ctrl-C after a failing command wrote its error document, while it writes the line:
     typer turns it into a silent exit 130; it ends as interrupted (exit 3), with stdout
     still holding exactly the one document."""
-    code = (
-        "import sys\n"
+    stub = (
         "import udpreach.cli.common as c\n"
         "def console(*a, **k):\n"
         "    raise KeyboardInterrupt\n"
         "c.err_console = console\n"
-        f"sys.argv = ['udpreach', 'history', '--db', {str(tmp_path / 'none.db')!r}, '--json']\n"
-        "from udpreach._entry import main\n"
-        "main()\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    proc = _entry_with(stub, ["history", "--db", str(tmp_path / "none.db"), "--json"])
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr == "udpreach: interrupted\n"
     (line,) = proc.stdout.splitlines()
