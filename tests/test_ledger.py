@@ -551,6 +551,10 @@ def _credit_one_by_one(
         if col is None or not led._planned_src[src] or attempt == 0:
             led.unplanned_receipts += 1
             continue
+        base = led._base.get(dst)
+        if attempt <= col.sent[src] and base is not None and attempt <= base[src]:
+            led.stale_receipts += 1  # an earlier epoch's attempt
+            continue
         if attempt > col.sent[src] or col.received[src] >= col.sent[src]:
             led.refused_receipts += 1  # never sent, or more receipts than datagrams
             continue
@@ -592,6 +596,7 @@ def _everything(led: Ledger) -> tuple[Any, ...]:
         led.received_total,
         led.unplanned_receipts,
         led.refused_receipts,
+        led.stale_receipts,
     )
     return arrays, led.observed_addresses(), counters
 
@@ -604,7 +609,7 @@ def _everything(led: Ledger) -> tuple[Any, ...]:
                 st.integers(0, 3),  # address index: 3 is past the two-address list
                 st.sampled_from([5000] * 6 + [5001, 5002]),  # mostly one column; 5002 unplanned
                 st.sampled_from([0, 1, 2, 1024, 1030, 65535]),  # 1030 is not planned
-                st.integers(0, 3),  # attempt 0 is never sent
+                st.integers(0, 6),  # attempt 0 is never sent; 4-5: a repeat's
                 st.sampled_from([0, 1, 2, 1024, 40000, 65535]),
             ),
             max_size=30,
@@ -613,10 +618,14 @@ def _everything(led: Ledger) -> tuple[Any, ...]:
         max_size=4,
     ),
     st.integers(1, 3),
+    st.integers(0, 4),
 )
 def test_batch_credit_equals_record_by_record(
-    batches: list[list[tuple[int, int, int, int, int]]], interest: int
+    batches: list[list[tuple[int, int, int, int, int]]], interest: int, epoch_at: int
 ) -> None:
+    """Batches over two columns (and an unplanned one) credit as the records one by one,
+    including in a repeat of the sweep (``new_epoch`` before batch ``epoch_at``: attempts
+    of the first epoch are stale there, and the repeat sends every cell twice more)."""
     planned = [0, 1, 2, 1024, 65535]
     fast, slow = sent(Ledger([5000, 5001], planned), 3), sent(Ledger([5000, 5001], planned), 3)
     fast.note_icmp(5000, 2, PROHIBITED)  # a settled cell that a receipt then opens
@@ -624,7 +633,9 @@ def test_batch_credit_equals_record_by_record(
     fast._cols[5001].received[1] = slow._cols[5001].received[1] = 0xFFFE  # near saturation
     fast._cols[5001].sent[1] = slow._cols[5001].sent[1] = 0xFFFF
     addrs = ["198.18.2.2", "198.19.0.9"]
-    for records in batches:
+    for i, records in enumerate(batches):
+        if i and i == epoch_at:
+            fast, slow = sent(fast.new_epoch(), 2), sent(slow.new_epoch(), 2)
         packed = b"".join(RECEIPT.pack(*r) for r in records)
         got = fast.note_receipts_packed(packed, addrs, interest).tolist()
         assert got == _credit_one_by_one(slow, records, addrs, interest)
