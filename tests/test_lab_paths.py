@@ -373,6 +373,31 @@ def test_policer_on_one_band_blocks_nothing(tmp_path: Path) -> None:
     assert doc["duration"] < 60, why
 
 
+def test_a_policer_in_front_of_a_reject_lets_the_icmp_tests_through(tmp_path: Path) -> None:
+    """A policer on the whole path (5,000/s, a burst of 5) in front of a reject band and a
+    drop band. The ICMP test bursts used to go out back to back: the policer passed their
+    first five datagrams and dropped the rest, the controls among them, every time. The
+    reject band then ended about 1,975 of 2,000 dark cells ``icmp_limited``, with a false
+    warning that its rejects had become drops (a review's case, 3 runs of 3, raw mode).
+    Paced at the pilot's rate in the pacer's bursts, the tests reach the firewall whole."""
+    policy = rules(
+        "meta l4proto udp limit rate over 5000/second burst 5 packets drop",
+        "udp sport 30000-30999 reject with icmpx type admin-prohibited",
+        "udp sport 32000-32999 drop",
+    )
+    truth = bands((30000, 30999, "rejected"), (32000, 32999, "blocked"))
+    with lab_udpreach(policy, tmp_path) as lr:
+        code, doc, err = timed_run(lr, "--src-ports", "25000-39999", timeout=300)
+        check_right(code, doc, err, lr, truth)
+    why = context(code, doc, err, lr)
+    assert not any("answered nothing" in w for w in doc["warnings"]), why
+    # The reject band is settled (before: about 975 of its 1,000 cells icmp_limited). The
+    # drop band may still end icmp_limited: the policer's loss at full speed (about 37%)
+    # asks ten silent tests of each drop, more than 20 s of tests always give.
+    rejects = [r for r in doc["ranges"] if 30000 <= r["first"] <= 30999]
+    assert sum(r.get("icmp_limited", 0) for r in rejects) <= 100, why
+
+
 # --- 4. loss on one band; a lossy ECMP member ------------------------------------------------
 
 ECMP_SEED = 0x75647072

@@ -1519,7 +1519,12 @@ class Sweep:
         if self._qpos == 0:
             burst.sent_at = now
         self._qpos += 1
-        return Send(tuple(groups), len(order))
+        # At the pilot's gentle rate, in the pacer's bursts (one datagram at a time before a
+        # limiter is suspected): a policer passes a burst of a few packets, and a test burst
+        # sent back to back would lose its last datagrams, the controls, to it every time,
+        # and read as rejects turned drops. A few milliseconds, against a refill of seconds.
+        size = max(1, self.pacer.burst)
+        return Send(tuple(groups), len(order), size, size / self.pilot_rate)
 
     def _controls(self) -> dict[str, tuple[int, int]] | None:
         """One cell per ICMP sender that it rejected (verified) and that may be sent again;
