@@ -231,23 +231,67 @@ def coalesce_wait(read: int, interval: float, rcvbuf: int, size: int) -> float:
     return COALESCE
 
 
-def reassembly_failures(path: str = "/proc/net/snmp") -> int | None:
-    """How many fragmented IPv4 datagrams this host has failed to reassemble (Linux's
-    ``Ip: ReasmFails``), or None where the host does not say.
+@dataclass(frozen=True)
+class FragmentCounters:
+    """The host's counters of fragmented datagrams, IPv4 and IPv6 added up (Linux's
+    ``/proc/net/snmp`` and ``snmp6``)."""
+
+    failed: int  # never reassembled: ReasmFails (timed out, memory full, overlaps)
+    timed_out: int  # of those, timed out: ReasmTimeout (a fragment never joined by the rest)
+    bad_checksum: int  # UDP datagrams with a bad checksum: Udp InCsumErrors
+
+    def lost_since(self, start: FragmentCounters) -> int:
+        """Datagrams the host lost since ``start`` other than by a timeout: a full
+        reassembly memory drops every new fragment, and overlapping fragments (IPv4's
+        16-bit identification reused while an old fragment waits) are dropped or make a
+        datagram whose checksum fails. An open cell's datagram may be among them."""
+        return max(0, self.failed - self.timed_out - start.failed + start.timed_out) + max(
+            0, self.bad_checksum - start.bad_checksum
+        )
+
+    def timeouts_since(self, start: FragmentCounters) -> int:
+        return max(0, self.timed_out - start.timed_out)
+
+
+def fragment_counters(
+    path: str = "/proc/net/snmp", path6: str = "/proc/net/snmp6"
+) -> FragmentCounters | None:
+    """The host's ``FragmentCounters``, or None where it says none of them (not Linux).
 
     A firewall that drops by port drops only a datagram's first fragment: the others reach
-    the agent's host, never reassemble, and hold its reassembly memory (4 MB) for 30 s;
-    while it is full every fragmented datagram is lost, open or not. The coordinator must
-    know, or it would call open cells blocked.
+    the agent's host, never reassemble, and hold its reassembly memory (4 MB) until they time
+    out (30 s, IPv6 60 s). Each timeout is one such datagram, dropped on the way, and harms
+    no other; but while the memory is full every fragmented datagram is lost, open or not,
+    and the coordinator must know, or it would call open cells blocked.
     """
+    found = [
+        _counter(path, "Ip:", "ReasmFails"),
+        _counter(path6, "", "Ip6ReasmFails"),
+        _counter(path, "Ip:", "ReasmTimeout"),
+        _counter(path6, "", "Ip6ReasmTimeout"),
+        _counter(path, "Udp:", "InCsumErrors"),
+        _counter(path6, "", "Udp6InCsumErrors"),
+    ]
+    if found[0] is None and found[1] is None:
+        return None
+    v = [n or 0 for n in found]
+    return FragmentCounters(v[0] + v[1], v[2] + v[3], v[4] + v[5])
+
+
+def _counter(path: str, table: str, name: str) -> int | None:
+    """A counter from a Linux ``/proc/net`` statistics file: in ``table`` (a header line
+    of names and a line of values, as ``snmp`` has them), or with no table a line per
+    counter, as ``snmp6`` has them. None if the file or the counter is not there."""
     try:
         with open(path) as fh:
-            lines = [line.split() for line in fh if line.startswith("Ip:")]
+            lines = [line.split() for line in fh if line.startswith(table or name)]
     except OSError:
         return None
-    if len(lines) < 2 or "ReasmFails" not in lines[0]:
-        return None
     try:
-        return int(lines[1][lines[0].index("ReasmFails")])
-    except (ValueError, IndexError):
+        if not table:
+            return next(int(f[1]) for f in lines if len(f) == 2 and f[0] == name)
+        if len(lines) < 2 or name not in lines[0]:
+            return None
+        return int(lines[1][lines[0].index(name)])
+    except (ValueError, IndexError, StopIteration):
         return None

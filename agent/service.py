@@ -25,12 +25,13 @@ from agent.listen import DRAIN_CHUNK as DRAIN_CHUNK
 from agent.listen import (
     DRAIN_MAX,
     RCVBUF_WANTED,
+    FragmentCounters,
     Listener,
     coalesce_wait,
     drain,
+    fragment_counters,
     normalize_addr,
     open_listeners,
-    reassembly_failures,
 )
 from udpreach.core.datagram import TokenCodec, derive_run_key
 from udpreach.core.errors import (
@@ -98,7 +99,7 @@ class AgentState:
     registrations: int = 0
     bad_messages: int = 0  # in this session
     last_warning: float = float("-inf")
-    reasm_base: int | None = None  # the host's reassembly failures when the run started
+    frag_base: FragmentCounters | None = None  # the host's fragment counters at the run's start
     flush_wake: list[trio.Event] | None = None  # the session's flusher's wake-up (see _flusher)
     source: str | None = None  # the control connection's source address (callback_source)
 
@@ -155,9 +156,13 @@ def _stats(state: AgentState, run: Any) -> AgentStats | None:
     if run is None:
         return None
     stats = AgentStats.from_json(run.stats())
-    now, base = reassembly_failures(), state.reasm_base
+    now, base = fragment_counters(), state.frag_base
     if now is not None and base is not None:
-        stats = dataclasses.replace(stats, reassembly_failures=max(0, now - base))
+        stats = dataclasses.replace(
+            stats,
+            reassembly_failures=now.lost_since(base),
+            reassembly_timeouts=now.timeouts_since(base),
+        )
     return stats
 
 
@@ -198,7 +203,7 @@ async def _handle(
         del key
         if state.flush_wake is not None:
             state.flush_wake[0].set()  # the flusher's timer runs again
-        state.reasm_base = reassembly_failures()
+        state.frag_base = fragment_counters()
         log.info("run %s started by the coordinator (%d-byte datagrams)", typed.run_id, typed.size)
         await chan.send(RunReady(typed.run_id, nonce_a))
     elif isinstance(typed, Flush):

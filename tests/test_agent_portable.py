@@ -293,21 +293,39 @@ def test_secret_file_mode_check_only_where_modes_exist(
     assert secret.load_secret(p) == b"0123456789abcdef0123456789abcdef"
 
 
-def test_the_hosts_reassembly_failures_are_read_where_linux_keeps_them(tmp_path: Path) -> None:
-    from agent.listen import reassembly_failures
+def test_the_hosts_fragment_counters_are_read_where_linux_keeps_them(tmp_path: Path) -> None:
+    """IPv4's and IPv6's counters, added up; either alone where the other is missing. What
+    the host lost is its failures but the timeouts, and UDP checksum errors."""
+    from agent.listen import FragmentCounters, fragment_counters
 
-    snmp = tmp_path / "snmp"
+    snmp, snmp6, missing = tmp_path / "snmp", tmp_path / "snmp6", str(tmp_path / "missing")
     snmp.write_text(
         "Ip: Forwarding DefaultTTL InReceives ReasmTimeout ReasmReqds ReasmOKs ReasmFails\n"
         "Ip: 1 64 1000 3 40 10 27\n"
         "Icmp: InMsgs\nIcmp: 5\n"
+        "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors InCsumErrors\n"
+        "Udp: 100 0 4 50 0 4\n"
     )
-    assert reassembly_failures(str(snmp)) == 27
-    assert reassembly_failures(str(tmp_path / "missing")) is None  # not Linux: not known
+    snmp6.write_text(
+        "Ip6InReceives                   \t900\n"
+        "Ip6ReasmTimeout                 \t2\n"
+        "Ip6ReasmFails                   \t5\n"
+        "Icmp6InMsgs                     \t1\n"
+        "Udp6InCsumErrors                \t1\n"
+    )
+    both = fragment_counters(str(snmp), str(snmp6))
+    assert both == FragmentCounters(failed=32, timed_out=5, bad_checksum=5)
+    assert fragment_counters(str(snmp), missing) == FragmentCounters(27, 3, 4)
+    assert fragment_counters(missing, str(snmp6)) == FragmentCounters(5, 2, 1)
+    assert fragment_counters(missing, missing) is None  # not Linux: not known
+    later = FragmentCounters(failed=32 + 100 + 7, timed_out=5 + 100, bad_checksum=5 + 2)
+    assert later.lost_since(both) == 7 + 2  # 100 timeouts: orphans, harmless
+    assert later.timeouts_since(both) == 100
     snmp.write_text("Ip: Forwarding\nIp: 1\n")
-    assert reassembly_failures(str(snmp)) is None
+    snmp6.write_text("Ip6InReceives 900\n")
+    assert fragment_counters(str(snmp), str(snmp6)) is None
     if sys.platform.startswith("linux"):
-        assert isinstance(reassembly_failures(), int)
+        assert isinstance(fragment_counters(), FragmentCounters)
 
 
 def test_the_agents_code_imports_without_the_posix_only_modules() -> None:

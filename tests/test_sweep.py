@@ -1044,6 +1044,46 @@ def test_reassembly_failures_on_the_agents_host_make_dark_cells_unknown() -> Non
     assert any("failed to reassemble 612" in w for w in doc["warnings"])
 
 
+def _with_agent_stats(sim: SimRun, stats: dict[str, object]) -> None:
+    """The agent's stats at every flush are ``stats`` (the simulated agent keeps none)."""
+    original = sim.sweep.on_flushed
+
+    def with_stats(seq: int, now: float, _stats: object = None) -> None:
+        original(seq, now, dict(stats))
+
+    sim.sweep.on_flushed = with_stats  # type: ignore[method-assign]
+
+
+def test_fragments_lost_at_the_agents_host_beyond_timeouts_make_dark_cells_unknown() -> None:
+    """With the timeouts counted apart, the host's other losses (a full memory, overlapping
+    fragments) still leave dark cells unknown."""
+    sim = SimRun(Path(rules=[Rule("drop", (2000, 2099))]), src_ports="1024-3023", size=3000)
+    sim.sweep.route_mtu = 1500
+    stats = {"accepted": 0, "rejected": {}, "reassembly_failures": 3, "reassembly_timeouts": 40}
+    _with_agent_stats(sim, stats)
+    doc = sim.run()
+    assert doc["complete"] is False
+    assert doc["summary"]["unknown"] == 100
+    assert any("host lost 3 fragmented datagrams" in w for w in doc["warnings"])
+
+
+def test_fragments_that_only_timed_out_at_the_agents_host_leave_the_verdicts() -> None:
+    """A port firewall drops a datagram's first fragment and passes the rest, which time out
+    at the agent's host (30 s): each timeout is a datagram dropped on the way, and harms no
+    other. Nothing else lost: dark cells are blocked as usual, and the report says why
+    fragments timed out."""
+    sim = SimRun(Path(rules=[Rule("drop", (2000, 2099))]), src_ports="1024-3023", size=3000)
+    sim.sweep.route_mtu = 1500
+    stats = {"accepted": 0, "rejected": {}, "reassembly_failures": 0, "reassembly_timeouts": 100}
+    _with_agent_stats(sim, stats)
+    doc = sim.run()
+    assert doc["complete"] is True
+    assert doc["summary"]["blocked"] == 100
+    assert doc["summary"]["unknown"] == 0
+    assert any("100 fragmented datagrams timed out" in w for w in doc["warnings"])
+    assert any("reject may not answer a fragment" in w for w in doc["warnings"])
+
+
 def test_reassembly_failures_do_not_matter_when_nothing_was_fragmented() -> None:
     """The host's counter moves for any traffic it receives; unfragmented probe datagrams
     cannot be among the failures, so the verdicts stand."""

@@ -181,14 +181,20 @@ class AgentStats:
 
     accepted: int = 0
     rejected: tuple[tuple[str, int], ...] = ()
-    # Fragmented datagrams the agent's host failed to reassemble during the run (Linux's
-    # ReasmFails; None where the host does not say).
+    # Fragmented datagrams the agent's host lost during the run other than by a timeout
+    # (a full reassembly memory, overlapping fragments; UDP checksum errors, which such
+    # overlaps make): an open cell's datagram may be among them. None where the host does
+    # not say. An agent before ``reassembly_timeouts`` existed counted the timeouts here too.
     reassembly_failures: int | None = None
+    # Fragmented datagrams that timed out at the host during the run: their first fragment
+    # never came (a firewall that filters by port drops only that one). None: not said.
+    reassembly_timeouts: int | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Self:
         accepted = _int(body, "accepted", 0, MAX_COUNT, 0)
         reasm = _int(body, "reassembly_failures", 0, MAX_COUNT, None)
+        timeouts = _int(body, "reassembly_timeouts", 0, MAX_COUNT, None)
         raw = _field(body, "rejected", {})
         if not isinstance(raw, dict) or len(raw) > 32:
             raise MessageError("agent stats: 'rejected' must map at most 32 reasons to counts")
@@ -199,12 +205,14 @@ class AgentStats:
             if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_COUNT:
                 raise MessageError(f"agent stats: count for {reason!r} must be an integer")
             rejected.append((reason, n))
-        return cls(accepted, tuple(rejected), reasm)
+        return cls(accepted, tuple(rejected), reasm, timeouts)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"accepted": self.accepted, "rejected": dict(self.rejected)}
         if self.reassembly_failures is not None:
             out["reassembly_failures"] = self.reassembly_failures
+        if self.reassembly_timeouts is not None:
+            out["reassembly_timeouts"] = self.reassembly_timeouts
         return out
 
 

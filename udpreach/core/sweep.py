@@ -1848,19 +1848,37 @@ class Sweep:
         wire = self.plan.size + self.settings.header_bytes
         if self.facts.path_mtu is None and self.route_mtu and wire > self.route_mtu:
             self.facts.path_mtu = {"mtu": self.route_mtu, "from": "route", "size": self.plan.size}
-        reasm = self.facts.agent_stats.get("reassembly_failures")
+        stats = self.facts.agent_stats
+        reasm, timeouts = stats.get("reassembly_failures"), stats.get("reassembly_timeouts")
         # Only ours count: unfragmented probe datagrams cannot fail to reassemble, and the
-        # host's counter also moves for whatever else it receives.
+        # host's counters also move for whatever else it receives.
         if self.facts.path_mtu is not None and isinstance(reasm, int) and reasm > 0:
-            # The agent's host dropped fragmented datagrams it could not reassemble: a dark
-            # cell may be an open one whose fragments met a full reassembly memory.
+            # The agent's host lost fragmented datagrams: a dark cell may be an open one
+            # whose fragments met a full reassembly memory.
+            if isinstance(timeouts, int):
+                how = (
+                    f"the agent's host lost {reasm:,} fragmented datagrams (its reassembly "
+                    "memory was full, or fragments overlapped: a firewall that drops by port "
+                    "passes all but the first fragment, and they wait there for 30 s, IPv6 60)"
+                )
+            else:  # an agent that counts every failure, timeouts too
+                how = (
+                    f"the agent's host failed to reassemble {reasm:,} fragmented datagrams (a "
+                    "firewall that drops by port passes the other fragments, and they fill the "
+                    "host's reassembly memory for 30 s, IPv6 60)"
+                )
             self.facts.warnings.append(
-                f"the agent's host failed to reassemble {reasm:,} fragmented datagrams (a "
-                "firewall that drops by port passes the other fragments, and they fill the "
-                "host's reassembly memory for 30 s): dark cells may be open, so they are "
-                "unknown; with --size under the path MTU nothing is fragmented"
+                f"{how}: dark cells may be open, so they are unknown; with --size under the "
+                "path MTU nothing is fragmented"
             )
             self._reassembly_lost = True
+        elif self.facts.path_mtu is not None and isinstance(timeouts, int) and timeouts > 0:
+            self.facts.warnings.append(
+                f"{timeouts:,} fragmented datagrams timed out at the agent's host, their first "
+                "fragment never there: a firewall that filters by port sees the ports in that "
+                "one only, and passes the rest; the host lost none other, so dark cells keep "
+                "their verdicts"
+            )
         self._note_closed_by_repeat()
         contradicted = self._contradicted_receipts()
         if contradicted:
@@ -1893,7 +1911,9 @@ class Sweep:
             )
             self.facts.warnings.append(
                 f"the datagram size ({self.plan.size} bytes) exceeds the path MTU: {said}; "
-                "datagrams went out fragmented, as a server's UDP socket sends them"
+                "datagrams went out fragmented, as a server's UDP socket sends them (a "
+                "firewall's reject may not answer a fragment, Linux's does not: a rejected "
+                "range can then show as blocked)"
             )
         if led.refused_receipts:
             self.facts.warnings.append(
