@@ -301,7 +301,8 @@ class SimRun:
         elif kind == "flushed":
             seq, mark = data
             self.reported = max(self.reported, mark)
-            sweep.on_flushed(seq, at, None)
+            run = self.agent.current  # what the agent counted, as its flushed reply has it
+            sweep.on_flushed(seq, at, run.stats() if run is not None else None)
         elif kind == "icmp":
             sweep.on_icmp([data], at)
         elif kind == "reject":

@@ -1084,6 +1084,24 @@ def test_fragments_that_only_timed_out_at_the_agents_host_leave_the_verdicts() -
     assert any("reject may not answer a fragment" in w for w in doc["warnings"])
 
 
+def test_datagrams_changed_or_duplicated_on_the_way_are_said_in_the_report() -> None:
+    """Corruption and duplication leave the verdicts right (a changed datagram fails its MAC
+    and counts as lost; a copy counts once), and the report says how many the agent threw
+    away and why, not only the document's ``agent_stats``."""
+    path = Path(rules=[Rule("drop", (2000, 2099))], corrupt=0.03, duplicate=0.2)
+    sim, doc = run(path, src_ports="1024-5023")
+    right(sim, doc, path)
+    rejected = doc["agent_stats"]["rejected"]
+    assert rejected.get("bad_mac", 0) + rejected.get("malformed", 0) > 0
+    assert rejected.get("duplicate", 0) > 0
+    refused = [w for w in doc["warnings"] if "failed its check" in w]
+    assert len(refused) == 1
+    assert f"{rejected.get('bad_mac', 0):,} with a MAC that does not verify" in refused[0]
+    assert any("more copies of datagrams it had already counted" in w for w in doc["warnings"])
+    clean = SimRun(Path(rules=[Rule("drop", (2000, 2099))]), src_ports="1024-5023").run()
+    assert not any("the agent re" in w for w in clean["warnings"])
+
+
 def test_reassembly_failures_do_not_matter_when_nothing_was_fragmented() -> None:
     """The host's counter moves for any traffic it receives; unfragmented probe datagrams
     cannot be among the failures, so the verdicts stand."""

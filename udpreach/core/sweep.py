@@ -1922,6 +1922,7 @@ class Sweep:
                 "complete (the agent's reports cannot be trusted)"
             )
         self._scattered_warning()
+        self._refused_warning()
 
     def _contradicted_receipts(self) -> int:
         """Open cells whose datagram the agent's own host answered, verified, with "port
@@ -1958,6 +1959,37 @@ class Sweep:
                 self.ledger.note_untested(
                     int(s), "not sent: the probe's ceiling per run came first", [d]
                 )
+
+    def _refused_warning(self) -> None:
+        """What the agent threw away, when it threw anything away: the document's
+        ``agent_stats`` has the counts, the report says what they mean."""
+        raw = self.facts.agent_stats.get("rejected")
+        rejected = raw if isinstance(raw, dict) else {}
+
+        def count(reason: str) -> int:
+            n = rejected.get(reason, 0)
+            return n if isinstance(n, int) else 0
+
+        mac, size = count("bad_mac"), count("malformed")
+        if mac + size:
+            parts = [f"{mac:,} with a MAC that does not verify"] if mac else []
+            parts += [f"{size:,} of the wrong length"] if size else []
+            self.facts.warnings.append(
+                f"the agent refused {mac + size:,} datagrams that failed its check "
+                f"({' and '.join(parts)}): changed on the way, or not sent by this run; none "
+                "counts as received, and the cells they named are retried as lost ones"
+            )
+        dup, old = count("duplicate"), count("other_run")
+        if dup:
+            self.facts.warnings.append(
+                f"the agent received {dup:,} more copies of datagrams it had already counted "
+                "(duplicated on the way, or replayed): each counted once"
+            )
+        if old:
+            self.facts.warnings.append(
+                f"the agent received {old:,} datagrams of an earlier run (late, or replayed): "
+                "none counts in this one"
+            )
 
     def _scattered_warning(self) -> None:
         """Flag blocked cells scattered among open ones: loss, or a rule on single ports.
