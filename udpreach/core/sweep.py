@@ -70,6 +70,7 @@ FIRST_CHECKPOINT = 1.0
 MAX_REQUEUES = 8  # per source port and stage; then the rest is untested
 SETTLE_MARGIN = 0.02  # seconds added to the measured delay before a round is judged
 DELAY_FACTOR = 1.25
+STRETCHED = 0.1  # a test burst sent over this share of its sender's refill period or more
 RECHECK_SAMPLE = 128  # settled cells of each kind sent again at the end
 RECHECK_TRIES = 3  # attempts an open cell gets in the recheck before it counts as changed
 MAX_RECHECK_TRIES = 12  # on a lossy path
@@ -217,6 +218,10 @@ class _Burst:
     split: int = 0
     pause: float = 0.0
     resume_at: float = 0.0
+    # Seconds its sends took (a paced one, or one a busy host stretched): a sender whose
+    # bucket refilled inside them may answer a late cell after an early one met it empty.
+    send_began: float = 0.0
+    send_time: float = 0.0
 
 
 @dataclass
@@ -613,6 +618,8 @@ class Sweep:
                 self._next_send += 0.001  # the kernel's buffer was full: ease off
         window.sent += sent_n
         self._last_send = now
+        if self._burst is not None and self.stage is Stage.PROBE:
+            self._burst.send_time += max(0.0, now - self._burst.send_began)
         rate = self.pilot_rate if self.stage is Stage.PILOT else self._rate()
         # Late (a slow wake-up, a busy machine): catch up by at most 10 ms of sending, and
         # not at all in small bursts, where a catch-up would go out back to back and overrun
@@ -1519,12 +1526,16 @@ class Sweep:
         if self._qpos == 0:
             burst.sent_at = now
         self._qpos += 1
-        # At the pilot's gentle rate, in the pacer's bursts (one datagram at a time before a
-        # limiter is suspected): a policer passes a burst of a few packets, and a test burst
-        # sent back to back would lose its last datagrams, the controls, to it every time,
-        # and read as rejects turned drops. A few milliseconds, against a refill of seconds.
-        size = max(1, self.pacer.burst)
-        return Send(tuple(groups), len(order), size, size / self.pilot_rate)
+        burst.send_began = now
+        if self.pacer.burst:
+            # A limiter is suspected on the path: at the pacer's rate, in its small bursts. A
+            # policer passes a burst of a few packets, and a test burst sent back to back
+            # lost its last datagrams, the controls, to it every time: rejects read as
+            # turned drops. A few milliseconds, against a refill of a second.
+            return Send(
+                tuple(groups), len(order), self.pacer.burst, self.pacer.burst / self._rate()
+            )
+        return Send(tuple(groups), len(order))  # back to back: no token refills inside it
 
     def _controls(self) -> dict[str, tuple[int, int]] | None:
         """One cell per ICMP sender that it rejected (verified) and that may be sent again;
@@ -1699,6 +1710,15 @@ class Sweep:
         horizon = min(
             (burst.answers.get(s, -1) for s in burst.controls or self.senders), default=-1
         )
+        # A burst whose sending took a tenth of a sender's refill period or more (paced, or
+        # a busy host stretched it) may have met a refill inside it: an early cell silent
+        # for an empty bucket, a later one answered from the new token. Its silences then
+        # confirm nothing (its answers still count).
+        stretched = any(
+            burst.send_time >= STRETCHED * self.senders[a].period
+            for a in burst.controls or self.senders
+            if a in self.senders
+        )
         controls = set(burst.controls.values())
         for i, (d, s, _a) in enumerate(burst.order):
             if i >= horizon:
@@ -1716,7 +1736,7 @@ class Sweep:
             if i in controls:  # a known reject, silent while its sender had a token: lost
                 self._note_reject_tests(s, 1, 1)
                 continue
-            if (d, s) not in burst.candidates:
+            if (d, s) not in burst.candidates or stretched:
                 continue
             v = led.view(d)
             if v.state[s] != PENDING:
