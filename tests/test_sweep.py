@@ -1085,18 +1085,23 @@ def test_fragments_that_only_timed_out_at_the_agents_host_leave_the_verdicts() -
 
 
 def test_datagrams_changed_or_duplicated_on_the_way_are_said_in_the_report() -> None:
-    """Corruption and duplication leave the verdicts right (a changed datagram fails its MAC
-    and counts as lost; a copy counts once), and the report says how many the agent threw
-    away and why, not only the document's ``agent_stats``."""
-    path = Path(rules=[Rule("drop", (2000, 2099))], corrupt=0.03, duplicate=0.2)
+    """Corruption, truncation and duplication leave the verdicts right (a changed datagram
+    fails its check and counts as lost; a copy counts once), and the report says how many
+    the agent threw away and why, not only the document's ``agent_stats``."""
+    path = Path(rules=[Rule("drop", (2000, 2099))], corrupt=0.03, truncate=0.02, duplicate=0.2)
     sim, doc = run(path, src_ports="1024-5023")
     right(sim, doc, path)
     rejected = doc["agent_stats"]["rejected"]
     assert rejected.get("bad_mac", 0) + rejected.get("malformed", 0) > 0
     assert rejected.get("duplicate", 0) > 0
-    refused = [w for w in doc["warnings"] if "failed its check" in w]
+    refused = [w for w in doc["warnings"] if w.startswith("the agent refused")]
     assert len(refused) == 1
-    assert f"{rejected.get('bad_mac', 0):,} with a MAC that does not verify" in refused[0]
+    mac, size = rejected.get("bad_mac", 0), rejected.get("malformed", 0)
+    assert (
+        f"{mac:,} with a MAC that does not verify" in refused[0]
+        if size
+        else (f"refused {mac:,} datagrams whose MAC does not verify" in refused[0])
+    )
     assert any("more copies of datagrams it had already counted" in w for w in doc["warnings"])
     clean = SimRun(Path(rules=[Rule("drop", (2000, 2099))]), src_ports="1024-5023").run()
     assert not any("the agent re" in w for w in clean["warnings"])

@@ -1992,11 +1992,17 @@ class Sweep:
 
         mac, size = count("bad_mac"), count("malformed")
         if mac + size:
-            parts = [f"{mac:,} with a MAC that does not verify"] if mac else []
-            parts += [f"{size:,} of the wrong length"] if size else []
+            if mac and size:
+                what = (
+                    f"{mac + size:,} datagrams that failed its check ({mac:,} with a MAC that "
+                    f"does not verify, {size:,} of the wrong length)"
+                )
+            elif mac:
+                what = f"{mac:,} datagrams whose MAC does not verify"
+            else:
+                what = f"{size:,} datagrams of the wrong length"
             self.facts.warnings.append(
-                f"the agent refused {mac + size:,} datagrams that failed its check "
-                f"({' and '.join(parts)}): changed on the way, or not sent by this run; none "
+                f"the agent refused {what}: changed on the way, or not sent by this run; none "
                 "counts as received, and the cells they named are retried as lost ones"
             )
         dup, old = count("duplicate"), count("other_run")
