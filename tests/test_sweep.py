@@ -1084,6 +1084,28 @@ def test_fragments_that_only_timed_out_at_the_agents_host_leave_the_verdicts() -
     assert any("reject may not answer a fragment" in w for w in doc["warnings"])
 
 
+def test_a_band_the_tests_find_open_after_the_sweep_says_the_path_changed() -> None:
+    """A drop band lifted after the sweep, while the ICMP tests of a reject band go on (a
+    review's rule flapping every 2 s came out as a mixture and no word of a change): the
+    tests deliver cells that were dark through every round. They count as open, the latest
+    evidence, and the report says the path changed, with where."""
+    rules = [Rule("drop", (30000, 39999)), Rule("reject", (50000, 50999))]
+    path = Path(rules=rules, later=(1.5, rules[1:]))
+    _, doc = run(path)
+    opened = sum(  # the band's open cells
+        max(0, min(r["last"], 39999) - max(r["first"], 30000) + 1)
+        for r in doc["ranges"]
+        if r["verdict"] == "open"
+    )
+    assert opened >= 10
+    changed = [w for w in doc["warnings"] if w.startswith("the path changed during the run")]
+    assert len(changed) == 1
+    assert f"{opened:,} cells dark through the sweep" in changed[0]
+    assert "dst 5000 source ports 3" in changed[0]
+    steady = SimRun(Path(rules=rules)).run()  # the same policy throughout: no such word
+    assert not any("dark through the sweep" in w for w in steady["warnings"])
+
+
 def test_datagrams_changed_or_duplicated_on_the_way_are_said_in_the_report() -> None:
     """Corruption, truncation and duplication leave the verdicts right (a changed datagram
     fails its check and counts as lost; a copy counts once), and the report says how many

@@ -70,6 +70,7 @@ FIRST_CHECKPOINT = 1.0
 MAX_REQUEUES = 8  # per source port and stage; then the rest is untested
 SETTLE_MARGIN = 0.02  # seconds added to the measured delay before a round is judged
 DELAY_FACTOR = 1.25
+OPENED_IN_TESTS = 10  # dark cells the ICMP tests delivered, at least, to say the path changed
 STRETCHED = 0.1  # a test burst sent over this share of its sender's refill period or more
 RECHECK_SAMPLE = 128  # settled cells of each kind sent again at the end
 RECHECK_TRIES = 3  # attempts an open cell gets in the recheck before it counts as changed
@@ -357,6 +358,9 @@ class Sweep:
         # at ours, and its controls wait out the spread (``_burst_pause``).
         self._error_rtt: dict[str, tuple[float, float]] = {}
         self._probe_started: float | None = None
+        # Per destination port, the open cells when the ICMP tests began, and the ledger and
+        # the count of dark cells then (``_opened_by_tests``).
+        self._open_before_tests: tuple[Ledger, dict[int, np.ndarray], int] | None = None
         self.conclusion: silence.Conclusion | None = None
         # Recheck.
         self._recheck: dict[tuple[int, int], str] = {}  # cell -> verdict before
@@ -1317,6 +1321,14 @@ class Sweep:
     # -- ICMP tests ----------------------------------------------------------------------------
 
     def _start_probe(self, now: float) -> None:
+        if self._open_before_tests is None:
+            led, planned = self.ledger, self._planned
+            states = {d: led.view(d).state for d in self.plan.dst_ports}
+            self._open_before_tests = (
+                led,
+                {d: st == OPEN for d, st in states.items()},
+                sum(int((st[planned] == PENDING).sum()) for st in states.values()),
+            )
         if self._bytes_capped or self.icmp_budget <= 0:
             if self._bytes_capped and not self.senders:  # nothing more may be sent
                 self._look(self._dark_runs(), now, send=False)
@@ -1900,6 +1912,7 @@ class Sweep:
                 "their verdicts"
             )
         self._note_closed_by_repeat()
+        self._opened_by_tests()
         contradicted = self._contradicted_receipts()
         if contradicted:
             self.facts.warnings.append(
@@ -1979,6 +1992,34 @@ class Sweep:
                 self.ledger.note_untested(
                     int(s), "not sent: the probe's ceiling per run came first", [d]
                 )
+
+    def _opened_by_tests(self) -> None:
+        """Cells dark through every round of the sweep that the ICMP tests then delivered:
+        the path changed after the sweep (a policy reloaded, or flapping), unless the sweep
+        lost all their datagrams, which its loss makes unlikely for more than a few (at
+        most a fifth of dark cells x upper loss squared). They stay open (the latest
+        evidence), and the report says so."""
+        if self._open_before_tests is None:
+            return
+        led, before, dark = self._open_before_tests
+        if led is not self.ledger:
+            return  # the sweep was repeated after: its own recheck speaks for it
+        total, where = 0, []
+        for d, was in before.items():
+            new = np.flatnonzero((self.ledger.view(d).state == OPEN) & ~was)
+            if len(new):
+                total += len(new)
+                where.append(f"dst {d} source ports {int(new[0])}-{int(new[-1])}")
+        loss = self.loss.upper if self.loss is not None else 0.0
+        if total < OPENED_IN_TESTS or total <= 5 * dark * loss**2:
+            return
+        shown = ", ".join(where[:4]) + (f" and {len(where) - 4} more" if len(where) > 4 else "")
+        self.facts.warnings.append(
+            f"the path changed during the run: {total:,} cells dark through the sweep were "
+            f"delivered by the ICMP tests after it ({shown}): a policy reloaded or flapping "
+            "(or a sweep that lost all their datagrams); they count as open, the latest "
+            "evidence, and their neighbours' verdicts may be of another moment"
+        )
 
     def _refused_warning(self) -> None:
         """What the agent threw away, when it threw anything away: the document's
