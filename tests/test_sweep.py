@@ -1106,6 +1106,23 @@ def test_a_band_the_tests_find_open_after_the_sweep_says_the_path_changed() -> N
     assert not any("dark through the sweep" in w for w in steady["warnings"])
 
 
+def test_open_cells_scattered_in_a_blocked_band_are_flagged() -> None:
+    """Single open ports inside a dropped band (here accept rules; a NAT pool that filled,
+    a session table or a changing policy look the same): each blocked cell is a fact, but
+    the pattern is said (a review's full NAT pool in one band was only called "blocked
+    cells scattered among open ones" at its edge)."""
+    rules = [Rule("drop", (30000, 39999))]
+    rules += [Rule("accept", (p, p)) for p in range(30000, 40000, 50)]
+    path = Path(rules=rules)
+    sim, doc = run(path, src_ports="25000-44999")
+    right(sim, doc, path)
+    lit = [w for w in doc["warnings"] if w.startswith("open cells lie scattered")]
+    assert len(lit) == 1
+    assert "5000: 30" in lit[0]
+    plain = SimRun(Path(rules=rules[:1]), src_ports="25000-44999").run()
+    assert not any(w.startswith("open cells lie scattered") for w in plain["warnings"])
+
+
 def test_datagrams_changed_or_duplicated_on_the_way_are_said_in_the_report() -> None:
     """Corruption, truncation and duplication leave the verdicts right (a changed datagram
     fails its check and counts as lost; a copy counts once), and the report says how many

@@ -2065,6 +2065,7 @@ class Sweep:
         open ones (rejected cells between blocked ones are one dark stretch: the edge of a
         reject and drop range is not scattered), and few blocked cells beside the open."""
         spans: list[str] = []
+        lit: list[str] = []  # the other way round: open cells scattered in blocked ones
         ports = self._planned_sorted
         for d in self.plan.dst_ports:
             state = self.ledger.view(d).state[ports]
@@ -2072,19 +2073,29 @@ class Sweep:
                 st = state[b : b + BLOCK]
                 blocked = int(np.count_nonzero(st == 2))
                 opened = int(np.count_nonzero(st == 1))
+                where = f"{d}: {ports[b]}-{ports[min(len(ports), b + BLOCK) - 1]}"
                 if blocked and opened and blocked <= opened // 4:
                     dark = ((st == 2) | (st == 3)).astype(np.int8)
                     runs = int(np.count_nonzero(np.diff(np.r_[0, dark]) == 1))
                     if runs >= 3:
-                        spans.append(f"{d}: {ports[b]}-{ports[min(len(ports), b + BLOCK) - 1]}")
+                        spans.append(where)
+                elif blocked and opened and opened <= blocked // 4:
+                    light = (st == 1).astype(np.int8)
+                    if int(np.count_nonzero(np.diff(np.r_[0, light]) == 1)) >= 3:
+                        lit.append(where)
         if spans:
-            shown = ", ".join(spans[:8]) + (f" and {len(spans) - 8} more" if len(spans) > 8 else "")
             if self.loss is not None and self.loss.upper < 0.001:
                 why = "no loss was seen: a rule on single ports?"
             else:
                 why = "loss, not a rule?"
             self.facts.warnings.append(
-                f"blocked cells lie scattered among open ones ({why}) in {shown}"
+                f"blocked cells lie scattered among open ones ({why}) in {_first_few(spans)}"
+            )
+        if lit:
+            self.facts.warnings.append(
+                "open cells lie scattered in blocked ones (a limit that filled by time, such "
+                "as a NAT pool or a session table, a policy that changed, heavy loss, or "
+                f"rules on single ports) in {_first_few(lit)}"
             )
 
     def progress(self, now: float | None = None) -> dict[str, Any]:
@@ -2236,6 +2247,12 @@ def _describe_changes(changed: list[tuple[int, int, str, str]]) -> str:
             f"dst {d} source ports {format_ports(sorted(srcs))} were {before}, now {after}"
         )
     return "; ".join(parts)
+
+
+def _first_few(spans: list[str], most: int = 8) -> str:
+    """``spans`` joined, the first ``most`` of them, and how many more."""
+    more = f" and {len(spans) - most} more" if len(spans) > most else ""
+    return ", ".join(spans[:most]) + more
 
 
 def _same_address(a: str, b: str) -> bool:
