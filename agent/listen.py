@@ -28,6 +28,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Protocol
 
 from agent import mmsg
@@ -264,34 +265,37 @@ def fragment_counters(
     no other; but while the memory is full every fragmented datagram is lost, open or not,
     and the coordinator must know, or it would call open cells blocked.
     """
-    found = [
-        _counter(path, "Ip:", "ReasmFails"),
-        _counter(path6, "", "Ip6ReasmFails"),
-        _counter(path, "Ip:", "ReasmTimeout"),
-        _counter(path6, "", "Ip6ReasmTimeout"),
-        _counter(path, "Udp:", "InCsumErrors"),
-        _counter(path6, "", "Udp6InCsumErrors"),
-    ]
-    if found[0] is None and found[1] is None:
+    v4, v6 = _snmp_counters(path), _snmp6_counters(path6)
+    if "Ip:ReasmFails" not in v4 and "Ip6ReasmFails" not in v6:
         return None
-    v = [n or 0 for n in found]
-    return FragmentCounters(v[0] + v[1], v[2] + v[3], v[4] + v[5])
+    return FragmentCounters(
+        v4.get("Ip:ReasmFails", 0) + v6.get("Ip6ReasmFails", 0),
+        v4.get("Ip:ReasmTimeout", 0) + v6.get("Ip6ReasmTimeout", 0),
+        v4.get("Udp:InCsumErrors", 0) + v6.get("Udp6InCsumErrors", 0),
+    )
 
 
-def _counter(path: str, table: str, name: str) -> int | None:
-    """A counter from a Linux ``/proc/net`` statistics file: in ``table`` (a header line
-    of names and a line of values, as ``snmp`` has them), or with no table a line per
-    counter, as ``snmp6`` has them. None if the file or the counter is not there."""
+def _read_lines(path: str) -> list[list[str]]:
     try:
         with open(path) as fh:
-            lines = [line.split() for line in fh if line.startswith(table or name)]
+            return [line.split() for line in fh]
     except OSError:
-        return None
-    try:
-        if not table:
-            return next(int(f[1]) for f in lines if len(f) == 2 and f[0] == name)
-        if len(lines) < 2 or name not in lines[0]:
-            return None
-        return int(lines[1][lines[0].index(name)])
-    except (ValueError, IndexError, StopIteration):
-        return None
+        return []
+
+
+def _snmp_counters(path: str) -> dict[str, int]:
+    """``/proc/net/snmp``: per table a line of names and a line of values, as
+    ``{"Table:Name": value}`` (an empty dict if the file is not there)."""
+    out: dict[str, int] = {}
+    lines = _read_lines(path)
+    for names, values in pairwise(lines):
+        if names and values and names[0] == values[0]:  # a table's names, then its values
+            for name, value in zip(names[1:], values[1:], strict=False):
+                if value.lstrip("-").isdigit():
+                    out[names[0] + name] = int(value)
+    return out
+
+
+def _snmp6_counters(path: str) -> dict[str, int]:
+    """``/proc/net/snmp6``: a line per counter, as ``{name: value}``."""
+    return {f[0]: int(f[1]) for f in _read_lines(path) if len(f) == 2 and f[1].isdigit()}

@@ -1023,27 +1023,6 @@ def test_delivery_that_stops_after_the_sweep_is_said_not_taken_for_a_new_policy(
     assert any("nothing got through any more" in w for w in doc["warnings"])
 
 
-def test_reassembly_failures_on_the_agents_host_make_dark_cells_unknown() -> None:
-    """Fragments a port firewall let through fill the agent host's reassembly memory:
-    every fragmented datagram is then lost, open or not. The agent says so, and dark cells
-    are unknown, not blocked."""
-    sim = SimRun(Path(rules=[Rule("drop", (2000, 2099))]), src_ports="1024-3023", size=3000)
-    sweep = sim.sweep
-    sweep.route_mtu = 1500  # 3000 bytes go out in fragments
-    sweep.facts.agent_stats = {"accepted": 0, "rejected": {}, "reassembly_failures": 612}
-    original = sweep.on_flushed
-
-    def with_stats(seq: int, now: float, stats: object = None) -> None:
-        original(seq, now, {"accepted": 0, "rejected": {}, "reassembly_failures": 612})
-
-    sweep.on_flushed = with_stats  # type: ignore[method-assign]
-    doc = sim.run()
-    assert doc["complete"] is False
-    assert doc["summary"]["blocked"] == 0
-    assert doc["summary"]["unknown"] == 100
-    assert any("failed to reassemble 612" in w for w in doc["warnings"])
-
-
 def _with_agent_stats(sim: SimRun, stats: dict[str, object]) -> None:
     """The agent's stats at every flush are ``stats`` (the simulated agent keeps none)."""
     original = sim.sweep.on_flushed
@@ -1054,14 +1033,39 @@ def _with_agent_stats(sim: SimRun, stats: dict[str, object]) -> None:
     sim.sweep.on_flushed = with_stats  # type: ignore[method-assign]
 
 
+def _fragmented_run(failures: int, timeouts: int) -> dict:
+    """A drop band of 100 ports, 3,000-byte datagrams over a 1,500 MTU, and an agent whose
+    host reports ``failures`` lost and ``timeouts`` timed-out fragmented datagrams."""
+    sim = SimRun(Path(rules=[Rule("drop", (2000, 2099))]), src_ports="1024-3023", size=3000)
+    sim.sweep.route_mtu = 1500
+    stats = {
+        "accepted": 0,
+        "rejected": {},
+        "reassembly_failures": failures,
+        "reassembly_timeouts": timeouts,
+    }
+    _with_agent_stats(sim, stats)
+    return sim.run()
+
+
+def test_reassembly_failures_on_the_agents_host_make_dark_cells_unknown() -> None:
+    """Fragments a port firewall let through fill the agent host's reassembly memory:
+    every fragmented datagram is then lost, open or not. The agent says so, and dark cells
+    are unknown, not blocked."""
+    sim = SimRun(Path(rules=[Rule("drop", (2000, 2099))]), src_ports="1024-3023", size=3000)
+    sim.sweep.route_mtu = 1500  # 3000 bytes go out in fragments
+    _with_agent_stats(sim, {"accepted": 0, "rejected": {}, "reassembly_failures": 612})
+    doc = sim.run()
+    assert doc["complete"] is False
+    assert doc["summary"]["blocked"] == 0
+    assert doc["summary"]["unknown"] == 100
+    assert any("failed to reassemble 612" in w for w in doc["warnings"])
+
+
 def test_fragments_lost_at_the_agents_host_beyond_timeouts_make_dark_cells_unknown() -> None:
     """With the timeouts counted apart, the host's other losses (a full memory, overlapping
     fragments) still leave dark cells unknown."""
-    sim = SimRun(Path(rules=[Rule("drop", (2000, 2099))]), src_ports="1024-3023", size=3000)
-    sim.sweep.route_mtu = 1500
-    stats = {"accepted": 0, "rejected": {}, "reassembly_failures": 3, "reassembly_timeouts": 40}
-    _with_agent_stats(sim, stats)
-    doc = sim.run()
+    doc = _fragmented_run(failures=3, timeouts=40)
     assert doc["complete"] is False
     assert doc["summary"]["unknown"] == 100
     assert any("host lost 3 fragmented datagrams" in w for w in doc["warnings"])
@@ -1072,11 +1076,7 @@ def test_fragments_that_only_timed_out_at_the_agents_host_leave_the_verdicts() -
     at the agent's host (30 s): each timeout is a datagram dropped on the way, and harms no
     other. Nothing else lost: dark cells are blocked as usual, and the report says why
     fragments timed out."""
-    sim = SimRun(Path(rules=[Rule("drop", (2000, 2099))]), src_ports="1024-3023", size=3000)
-    sim.sweep.route_mtu = 1500
-    stats = {"accepted": 0, "rejected": {}, "reassembly_failures": 0, "reassembly_timeouts": 100}
-    _with_agent_stats(sim, stats)
-    doc = sim.run()
+    doc = _fragmented_run(failures=0, timeouts=100)
     assert doc["complete"] is True
     assert doc["summary"]["blocked"] == 100
     assert doc["summary"]["unknown"] == 0
@@ -1150,14 +1150,8 @@ def test_reassembly_failures_do_not_matter_when_nothing_was_fragmented() -> None
     """The host's counter moves for any traffic it receives; unfragmented probe datagrams
     cannot be among the failures, so the verdicts stand."""
     sim = SimRun(Path(rules=[Rule("drop", (2000, 2099))]), src_ports="1024-3023", size=200)
-    sweep = sim.sweep
-    sweep.route_mtu = 1500
-    original = sweep.on_flushed
-
-    def with_stats(seq: int, now: float, stats: object = None) -> None:
-        original(seq, now, {"accepted": 0, "rejected": {}, "reassembly_failures": 612})
-
-    sweep.on_flushed = with_stats  # type: ignore[method-assign]
+    sim.sweep.route_mtu = 1500
+    _with_agent_stats(sim, {"accepted": 0, "rejected": {}, "reassembly_failures": 612})
     doc = sim.run()
     assert doc["complete"] is True
     assert doc["summary"]["blocked"] == 100
