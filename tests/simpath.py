@@ -9,8 +9,9 @@ Everything is deterministic from a seed. The path model has what real paths have
 * loss per port band (or on an ECMP member: a hash of the source port), a policer of N/s
   with a burst of B packets (on everything or on a band), a UDP one-way delay (the control
   channel has its own), NAT (source port rewriting), a session limit (new flows beyond N
-  are dropped), a hop with a small MTU (``fragmentation needed`` from that hop, after which
-  the probe's kernel fragments; a rule may drop fragments), a policy change at time T;
+  are dropped: on the whole path, or a NAT pool's on one band), a hop with a small MTU
+  (``fragmentation needed`` from that hop, after which the probe's kernel fragments; a rule
+  may drop fragments), a policy change at time T;
 * datagram mangling (duplicate, corrupt, truncate, reorder by jitter, replay of the run's
   earlier datagrams, datagrams of other runs put on the path) for the agent core's defences;
 * ICMP errors that quote whole datagrams (Linux) or headers only, and forged errors;
@@ -125,6 +126,7 @@ class Path:
     nat_address: str | None = None
     nat_pool: Callable[[int], str] | None = None  # the public address of each source port
     session_limit: int | None = None  # new flows beyond this many are dropped
+    session_band: tuple[int, int] | None = None  # the limit holds these source ports only
     mtu: int | None = None  # a hop's MTU (IPv4 header + UDP header + payload must fit)
     mtu_hop: str = ROUTER
     drop_fragments: bool = False
@@ -427,7 +429,11 @@ class SimRun:
                 return
         if p.forged_icmp and self.rng.random() < p.forged_icmp:
             self._schedule(t + 0.0002, "icmp", IcmpReport(dst, src, 3, 13, "198.18.9.9", quote=b""))
-        if p.session_limit is not None and (dst, src) not in self._flows:
+        if (
+            p.session_limit is not None
+            and (dst, src) not in self._flows
+            and (p.session_band is None or p.session_band[0] <= src <= p.session_band[1])
+        ):
             if len(self._flows) >= p.session_limit:
                 return
             self._flows.add((dst, src))

@@ -624,6 +624,53 @@ def test_session_limit_ends_the_run_in_bounded_time_and_blocks_nothing(tmp_path:
     assert 1800 <= int(m.group(1).replace(",", "")) <= 2200, why
 
 
+def test_a_nat_pool_that_fills_on_one_band_is_said_as_a_limit_by_time(tmp_path: Path) -> None:
+    """A source NAT maps one band's 1,000 source ports onto a pool of 100 ports: the band's
+    first 100 flows take the pool and every later one is dropped (no free tuple), whatever
+    its source port. The verdicts are what the router did (admitted flows open, the rest of
+    the band blocked: nothing arrived), and the report says that delivery in that band
+    stopped by time, with the flows that got through, rather than "a rule on single ports";
+    the drop band beside it is a port rule and is not named."""
+    policy = (
+        "table ip nat {\n"
+        "\tchain postrouting {\n"
+        "\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
+        '\t\toifname "agent0" udp sport 40000-40999 snat to 198.18.1.1:20000-20099\n'
+        "\t}\n"
+        "}\n"
+        "table inet udpreach {\n"
+        "\tchain forward {\n"
+        "\t\ttype filter hook forward priority filter; policy accept;\n"
+        f"\t\t{P} udp sport 50000-50999 drop\n"
+        "\t}\n"
+        "}\n"
+    )
+    with lab_udpreach(policy, tmp_path) as lr:
+        code, doc, err = timed_run(lr)
+        admitted = {c for c in conntrack_flows(lr.lab) if 40000 <= c[1] <= 40999}
+        why = context(code, doc, err, lr) + f"\nadmitted in the band: {len(admitted)}"
+
+    def truth(d: int, s: int) -> str:
+        if 40000 <= s <= 40999:
+            return "open" if (d, s) in admitted else "blocked"
+        return "blocked" if 50000 <= s <= 50999 else "open"
+
+    assert 50 <= len(admitted) <= 100, why  # the pool held them (the router's own count)
+    assert code == 0, why
+    assert wrong_cells(doc, truth) == [], why
+    said = [w for w in doc["warnings"] if w.startswith("delivery stopped by time")]
+    assert len(said) == 1, why
+    m = re.search(r"in (\d+): (\d+)-(\d+): the ([\d,]+) flows sent there first", said[0])
+    assert m, why
+    first, last = int(m.group(2)), int(m.group(3))
+    assert 40000 <= first <= 40010, why  # the band, give or take the first few sent
+    assert 40989 <= last <= 40999, why
+    flows = int(m.group(4).replace(",", ""))
+    assert flows == len([c for c in admitted if first <= c[1] <= last]), why
+    assert "50000" not in said[0], why
+    assert not [w for w in doc["warnings"] if "single ports" in w], why
+
+
 # --- 9. the policy changes during the run --------------------------------------------------
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from simpath import AGENT, PROBE, ROUTER, Path, Rule, SimRun, mismatches, truth, verdicts
 
-from udpreach.core import silence
+from udpreach.core import schema, silence
+from udpreach.core.recommend import recommend
 from udpreach.core.sweep import (
     TRANSITIONS,
     Finished,
@@ -870,6 +871,54 @@ def test_a_session_limit_is_reported_by_time_not_as_a_blocked_range() -> None:
     assert doc["summary"]["open"] == 2000
     assert any("stopped by time" in w and "2,000 flows" in w for w in doc["warnings"])
     assert sim.now < 5
+
+
+@pytest.mark.parametrize("pool", [10, 100, 300])
+def test_a_nat_pool_that_fills_on_one_band_is_a_limit_by_time_with_no_rule(pool: int) -> None:
+    """A NAT pool of ``pool`` flows on one band of 1,000 source ports: its first flows get
+    through, every later one is dropped. The verdicts are what crossed; the report says
+    where delivery stopped by time and after how many flows, not "single ports", and the
+    recommendation gives no rule for those cells (a rule would not open them)."""
+    band = (40000, 40999)
+    path = Path(session_limit=pool, session_band=band, rules=[Rule("drop", (50000, 50999))])
+    sim, doc = run(path)
+    crossed = set(sim.crossed())
+    got = verdicts(doc)
+    assert {c for c, v in got.items() if v == "open"} == crossed
+    assert {c for c, v in got.items() if v == "blocked"} == {
+        (5000, s) for s in range(40000, 51000) if (5000, s) not in crossed
+    }
+    (said,) = [w for w in doc["warnings"] if w.startswith(schema.FILLED_WARNING)]
+    m = re.search(r"in 5000: (\d+)-(\d+): the ([\d,]+) flows sent there first", said)
+    assert m, said
+    first, last, flows = int(m.group(1)), int(m.group(2)), int(m.group(3).replace(",", ""))
+    assert band[0] <= first <= band[0] + 10, said
+    assert band[1] - 10 <= last <= band[1], said
+    assert flows == len([s for _, s in crossed if first <= s <= last]), said
+    assert not [w for w in doc["warnings"] if "single ports" in w]
+    advice = recommend(doc)
+    (rule,) = advice["rules"]
+    assert rule["src_ports"] == "50000-50999"  # the drop band's rule, none for the pool's
+    assert rule["cells"] == 1000
+    assert any("where delivery stopped by time" in n for n in advice["notes"])
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        Path(rules=DEMO),
+        Path(loss=[((20000, 29999), 0.5)], rules=[Rule("drop", (40000, 49999))]),
+        Path(loss=[((1024, 65535), 0.8)]),
+        Path(band_police=((20000, 29999), 1000, 5)),
+        Path(later=(0.3, [Rule("drop", (40000, 49999))])),
+    ],
+    ids=["port-rules", "loss-on-a-band", "loss-80%", "policer-on-a-band", "policy-change"],
+)
+def test_port_rules_loss_and_policers_are_never_a_limit_by_time(path: Path) -> None:
+    """What the sending order has nothing to do with is never said as a limit by time (a
+    policy that changed is said as that, and the repeat's verdicts stand)."""
+    _sim, doc = run(path)
+    assert not [w for w in doc["warnings"] if w.startswith(schema.FILLED_WARNING)]
 
 
 # -- as fast as the path allows -------------------------------------------------------------------

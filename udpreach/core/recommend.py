@@ -31,6 +31,7 @@ port tested" would rest on the part that happened to be tested. One note says so
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -121,6 +122,39 @@ def iptables_rules(
     return out
 
 
+_FILLED_SPAN = re.compile(r"(\d+): (\d+)(?:-(\d+))?")
+
+
+def filled_spans(doc: dict[str, Any]) -> dict[int, list[Interval]]:
+    """The ranges where delivery stopped by time (a NAT pool, a session table that filled),
+    per destination port, as the document's warning names them (``schema.FILLED_WARNING``;
+    the first few, when there are many)."""
+    out: dict[int, list[Interval]] = defaultdict(list)
+    for w in doc.get("warnings") or []:
+        if not isinstance(w, str) or not w.startswith(schema.FILLED_WARNING):
+            continue
+        named = w[len(schema.FILLED_WARNING) :].split(": the ", 1)[0]
+        for item in named.split(", "):
+            m = _FILLED_SPAN.fullmatch(item.split(" and ", 1)[0])
+            if m:
+                a = int(m.group(2))
+                out[int(m.group(1))].append((a, int(m.group(3) or a)))
+    return dict(out)
+
+
+def _minus(iv: Interval, spans: list[Interval]) -> list[Interval]:
+    """``iv`` without the ports of ``spans``."""
+    parts = [iv]
+    for a, z in spans:
+        parts = [
+            p
+            for lo, hi in parts
+            for p in ((lo, min(hi, a - 1)), (max(lo, z + 1), hi))
+            if p[0] <= p[1]
+        ]
+    return parts
+
+
 def _address(text: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         return ipaddress.ip_address(str(text))
@@ -191,7 +225,10 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
         return "input"  # its own firewall (a REJECT rule says port unreachable by default)
 
     sampled = is_sampled(planned_spans(doc.get("ranges", [])))
+    filled = filled_spans(doc)
+    limited = 0  # blocked cells a limit that filled by time kept out: no rule opens them
     for d, rs in by_dst.items():
+        spans = filled.get(d, [])
         counts = dict.fromkeys(schema.VERDICTS, 0)
         counts["translated"] = 0
         shut: dict[str, list[Interval]] = defaultdict(list)
@@ -204,8 +241,16 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
                 counts["translated"] += n
                 translated_any = True
             if v in OPENABLE:
+                parts = [(int(r["first"]), int(r["last"]))]
+                if v == "blocked" and spans:
+                    parts = _minus(parts[0], spans)
+                    kept = sum(b - a + 1 for a, b in parts)
+                    limited += n - kept
+                    n = kept
+                if not parts:
+                    continue
                 kind = where(r)
-                shut[kind].append((int(r["first"]), int(r["last"])))
+                shut[kind].extend(parts)
                 shut_cells[kind] += n
                 if kind != "listener":
                     verdicts_of[d].add(v)
@@ -220,8 +265,11 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
                 fixed.append(d)
         for kind, ivs in shut.items():
 
-            def keep(r: Range, kind: str = kind) -> bool:
-                return where(r) == kind
+            def keep(r: Range, kind: str = kind, spans: list[Interval] = spans) -> bool:
+                inside = r["verdict"] == "blocked" and any(
+                    a <= int(r["first"]) and int(r["last"]) <= z for a, z in spans
+                )
+                return where(r) == kind and not inside
 
             closed[kind][d] = _closed_spans(rs, keep) if sampled else union(ivs)
             closed_cells[kind][d] = shut_cells[kind]
@@ -294,6 +342,12 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
                     f"{target} itself rejected some cells (its own firewall): their rules go "
                     "in its 'input' chain (INPUT), on that host"
                 )
+    if limited:
+        notes.append(
+            f"{limited:,} blocked cells lie where delivery stopped by time (a NAT pool, a "
+            "session table or a connection limit that filled: see the warnings), not where a "
+            "rule drops them: no rule is given for them"
+        )
     if rules and sampled:
         notes.append(
             "the plan sampled source ports: each rule opens the whole span from the first to "

@@ -34,6 +34,11 @@ KEYS = "udpreach/keys-v1"  # key list --json
 KEYRING = "udpreach/keyring-v1"  # the keyring file
 LAB_STATE = "udpreach/lab-v1"  # a lab's state file
 
+#: How the warning of a limit that filled by time begins (``Sweep._scattered_warning``); the
+#: ranges it names (``DST: FIRST-LAST``, comma-separated) follow, then ``": "``. The
+#: recommendations read them off the document (``recommend``): no rule is given for them.
+FILLED_WARNING = "delivery stopped by time, not by port range, in "
+
 
 # -- the run document's shape (contract.md; extra keys may be added, these keep their meaning)
 

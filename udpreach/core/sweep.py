@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from udpreach.core import silence
+from udpreach.core import schema, silence
 from udpreach.core.datagram import CHUNK_SHIFT, MIN_SIZE, TokenCodec
 from udpreach.core.document import build_document
 from udpreach.core.errors import ProtocolError
@@ -82,6 +82,12 @@ STOPPED_ANSWERING = 5  # bursts in a row a sender answered nothing of: it stoppe
 MIN_PAUSE = 0.005  # a spread of the errors' times under this is jitter: one send a burst
 MAX_PAUSE = 2.0  # the longest a burst's controls wait after its cells
 COLLAPSE_WINDOWS = 4  # windows in a row that delivered nothing: delivery stopped by time
+# A block of source ports where delivery stopped by time (``_filled``): its first cells sent
+# all came through, then none; so many open ones first would have this chance at most were
+# the verdicts unrelated to the sending order (a port rule, loss).
+FILL_CHANCE = 1e-6
+FILL_MIN_LEAD = 3  # open cells sent before the first dark one, at least
+FILL_MIN_DARK = 8  # dark cells in the block, at least
 PORT_UNREACHABLE = ((3, 3), (1, 4))  # ICMP, ICMPv6
 PMTU_ERRORS = ((3, 4, False), (2, 0, True))  # (type, code, ipv6): fragmentation needed
 
@@ -293,6 +299,10 @@ class Sweep:
         self._planned_sorted = np.sort(self._planned)  # (plans may list ports in any order)
         self._planned_sorted.setflags(write=False)
         self._block_of[self._planned_sorted] = np.arange(len(self._planned)) // BLOCK
+        # Each source port's place in the order the pilot and round 1 of the latest epoch
+        # sent them (-1: not sent there): how a limit that filled by time shows (``_filled``).
+        self._rank = np.full(65536, -1, dtype=np.int64)
+        self._ranked = 0
         # Sending: the stage's source ports in order, and the destinations of those that do
         # not go to every planned destination port.
         self._queue: np.ndarray = np.zeros(0, dtype=np.intp)
@@ -892,6 +902,9 @@ class Sweep:
             order = np.random.default_rng(self.rng.getrandbits(64)).permutation(len(srcs))
             srcs = srcs[order]
         self._queue = srcs
+        if stage is Stage.PILOT or (stage is Stage.SWEEP and self.round == 1):
+            self._rank[srcs] = np.arange(self._ranked, self._ranked + len(srcs))
+            self._ranked += len(srcs)
         self._only = only
         self._open_at = None
         self._qpos = 0
@@ -2058,18 +2071,105 @@ class Sweep:
                 "none counts in this one"
             )
 
+    def _filled(self) -> list[tuple[int, int, int, int, int]]:
+        """Ranges where delivery stopped by time, not by port range: ``(dst port, first,
+        last, open cells, blocked cells)``.
+
+        A NAT pool, a session table or a connection limit that a band's flows fill passes
+        the flows that come first and drops every later one, whatever its source port; the
+        sweep sends in a random order, so the band's open cells are then exactly the ones
+        sent first. A port rule or loss cannot do that: their verdicts have nothing to do
+        with the order. So a block whose first sent (pilot and round 1 of this epoch) ``k``
+        cells all came through before the first dark one, with a chance under
+        ``FILL_CHANCE`` were verdicts unrelated to the order, is one where delivery stopped
+        by time. Neighbouring flagged blocks make one range; it grows into the blocks beside
+        it while their cells fit (dark and sent after the first dark one, or open and sent
+        before it) and ends at its outermost dark cells."""
+        ports = self._planned_sorted
+        rank = self._rank[ports]
+        n = len(ports)
+        out: list[tuple[int, int, int, int, int]] = []
+        if not n or self._ranked == 0:
+            return out
+        nb = -(-n // BLOCK)
+        pad = nb * BLOCK - n
+        for d in self.plan.dst_ports:
+            state = self.ledger.view(d).state[ports]
+            sent = rank >= 0
+            lit = np.r_[(state == 1) & sent, np.zeros(pad, dtype=bool)].reshape(nb, BLOCK)
+            dark = np.r_[(state == 2) & sent, np.zeros(pad, dtype=bool)].reshape(nb, BLOCK)
+            n_lit, n_dark = lit.sum(axis=1), dark.sum(axis=1)
+            hits: dict[int, tuple[int, int]] = {}  # block: (last open, first dark) sent
+            for b in np.flatnonzero((n_dark >= FILL_MIN_DARK) & (n_lit >= FILL_MIN_LEAD)):
+                at = slice(int(b) * BLOCK, min(n, (int(b) + 1) * BLOCK))
+                keep = lit[b][: at.stop - at.start] | dark[b][: at.stop - at.start]
+                ranks = np.sort(rank[at][keep])
+                order = state[at][keep][np.argsort(rank[at][keep], kind="stable")]
+                lead = int(np.argmax(order == 2))  # open cells sent before the first dark one
+                if lead < FILL_MIN_LEAD:
+                    continue
+                k = np.arange(lead)
+                chance = float(np.prod((int(n_lit[b]) - k) / (len(order) - k)))
+                if chance < FILL_CHANCE:
+                    hits[int(b)] = (int(ranks[lead - 1]), int(ranks[lead]))
+            for first_b, last_b in _runs(sorted(hits)):
+                lo, hi = first_b * BLOCK, min(n, (last_b + 1) * BLOCK)
+                # The limit filled between these: the last open cell sent before a block's
+                # first dark one, and the first dark one, over the range's blocks.
+                filled = max(hits[b][0] for b in range(first_b, last_b + 1))
+                t = min(hits[b][1] for b in range(first_b, last_b + 1))
+                fits = sent & (((state == 2) & (rank > filled)) | ((state == 1) & (rank < t)))
+                misfit = np.flatnonzero(~fits[:lo])
+                lo = int(misfit[-1]) + 1 if len(misfit) else 0
+                misfit = np.flatnonzero(~fits[hi:])
+                hi = hi + int(misfit[0]) if len(misfit) else n
+                late = np.flatnonzero((state[lo:hi] == 2) & (rank[lo:hi] > filled))
+                if not len(late):
+                    continue
+                a, z = lo + int(late[0]), lo + int(late[-1])
+                span = state[a : z + 1]
+                out.append(
+                    (
+                        d,
+                        int(ports[a]),
+                        int(ports[z]),
+                        int(np.count_nonzero(span == 1)),
+                        int(np.count_nonzero(span == 2)),
+                    )
+                )
+        return out
+
     def _scattered_warning(self) -> None:
         """Flag blocked cells scattered among open ones: loss, or a rule on single ports.
 
         Scattered means at least three stretches of blocked cells apart from each other by
         open ones (rejected cells between blocked ones are one dark stretch: the edge of a
-        reject and drop range is not scattered), and few blocked cells beside the open."""
+        reject and drop range is not scattered), and few blocked cells beside the open.
+        Blocks where delivery stopped by time (``_filled``) are said as that instead."""
         spans: list[str] = []
         lit: list[str] = []  # the other way round: open cells scattered in blocked ones
         ports = self._planned_sorted
+        filled = self._filled()
+        if filled:
+            named = [f"{d}: {a}-{z}" if a != z else f"{d}: {a}" for d, a, z, _, _ in filled]
+            flows = sum(f[3] for f in filled)
+            late = sum(f[4] for f in filled)
+            self.facts.warnings.append(
+                f"{schema.FILLED_WARNING}{_first_few(named)}: the {flows:,} flows sent "
+                "there first got through, "
+                f"none of the {late:,} sent later (a NAT pool, session table or connection "
+                "limit that filled, or a policy that changed): those blocked cells may pass "
+                "when the limit has room, and no firewall rule would open them"
+            )
+        covered = {(d, a, z) for d, a, z, _, _ in filled}
         for d in self.plan.dst_ports:
             state = self.ledger.view(d).state[ports]
+            mine = [(a, z) for dd, a, z in covered if dd == d]
             for b in range(0, len(ports), BLOCK):
+                if any(
+                    a <= ports[min(len(ports), b + BLOCK) - 1] and ports[b] <= z for a, z in mine
+                ):
+                    continue
                 st = state[b : b + BLOCK]
                 blocked = int(np.count_nonzero(st == 2))
                 opened = int(np.count_nonzero(st == 1))
@@ -2247,6 +2347,17 @@ def _describe_changes(changed: list[tuple[int, int, str, str]]) -> str:
             f"dst {d} source ports {format_ports(sorted(srcs))} were {before}, now {after}"
         )
     return "; ".join(parts)
+
+
+def _runs(items: list[int]) -> list[tuple[int, int]]:
+    """Consecutive integers of a sorted list as (first, last) pairs."""
+    out: list[tuple[int, int]] = []
+    for i in items:
+        if out and i == out[-1][1] + 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return out
 
 
 def _first_few(spans: list[str], most: int = 8) -> str:
