@@ -728,6 +728,22 @@ def test_loss_is_not_a_block(path: Path) -> None:
     right(sim, doc, path)
     assert doc["loss"]["confidence_reached"] is True
     assert doc["loss"]["false_blocked_bound"] <= 0.01
+    # Where the loss is: a band that loses is named (its edges, give or take the first
+    # cells that happened to get through); loss spread over the plan, evenly or by a hash
+    # of the flow (an ECMP member), has no place.
+    where = doc["loss"].get("where")
+    if path.loss and path.loss[0][0] == (20000, 29999):
+        ((d, first, last),) = [(r["dst_port"], r["first"], r["last"]) for r in where]
+        assert d == 5000
+        assert 20000 <= first <= 20010
+        assert 29990 <= last <= 29999
+        assert where[0]["estimate"] == pytest.approx(0.5, abs=0.05)
+        assert doc["loss"]["elsewhere"] < 0.01
+        assert ", not spread: " in facts.confidence(doc).loss_text
+        assert "% in 5000: 200" in facts.confidence(doc).loss_text
+    else:
+        assert where is None
+        assert "not spread" not in facts.confidence(doc).loss_text
 
 
 def test_no_delivery_at_all_means_loss_unknown_not_zero() -> None:

@@ -131,6 +131,10 @@ class Confidence:
     rate_found: int | None
     rate_backoffs: int
     complete: bool = True
+    # Where the loss is, when it is not spread over the plan: (dst port, first, last, loss)
+    # of the lossiest ranges, and the loss elsewhere (``loss.where``, ``loss.elsewhere``).
+    where: tuple[tuple[int, int, int, float], ...] = ()
+    elsewhere: float | None = None
 
     @property
     def loss_text(self) -> str:
@@ -138,7 +142,15 @@ class Confidence:
             if not self.recorded:
                 return "not measured"
             return "unknown (no datagram arrived, so loss cannot be told from blocking)"
-        return f"{100 * self.estimate:.3g}% (<= {100 * self.upper:.2g}% at 99%)"
+        text = f"{100 * self.estimate:.3g}% (<= {100 * self.upper:.2g}% at 99%)"
+        if self.where:
+            shown = [f"{100 * p:.3g}% in {d}: {a}-{z}" for d, a, z, p in self.where[:3]]
+            more = len(self.where) - len(shown)
+            if more:
+                shown.append(f"{more} more range{'s' if more > 1 else ''}")
+            rest = f", {100 * self.elsewhere:.3g}% elsewhere" if self.elsewhere is not None else ""
+            text += f", not spread: {', '.join(shown)}{rest}"
+        return text
 
     @property
     def bound_text(self) -> str:
@@ -242,7 +254,26 @@ def confidence(doc: dict[str, Any]) -> Confidence:
         rate_found=_int(loss.get("rate_found")),
         rate_backoffs=_int(loss.get("rate_backoffs")) or 0,
         complete=complete,
+        where=_where(loss.get("where")) if estimate is not None else (),
+        elsewhere=_number(loss.get("elsewhere")),
     )
+
+
+def _where(raw: Any) -> tuple[tuple[int, int, int, float], ...]:
+    """``loss.where`` as (dst port, first, last, loss), the malformed entries left out."""
+    out: list[tuple[int, int, int, float]] = []
+    for r in raw if isinstance(raw, list) else []:
+        if not isinstance(r, dict):
+            continue
+        d, a, z, p = (
+            _int(r.get("dst_port")),
+            _int(r.get("first")),
+            _int(r.get("last")),
+            _number(r.get("estimate")),
+        )
+        if d is not None and a is not None and z is not None and p is not None:
+            out.append((d, a, z, p))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------
