@@ -2085,12 +2085,13 @@ class Sweep:
             if b.opened
         ]
         rest = {(d, i) for d, i, _, _ in ev}
-        for _ in range(2):
+        for k in range(3):
             lost = sum(f for d, i, f, _ in ev if (d, i) in rest)
             trials = sum(t for d, i, _, t in ev if (d, i) in rest)
-            # Twice the rest's loss at least: a flow-hashed loss (an ECMP member) spreads
-            # over every block, unevenly, and is no place.
-            twice = 2 * lost / trials if trials else 0.0
+            # Then twice the rest's loss at least (the first pass's pool holds the lossy
+            # blocks too): a flow-hashed loss (an ECMP member) spreads over every block,
+            # unevenly, and is no place.
+            twice = 2 * lost / trials if trials and k else 0.0
             rest = {
                 (d, i) for d, i, f, t in ev if not (lossier(f, t, lost, trials) and f > twice * t)
             }
