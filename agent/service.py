@@ -104,6 +104,13 @@ class AgentState:
     source: str | None = None  # the control connection's source address (callback_source)
 
 
+def reconnect_delay(backoff: float, ceiling: float, draw: float) -> float:
+    """The wait before logging on again: ``backoff`` jittered by half either way (agents
+    that lost one coordinator do not all come back at once, ``draw`` in [0, 1)), never past
+    ``ceiling`` (the README's "up to 10 s apart")."""
+    return min(ceiling, backoff * (0.5 + draw))
+
+
 def drain_all(state: AgentState) -> None:
     for li in state.listeners:
         while drain(state, li) == DRAIN_MAX:
@@ -413,7 +420,7 @@ async def run_agent(
                     raise
                 if trio.current_time() - started > 30:
                     backoff = 0.25
-                delay = backoff * (0.5 + random.random())
+                delay = reconnect_delay(backoff, cfg.backoff_max, random.random())
                 log.warning("%s; reconnecting in %.1fs", exc, delay)
                 await trio.sleep(delay)
                 backoff = min(cfg.backoff_max, backoff * 2)

@@ -30,6 +30,7 @@ from agent.service import (
     callback_source,
     drain,
     normalize_addr,
+    reconnect_delay,
 )
 from udpreach.core.datagram import Cell, Reject, TokenCodec, derive_run_key, run_tag
 from udpreach.core.errors import ConfigError
@@ -440,3 +441,16 @@ def test_the_callback_source_is_where_the_agent_listens(
 def test_a_listening_address_that_cannot_register_is_refused(bound: str, host: str) -> None:
     with pytest.raises(ConfigError, match="coordinator"):
         callback_source(bound, host)
+
+
+@pytest.mark.parametrize("draw", [0.0, 0.5, 0.999999])
+def test_the_reconnect_wait_is_jittered_and_never_past_its_ceiling(draw: float) -> None:
+    """The README promises "up to 10 s apart": the jitter (half either way) came on top of
+    the doubled backoff's 10 s cap, and an agent waited 14 s."""
+    backoff, waits = 0.25, []
+    for _ in range(12):
+        waits.append(reconnect_delay(backoff, 10.0, draw))
+        backoff = min(10.0, backoff * 2)
+    assert max(waits) <= 10.0
+    assert waits[0] == pytest.approx(0.25 * (0.5 + draw))
+    assert waits[-1] == pytest.approx(min(10.0, 10.0 * (0.5 + draw)))

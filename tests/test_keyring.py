@@ -345,9 +345,22 @@ def test_key_commands_fail_in_one_line(tmp_path: Path) -> None:
         (add("../x", "x.key"), 2, "key name"),
         (("key", "revoke", "zz", "--keyring", ring), 2, "no key named"),
         (("key", "list", "--keyring", str(tmp_path / "none.json")), 2, "no keyring"),
+        # An agent's key file as the coordinator's shared secret: nobody could log in.
+        (
+            ("probe", "--control", "127.0.0.1:0", "--secret-file", str(tmp_path / "a.key")),
+            2,
+            "is a key file (udpreach key add), not a shared secret",
+        ),
+        # A typo in the folder is an error, not a new folder (as ``probe --db``).
+        (
+            ("key", "add", "c", "--keyring", str(tmp_path / "typo" / "k.json")),
+            2,
+            f"no directory {tmp_path / 'typo'}",
+        ),
     ]:
         got = run_cli(*args)
         assert got.returncode == code, (args, got.stderr)
         (line,) = got.stderr.strip().splitlines()
         assert text in line, line
     assert not (tmp_path / "b.key").exists()
+    assert not (tmp_path / "typo").exists()

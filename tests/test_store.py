@@ -402,8 +402,12 @@ def test_diff_of_runs_with_nothing_in_common_is_exit_2(cli: typer.Typer, db: Pat
         st.finish("b", build_doc("b", src="3000-4000"))
     res = invoke(cli, "diff", "a", "b", "--db", str(db))
     assert res.exit_code == 2
-    assert "no planned cell in common" in res.stderr
-    assert "not compared" in res.stderr
+    # One line, and no "No verdict changed (0 cells compared)" on stdout before it.
+    assert res.stdout == ""
+    assert res.stderr.splitlines() == ["udpreach: runs a and b have no planned cell in common"]
+    res = invoke(cli, "diff", "a", "b", "--db", str(db), "--json")
+    assert res.exit_code == 2
+    assert json.loads(res.stdout)["schema"] == "udpreach/error-v1"
 
 
 def test_diff_writes_diff_reports(cli: typer.Typer, filled: Path, tmp_path: Path) -> None:
@@ -460,6 +464,20 @@ def test_expect_from_prints_a_file_the_run_satisfies(cli: typer.Typer, filled: P
     assert judge(baseline(), entries) == []
     assert [d["first"] for d in judge(after_change(), entries)] == [45000, 60100]
     assert "1 untested or unknown" in res.stderr
+
+
+def test_expect_from_an_incomplete_run_is_refused(cli: typer.Typer, tmp_path: Path) -> None:
+    """A run stopped half-way settled scattered cells in its random order: an expectation
+    file from it judged those and silently left the rest unjudged (a CI baseline that
+    never checks most of the path). It is one line and exit 2, and nothing on stdout."""
+    run = tmp_path / "stopped.json"
+    run.write_text(json.dumps(docsamples.incomplete()))
+    res = invoke(cli, "expect", "--from", str(run), "--db", str(tmp_path / "none.sqlite3"))
+    assert res.exit_code == 2, res.output
+    assert res.stdout == ""
+    (line,) = res.stderr.splitlines()
+    assert line.startswith("udpreach: run 20251126T030000-778899 did not complete (")
+    assert "take one from a complete run" in line
 
 
 # ---------------------------------------------------------------------------------------

@@ -267,6 +267,9 @@ def edit(path: str | Path | None = None, *, create: bool = False) -> Iterator[Ke
 
     forbid_core_dumps()
     p = Path(path) if path is not None else default_path()
+    if path is not None and not p.parent.is_dir():
+        # A path given is taken as given (as ``probe --db``): a typo makes no directories.
+        raise ConfigError(f"cannot use keyring {p}: no directory {p.parent}")
     try:
         p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock_fd = os.open(p.with_name(p.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)

@@ -235,6 +235,12 @@ def diff(
     report_out = _to_stdout(as_json, junit, markdown, csv_out, html)
     doc_a, doc_b = _load(db, run_a, run_b)
     d = diff_runs(doc_a, doc_b)
+    if not d["compared"]:  # before any output: "no verdict changed (0 cells)" misleads
+        fail(
+            f"runs {d['run_a']} and {d['run_b']} have no planned cell in common",
+            2,
+            as_json=as_json,
+        )
     if as_json:
         print_json(d)
     else:
@@ -251,8 +257,6 @@ def diff(
     for line in _diff_notes(doc_a, doc_b, d):
         note(f"note: {line}")
     _write(d, junit, markdown, csv_out, html)
-    if not d["compared"]:
-        fail(f"runs {d['run_a']} and {d['run_b']} have no planned cell in common", 2)
     if d["changes"]:
         raise typer.Exit(1)
 
@@ -308,11 +312,20 @@ def expect_from_run(
     from udpreach.core.expect import expect_from
 
     (doc,) = _load(db, from_run)
+    s = doc.get("summary") or {}
+    if not doc.get("complete"):
+        # Its cells that happened to settle are scattered ports in the probe's random
+        # order, and the rest would go unjudged: a baseline that silently judges less.
+        unknown = int(s.get("unknown", 0))
+        fail(
+            f"run {doc.get('run_id')} did not complete ({unknown:,} cells unknown): an "
+            "expectation file from it would leave them unjudged; take one from a complete run",
+            2,
+        )
     sys.stdout.write(expect_from(doc))
     sys.stdout.flush()
-    s = doc.get("summary") or {}
     left = int(s.get("untested", 0)) + int(s.get("unknown", 0))
-    if not doc.get("complete") or left:
+    if left:
         note(
             f"note: run {doc.get('run_id')} has {left:,} untested or unknown cells; "
             "they are left out (not judged)"

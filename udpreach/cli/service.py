@@ -190,6 +190,7 @@ def probe(
     """Server side: host the coordinator and the UDP probe until SIGINT/SIGTERM."""
     import os
 
+    from udpreach.core.framing import KEY_HEADER
     from udpreach.keyring import default_path as default_keyring
     from udpreach.logs import setup_logging
     from udpreach.secret import ENV_VAR as SECRET_ENV
@@ -204,6 +205,14 @@ def probe(
     except OSError:  # the default keyring's folder is not this user's to look in
         ring = None if has_secret else found  # without a secret, reading it says why
     secret = load_secret(secret_file) if has_secret or ring is None else None
+    if secret is not None and secret.startswith(KEY_HEADER + b" "):
+        # An agent's or operator's key file: as the coordinator's shared secret, nobody
+        # could ever authenticate (their keys derive from the keyring's master key).
+        raise ConfigError(
+            f"{secret_file or os.environ.get(SECRET_ENV)} is a key file (udpreach key add), "
+            "not a shared secret: the coordinator takes keys from its keyring (--keyring); "
+            "a shared secret comes from: udpreach secret new FILE"
+        )
     nets = []
     for cidr in allow_target or []:
         try:
