@@ -220,6 +220,13 @@ def run(
     if failure is not None:
         fail(*failure, as_json=as_json)
     if doc.get("deviations"):
+        # Said on stderr too: a CI log that keeps only stderr (the report went to a file or
+        # a pipe) otherwise shows exit 1 and nothing.
+        n = sum(int(r["last"]) - int(r["first"]) + 1 for r in doc["deviations"])
+        note(
+            f"udpreach: {n:,} cell{'' if n == 1 else 's'} differ from --expect {expect} "
+            f"(in {len(doc['deviations']):,} range{'' if len(doc['deviations']) == 1 else 's'})"
+        )
         raise typer.Exit(1)
 
 
