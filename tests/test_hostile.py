@@ -183,11 +183,13 @@ def test_probe_ceilings_clamp_rate_and_refuse_big_plans(tmp_path: Path, secret_f
         assert len(big.stderr.strip().splitlines()) == 1
         assert "--max-datagrams" in big.stderr
         assert "6144" in big.stderr.replace(",", "")
+        assert "lower --copies" in big.stderr  # and what to do about it
 
         # Auto copies (no --copies): 8,192 cells cannot even get one datagram each.
         auto = run("--src-ports", "1024-9215", "--json")
         assert auto.returncode == 2, auto.stderr
         assert "--max-datagrams" in auto.stderr
+        assert "8192 cells, a datagram each at least" in auto.stderr
 
 
 # --- the lab: hostile datagrams during a full sweep, and no UDP from the agent ------------

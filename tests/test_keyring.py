@@ -34,9 +34,13 @@ from udpreach.secret import load_secret
 # --- the keyring file ---------------------------------------------------------------------
 
 
-def test_add_list_revoke_and_generations(tmp_path: Path) -> None:
-    path = tmp_path / "conf" / "keyring.json"
-    with kr.edit(path, create=True) as ring:
+def test_add_list_revoke_and_generations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The default place: its folders are made (0700); a --keyring given makes none.
+    monkeypatch.delenv(kr.ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "conf"))
+    path = tmp_path / "conf" / "udpreach" / "keyring.json"
+    assert kr.default_path() == path
+    with kr.edit(None, create=True) as ring:
         first = ring.add("pc-17", "agent")
         ring.add("ci", "operator")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600

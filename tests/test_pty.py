@@ -349,6 +349,7 @@ def test_history_and_key_list_fit_a_narrow_terminal(
                    for line in lines), res.text  # fmt: skip
     env = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
     keyring = tmp_path / "config" / "udpreach" / "keyring.json"
+    keyring.parent.mkdir(parents=True)  # a --keyring given makes no folders (as --db)
     for argv in (["pc-17-with-a-long-name", "--out", str(tmp_path / "k1")],
                  ["ci", "--operator", "--out", str(tmp_path / "k2")]):  # fmt: skip
         added = run_pty(udpreach_argv("key", "add", *argv, "--keyring", str(keyring)), cols=60)

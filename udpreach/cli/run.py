@@ -27,7 +27,7 @@ from udpreach.cli.common import (
     print_json,
 )
 from udpreach.core import schema
-from udpreach.core.errors import ConfigError
+from udpreach.core.errors import ConfigError, PortSpecError
 from udpreach.core.messages import NAME_RE
 
 
@@ -47,8 +47,14 @@ def _plan(
     from udpreach.core.plan import MAX_ICMP_BUDGET, MAX_MAX_DELAY
     from udpreach.core.portspec import format_ports, parse_ports
 
-    src = parse_ports(src_ports, allow_random=True)
-    dst = format_ports(parse_ports(dst_ports)) if dst_ports is not None else None
+    try:
+        src = parse_ports(src_ports, allow_random=True)
+    except PortSpecError as exc:
+        raise PortSpecError(f"--src-ports: {exc}") from None
+    try:
+        dst = format_ports(parse_ports(dst_ports)) if dst_ports is not None else None
+    except PortSpecError as exc:
+        raise PortSpecError(f"--dst-ports: {exc}") from None
     if copies is not None and not 1 <= copies <= 255:
         raise ConfigError(f"--copies must be 1-255, got {copies}")
     if rate <= 0:

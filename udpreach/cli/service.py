@@ -29,7 +29,7 @@ from udpreach.cli.common import (
     parse_endpoint,
     path_option,
 )
-from udpreach.core.errors import ConfigError, UdpreachError
+from udpreach.core.errors import ConfigError, PortSpecError, UdpreachError
 from udpreach.core.errors import leaves as error_leaves
 
 log = logging.getLogger("udpreach.probe")
@@ -115,9 +115,12 @@ def _send_mode_line(send_mode: str) -> str:
         return "send mode: bind (a socket bound per source port; busy ports are untested)"
     if why is None:
         return f"send mode: {send_mode} -> raw sockets (any source port, even busy ones)"
+    # ``why`` ends with its advice to the user who asked for raw ("... or use --send-mode
+    # bind"): here bind is what auto chose already, so only the reason is said.
+    why = why.split(" (run the probe as root", 1)[0]
     return (
-        f"send mode: auto -> bind ({why}); source ports below 1024 and ports in use here "
-        "will be untested"
+        f"send mode: auto -> bind ({why}: run the probe as root for raw mode); source ports "
+        "below 1024 and ports in use here will be untested"
     )
 
 
@@ -356,7 +359,10 @@ def agent(
             raise ConfigError(
                 f"--listen {listen!r}: give an IP address of this host (not a name)"
             ) from None
-    ports = parse_ports(port, allow_zero=True)
+    try:
+        ports = parse_ports(port, allow_zero=True)
+    except PortSpecError as exc:
+        raise PortSpecError(f"--port: {exc}") from None
     if len(ports) > 1024:
         raise ConfigError("an agent listens on at most 1024 ports")
     secret = load_secret(secret_file)

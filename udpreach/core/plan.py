@@ -144,10 +144,16 @@ def plan_from_request(
     plan = Plan(src, dst, copies, auto, rate, size, confidence, icmp_budget, max_delay)
     if plan.cells > MAX_CELLS:
         raise ConfigError(f"plan has {plan.cells} cells; the most a run may have is {MAX_CELLS}")
-    if plan.cells > max_datagrams or (plan.cells * plan.copies > max_datagrams and not auto):
+    if plan.cells > max_datagrams:
         raise ConfigError(
-            f"plan could send {plan.cells * plan.copies} datagrams; the probe allows "
-            f"{max_datagrams} per run (--max-datagrams)"
+            f"plan has {plan.cells} cells, a datagram each at least; the probe allows "
+            f"{max_datagrams} datagrams per run (--max-datagrams): plan fewer cells"
+        )
+    if plan.cells * plan.copies > max_datagrams and not auto:
+        raise ConfigError(
+            f"plan could send {plan.cells * plan.copies} datagrams ({plan.cells} cells, "
+            f"--copies {plan.copies}); the probe allows {max_datagrams} per run "
+            "(--max-datagrams): lower --copies or plan fewer cells"
         )
     wire = plan.size + header_bytes  # bytes a datagram takes on the wire
     if max_bytes is not None and plan.cells * wire > max_bytes:

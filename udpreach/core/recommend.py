@@ -334,8 +334,9 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
                 cmd = "iptables" if fam == 4 else "ip6tables"
                 notes.append(
                     "the rules assume an nftables table 'inet filter' with a 'forward' chain "
-                    f"({cmd}: FORWARD) on a router between probe and agent; adjust to your "
-                    "ruleset, and prefer fixing the rule that blocks over adding exceptions"
+                    f"({cmd}: FORWARD) on a router between probe and agent; insert them in "
+                    "the chain that holds the rule that blocks (an accept in another table's "
+                    "chain does not undo its drop), or better, fix that rule"
                 )
             if "input" in closed:
                 notes.append(

@@ -27,7 +27,7 @@ from typing import Any
 from udpreach.core import schema
 from udpreach.core.errors import PortSpecError
 from udpreach.core.intervals import Range, is_sampled, planned_spans
-from udpreach.core.portspec import format_ports, parse_ports, ranges_of
+from udpreach.core.portspec import HIGH_FIRST, PORT_LAST, format_ports, parse_ports, ranges_of
 from udpreach.render.fold import Folded, Row
 
 VERDICTS = schema.VERDICTS
@@ -339,6 +339,8 @@ def src_ports_text(plan: dict[str, Any], *, sep: str = ",") -> str:
     n = sum(b - a + 1 for a, b in spans)
     lo, hi = spans[0][0], spans[-1][1]
     if is_sampled(spans):
+        if lo >= HIGH_FIRST:  # random:N draws from all the high ports, not the samples' span
+            return f"{n:,} source ports sampled from {HIGH_FIRST}-{PORT_LAST} ({lo} to {hi})"
         return f"{n:,} source ports sampled from {lo}-{hi}"
     return f"{n:,} source ports in {len(spans):,} spans from {lo}-{hi}"
 
