@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -289,6 +291,10 @@ def test_audit_log_json_records_refusals(tmp_path: Path, secret_file: Path) -> N
         r["level"] == "warning" and "authentication failed from 127.0.0.1" in r["msg"]
         for r in records
     ), records
+    for r in records:  # UTC, as the readable lines: the same instant in two forms
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r["time"]), r
+        stamp = datetime.strptime(r["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        assert abs(stamp.timestamp() - r["ts"]) < 0.002, r
     text = log.read_text()
     assert secret_file.read_text().strip() not in text
     assert "ffffffffffffffffffffffffffffffff" not in text

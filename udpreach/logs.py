@@ -1,8 +1,8 @@
 """Logging for the long-running commands: readable lines or JSON lines on stderr.
 
 Readable lines start with the time in UTC, ISO 8601 with its ``Z``, so lines from a probe and
-an agent in different time zones can be put side by side; JSON lines carry ``ts``, seconds
-since the epoch.
+an agent in different time zones can be put side by side; JSON lines carry the same as
+``time`` (with milliseconds) and ``ts``, seconds since the epoch.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return json.dumps(
             {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                + f".{int(record.msecs):03d}Z",
                 "ts": round(record.created, 3),
                 "level": record.levelname.lower(),
                 "logger": record.name,
