@@ -172,8 +172,8 @@ def down(
         bool, typer.Option("--all", help="Remove every lab `up` made (when several are up).")
     ] = False,
 ) -> None:
-    """Remove a lab: its namespaces, whatever runs in them, its firewall (and any lab whose
-    owner is gone)."""
+    """Remove a lab: its namespaces, whatever runs in them, its firewall (and any stale lab,
+    left by a demo or a test that died; one still in use is never touched)."""
     from udpreach import lab
 
     if name is not None and every:
