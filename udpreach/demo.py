@@ -112,17 +112,32 @@ def wait_ready(path: Path, proc: subprocess.Popen[bytes], log: Path) -> dict[str
 
 
 def say(text: str) -> None:
-    """A note on stderr, wrapped at word boundaries to the terminal's width."""
+    """A note on stderr: on a terminal wrapped at word boundaries to its width, the lines
+    after the first indented (as the report's); piped, one line."""
+    import textwrap
+
     from udpreach.render.console import report_console
 
-    report_console(stderr=True).print(text, markup=False)
+    console = report_console(stderr=True)
+    if not console.is_terminal:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+        return
+    for line in textwrap.wrap(
+        text,
+        width=max(20, console.width),
+        subsequent_indent="  ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    ):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 #: The demo's probe keeps its history in the demo's own directory, removed at the end (a
 #: demo leaves nothing behind); the report names its run all the same, so say so.
 NO_HISTORY = (
-    "udpreach demo: its run history went with it (udpreach show finds the runs of a probe "
-    "you start yourself: README, across two hosts)"
+    "udpreach demo: its run history went with it: the demo's probe kept it in a folder of "
+    "its own, now removed (udpreach history and show find the runs of a probe you start "
+    "yourself: README, across two hosts)"
 )
 
 
