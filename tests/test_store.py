@@ -255,6 +255,16 @@ def test_prefixes(store: RunStore) -> None:
         store.load("20251126t02")  # ids are case-sensitive
     with pytest.raises(UnknownRunError):
         store.load("  ")
+    # The end of an id, its random part, where runs of one day share their start.
+    assert store.load("d4e5f6")["run_id"] == "20251126T020000-d4e5f6"
+    assert store.load("778899")["run_id"] == "20251126T030000-778899"
+    with pytest.raises(UnknownRunError, match="no stored run"):
+        store.load("D4E5F6")  # ids are case-sensitive at the end too
+    with pytest.raises(UnknownRunError, match="no stored run"):
+        store.load("%f6")  # LIKE wildcards are literal at the end too
+    store.finish("20251127T000000-0000f6", build_doc("20251127T000000-0000f6"))
+    with pytest.raises(UnknownRunError, match="'f6' is ambiguous"):
+        store.load("f6")  # the end of two of them
 
 
 def test_history_newest_first_with_limit(store: RunStore) -> None:

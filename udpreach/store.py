@@ -472,10 +472,11 @@ class RunStore:
         )
 
     def resolve(self, run_id_or_prefix: str) -> str:
-        """The full run id for an id or a unique prefix of one.
+        """The full run id for an id, or a unique prefix of one, or a unique end of one
+        (its random part).
 
         Raises:
-            UnknownRunError: nothing matches, or the prefix is ambiguous.
+            UnknownRunError: nothing matches, or more than one run does.
         """
         key = run_id_or_prefix.strip()
         if not key:
@@ -490,10 +491,19 @@ class RunStore:
         # LIKE is case-insensitive for ASCII; run ids are not.
         ids = [str(r["run_id"]) for r in rows if str(r["run_id"]).startswith(key)]
         if not ids:
+            # The end of an id (its random part, ``...-8c6c6b``) tells runs of one day
+            # apart, where the start does not.
+            rows = self._read(
+                "SELECT run_id FROM runs WHERE run_id LIKE ? ESCAPE '\\' "
+                "ORDER BY started DESC LIMIT 6",
+                ("%" + escaped,),
+            )
+            ids = [str(r["run_id"]) for r in rows if str(r["run_id"]).endswith(key)]
+        if not ids:
             raise UnknownRunError(f"no stored run matches {key!r} (see `udpreach history`)")
         if len(ids) > 1:
             shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
-            raise UnknownRunError(f"run id prefix {key!r} is ambiguous: {shown}")
+            raise UnknownRunError(f"run id {key!r} is ambiguous: {shown}")
         return ids[0]
 
     def load(self, run_id_or_prefix: str) -> dict[str, Any]:
@@ -504,7 +514,7 @@ class RunStore:
         ``running`` or ``incomplete``.
 
         Raises:
-            UnknownRunError: nothing matches, or the prefix is ambiguous.
+            UnknownRunError: nothing matches, or more than one run does.
             DamagedRunError: the stored run does not match its digest or cannot be read.
         """
         run_id = self.resolve(run_id_or_prefix)

@@ -187,7 +187,8 @@ def show(
     run_id: Annotated[
         str,
         typer.Argument(
-            metavar="RUN_ID", help="A run id, a unique prefix of one, or a file `run --json` wrote."
+            metavar="RUN_ID",
+            help="A run id, a unique start or end of one, or a file `run --json` wrote.",
         ),
     ],
     db: DbOpt = None,
@@ -217,10 +218,15 @@ def show(
 def diff(
     run_a: Annotated[
         str,
-        typer.Argument(metavar="RUN_A", help="The earlier run (id, unique prefix or JSON file)."),
+        typer.Argument(
+            metavar="RUN_A", help="The earlier run (id, unique start or end of one, or JSON file)."
+        ),
     ],
     run_b: Annotated[
-        str, typer.Argument(metavar="RUN_B", help="The later run (id, unique prefix or JSON file).")
+        str,
+        typer.Argument(
+            metavar="RUN_B", help="The later run (id, unique start or end of one, or JSON file)."
+        ),
     ],
     db: DbOpt = None,
     as_json: JsonOpt = False,
@@ -303,7 +309,9 @@ def expect_from_run(
     from_run: Annotated[
         str,
         typer.Option(
-            "--from", help="The run (id, unique prefix or JSON file) to take expectations from."
+            "--from",
+            help="The run (id, unique start or end of one, or JSON file) to take expectations "
+            "from.",
         ),
     ],
     db: DbOpt = None,
