@@ -36,7 +36,7 @@ MIN_WINDOW = 128
 WINDOW_SECONDS = 0.02
 MIN_DROP = 0.1  # a window must lose 10% more than the reference to count as bad
 BATCH_SECONDS = 0.004  # at full speed a batch holds this much sending
-PACED_SECONDS = 0.002  # in small bursts, a batch holds this much sending (the sender spaces it)
+PACED_SECONDS = 0.005  # in small bursts, a batch holds this much sending (the sender spaces it)
 LIMITED_BURST = 4  # datagrams sent back to back once a limiter is suspected
 CUT_MARGIN = 0.95  # run this far under the rate a limiter was found to pass
 
