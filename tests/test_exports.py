@@ -22,6 +22,7 @@ from conftest import run_cli
 from docsamples import BASELINE_EXPECT, after_change, baseline, build_doc, cell_verdicts, docs
 from hypothesis import given, settings
 
+from udpreach.core import schema
 from udpreach.core.diff import diff_runs
 from udpreach.core.expect import expect_from, judge, parse_expect
 from udpreach.core.intervals import merge_ranges
@@ -425,6 +426,30 @@ def test_ports_sharing_a_pattern_share_a_rule() -> None:
     (rule,) = recommend(build_doc(dst=(5000, 5001, 5002), spans=spans))["rules"]
     assert rule["dst_ports"] == [5000, 5001]
     assert rule["nft"].endswith("udp sport 40000-49999 udp dport 5000-5001 accept")
+
+
+def test_cells_a_filled_limit_kept_out_get_no_rule() -> None:
+    """The ranges a "delivery stopped by time" warning names (a NAT pool that filled) are
+    left out of the rules, whichever of its forms names them (a single port, the first few
+    and how many more); a blocked range that straddles one keeps its part outside."""
+    spans = [
+        {"dst": 5000, "first": 40000, "last": 40999, "verdict": "blocked"},
+        {"dst": 5000, "first": 50000, "last": 50999, "verdict": "blocked"},
+        {"dst": 5001, "first": 45000, "last": 45000, "verdict": "blocked"},
+    ]
+    doc = build_doc(dst=(5000, 5001), spans=spans)
+    doc["warnings"] = [
+        schema.FILLED_WARNING + "5000: 40500-41500, 5001: 45000 and 3 more: the 100 flows "
+        "sent there first got through, none of the 900 sent later (...)"
+    ]
+    advice = recommend(doc)
+    by_dst = {tuple(r["dst_ports"]): r["src_ports"] for r in advice["rules"]}
+    assert by_dst == {(5000,): "40000-40499,50000-50999"}
+    assert advice["rules"][0]["cells"] == 1500
+    (said,) = [n for n in advice["notes"] if "where delivery stopped by time" in n]
+    assert said.startswith("501 blocked cells")  # 40500-40999 and 45000
+    doc["warnings"] = []
+    assert len(recommend(doc)["rules"]) == 2  # without the warning, every blocked cell
 
 
 def test_iptables_multiport_takes_at_most_15_ports() -> None:
