@@ -470,6 +470,42 @@ def swap_policy_after(
         thread.join(timeout=timeout)
 
 
+@contextmanager
+def outage_after(
+    lab: Lab, policy: str, datagrams: int, seconds: float, *, timeout: float = 60.0
+) -> Iterator[PolicySwap]:
+    """An outage in the middle of a run: once ``policy``'s rule counters have counted
+    ``datagrams``, the router drops everything it would forward for ``seconds`` (a link
+    down, a reload that flushed its rules first), then ``policy`` is back. ``at`` is when
+    the drop began; ``seen`` the datagrams counted then."""
+    swap = PolicySwap()
+    stop = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        try:
+            while not stop.is_set() and time.monotonic() < deadline:
+                seen = sum(rule_counters(lab).values())
+                if seen >= datagrams:
+                    lab.load_policy("drop\n")
+                    swap.at, swap.seen = time.monotonic(), seen
+                    time.sleep(seconds)
+                    lab.load_policy(policy)
+                    return
+                time.sleep(0.005)
+            swap.error = f"the policy counted fewer than {datagrams} datagrams"
+        except Exception as exc:  # reported by the test, which owns the failure
+            swap.error = f"{type(exc).__name__}: {exc}"
+
+    thread = threading.Thread(target=watch, name="outage", daemon=True)
+    thread.start()
+    try:
+        yield swap
+    finally:
+        stop.set()
+        thread.join(timeout=timeout + seconds)
+
+
 def nft_jhash(value: int, nbytes: int, mod: int, seed: int) -> int:
     """What nft's ``jhash <field> mod MOD seed SEED`` gives for a field of ``nbytes`` bytes
     (1-4; a port is 2) holding ``value``: the kernel's jhash() of the field's bytes in network

@@ -139,6 +139,7 @@ class Path:
     agent_flush: float = AGENT_FLUSH  # the agent's flush timer
     action_cost: float = 0.0  # seconds the shell takes per Send on top (the lab's: 150-250 us)
     agent_lost_at: float | None = None
+    outages: list[tuple[float, float]] = field(default_factory=list)  # (from, to): all lost
     lost_notice: float = 0.0  # how long after the agent dies the control channel says so
     dead_host_answers: bool = False  # the dead agent's host answers "port unreachable"
     seed: int = 1
@@ -438,6 +439,8 @@ class SimRun:
                 return
             self._flows.add((dst, src))
         if p.loss_first and self._lost(src):
+            return
+        if any(a <= t < b for a, b in p.outages):  # a link down, a reload that dropped all
             return
         rule = p.rule_at(t, dst, src)
         if rule is not None and rule.action == "drop":

@@ -38,6 +38,7 @@ from labkit import (
     conntrack_flows,
     expand_verdicts,
     nft_jhash,
+    outage_after,
     rule_counters,
     set_mtu,
     swap_policy_after,
@@ -669,6 +670,30 @@ def test_a_nat_pool_that_fills_on_one_band_is_said_as_a_limit_by_time(tmp_path: 
     assert flows == len([c for c in admitted if first <= c[1] <= last]), why
     assert "50000" not in said[0], why
     assert not [w for w in doc["warnings"] if "single ports" in w], why
+
+
+def test_an_outage_during_the_sweep_is_waited_out_not_taken_for_a_limit(tmp_path: Path) -> None:
+    """The router forwards nothing for a second early in round 1 (a link down, a reload
+    that flushed its rules first): the rest of the round delivered nothing, which read as a
+    session limit, and the run ended with most cells unknown. Delivery is looked at again a
+    while later; it is back, so the sweep goes on, every verdict is the policy's, and the
+    report says delivery stopped and came back. (2,000 datagrams are a few milliseconds
+    into a round of 64,512: the outage covers the rest of it however busy the host.)"""
+    policy = rules('meta l4proto udp counter comment "udp"', "udp sport 45000-45999 drop")
+    truth = bands((45000, 45999, "blocked"))
+    with lab_udpreach(policy, tmp_path) as lr:
+        t0 = time.monotonic()
+        with outage_after(lr.lab, policy, 2000, 1.0) as out:
+            code, doc, err = timed_run(lr)
+        note = f"outage: {out}, {(out.at or t0) - t0:.2f}s into the run"
+        assert out.error is None, note
+        assert out.at is not None, note
+        check_right(code, doc, err, lr, truth, note)
+    why = context(code, doc, err, lr) + f"\n{note}"
+    came = [w for w in doc["warnings"] if "came back" in w]
+    assert len(came) == 1, why
+    assert came[0].startswith("delivery stopped by time during the sweep and came back"), why
+    assert not [w for w in doc["warnings"] if "session" in w], why
 
 
 # --- 9. the policy changes during the run --------------------------------------------------

@@ -885,8 +885,44 @@ def test_a_session_limit_is_reported_by_time_not_as_a_blocked_range() -> None:
     assert doc["complete"] is False
     assert doc["summary"]["blocked"] == 0
     assert doc["summary"]["open"] == 2000
-    assert any("stopped by time" in w and "2,000 flows" in w for w in doc["warnings"])
+    (said,) = [w for w in doc["warnings"] if "stopped by time" in w]
+    assert "2,000 flows" in said
+    # The evidence: a while later, flows that had got through still do, and no new one.
+    assert "of the flows that had got through still did, and no new one" in said
     assert sim.now < 5
+
+
+@pytest.mark.parametrize(
+    ("outages", "dsts"),
+    [([(0.25, 0.40)], [5000]), ([(0.25, 0.40)], [5000, 5001, 5002]), ([(0.3, 2.3)], [5000])],
+    ids=["150ms", "150ms-3-ports", "2s"],
+)
+def test_an_outage_during_the_sweep_is_waited_out_not_taken_for_a_limit(
+    outages: list[tuple[float, float]], dsts: list[int]
+) -> None:
+    """Everything lost for a moment in round 1 (a link down, a firewall reload): four dark
+    windows in a row read as a session limit, and the run ended with 49,260 of 64,512 cells
+    unknown. Delivery is looked at again a while later; it is back, so the sweep goes on,
+    every verdict is the policy's, and a warning says what happened."""
+    path = Path(outages=outages, rules=[Rule("drop", (45000, 45999))])
+    sim, doc = run(path, dst_ports=dsts)
+    assert doc["complete"] is True
+    right(sim, doc, path)
+    (said,) = [w for w in doc["warnings"] if "came back" in w]
+    assert said.startswith("delivery stopped by time during the sweep and came back (once, ")
+    assert not [w for w in doc["warnings"] if "unknown" in w or "session" in w]
+    assert sim.now < outages[0][1] + 5
+
+
+def test_delivery_that_never_comes_back_ends_the_run_in_bounded_time() -> None:
+    """A policy that drops everything from 0.3 s on: no established flow passes either, so
+    it is not called a limit; the looks give up after 7.75 s and the rest is unknown."""
+    sim, doc = run(Path(later=(0.3, [Rule("drop", (0, 65535))])))
+    assert doc["complete"] is False
+    assert doc["summary"]["blocked"] == 0
+    (said,) = [w for w in doc["warnings"] if w.startswith("delivery stopped by time")]
+    assert "did not come back: nothing got through in 5 looks over 7.75 s" in said
+    assert sim.now < 15
 
 
 @pytest.mark.parametrize("pool", [10, 100, 300])

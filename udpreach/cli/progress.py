@@ -35,7 +35,12 @@ def _elapsed(seconds: float) -> str:
 
 
 # What the engine does after its rounds, named for the progress line (``Sweep.progress``).
-_STAGES = {"recheck": "recheck", "icmp": "icmp tests", "pilot": "pilot"}
+_STAGES = {
+    "recheck": "recheck",
+    "icmp": "icmp tests",
+    "pilot": "pilot",
+    "outage": "stopped: looking again",
+}
 
 
 class RunProgress:

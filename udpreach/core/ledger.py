@@ -130,6 +130,7 @@ class ColumnView:
 
     state: np.ndarray  # uint8: PENDING or a verdict code
     sent: np.ndarray  # uint16: datagrams sent (the cell's attempts are 1..sent)
+    received: np.ndarray  # uint16: receipts credited (each attempt once)
     first: np.ndarray  # uint8: lowest attempt credited, 0 for none
     icmp: np.ndarray  # uint16: index of its ICMP details, 0 for none
     how: np.ndarray  # uint8: OBSERVED, INFERRED or ICMP_LIMITED
@@ -597,6 +598,7 @@ class Ledger:
         return ColumnView(
             state=np.frombuffer(col.state, dtype=np.uint8),
             sent=np.frombuffer(col.sent, dtype=np.uint16),
+            received=np.frombuffer(col.received, dtype=np.uint16),
             first=np.frombuffer(col.first, dtype=np.uint8),
             icmp=np.frombuffer(col.icmp, dtype=np.uint16),
             how=np.frombuffer(col.how, dtype=np.uint8),

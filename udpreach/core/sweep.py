@@ -14,7 +14,10 @@ A run goes through *stages*, each sending something and then settling it:
    reference delivery ratio for the pacer, and the first measurement of the UDP delay.
 2. **sweep rounds**: round 1 sends every cell once in a random order; later rounds retry the
    cells still unseen in the blocks of source ports whose loss says they need it
-   (``udpreach.core.loss``), at a rate the path accepts (``udpreach.core.pacing``).
+   (``udpreach.core.loss``), at a rate the path accepts (``udpreach.core.pacing``). When
+   delivery stops by time in round 1, an **outage** look sends a few undelivered and a few
+   open cells a while later: back (an outage), round 1 goes on; open flows only (a limit),
+   or nothing after the last look, the run ends.
 3. **recheck**: a sample of settled cells is sent again; a verdict that changed means the
    path changed during the run: the sweep is run once more and the latest evidence wins.
 4. **ICMP tests** (``udpreach.core.silence``): when a sender's ICMP errors were rate-limited,
@@ -82,6 +85,12 @@ STOPPED_ANSWERING = 5  # bursts in a row a sender answered nothing of: it stoppe
 MIN_PAUSE = 0.005  # a spread of the errors' times under this is jitter: one send a burst
 MAX_PAUSE = 2.0  # the longest a burst's controls wait after its cells
 COLLAPSE_WINDOWS = 4  # windows in a row that delivered nothing: delivery stopped by time
+# When it stops, a look (a few cells not yet delivered and a few open ones) after each of
+# these waits, until delivery is back: an outage (a link, a reload) lasts a moment, a full
+# session table or NAT pool does not, and lets its established flows through meanwhile.
+OUTAGE_WAITS = (0.25, 0.5, 1.0, 2.0, 4.0)
+OUTAGE_CELLS = 32  # of each kind per look
+MAX_OUTAGE_LOOKS = 16  # in a run, over every time delivery stopped
 # A block of source ports where delivery stopped by time (``_filled``): its first cells sent
 # all came through, then none; so many open ones first would have this chance at most were
 # the verdicts unrelated to the sending order (a port rule, loss).
@@ -106,6 +115,7 @@ class Stage(Enum):
     SWEEP = "sweep"
     RECHECK = "recheck"
     PROBE = "icmp"
+    OUTAGE = "outage"  # delivery stopped in round 1: a few cells a while later: is it back?
     DRAIN = "drain"  # no sending: the last wait, by the slowest delivery seen, before the end
 
 
@@ -346,6 +356,14 @@ class Sweep:
         # Rounds.
         self.round = 0
         self._opened_rounds: list[int] = []  # cells first credited in each round
+        # Looks since delivery stopped (``OUTAGE_WAITS``), in all, and what the current one
+        # sent: source ports not yet delivered, and open ones with their receipts before.
+        self._outage_looks = 0
+        self._outage_looks_total = 0
+        self._outage_new: list[int] = []
+        self._outage_old: dict[int, int] = {}
+        self._dark_since: float | None = None  # when the windows went dark
+        self._outages: list[float] = []  # how long delivery stopped, each time it came back
         self._round_rate = 0.0
         self._round_started = now
         # ICMP.
@@ -870,6 +888,7 @@ class Sweep:
         if k < 1 or delivered_before < 0.2 * sent_before or sent_before < 200:
             return False
         self.facts.collapse = sent_before // max(1, self._per_src)
+        self._dark_since = before[k].start if k < len(before) else tail[0].start
         return True
 
     # -- stages -------------------------------------------------------------------------------
@@ -1053,6 +1072,8 @@ class Sweep:
             self._after_round(now)
         elif stage is Stage.RECHECK:
             self._after_recheck(now)
+        elif stage is Stage.OUTAGE:
+            self._after_outage_look(now)
         elif stage is Stage.DRAIN:
             self._drained = True
             self._conclude(now, tested=self._conclude_tested)
@@ -1085,8 +1106,10 @@ class Sweep:
             self.pacer.on_retry_round(self._round_rate, duration, opened, self._opened_rounds[-2])
         self.loss = estimate_loss(led.first_attempt_histogram())
         if self.round == 1 and self._collapsed():
-            self._note_collapse()
-            self.abort(self.facts.warnings.pop(), now)
+            self._opened_rounds.pop()  # round 1 is not over: it goes on if delivery comes back
+            if not self._outage_look(now):
+                self._note_collapse()
+                self.abort(self.facts.warnings.pop(), now)
             return
         if self._bytes_capped:
             self._after_sweep(now)
@@ -1095,13 +1118,91 @@ class Sweep:
             return
         self._after_sweep(now)
 
-    def _note_collapse(self) -> None:
+    def _outage_look(self, now: float) -> bool:
+        """Delivery stopped in round 1: after the next of ``OUTAGE_WAITS``, send a few cells
+        not delivered yet and a few open ones (to the first destination port), and judge
+        them when they settle (``_after_outage_look``). False when the looks are spent."""
+        if self._outage_looks >= len(OUTAGE_WAITS) or self._outage_looks_total >= MAX_OUTAGE_LOOKS:
+            return False
+        d0 = self.plan.dst_ports[0]
+        v = self.ledger.view(d0)
+        planned = self._planned
+        state = v.state[planned]
+        pending = planned[state == PENDING]
+        unsent = pending[v.sent[pending] == v.base[pending]]
+        fresh = unsent if len(unsent) else pending
+        opened = planned[state == OPEN]
+        if not len(fresh):
+            return False
+        new = self.rng.sample(fresh.tolist(), min(OUTAGE_CELLS, len(fresh)))
+        old = self.rng.sample(opened.tolist(), min(OUTAGE_CELLS, len(opened)))
+        self._outage_new = [int(x) for x in new]
+        self._outage_old = {int(x): int(v.received[x]) for x in old}
+        srcs = np.asarray(self._outage_new + list(self._outage_old), dtype=np.intp)
+        only = {int(x): [d0] for x in srcs} if self._per_src > 1 else {}
+        self._begin(Stage.OUTAGE, srcs, only, now, judging=False)
+        self._next_send = max(self._next_send, now + OUTAGE_WAITS[self._outage_looks])
+        self._outage_looks += 1
+        self._outage_looks_total += 1
+        return True
+
+    def _after_outage_look(self, now: float) -> None:
+        """A look settled: delivery is back (a new cell came through: go on with round 1),
+        or established flows pass and new ones do not (a limit that filled: the run ends
+        as before), or nothing came through (look again, later; the run ends when the
+        looks are spent)."""
+        v = self.ledger.view(self.plan.dst_ports[0])
+        back = any(v.state[s] == OPEN for s in self._outage_new)
+        old_pass = sum(int(v.received[s]) > n for s, n in self._outage_old.items())
+        if back:
+            since = self._dark_since if self._dark_since is not None else now
+            self._outages.append(max(0.0, self._last_send - since))
+            self.facts.collapse = None
+            self._dark_since = None
+            self._outage_looks = 0
+            self._resume_round(now)
+            return
+        if not old_pass and self._outage_look(now):
+            return
+        self._note_collapse(established=old_pass, looked=self._outage_looks)
+        self.abort(self.facts.warnings.pop(), now)
+
+    def _resume_round(self, now: float) -> None:
+        """Go on with round 1 after delivery came back: the cells it has not sent yet, then
+        the round ends as any does (the cells sent while nothing got through are retried
+        in the rounds after it)."""
+        srcs, only = self._owed(1)
+        if len(srcs) and self._fits(
+            len(srcs) * self._per_src - sum(self._per_src - len(d) for d in only.values())
+        ):
+            self._begin(Stage.SWEEP, srcs, only, now, judging=True)
+            return
+        self.stage = Stage.SWEEP
+        self._after_round(now)
+
+    def _note_collapse(self, *, established: int = 0, looked: int = 0) -> None:
         n = self.facts.collapse or 0
-        self.facts.warnings.append(
-            f"delivery stopped by time, not by port range, after about {n:,} flows: a session, "
-            "NAT-pool or connection-tracking limit on the path (or a policy that now drops "
-            "everything); cells sent after it are unknown"
-        )
+        if established:
+            self.facts.warnings.append(
+                f"delivery stopped by time, not by port range, after about {n:,} flows: a "
+                "session, NAT-pool or connection-tracking limit on the path (sent again a "
+                f"while later, {established} of the flows that had got through still did, and "
+                "no new one); cells sent after it are unknown"
+            )
+        elif looked:
+            self.facts.warnings.append(
+                f"delivery stopped by time, not by port range, after about {n:,} flows and "
+                f"did not come back: nothing got through in {looked} looks over "
+                f"{sum(OUTAGE_WAITS[:looked]):g} s (the path went down, a policy now drops "
+                "everything, or a session or NAT limit that holds its flows too); cells sent "
+                "after it are unknown"
+            )
+        else:
+            self.facts.warnings.append(
+                f"delivery stopped by time, not by port range, after about {n:,} flows: a "
+                "session, NAT-pool or connection-tracking limit on the path (or a policy that "
+                "now drops everything); cells sent after it are unknown"
+            )
 
     def _after_sweep(self, now: float) -> None:
         """The rounds are over: recheck, then ICMP tests, then the end."""
@@ -1970,6 +2071,13 @@ class Sweep:
             )
         self._scattered_warning()
         self._refused_warning()
+        if self._outages:
+            times = "once" if len(self._outages) == 1 else f"{len(self._outages)} times"
+            self.facts.warnings.append(
+                f"delivery stopped by time during the sweep and came back ({times}, for "
+                f"{max(self._outages):.2g} s at most: an outage on the path, a firewall "
+                "reload); the cells sent meanwhile were sent again"
+            )
 
     def _contradicted_receipts(self) -> int:
         """Open cells whose datagram the agent's own host answered, verified, with "port
