@@ -817,6 +817,13 @@ def test_a_policy_change_mid_run_is_said_and_the_latest_evidence_wins() -> None:
     assert doc["probe_stats"]["epochs"] == 2
     assert any("path changed during the run" in w for w in doc["warnings"])
     assert len(doc["ranges"]) == 3
+    # A range counts the datagrams its verdict rests on, the repeat's: the blocked one got
+    # some through in the first sweep, yet says none arrived (the contract's blocked).
+    (blocked,) = [r for r in doc["ranges"] if r["verdict"] == "blocked"]
+    assert blocked["received"] == 0
+    assert 0 < blocked["sent"] < doc["probe_stats"]["sent"]
+    opened = [r for r in doc["ranges"] if r["verdict"] == "open"]
+    assert all(0 < r["received"] <= r["sent"] for r in opened)
     # The warning names every cell the repeat closed, not only the recheck's samples.
     (closed,) = [w for w in doc["warnings"] if "were dark in the repeat" in w]
     assert re.search(r"between 4\d{4} and 4\d{4}", closed), closed

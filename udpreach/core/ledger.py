@@ -240,6 +240,7 @@ class Ledger:
         # translated on the way, as one from another source port ("" : not known).
         self.expected_source = ""
         self._base: dict[int, np.ndarray] = {}  # per dst: attempts of earlier epochs
+        self._rbase: dict[int, np.ndarray] = {}  # per dst: receipts of earlier epochs
         self._base_all: np.ndarray | None = None  # the same for every column (their rows)
         self._flat: _Flat | None = None  # see _flat_arrays
         # Of the last batch (``note_receipts_packed``): which records were credited, and
@@ -485,8 +486,10 @@ class Ledger:
         new._all.received[:] = self._all.received
         base = np.frombuffer(self._all.sent, dtype=np.uint16).copy()
         new._base_all = base
+        rbase = np.frombuffer(self._all.received, dtype=np.uint16).copy()
         for i, d in enumerate(self.dst_ports):
             new._base[d] = base[i * SLOTS : (i + 1) * SLOTS]
+            new._rbase[d] = rbase[i * SLOTS : (i + 1) * SLOTS]
         new.sent_total = self.sent_total
         new.received_total = self.received_total
         new.refused_receipts = self.refused_receipts
@@ -866,14 +869,22 @@ class Ledger:
         icmp_i: int = 0,
         reason: str | None = None,
     ) -> Range:
+        sent = sum(col.sent[first:end])
+        received = sum(col.received[first:end])
+        base = self._base.get(dst)
+        if base is not None:
+            # A repeat of the sweep (the path changed): its verdicts rest on its own datagrams,
+            # so a range counts those (a blocked range never says "received" of the first).
+            sent -= int(base[first:end].sum())
+            received -= int(self._rbase[dst][first:end].sum())
         doc: Range = {
             "dst_port": dst,
             "first": first,
             "last": end - 1,
             "verdict": _NAME[code],
             "translated": bool(xlat),
-            "sent": sum(col.sent[first:end]),
-            "received": sum(col.received[first:end]),
+            "sent": sent,
+            "received": received,
         }
         if code == 3:
             info = self._icmp[icmp_i]
