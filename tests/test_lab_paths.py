@@ -16,7 +16,8 @@ kernels without ``sch_netem`` exist (the project's CI VMs among them).
 Wall times on a 2-core VM (lab setup included; the whole file about 2 minutes): reject run
 twice with diff and expect ~17 s, reject next to drop ~21 s (the ICMP budget), policer ~12 s,
 loss on a band or an ECMP member ~5 s each, delay 100 ms ~6 s and 1 s ~11 s, MTU 1280 1-5 s
-each, size 3000 ~2-3 s, fragments past a port drop ~2 s, session limit ~2-3 s, policy
+each, size 3000 ~2-3 s, fragments past a port drop ~2 s, session limit ~9 s (delivery is
+looked for 7.75 s before the run ends), a NAT pool on a band ~3 s, an outage ~7-9 s, policy
 change ~14-20 s.
 """
 
