@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -437,13 +437,12 @@ class PolicySwap:
 
 
 @contextmanager
-def swap_policy_after(
-    lab: Lab, policy: str, datagrams: int, *, timeout: float = 60.0
+def _once_counted(
+    lab: Lab, datagrams: int, act: Callable[[PolicySwap, int], None], timeout: float, name: str
 ) -> Iterator[PolicySwap]:
-    """Load ``policy`` into the router (atomically, `Lab.load_policy`) as soon as the current
-    policy's rule counters (`rule_counters`) have counted ``datagrams``: a reload in the
-    middle of a run, at a point fixed by traffic rather than by a guess at timing. Runs in a
-    thread for the body of the ``with``; gives up after ``timeout``."""
+    """Run ``act(swap, seen)`` in a thread as soon as the router's rule counters
+    (`rule_counters`) have counted ``datagrams``, for the body of the ``with``; gives up
+    after ``timeout``. A failure is kept in ``swap.error`` for the test to report."""
     swap = PolicySwap()
     stop = threading.Event()
 
@@ -453,15 +452,14 @@ def swap_policy_after(
             while not stop.is_set() and time.monotonic() < deadline:
                 seen = sum(rule_counters(lab).values())
                 if seen >= datagrams:
-                    lab.load_policy(policy)
-                    swap.at, swap.seen = time.monotonic(), seen
+                    act(swap, seen)
                     return
                 time.sleep(0.005)
-            swap.error = f"the old policy counted fewer than {datagrams} datagrams"
+            swap.error = f"the policy counted fewer than {datagrams} datagrams"
         except Exception as exc:  # reported by the test, which owns the failure
             swap.error = f"{type(exc).__name__}: {exc}"
 
-    thread = threading.Thread(target=watch, name="policy-swap", daemon=True)
+    thread = threading.Thread(target=watch, name=name, daemon=True)
     thread.start()
     try:
         yield swap
@@ -470,40 +468,36 @@ def swap_policy_after(
         thread.join(timeout=timeout)
 
 
-@contextmanager
+def swap_policy_after(
+    lab: Lab, policy: str, datagrams: int, *, timeout: float = 60.0
+) -> AbstractContextManager[PolicySwap]:
+    """Load ``policy`` into the router (atomically, `Lab.load_policy`) as soon as the current
+    policy's rule counters (`rule_counters`) have counted ``datagrams``: a reload in the
+    middle of a run, at a point fixed by traffic rather than by a guess at timing. Runs in a
+    thread for the body of the ``with``; gives up after ``timeout``."""
+
+    def act(swap: PolicySwap, seen: int) -> None:
+        lab.load_policy(policy)
+        swap.at, swap.seen = time.monotonic(), seen
+
+    return _once_counted(lab, datagrams, act, timeout, "policy-swap")
+
+
 def outage_after(
     lab: Lab, policy: str, datagrams: int, seconds: float, *, timeout: float = 60.0
-) -> Iterator[PolicySwap]:
+) -> AbstractContextManager[PolicySwap]:
     """An outage in the middle of a run: once ``policy``'s rule counters have counted
     ``datagrams``, the router drops everything it would forward for ``seconds`` (a link
     down, a reload that flushed its rules first), then ``policy`` is back. ``at`` is when
     the drop began; ``seen`` the datagrams counted then."""
-    swap = PolicySwap()
-    stop = threading.Event()
 
-    def watch() -> None:
-        deadline = time.monotonic() + timeout
-        try:
-            while not stop.is_set() and time.monotonic() < deadline:
-                seen = sum(rule_counters(lab).values())
-                if seen >= datagrams:
-                    lab.load_policy("drop\n")
-                    swap.at, swap.seen = time.monotonic(), seen
-                    time.sleep(seconds)
-                    lab.load_policy(policy)
-                    return
-                time.sleep(0.005)
-            swap.error = f"the policy counted fewer than {datagrams} datagrams"
-        except Exception as exc:  # reported by the test, which owns the failure
-            swap.error = f"{type(exc).__name__}: {exc}"
+    def act(swap: PolicySwap, seen: int) -> None:
+        lab.load_policy("drop\n")
+        swap.at, swap.seen = time.monotonic(), seen
+        time.sleep(seconds)
+        lab.load_policy(policy)
 
-    thread = threading.Thread(target=watch, name="outage", daemon=True)
-    thread.start()
-    try:
-        yield swap
-    finally:
-        stop.set()
-        thread.join(timeout=timeout + seconds)
+    return _once_counted(lab, datagrams, act, timeout + seconds, "outage")
 
 
 def nft_jhash(value: int, nbytes: int, mod: int, seed: int) -> int:
