@@ -137,6 +137,17 @@ class ColumnView:
     base: np.ndarray  # uint16: attempts of earlier epochs (0 in the first)
 
 
+def _numpy_views(cols: _Columns | _Column, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """numpy views (no copies) of the named fields: the word columns (``_WORD_COLUMNS``)
+    as uint16, the others as uint8."""
+    import numpy as np
+
+    return {
+        n: np.frombuffer(getattr(cols, n), dtype=np.uint16 if n in _WORD_COLUMNS else np.uint8)
+        for n in names
+    }
+
+
 class _Columns:
     """The arrays of every destination port, each field one buffer for all of them (the
     ``i``-th port's slots at ``i * SLOTS``), so that a batch of receipts for many ports is
@@ -269,15 +280,11 @@ class Ledger:
             column[list(self.dst_ports)] = np.arange(len(self.dst_ports), dtype=np.int32)
             self._flat = _Flat(
                 column=column,
-                state=np.frombuffer(cols.state, dtype=np.uint8),
-                first=np.frombuffer(cols.first, dtype=np.uint8),
-                xlat=np.frombuffer(cols.xlat, dtype=np.uint8),
-                how=np.frombuffer(cols.how, dtype=np.uint8),
-                sent=np.frombuffer(cols.sent, dtype=np.uint16),
-                received=np.frombuffer(cols.received, dtype=np.uint16),
-                obs_addr=np.frombuffer(cols.obs_addr, dtype=np.uint16),
-                obs_port=np.frombuffer(cols.obs_port, dtype=np.uint16),
                 base=self._base_all,
+                **_numpy_views(
+                    cols,
+                    ("state", "first", "xlat", "how", "sent", "received", "obs_addr", "obs_port"),
+                ),
             )
         return self._flat
 
@@ -594,18 +601,10 @@ class Ledger:
 
     def view(self, dst: int) -> ColumnView:
         """numpy views of one destination port's arrays (writes go to the ledger)."""
-        import numpy as np
-
-        col = self._cols[dst]
         base = self._base.get(dst)
         return ColumnView(
-            state=np.frombuffer(col.state, dtype=np.uint8),
-            sent=np.frombuffer(col.sent, dtype=np.uint16),
-            received=np.frombuffer(col.received, dtype=np.uint16),
-            first=np.frombuffer(col.first, dtype=np.uint8),
-            icmp=np.frombuffer(col.icmp, dtype=np.uint16),
-            how=np.frombuffer(col.how, dtype=np.uint8),
             base=base if base is not None else _zero_base(),
+            **_numpy_views(self._cols[dst], ("state", "sent", "received", "first", "icmp", "how")),
         )
 
     def planned_mask(self) -> np.ndarray:
