@@ -42,6 +42,7 @@ import ipaddress
 import select
 import socket
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -55,13 +56,16 @@ __all__ = [
     "SO_EE_ORIGIN_ICMP",
     "SO_EE_ORIGIN_ICMP6",
     "SO_EE_ORIGIN_LOCAL",
+    "TIMESTAMP_ANCBUFSIZE",
     "ErrQueueMessage",
     "IcmpError",
     "LocalError",
     "QuotedError",
+    "arrival_time",
     "describe_icmp",
     "drain_error_queue",
     "enable_recverr",
+    "enable_timestamps",
     "parse_errqueue_message",
     "parse_icmp_packet",
     "parse_recverr",
@@ -88,6 +92,15 @@ _U16 = struct.Struct("!H")
 #: ``ancbufsize`` for ``recvmsg(..., MSG_ERRQUEUE)``: the extended error plus the largest
 #: offender address, with room to spare.
 RECVERR_ANCBUFSIZE: Final = socket.CMSG_SPACE(_EXTENDED_ERR.size + 64)
+
+# SO_TIMESTAMPNS (the generic value; the socket module has no name for it): the kernel
+# stamps each datagram it queues with its arrival time (CLOCK_REALTIME), handed back as a
+# control message of the same number. The engine times a router's ICMP limit by its errors'
+# arrivals; read late by a busy probe host, errors of one burst looked a refill apart.
+_SO_TIMESTAMPNS: Final = 35
+_TIMESPEC = struct.Struct("@ll")
+TIMESTAMP_ANCBUFSIZE: Final = socket.CMSG_SPACE(_TIMESPEC.size)
+_STALE_STAMP: Final = 60.0  # a stamp older than this (or in the future) is not believed
 
 _ICMPV4_ERRORS: Final = frozenset({3, 11, 12})
 _ICMPV6_ERRORS: Final = frozenset({1, 2, 3, 4})
@@ -221,6 +234,30 @@ def parse_errqueue_message(
     else:
         destination = ("", 0)
     return ErrQueueMessage(payload, destination, error, bool(msg_flags & socket.MSG_TRUNC))
+
+
+def enable_timestamps(sock: Any) -> bool:
+    """Ask the kernel to stamp ``sock``'s datagrams with their arrival (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    except OSError:
+        return False
+    return True
+
+
+def arrival_time(ancdata: Any, wall: float, now: float) -> float | None:
+    """When a datagram arrived, on the clock that reads ``now`` while the wall clock reads
+    ``wall``, from its kernel stamp in ``ancdata`` (``recvmsg``'s control messages); None
+    without a believable one."""
+    for level, type_, data in ancdata:
+        if level == socket.SOL_SOCKET and type_ == _SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+            sec, nsec = _TIMESPEC.unpack_from(data)
+            ago = wall - (int(sec) + int(nsec) * 1e-9)
+            if -0.001 <= ago <= _STALE_STAMP:
+                return now - max(0.0, ago)
+    return None
 
 
 def enable_recverr(sock: socket.socket) -> None:

@@ -46,7 +46,12 @@ from typing import Final
 
 import numpy as np
 
-from probe.icmp import parse_icmp_packet
+from probe.icmp import (
+    TIMESTAMP_ANCBUFSIZE,
+    arrival_time,
+    enable_timestamps,
+    parse_icmp_packet,
+)
 from probe.packet import UdpPacketBuilder, fragment_ipv4
 from probe.sender import (
     IDLE_GUARD,
@@ -287,6 +292,7 @@ def _open_icmp(ipv6: bool) -> _socket.socket:
             sock.setsockopt(_SOL_RAW, _ICMP_FILTER, struct.pack("=I", mask))
     sock.setblocking(False)
     _set_buffer(sock, _SO_RCVBUFFORCE, socket.SO_RCVBUF, _ICMP_RCVBUF)
+    enable_timestamps(sock)  # best effort: without, an error arrived when it was read
     return sock
 
 
@@ -572,13 +578,14 @@ class RawSender:
         events: list[IcmpEvent] = []
         if self.closed:
             return events
-        recvfrom = self._icmp.recvfrom
+        recvmsg = self._icmp.recvmsg
         ipv6 = self.ipv6
         source, target = self.source, self.target
         sent_src, sent_dst = self._sent_src, self._sent_dst
+        wall = time.time()
         for _ in range(_DRAIN_LIMIT):
             try:
-                data, address = recvfrom(2048)
+                data, ancdata, _flags, address = recvmsg(2048, TIMESTAMP_ANCBUFSIZE)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -607,6 +614,7 @@ class RawSender:
                     quote=quoted.quote,
                     mtu=quoted.mtu,
                     ipv6=quoted.ipv6,
+                    at=arrival_time(ancdata, wall, now) if ancdata else None,
                 )
             )
         self.icmp_seen += len(events)

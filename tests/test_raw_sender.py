@@ -7,6 +7,7 @@ Every wait is bounded: sockets have timeouts and ICMP errors are polled against 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import socket
@@ -79,14 +80,22 @@ def receive(sock: socket.socket, count: int) -> dict[bytes, tuple[str, int]]:
 
 
 def collect(sender: RawSender, want: int, wait: float = WAIT) -> list[IcmpEvent]:
-    """Reap until ``want`` events arrived or ``wait`` passed, then once more for strays."""
+    """Reap until ``want`` events arrived or ``wait`` passed, then once more for strays;
+    each with its arrival stamp checked (no later than it was read) and then left out."""
     events: list[IcmpEvent] = []
     deadline = time.monotonic() + wait
+
+    def reap(**kw: bool) -> list[IcmpEvent]:
+        now = time.monotonic()
+        got = sender.reap(now, **kw)
+        assert all(e.at is None or e.at <= now for e in got)
+        return [dataclasses.replace(e, at=None) for e in got]
+
     while len(events) < want and time.monotonic() < deadline:
-        events += sender.reap(time.monotonic())
+        events += reap()
         time.sleep(0.01)
     time.sleep(0.05)
-    events += sender.reap(time.monotonic(), everything=True)
+    events += reap(everything=True)
     return events
 
 
@@ -233,6 +242,21 @@ def test_raw_ipv4_port_unreachable_is_mapped_to_its_cell() -> None:
         IcmpEvent(dead, 3001, 3, 3, DST4, quote=b"a" * 16),  # the quote: what a MAC is read from
         IcmpEvent(dead, 3002, 3, 3, DST4, quote=b"c"),
     ]
+
+
+@needs_raw4
+def test_raw_mode_stamps_an_error_with_its_arrival_not_its_reading() -> None:
+    """A busy probe host reads a burst's errors in bunches; the engine times the router's
+    ICMP limit by their arrivals, which the kernel stamps (SO_TIMESTAMPNS)."""
+    dead = closed_port(DST4)
+    with raw(SRC4, DST4) as sender:
+        sent = time.monotonic()
+        sender.send_cells(by_dst([(3001, [(dead, b"a" * 16)])]))
+        time.sleep(0.3)  # the error arrived within a millisecond; read 0.3 s later
+        now = time.monotonic()
+        (event,) = sender.reap(now, everything=True)
+    assert event.at is not None
+    assert sent - 0.01 <= event.at <= now - 0.25
 
 
 @needs_raw4

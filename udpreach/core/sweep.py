@@ -33,6 +33,7 @@ The phase table below drives the run; any other move is a bug and raises.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -63,6 +64,8 @@ from udpreach.core.loss import (
 from udpreach.core.pacing import PACED_SECONDS, PILOT_CELLS, Pacer, Window
 from udpreach.core.plan import Plan, default_icmp_budget
 from udpreach.core.portspec import format_ports, ranges_of
+
+log = logging.getLogger("udpreach.sweep")
 
 BLOCK = 256  # planned source ports per loss block
 BATCH_BYTES = 4 * 1024 * 1024  # the most a batch of datagrams may hold
@@ -198,6 +201,7 @@ class IcmpReport:
     quote: bytes = b""  # the quoted UDP payload, as much as the error carried
     mtu: int = 0  # the next-hop MTU of a "fragmentation needed" / "packet too big"
     ipv6: bool = False
+    at: float | None = None  # when it arrived (the kernel's stamp), if earlier than read
 
 
 @dataclass(frozen=True)
@@ -522,10 +526,19 @@ class Sweep:
     def _settle_for(self) -> float:
         """The current stage's wait after its last datagram (``settle_wait``; the look's
         is at least the floor a datagram gets before any evidence: no error has shown yet
-        how slow the way back is)."""
+        how slow the way back is). A test burst's answers are ICMP errors, which come back
+        their own way (a router's slow path, a busy probe host reading them late): it also
+        waits by the slowest error its senders have taken (up to ``max_delay``). Judged
+        sooner, an answered control passed for a missed one, raised the sender's period and
+        spent the budget on waits (an error delay of 50 ms left 1,984 rejects unsettled)."""
         wait = self.settle_wait()
-        if self._burst is not None and self._burst.look:
+        burst = self._burst
+        if burst is not None and burst.look:
             wait = max(wait, self.settings.max_delay + SETTLE_MARGIN)
+        elif burst is not None:
+            rtt = self._error_rtt
+            slowest = max((rtt[a][1] for a in burst.asked or rtt if a in rtt), default=0.0)
+            wait = max(wait, min(self.settings.max_delay, DELAY_FACTOR * slowest) + SETTLE_MARGIN)
         return wait
 
     def _flush(self, now: float, *, final: bool) -> Flush:
@@ -787,12 +800,15 @@ class Sweep:
         bucket = self.senders.get(r.sender)
         if bucket is None:
             bucket = self.senders[r.sender] = silence.SenderBucket(r.sender)
-        bucket.note(now)
+        # Its arrival, not when the shell got to it (a busy host reads a burst's errors in
+        # bunches): the sender's limit is timed by these.
+        at = now if r.at is None else min(now, r.at)
+        bucket.note(at)
         sent_at = float(self._sent_at[r.src_port])
         latest = attempt == int(self.ledger.view(r.dst_port).sent[r.src_port])
-        if latest and not math.isnan(sent_at) and now >= sent_at:
-            lo, hi = self._error_rtt.get(r.sender, (now - sent_at, now - sent_at))
-            self._error_rtt[r.sender] = (min(lo, now - sent_at), max(hi, now - sent_at))
+        if latest and not math.isnan(sent_at) and at >= sent_at:
+            lo, hi = self._error_rtt.get(r.sender, (at - sent_at, at - sent_at))
+            self._error_rtt[r.sender] = (min(lo, at - sent_at), max(hi, at - sent_at))
         if bucket.control is None:
             bucket.control = (r.dst_port, r.src_port)
         burst = self._burst
@@ -1459,6 +1475,13 @@ class Sweep:
             measured = bucket.measured_period()
             if measured is not None:
                 bucket.period = measured
+            if log.isEnabledFor(logging.DEBUG):
+                t0 = self._first_send if self._first_send is not None else self.started
+                log.debug(
+                    "icmp sender %s: %d errors, at +%s s; period %.3fs",
+                    address, bucket.errors,
+                    ",".join(f"{t - t0:.3f}" for t in bucket.times[:40]), bucket.period,
+                )  # fmt: skip
         runs = self._dark_runs()
         if not self.senders and not self._looked:
             self._looked = True
@@ -1614,6 +1637,14 @@ class Sweep:
         self._begin(Stage.PROBE, queue, {}, now, judging=False)
         self._next_send = max(now, ready)
         self.facts.icmp_tests += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "icmp test %d at +%.3fs: %d cheap, %d search, %d costly, %d more; controls "
+                "at %s; tokens %s; due +%.3fs; period %.3fs",
+                self.facts.icmp_tests, now - started, len(cheap), len(searches), len(costly),
+                len(seq) - len(cheap) - len(searches) - len(costly) - len(at), at, asked,
+                max(0.0, ready - now), main.period,
+            )  # fmt: skip
         return True
 
     def _burst_pause(self, controls: dict[str, int]) -> float:
@@ -1801,6 +1832,12 @@ class Sweep:
 
     def _judge_burst(self, burst: _Burst) -> None:
         led = self.ledger
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "icmp test %d judged (sent over %.3fs): answers %s of %d, errors %s",
+                self.facts.icmp_tests, burst.send_time, sorted(burst.answered_at),
+                len(burst.order), burst.counts,
+            )  # fmt: skip
         # A sender answered its control (the last cell it was sent) only if its bucket held
         # a token for every reject of the burst. If it did not, and also sent back fewer
         # errors than the tokens waited for, it refills slower than thought (a search's
@@ -1820,6 +1857,8 @@ class Sweep:
                 ):
                     bucket = self.senders[address]
                     bucket.period = min(silence.MAX_PERIOD, bucket.period * 1.5)
+                    log.debug("icmp sender %s missed its control: period %.3fs", address,
+                              bucket.period)  # fmt: skip
             else:
                 self._missed_controls[address] = 0
         for address in burst.controls:  # answered nothing at all, not even a cell before
