@@ -30,7 +30,8 @@ def _expect(doc: dict[str, Any], truth: Any) -> None:
     got = expand_verdicts(doc)
     assert len(got) == doc["summary"]["cells"]
     bad = mismatches(got, truth)
-    assert bad == [], f"{len(bad)} mismatching ranges, first: {bad[:5]}"
+    facts = {k: doc.get(k) for k in ("duration", "warnings", "icmp_senders", "probe_stats")}
+    assert bad == [], f"{len(bad)} mismatching ranges, first: {bad[:5]}; {facts}"
 
 
 def test_silent_drop_is_blocked_and_nothing_else(tmp_path: Path) -> None:
