@@ -536,8 +536,13 @@ class Sweep:
         if burst is not None and burst.look:
             wait = max(wait, self.settings.max_delay + SETTLE_MARGIN)
         elif burst is not None:
+            # (No round trip known yet: every error so far came back after its cell was sent
+            # again. Then the floor, as for the look.)
             rtt = self._error_rtt
-            slowest = max((rtt[a][1] for a in burst.asked or rtt if a in rtt), default=0.0)
+            asked = burst.asked or self.senders
+            slowest = max((rtt[a][1] for a in asked if a in rtt), default=0.0)
+            if not any(a in rtt for a in asked):
+                slowest = self.settings.max_delay
             wait = max(wait, min(self.settings.max_delay, DELAY_FACTOR * slowest) + SETTLE_MARGIN)
         return wait
 
@@ -808,7 +813,9 @@ class Sweep:
         latest = attempt == int(self.ledger.view(r.dst_port).sent[r.src_port])
         if latest and not math.isnan(sent_at) and at >= sent_at:
             lo, hi = self._error_rtt.get(r.sender, (at - sent_at, at - sent_at))
-            self._error_rtt[r.sender] = (min(lo, at - sent_at), max(hi, at - sent_at))
+            lo, hi = min(lo, at - sent_at), max(hi, at - sent_at)
+            self._error_rtt[r.sender] = (lo, hi)
+            bucket.lag = max(0.0, lo - silence.LAG_MARGIN)
         if bucket.control is None:
             bucket.control = (r.dst_port, r.src_port)
         burst = self._burst
@@ -1572,7 +1579,7 @@ class Sweep:
         # Tokens the main sender can refill before the budget ends: near the end a smaller
         # burst still fits (a boundary search needs only one, and its control one more).
         main = max(self.senders.values(), key=lambda b: b.errors)
-        fit = math.ceil((started + budget - main.last_error) / main.period) - 1
+        fit = math.ceil((started + budget - main.spent_at()) / main.period) - 1
         tokens_left = min(silence.DEFAULT_BURST, fit)
         if tokens_left < 1:
             return False
@@ -1626,7 +1633,7 @@ class Sweep:
             sent_at=max(now, ready),
             controls=at,
             asked=asked,
-            since=main.last_error,
+            since=main.spent_at(),
             main=main.address,
             split=split,
             pause=pause if split else 0.0,
