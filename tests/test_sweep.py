@@ -276,6 +276,18 @@ def test_the_sweeps_own_errors_never_stand_for_spread_samples(ports: int) -> Non
     assert sim.sweep.icmp_budget == 20.0 + 10.0 * (ports - 1)
 
 
+@pytest.mark.parametrize("icmp_delay", [0.5, 1.0])
+def test_errors_that_come_back_late_never_make_a_drop_band_a_reject(icmp_delay: float) -> None:
+    """A drop band inside a reject range, the router's errors 0.5 or 1 s slower than the
+    datagrams. The test bursts were judged by the UDP delay alone, before their answers came
+    back: all 1,200 dropped cells came out rejected (inferred), with no icmp_limited cell and
+    no warning. A burst now waits by its errors' own delay."""
+    rules = [Rule("reject", (30000, 39999)), Rule("drop", (35630, 36829))]
+    path = Path(rules=rules, icmp_delay=icmp_delay)
+    sim, doc = run(path, src_ports="20000-45000")
+    _strictly_right(sim, doc, path)
+
+
 def test_a_silent_expected_reject_before_an_answered_one_is_a_drop() -> None:
     """A burst of expected rejects alone has no control; a refinement point inside a drop
     band, silent while a later cell of the burst was answered, is the same evidence as a
