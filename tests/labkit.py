@@ -273,8 +273,9 @@ def demo_translated(src_port: int) -> bool:
 # --- real-path conditions on the router -------------------------------------------------
 
 DELAY_IF = "udpdelay0"
-_DELAY_TABLE = 100  # the routing table that sends UDP from the probe's side to the delay line
-_DELAY_RULE_PRIO = 100
+_DELAY_TABLE = 100  # the routing table (and rule priority) that sends UDP to the delay line
+ICMP_DELAY_IF = "icmpdelay0"
+_ICMP_DELAY_TABLE = 101  # ... and the router's own ICMP errors to the probe, to theirs
 
 # Runs in the router's namespace: a TUN device that holds every IP packet routed into it for
 # `delay` seconds and then writes it back, unchanged, as if it had arrived on the TUN device;
@@ -352,7 +353,43 @@ def udp_delay(lab: Lab, delay: float, *, limit: int = 200_000) -> Iterator[Delay
     where its source lives: lab plumbing, no kindness to udpreach (the router's rp_filter
     default is already 0 on most kernels).
     """
-    cfg = json.dumps({"name": DELAY_IF, "delay": delay, "limit": limit, "lifetime": 900.0})
+    rule = f"iif {lab.info.router_probe_if} ipproto udp"
+    with _delay_line(lab, delay, DELAY_IF, _DELAY_TABLE, rule, limit=limit) as line:
+        yield line
+
+
+@contextmanager
+def icmp_delay(lab: Lab, delay: float, *, limit: int = 200_000) -> Iterator[DelayLine]:
+    """Delay the router's own ICMP errors to the probe by ``delay`` seconds (a router that
+    makes its errors on a slow path, or a long way back); everything else keeps the direct
+    path. The same delay line as ``udp_delay``: the router's errors are routed into it
+    (``ip rule iif lo ipproto icmp to <probe>``: locally made packets), and come back out of
+    it with the router's own address as their source, which the router takes on that device
+    only with ``accept_local`` (lab plumbing again); it then forwards them to the probe."""
+    info = lab.info
+    rule = f"iif lo ipproto icmp to {info.probe_addr}"
+    with _delay_line(
+        lab, delay, ICMP_DELAY_IF, _ICMP_DELAY_TABLE, rule, limit=limit,
+        src=info.router_probe_side, accept_local=True,
+    ) as line:  # fmt: skip
+        yield line
+
+
+@contextmanager
+def _delay_line(
+    lab: Lab,
+    delay: float,
+    ifname: str,
+    table: int,
+    rule: str,
+    *,
+    limit: int,
+    src: str | None = None,
+    accept_local: bool = False,
+) -> Iterator[DelayLine]:
+    """A TUN delay line on the router for the packets ``rule`` (an ``ip rule`` selector)
+    routes into it, through routing table ``table`` (and the rule's priority)."""
+    cfg = json.dumps({"name": ifname, "delay": delay, "limit": limit, "lifetime": 900.0})
     line = subprocess.Popen(
         lab.ns_argv("router", [sys.executable, "-c", _DELAY_LINE, cfg]),
         stdin=subprocess.PIPE,
@@ -363,19 +400,22 @@ def udp_delay(lab: Lab, delay: float, *, limit: int = 200_000) -> Iterator[Delay
     try:
         assert line.stdout is not None
         _await_line(line.stdout.fileno(), b"ready", timeout=10.0)
-        for key in ("all", DELAY_IF):
-            path = f"/proc/sys/net/ipv4/conf/{key}/rp_filter"
-            lab.run("router", ["sh", "-c", f"echo 0 > {path}"], check=True)
+        settings = [(key, "rp_filter", 0) for key in ("all", ifname)]
+        if accept_local:
+            settings.append((ifname, "accept_local", 1))
+        for key, name, value in settings:
+            path = f"/proc/sys/net/ipv4/conf/{key}/{name}"
+            lab.run("router", ["sh", "-c", f"echo {value} > {path}"], check=True)
+        route = f"route add default dev {ifname} table {table}"
         batch = [
-            f"link set {DELAY_IF} txqueuelen 10000 up",
-            f"route add default dev {DELAY_IF} table {_DELAY_TABLE}",
-            f"rule add iif {lab.info.router_probe_if} ipproto udp lookup {_DELAY_TABLE} "
-            f"priority {_DELAY_RULE_PRIO}",
+            f"link set {ifname} txqueuelen 10000 up",
+            route + (f" src {src}" if src else ""),
+            f"rule add {rule} lookup {table} priority {table}",
         ]
         lab.run("router", ["ip", "-batch", "-"], input="\n".join(batch) + "\n", check=True)
         yield result
     finally:
-        lab.run("router", ["ip", "rule", "del", "priority", str(_DELAY_RULE_PRIO)])
+        lab.run("router", ["ip", "rule", "del", "priority", str(table)])
         try:
             out, err = line.communicate(input=b"", timeout=10.0)
             last = out.decode().strip().splitlines()[-1:] if out else []
