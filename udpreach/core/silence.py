@@ -121,8 +121,8 @@ DEFAULT_PERIOD = 1.0  # Linux's default: one error per second per destination
 # dark runs get one look first (``Sweep._look``).
 LOOK_AFTER = 1.25
 MIN_PERIOD, MAX_PERIOD = 0.01, 8.0
-# Seconds of an error's quickest round trip not taken off its arrival (``SenderBucket.lag``):
-# a margin for a datagram that reaches the sender later than the quickest one did.
+# Seconds of an error's way back not taken off its arrival (``SenderBucket.lag``): a margin
+# for a datagram that reaches the sender later than the quickest one did.
 LAG_MARGIN = 0.02
 DEFAULT_BURST = 6  # Linux's XRLIM_BURST_FACTOR
 BURST_WINDOW = 0.25  # seconds after a sender's first error that still count as its burst
@@ -139,10 +139,10 @@ class SenderBucket:
     errors: int = 0
     times: list[float] = field(default_factory=list)
     control: tuple[int, int] | None = None  # (dst, src) of a cell it rejected (verified)
-    # How long before its errors arrive it spent their tokens, as far as it matters: the
-    # quickest round trip of its errors, less ``LAG_MARGIN``. Its refill runs from then, so
-    # errors that come back slowly (a router's slow path, a long way back) do not stretch
-    # every test by their delay.
+    # How long before its errors arrive it spent their tokens, at least: the quickest round
+    # trip of its errors, less the datagrams' slowest way there (their measured delay) and
+    # ``LAG_MARGIN``. Its refill runs from then, so errors that come back slowly (a router's
+    # slow path, a long way back) do not stretch every test by their delay.
     lag: float = 0.0
 
     def note(self, now: float) -> None:
@@ -215,8 +215,8 @@ class SenderBucket:
         return self.first_burst() > 4 * 50
 
     def spent_at(self) -> float:
-        """About when it spent the token of its last error: no earlier than the datagram
-        that drew it was sent (its round trip is at least the quickest one seen)."""
+        """When it spent the token of its last error, at the latest: its arrival less the
+        least its way back took."""
         return self.last_error - self.lag
 
     def ready_at(self, tokens: int) -> float:

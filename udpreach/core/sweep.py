@@ -36,6 +36,7 @@ import ipaddress
 import logging
 import math
 import random
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -75,6 +76,7 @@ CHECKPOINT_EVERY = 2.0
 FIRST_CHECKPOINT = 1.0
 MAX_REQUEUES = 8  # per source port and stage; then the rest is untested
 SETTLE_MARGIN = 0.02  # seconds added to the measured delay before a round is judged
+RECENT_RTTS = 8  # a test burst waits by the slowest of its senders' last this many errors
 DELAY_FACTOR = 1.25
 OPENED_IN_TESTS = 10  # dark cells the ICMP tests delivered, at least, to say the path changed
 STRETCHED = 0.1  # a test burst sent over this share of its sender's refill period or more
@@ -390,6 +392,7 @@ class Sweep:
         # (some behind a slow queue), so a burst's order at that sender may not be its order
         # at ours, and its controls wait out the spread (``_burst_pause``).
         self._error_rtt: dict[str, tuple[float, float]] = {}
+        self._recent_rtt: dict[str, deque[float]] = {}  # each sender's last round trips
         self._probe_started: float | None = None
         # Per destination port, the open cells when the ICMP tests began, and the ledger and
         # the count of dark cells then (``_opened_by_tests``).
@@ -536,12 +539,14 @@ class Sweep:
         if burst is not None and burst.look:
             wait = max(wait, self.settings.max_delay + SETTLE_MARGIN)
         elif burst is not None:
-            # (No round trip known yet: every error so far came back after its cell was sent
-            # again. Then the floor, as for the look.)
-            rtt = self._error_rtt
+            # By the last few round trips (one slow error, or one read late in bind mode,
+            # must not slow every later burst); the floor, as for the look, for a sender
+            # with none known yet (every error of it came back after its cell was sent again).
+            recent = self._recent_rtt
             asked = burst.asked or self.senders
-            slowest = max((rtt[a][1] for a in asked if a in rtt), default=0.0)
-            if not any(a in rtt for a in asked):
+            if all(recent.get(a) for a in asked):
+                slowest = max(max(recent[a]) for a in asked)
+            else:
                 slowest = self.settings.max_delay
             wait = max(wait, min(self.settings.max_delay, DELAY_FACTOR * slowest) + SETTLE_MARGIN)
         return wait
@@ -806,16 +811,24 @@ class Sweep:
         if bucket is None:
             bucket = self.senders[r.sender] = silence.SenderBucket(r.sender)
         # Its arrival, not when the shell got to it (a busy host reads a burst's errors in
-        # bunches): the sender's limit is timed by these.
-        at = now if r.at is None else min(now, r.at)
-        bucket.note(at)
+        # bunches): the sender's limit is timed by these. Never later than it was read,
+        # never before the sender's previous error or its own datagram left (a stamp mapped
+        # through a stale reading of the clock, or a wall clock that stepped).
+        at = now if r.at is None else min(now, max(r.at, bucket.last_error))
         sent_at = float(self._sent_at[r.src_port])
         latest = attempt == int(self.ledger.view(r.dst_port).sent[r.src_port])
-        if latest and not math.isnan(sent_at) and at >= sent_at:
-            lo, hi = self._error_rtt.get(r.sender, (at - sent_at, at - sent_at))
-            lo, hi = min(lo, at - sent_at), max(hi, at - sent_at)
+        if latest and not math.isnan(sent_at):
+            at = min(now, max(at, sent_at))
+            rtt = at - sent_at
+            lo, hi = self._error_rtt.get(r.sender, (rtt, rtt))
+            lo, hi = min(lo, rtt), max(hi, rtt)
             self._error_rtt[r.sender] = (lo, hi)
-            bucket.lag = max(0.0, lo - silence.LAG_MARGIN)
+            self._recent_rtt.setdefault(r.sender, deque(maxlen=RECENT_RTTS)).append(rtt)
+            # Of the quickest round trip, what the way back took at least: less the way
+            # there, which the datagrams' own delay bounds (a queue towards the sender
+            # during the sweep, gone by the tests, must not date its refill too early).
+            bucket.lag = max(0.0, lo - self.delay_high - silence.LAG_MARGIN)
+        bucket.note(at)
         if bucket.control is None:
             bucket.control = (r.dst_port, r.src_port)
         burst = self._burst
@@ -1441,6 +1454,7 @@ class Sweep:
             self._reject_tests[:] = 0
             self._reject_silent[:] = 0
             self._error_rtt = {}
+            self._recent_rtt = {}
             self._missed_controls = {}
             self._unanswered = {}
             if not self._begin_round(now):
