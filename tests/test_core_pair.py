@@ -27,6 +27,7 @@ from simpath import PROBE, Path, Rule, SimRun, truth, verdicts
 from agent.core import BATCH_RECORDS, RECENT_RUNS, AgentCore
 from udpreach.core.datagram import TokenCodec, derive_run_key
 from udpreach.core.framing import RECEIPT, decode_receipts
+from udpreach.core.pacing import EARLY_PILOT, PILOT_CELLS
 from udpreach.core.plan import AUTO_COPIES_CEILING
 from udpreach.core.sweep import MAX_REQUEUES, Stage, SweepSettings
 
@@ -646,6 +647,38 @@ def test_the_pilots_reference_counts_only_datagrams_that_went_out() -> None:
     sim.run(stop=lambda sweep: sweep.stage is Stage.SWEEP)  # cancelled as round 1 begins
     assert sum(sim.refusals.values()) > 10  # the pilot did meet refused ports
     assert sim.sweep.pacer.reference == 1.0
+
+
+def _pilot_of(path: Path, **kw: Any) -> tuple[int, float | None, dict[str, Any]]:
+    """Datagrams the pilot sent, the reference it left the pacer, and the run's document."""
+    seen: dict[str, Any] = {}
+
+    def watch(sweep: Any) -> bool:
+        if sweep.stage is Stage.PILOT:
+            seen["sent"] = sweep.ledger.sent_total
+        elif "reference" not in seen and sweep.stage is Stage.SWEEP:
+            seen["reference"] = sweep.pacer.reference
+        return False
+
+    doc = SimRun(path, **kw).run(stop=watch)
+    return seen["sent"], seen.get("reference"), doc
+
+
+def test_the_pilot_ends_once_its_first_ports_came_through_and_never_past_a_dark_one() -> None:
+    """On a clean path the pilot ends as soon as its first EARLY_PILOT ports are credited
+    (the reference is 1; its unsent cells go in round 1). With a tenth of the port space dark
+    it meets a dark port among them and sends its whole sample: the reference is what it saw.
+    The verdicts are the same either way."""
+    sent, reference, doc = _pilot_of(Path(), src_ports="1024-17407", rate=100_000)
+    assert EARLY_PILOT <= sent < PILOT_CELLS
+    assert reference == 1.0
+    assert doc["summary"]["open"] == doc["summary"]["cells"] == 16384
+    dark = Path(rules=[Rule("drop", (5000, 6637))])  # 1,638 of 16,384 ports
+    sent, reference, doc = _pilot_of(dark, src_ports="1024-17407", rate=100_000)
+    assert sent == PILOT_CELLS
+    assert reference is not None
+    assert 0.8 < reference < 1.0
+    assert verdicts(doc) == truth(dark, [5000], range(1024, 17408))
 
 
 def test_sources_ahead_counts_the_first_round_during_the_pilot_and_what_the_rate_reaches() -> None:

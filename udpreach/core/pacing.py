@@ -35,6 +35,13 @@ PILOT_RATE = 2000.0
 MIN_WINDOW = 128
 WINDOW_SECONDS = 0.02
 MIN_DROP = 0.1  # a window must lose 10% more than the reference to count as bad
+# The pilot ends early when the first this many source ports it sent all came through: a
+# reference of 1 is then off by more than MIN_DROP (a tenth of the port space dark or
+# lossy) with a chance of at most 1% ((1 - MIN_DROP) ** 44 = 0.97%), and the rest of the
+# pilot's 64 ms at the gentle rate would only confirm it. A path that loses or blocks any of
+# them gets the whole pilot. The pacer's cuts are verified anyway (a reference set too high
+# costs a window at a lower rate, never a verdict).
+EARLY_PILOT = math.ceil(math.log(0.01) / math.log(1 - MIN_DROP))
 BATCH_SECONDS = 0.004  # at full speed a batch holds this much sending
 PACED_SECONDS = 0.005  # in small bursts, a batch holds this much sending (the sender spaces it)
 LIMITED_BURST = 4  # datagrams sent back to back once a limiter is suspected

@@ -62,7 +62,7 @@ from udpreach.core.loss import (
     sibling_bounds,
     wilson_upper,
 )
-from udpreach.core.pacing import PACED_SECONDS, PILOT_CELLS, Pacer, Window
+from udpreach.core.pacing import EARLY_PILOT, PACED_SECONDS, PILOT_CELLS, Pacer, Window
 from udpreach.core.plan import Plan, default_icmp_budget
 from udpreach.core.portspec import format_ports, ranges_of
 
@@ -325,6 +325,7 @@ class Sweep:
         self._queue: np.ndarray = np.zeros(0, dtype=np.intp)
         # MAC chunks to make ahead for the first round (``prepare``): (dst port, chunks).
         self._ahead: list[tuple[int, list[int]]] = []
+        self._pilot_sample: np.ndarray | None = None  # the pilot ended early: on these
         self._only: dict[int, list[int]] = {}
         self._open_at: float | None = None  # when every cell of the stage was credited
         self._qpos = 0
@@ -445,6 +446,8 @@ class Sweep:
             if self._qpos < len(self._queue):
                 if now < self._next_send:
                     return Wait(self._next_send)
+                if self.stage is Stage.PILOT and self._end_pilot_early(now):
+                    return self.next_action(now)
                 return self._send_batch(now)
             self._move("drain")
         # Settling: wait for the last datagrams to arrive (by the delay measured so far),
@@ -1007,6 +1010,8 @@ class Sweep:
                 per[d] = planned[
                     (v.sent[planned] == v.base[planned]) & (v.state[planned] == PENDING)
                 ]
+        elif not any(bool((led.view(d).state[planned] == PENDING).any()) for d in dsts):
+            return np.zeros(0, dtype=np.intp), {}  # every cell settled: no evidence to weigh
         else:
             need = self._blocks_needing()
             islands = {d: set(s for _, s in self._islands_of(d, PENDING)) for d in dsts}
@@ -1118,9 +1123,34 @@ class Sweep:
         else:
             self._after_burst(now)
 
+    def _end_pilot_early(self, now: float) -> bool:
+        """End the pilot now if the first ``EARLY_PILOT`` source ports it sent (leaving out
+        refused ones) are credited on every destination port they went to: the reference
+        is then 1 (``pacing.EARLY_PILOT`` says how sure), the pilot's unsent cells go in
+        round 1 and those still in flight settle with it. Any of them dark or not yet
+        credited: the pilot goes on, and ends as always if none of that changes."""
+        q = self._queue[: self._qpos]
+        if len(q) < EARLY_PILOT:
+            return False
+        went = np.zeros(len(q), dtype=bool)
+        dark = np.zeros(len(q), dtype=bool)
+        for d in self.plan.dst_ports:
+            v = self.ledger.view(d)
+            w = v.sent[q] > v.base[q]
+            went |= w
+            dark |= w & (v.state[q] != OPEN)
+        first = np.flatnonzero(went)[:EARLY_PILOT]
+        if len(first) < EARLY_PILOT or dark[first].any():
+            return False
+        self._pilot_sample = q[first]
+        self._move("drain")
+        self._settled(now)
+        return True
+
     def _after_pilot(self, now: float) -> None:
         led = self.ledger
-        srcs = np.unique(self._queue)
+        early, self._pilot_sample = self._pilot_sample, None
+        srcs = np.unique(self._queue) if early is None else early
         delivered = sent = 0
         for d in self.plan.dst_ports:
             v = led.view(d)
