@@ -11,7 +11,9 @@ a fake clock (``tests/simpath.py``).
 A run goes through *stages*, each sending something and then settling it:
 
 1. **pilot** (big plans): 128 random cells at a gentle rate, one datagram at a time: the
-   reference delivery ratio for the pacer, and the first measurement of the UDP delay.
+   reference delivery ratio for the pacer, and the first measurement of the UDP delay. It
+   ends early, and round 1 takes its unsent cells, once its first ``EARLY_PILOT`` (44)
+   ports were all credited (``pacing.EARLY_PILOT``: a clean path needs no more).
 2. **sweep rounds**: round 1 sends every cell once in a random order; later rounds retry the
    cells still unseen in the blocks of source ports whose loss says they need it
    (``udpreach.core.loss``), at a rate the path accepts (``udpreach.core.pacing``). When
