@@ -684,22 +684,26 @@ def test_the_pilot_ends_once_its_first_ports_came_through_and_never_past_a_dark_
 def test_a_windows_time_runs_from_its_first_datagram() -> None:
     """The pacer judges a limiter by a window's delivered rate: the time before the window's
     first datagram (a stage's start, a checkpoint, the wait for the next batch) is not part
-    of it, or the rate found comes out low and every retry goes slower than the path allows."""
-    sim = SimRun(Path(police=(5000, 5)), src_ports="1024-17407", rate=100_000)
-    sweep = sim.sweep
-    first: dict[int, float] = {}  # window (its id) -> when its first batch was issued
-    real = sweep._send_batch
+    of it, or the rate found comes out low and every retry goes slower than the path allows;
+    and it is judged at the rate and burst it went at, not those of when it was opened."""
+    for police in ((5000, 5), (1000, 5)):
+        sim = SimRun(Path(police=police), src_ports="1024-17407", rate=100_000)
+        sweep = sim.sweep
+        # window (its id) -> when its first batch went, and at what rate and burst
+        first: dict[int, tuple[float, float, int]] = {}
+        real = sweep._send_batch
 
-    def spy(now: float) -> Any:
-        if sweep._windows and not sweep._windows[-1].sent and sweep._burst is None:
-            first.setdefault(id(sweep._windows[-1]), now)  # this batch is its first
-        return real(now)
+        def spy(now: float, sweep: Any = sweep, real: Any = real, first: Any = first) -> Any:
+            if sweep._windows and not sweep._windows[-1].sent and sweep._burst is None:
+                rate = sweep.pilot_rate if sweep.stage is Stage.PILOT else sweep._rate()
+                first.setdefault(id(sweep._windows[-1]), (now, rate, sweep.pacer.burst))
+            return real(now)
 
-    sweep._send_batch = spy  # type: ignore[method-assign]
-    sim.run()
-    windows = [w for w in sweep._windows if w.sent and id(w) in first]
-    assert len(windows) > 3
-    assert [w.start for w in windows] == [first[id(w)] for w in windows]
+        sweep._send_batch = spy  # type: ignore[method-assign]
+        sim.run()
+        windows = [w for w in sweep._windows if w.sent and id(w) in first]
+        assert len(windows) > 3
+        assert [(w.start, w.rate, w.burst) for w in windows] == [first[id(w)] for w in windows]
 
 
 def test_sources_ahead_counts_the_first_round_during_the_pilot_and_what_the_rate_reaches() -> None:

@@ -579,13 +579,15 @@ class Sweep:
     def _send_batch(self, now: float) -> Action:
         if self._burst is not None and self._qpos < len(self._queue):
             return self._send_burst(now)
+        pilot = self.stage is Stage.PILOT
+        rate = self.pilot_rate if pilot else self._rate()
         window = self._windows[-1] if self._windows else None
         if window is not None and not window.sent:
             # A window's time runs from its first datagram: what came before (a checkpoint,
-            # the stage's start) would lower the delivered rate a limiter is judged by.
-            window.start = now
-        pilot = self.stage is Stage.PILOT
-        rate = self.pilot_rate if pilot else self._rate()
+            # the stage's start) would lower the delivered rate a limiter is judged by. It
+            # goes at the rate and burst of now, which the pacer may have changed since it
+            # opened (judged at its old rate, it would pass for current and be misread).
+            window.start, window.rate, window.burst = now, rate, self.pacer.burst
         if pilot:  # a few milliseconds of it per batch; the sender spaces the datagrams
             want = max(1, int(rate * PACED_SECONDS) // self._per_src)
         else:
