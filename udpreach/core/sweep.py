@@ -611,6 +611,14 @@ class Sweep:
             lo, hi = int(attempts.min()), int(attempts.max())
             if lo == hi:
                 groups.append((d, lo, ss))
+            elif self.stage is Stage.OUTAGE:
+                # The look's new and open cells go in its shuffled order, interleaved: by
+                # attempt, all the new ones would go first, and an outage that ended between
+                # the two kinds would let only the open ones through (a "limit", and the run
+                # would end).
+                cut = np.flatnonzero(np.diff(attempts)) + 1
+                for a, part in zip(np.split(attempts, cut), np.split(ss, cut), strict=True):
+                    groups.append((d, int(a[0]), part))
             else:
                 for a in np.unique(attempts).tolist():
                     groups.append((d, int(a), ss[attempts == a]))
