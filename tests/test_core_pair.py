@@ -681,6 +681,19 @@ def test_the_pilot_ends_once_its_first_ports_came_through_and_never_past_a_dark_
     assert verdicts(doc) == truth(dark, [5000], range(1024, 17408))
 
 
+@pytest.mark.parametrize("seed", [1, 4, 8])
+def test_the_pilot_goes_on_when_an_error_for_one_of_its_cells_is_already_in(seed: int) -> None:
+    """A reject band of 2% (Linux's ICMP limits): with these seeds the pilot's first 44 ports
+    came through, but an error for a later one had already arrived. That cell is dark for sure,
+    so the reference is not 1: the pilot sends its whole sample and says what it saw."""
+    path = Path(rules=[Rule("reject", (30000, 30644))], seed=seed)
+    sent, reference, doc = _pilot_of(path, src_ports="1024-33791", seed=seed)
+    assert sent == PILOT_CELLS
+    assert reference is not None
+    assert reference < 1.0
+    assert verdicts(doc) == truth(path, [5000], range(1024, 33792))
+
+
 def test_a_windows_time_runs_from_its_first_datagram() -> None:
     """The pacer judges a limiter by a window's delivered rate: the time before the window's
     first datagram (a stage's start, a checkpoint, the wait for the next batch) is not part

@@ -1149,15 +1149,20 @@ class Sweep:
         q = self._queue[: self._qpos]
         if len(q) < EARLY_PILOT:
             return False
+        _, at = np.unique(q, return_index=True)
+        q = q[np.sort(at)]  # a port sent again (the kernel's buffer was full) counts once
         went = np.zeros(len(q), dtype=bool)
         dark = np.zeros(len(q), dtype=bool)
+        settled = np.zeros(len(q), dtype=bool)  # dark for sure already (an ICMP error)
         for d in self.plan.dst_ports:
             v = self.ledger.view(d)
             w = v.sent[q] > v.base[q]
+            state = v.state[q]
             went |= w
-            dark |= w & (v.state[q] != OPEN)
+            dark |= w & (state != OPEN)
+            settled |= w & (state != OPEN) & (state != PENDING)
         first = np.flatnonzero(went)[:EARLY_PILOT]
-        if len(first) < EARLY_PILOT or dark[first].any():
+        if len(first) < EARLY_PILOT or dark[first].any() or settled.any():
             return False
         self._pilot_sample = q[first]
         self._move("drain")
